@@ -1,0 +1,51 @@
+"""The `hirelc-onnx` command: subcommands live in hirelc_onnx/commands/, one module each."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from hirelc_onnx.config import ConfigError
+from hirelc_onnx.errors import UserError
+
+__all__ = ["main"]
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, ConfigError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="hirelc-onnx")
+def main(verbose: bool) -> None:
+    """Compress ONNX models with RL-searched pruning and quantization."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from hirelc_onnx.commands import inspect as inspect_cmd
+
+    main.add_command(inspect_cmd.inspect)
+    for modname in ("evaluate", "benchmark", "compress"):
+        try:
+            mod = __import__(f"hirelc_onnx.commands.{modname}", fromlist=[modname])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"hirelc_onnx.commands.{modname}":
+                raise
+            continue
+        main.add_command(getattr(mod, modname))
+
+
+_register()
