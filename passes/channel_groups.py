@@ -412,7 +412,9 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
             return
         else:
             a.refuse(x, f"grouped Conv '{name}' (group={group}) couples channels across groups")
-        refusal = None if group == 1 else f"grouped Conv '{name}' (group={group})"
+        refusal = None if group == 1 else (
+            f"depthwise Conv '{name}' reads channels that are not followed (its input is a barrier)"
+            if group == w_shape[0] and w_shape[1] == 1 else f"grouped Conv '{name}' (group={group})")
         if has_bias and not bias_const:
             refusal = refusal or f"Conv '{name}' has a non-constant bias"
         sid = a.new_source(name, out, cout, name, refusal)

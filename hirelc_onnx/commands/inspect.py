@@ -1,0 +1,84 @@
+"""`hirelc-onnx inspect`: what the tool sees in a model, before anything is compressed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+__all__ = ["inspect", "describe"]
+
+
+def describe(bg) -> dict:
+    """A JSON-ready description of a BlockGraph: kernels, blocks, groups, totals."""
+    return {
+        "opset": bg.opset,
+        "inputs": bg.input_shapes,
+        "outputs": bg.output_names,
+        "totals": {
+            "kernels": len(bg.kernels), "kernel_params": bg.total_params, "macs": bg.total_macs,
+            "weight_bytes": bg.weight_bytes, "blocks": len(bg.blocks), "channel_groups": len(bg.groups),
+            "prunable_groups": len(bg.prunable_groups()),
+            "prunable_channels": sum(g.length for g in bg.prunable_groups()),
+        },
+        "blocks": [{"id": b.id, "name": b.name, "kind": b.kind, "kernels": list(b.kernels)} for b in bg.blocks],
+        "kernels": [
+            {"name": k.name, "op": k.op, "block": k.block, "weight": k.weight, "shape": list(k.weight_shape),
+             "params": k.params, "macs": k.macs, "bytes": bg.initializer_bytes[k.weight],
+             "group": k.group, "input_groups": list(k.input_groups),
+             "prunable": k.group is not None and bg.groups[k.group].prunable}
+            for k in bg.kernel_list()
+        ],
+        "groups": [
+            {"id": g.id, "channels": g.length, "producers": list(g.producers), "tensors": len(g.tensors),
+             "prunable": g.prunable, "refusal": g.refusal}
+            for g in bg.groups
+        ],
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}P"
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option("--groups/--no-groups", default=True, help="Show the channel-group table.")
+def inspect(model: Path, as_json: bool, groups: bool) -> None:
+    """Show the blocks, kernels, parameters, MACs, bytes and channel groups of MODEL."""
+    from hirelc_onnx.graph import import_model
+
+    bg = import_model(model)
+    info = describe(bg)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if Console().is_terminal else 160)
+    t = info["totals"]
+    console.print(f"[bold]{model}[/]  opset {info['opset']}  inputs {info['inputs']}")
+    console.print(f"{t['kernels']} kernels in {t['blocks']} blocks, {_human(t['kernel_params'])} kernel params, "
+                  f"{_human(t['macs'])} MACs/sample, {t['weight_bytes'] / 1e6:.2f} MB of weights; "
+                  f"{t['prunable_groups']}/{t['channel_groups']} channel groups prunable")
+    table = Table(title="Kernels", show_lines=False)
+    for col in ("block", "kernel", "op", "weight shape", "params", "MACs", "bytes", "group", "prunable"):
+        table.add_column(col, justify="right" if col in ("params", "MACs", "bytes", "group") else "left")
+    for k in info["kernels"]:
+        table.add_row(str(k["block"]), k["name"], k["op"], "x".join(map(str, k["shape"])), _human(k["params"]),
+                      _human(k["macs"]), _human(k["bytes"]), str(k["group"]), "yes" if k["prunable"] else "no")
+    console.print(table)
+    if groups:
+        gt = Table(title="Channel groups")
+        for col in ("id", "channels", "producers", "prunable / reason"):
+            gt.add_column(col)
+        for g in info["groups"]:
+            prods = ", ".join(g["producers"][:4]) + (f" (+{len(g['producers']) - 4})" if len(g["producers"]) > 4 else "")
+            gt.add_row(str(g["id"]), str(g["channels"]), prods, "yes" if g["prunable"] else f"no: {g['refusal']}")
+        console.print(gt)

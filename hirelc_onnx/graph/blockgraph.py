@@ -1,0 +1,216 @@
+"""ONNX model -> BlockGraph: compressible kernels, the blocks that budget them, channel groups."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from hirelc_onnx.errors import NothingToCompressError
+from passes.channel_groups import ChannelAnalysis, ChannelGroup, analyze_channels, kernel_weight_input, tensor_shapes
+from passes.normalize import normalize
+
+__all__ = ["Kernel", "Block", "BlockGraph", "build_block_graph", "MAX_BLOCK_KERNELS"]
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK_KERNELS = 6  # a topological block longer than this is cut into chunks
+_MERGE_OPS = {"Add", "Sum", "Concat", "Mul"}
+_DTYPE_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
+                onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+                onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A node with a constant weight that the search may prune and quantize."""
+
+    name: str  # node name, unique after normalisation
+    op: str
+    weight: str  # initializer name of the weight
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    out_axis: int  # the weight's output-channel axis (per-channel scales lie along it)
+    params: int  # weight + bias elements
+    macs: int  # multiply-accumulates per sample at the inferred input shape
+    fan_in: int
+    fan_out: int
+    index: int  # position among kernels, in topological order
+    group: int | None  # channel group of its output channels
+    input_groups: tuple[int, ...]  # channel groups laid along its input channels
+    block: int = -1
+
+
+@dataclass(frozen=True)
+class Block:
+    """Kernels the high-level agent budgets as one unit (a residual unit, or a chunk)."""
+
+    id: int
+    name: str
+    kernels: tuple[str, ...]
+    kind: str  # "residual" (ends at a merge point) or "chunk"
+
+
+@dataclass
+class BlockGraph:
+    """The framework-neutral view of a model that search and cost model work on."""
+
+    model: onnx.ModelProto  # the normalised model all names refer to
+    kernels: dict[str, Kernel]
+    blocks: list[Block]
+    groups: list[ChannelGroup]
+    analysis: ChannelAnalysis
+    opset: int
+    input_shapes: dict[str, list]
+    output_names: list[str]
+    initializer_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(k.params for k in self.kernels.values())
+
+    @property
+    def total_macs(self) -> int:
+        return sum(k.macs for k in self.kernels.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every initializer as stored now (kernels and everything else)."""
+        return sum(self.initializer_bytes.values())
+
+    def kernel_list(self) -> list[Kernel]:
+        return sorted(self.kernels.values(), key=lambda k: k.index)
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _static(dims) -> int:
+    """Elements of a shape, symbolic or unknown dims (the batch) counted as 1."""
+    return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims])) if dims else 1
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if t.dims else 1
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * _DTYPE_BYTES.get(t.data_type, 4)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> tuple[int, int, int, int]:
+    """(out_axis, macs per sample, fan_in, fan_out) of a kernel node."""
+    out_shape = shapes.get(node.output[0])
+    op = node.op_type
+    if op == "Conv":
+        fan_in = int(np.prod(w_shape[1:]))
+        out_elems = _static(out_shape[1:]) if out_shape else w_shape[0]
+        return 0, out_elems * fan_in, fan_in, w_shape[0]
+    if op == "ConvTranspose":
+        group = int(_attr(node, "group", 1))
+        in_shape = shapes.get(node.input[0])
+        in_elems = _static(in_shape[1:]) if in_shape else w_shape[0]
+        per_in = int(np.prod(w_shape[1:]))  # each input element feeds C_out/g * k outputs
+        return 1, in_elems * per_in, w_shape[0] // group, w_shape[1] * group
+    if op == "Gemm":
+        trans_b = int(_attr(node, "transB", 0))
+        n_out, k_in = (w_shape[0], w_shape[1]) if trans_b else (w_shape[1], w_shape[0])
+        return (0 if trans_b else 1), n_out * k_in, k_in, n_out
+    # MatMul with a constant [K, N] (or batched) right operand
+    k_in, n_out = w_shape[-2], w_shape[-1]
+    rows = _static(out_shape[:-1]) if out_shape else 1
+    return len(w_shape) - 1, rows * k_in * n_out, k_in, n_out
+
+
+def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> BlockGraph:
+    """Normalise `model` (unless already done) and build its BlockGraph."""
+    norm = model if normalized else normalize(model)
+    analysis = analyze_channels(norm)
+    shapes = tensor_shapes(norm)
+    inits = {t.name: t for t in norm.graph.initializer}
+    constants = set(inits)
+
+    kernels: dict[str, Kernel] = {}
+    for node in norm.graph.node:
+        widx = kernel_weight_input(node, constants)
+        if widx is None:
+            continue
+        w = inits[node.input[widx]]
+        if w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue  # already quantized or integer weights: not ours to compress
+        w_shape = list(w.dims)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        out_axis, macs, fan_in, fan_out = _kernel_geometry(node, w_shape, shapes)
+        group = analysis.group_of_kernel(node.name)
+        in_map = analysis.input_map(node.name)
+        in_groups = tuple(dict.fromkeys(analysis.group_of_source[s.source] for s in in_map.segments)) if in_map else ()
+        params = int(np.prod(w_shape)) + (int(np.prod(inits[bias].dims)) if bias else 0)
+        kernels[node.name] = Kernel(
+            name=node.name, op=node.op_type, weight=w.name, bias=bias, weight_shape=tuple(w_shape),
+            out_axis=out_axis, params=params, macs=int(macs), fan_in=fan_in, fan_out=fan_out,
+            index=len(kernels), group=None if group is None else group.id, input_groups=in_groups,
+        )
+    if not kernels:
+        raise NothingToCompressError(
+            "the model has no compressible kernel (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+
+    blocks = _derive_blocks(norm, kernels)
+    for block in blocks:
+        for kname in block.kernels:
+            kernels[kname] = _with_block(kernels[kname], block.id)
+    input_shapes = {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                             for d in i.type.tensor_type.shape.dim] for i in norm.graph.input}
+    return BlockGraph(
+        model=norm, kernels=kernels, blocks=blocks, groups=analysis.groups, analysis=analysis,
+        opset=_opset(norm), input_shapes=input_shapes, output_names=[o.name for o in norm.graph.output],
+        initializer_bytes={t.name: _tensor_bytes(t) for t in norm.graph.initializer},
+    )
+
+
+def _with_block(k: Kernel, block: int) -> Kernel:
+    from dataclasses import replace
+
+    return replace(k, block=block)
+
+
+def _derive_blocks(model: onnx.ModelProto, kernels: dict[str, Kernel]) -> list[Block]:
+    """Cut the topological kernel order at merge points (residual Add/Sum, Concat, gating Mul).
+
+    A merge point is a node joining two or more computed tensors; the kernels since the last one
+    form a residual unit. Runs longer than MAX_BLOCK_KERNELS (plain chains such as VGG) become
+    chunks of consecutive kernels.
+    """
+    constants = {t.name for t in model.graph.initializer}
+    runs: list[list[str]] = [[]]
+    for node in model.graph.node:
+        if node.name in kernels:
+            runs[-1].append(node.name)
+        elif node.op_type in _MERGE_OPS and sum(1 for i in node.input if i and i not in constants) >= 2:
+            if runs[-1]:
+                runs.append([])
+    runs = [r for r in runs if r]
+    blocks: list[Block] = []
+    for run in runs:
+        kind = "residual" if len(runs) > 1 and len(run) <= MAX_BLOCK_KERNELS else "chunk"
+        pieces = [run] if kind == "residual" else _chunks(run)
+        for piece in pieces:
+            bid = len(blocks)
+            blocks.append(Block(bid, f"block{bid}", tuple(piece), kind))
+    return blocks
+
+
+def _chunks(run: list[str]) -> list[list[str]]:
+    n = max(1, -(-len(run) // MAX_BLOCK_KERNELS))
+    size = -(-len(run) // n)
+    return [run[i: i + size] for i in range(0, len(run), size)]

@@ -1,0 +1,94 @@
+"""Cost model: parameters, MACs and bytes, counted the way the emitted model really stores them.
+
+The budget's unit is true bytes: every initializer of the model after pruning, kernel weights at
+their encoded size (integers + scales + zero points + codebooks, as `passes.storage` counts what
+the quantization pass writes), everything the search did not touch at its stored size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.specs import group_keep_counts, weight_spec
+
+__all__ = ["KernelCost", "ModelCost", "model_cost"]
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    name: str
+    params: int  # weight elements kept
+    macs: int
+    weight_bytes: int  # the weight as emitted
+    fp32_weight_bytes: int  # the weight as it was
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    total_bytes: int  # every initializer of the emitted model
+    original_bytes: int  # every initializer of the input model
+    kernel_bytes: int
+    other_bytes: int  # biases, norms, embeddings, heads the config leaves fp32
+    macs: int
+    original_macs: int
+    kernels: dict[str, KernelCost]
+    nominal_ratio: float  # the literature's figure: 1 / mean over kernels of (bits/32 * keep)
+
+    @property
+    def ratio(self) -> float:
+        """True-bytes compression ratio: original bytes / emitted bytes."""
+        return self.original_bytes / max(self.total_bytes, 1)
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs / max(self.original_macs, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "total_bytes": self.total_bytes, "original_bytes": self.original_bytes, "ratio": self.ratio,
+            "kernel_bytes": self.kernel_bytes, "other_bytes": self.other_bytes, "macs": self.macs,
+            "original_macs": self.original_macs, "macs_fraction": self.macs_fraction,
+            "nominal_ratio_unweighted_bits_times_keep": self.nominal_ratio,
+        }
+
+
+def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> ModelCost:
+    """Bytes and MACs of the model `bg` emitted under `config` (None: as it is)."""
+    from passes.storage import encoded_nbytes
+
+    config = config or CompressionConfig()
+    counts = group_keep_counts(bg, config)
+    sliced = bg.analysis.pruned_initializer_shapes(counts)
+    shape_of: dict[str, list[int]] = {}
+    for (node, idx), shape in sliced.items():
+        shape_of.setdefault(bg.analysis.nodes[node].input[idx], shape)
+    weight_kernel = {k.weight: k for k in bg.kernels.values()}
+
+    kernel_costs: dict[str, KernelCost] = {}
+    total = kernel_bytes = 0
+    for init in bg.model.graph.initializer:
+        stored = bg.initializer_bytes[init.name]
+        dims = list(init.dims)
+        shape = shape_of.get(init.name, dims)
+        elems = int(np.prod(shape)) if shape else 1
+        per_elem = stored / max(int(np.prod(dims)) if dims else 1, 1)
+        kernel = weight_kernel.get(init.name)
+        if kernel is None:
+            total += int(round(elems * per_elem))
+            continue
+        spec = weight_spec(kernel, config.get(kernel.name))
+        nbytes = encoded_nbytes(tuple(shape), spec, config.target) if spec else int(round(elems * per_elem))
+        total += nbytes
+        kernel_bytes += nbytes
+        full = int(np.prod(dims))
+        kernel_costs[kernel.name] = KernelCost(kernel.name, elems, int(round(kernel.macs * elems / max(full, 1))),
+                                               nbytes, stored)
+    nominal = np.mean([config.get(k).bits / 32 * config.get(k).keep_ratio for k in bg.kernels])
+    return ModelCost(
+        total_bytes=total, original_bytes=bg.weight_bytes, kernel_bytes=kernel_bytes,
+        other_bytes=total - kernel_bytes, macs=sum(c.macs for c in kernel_costs.values()),
+        original_macs=bg.total_macs, kernels=kernel_costs, nominal_ratio=float(1.0 / nominal),
+    )

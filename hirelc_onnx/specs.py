@@ -1,0 +1,41 @@
+"""Translate the search's choices (CompressionConfig) into the passes' parameters."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+
+if TYPE_CHECKING:
+    from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
+    from passes.quantize import WeightQuantSpec
+
+__all__ = ["weight_spec", "group_keep_counts"]
+
+
+def weight_spec(kernel: "Kernel", kc: KernelConfig) -> "WeightQuantSpec | None":
+    """The quantizer spec for a kernel's weight, or None when it stays fp32."""
+    from passes.quantize import WeightQuantSpec
+
+    if not kc.quantized:
+        return None
+    return WeightQuantSpec(bits=kc.bits, symmetric=kc.qtype == "symmetric", granularity=kc.granularity,
+                           group_size=kc.group_size, axis=kernel.out_axis)
+
+
+def group_keep_counts(bg: "BlockGraph", config: CompressionConfig) -> dict[int, int]:
+    """Channels each prunable group keeps under `config`.
+
+    A group's channels are shared by all the kernels that produce it (a residual stage, a
+    concat's producers are separate groups), so it keeps the LARGEST keep_ratio any of its
+    producers asks for: a sensitive producer is never pruned harder than it asked. At least one
+    channel is always kept. Unprunable groups keep everything and are not listed.
+    """
+    counts: dict[int, int] = {}
+    for group in bg.groups:
+        if not group.prunable or not group.producers:
+            continue
+        ratio = max(config.get(k).keep_ratio for k in group.producers)
+        kept = max(1, int(round(ratio * group.length)))
+        if kept < group.length:
+            counts[group.id] = kept
+    return counts

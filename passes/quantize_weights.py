@@ -1,0 +1,316 @@
+"""Weight quantization pass: fp32 weight initializers become stored integers plus an in-graph decode.
+
+Every named weight W is replaced by the integers `passes.quantize.quantize(W, spec)` computes
+(bit for bit) and a short decode whose output keeps the name W, so its consumer is untouched and
+computes with exactly `fake_quantize(W, spec)`. The encoding depends on the deployment target:
+
+  1. storage, uniform grids (per-tensor, per-channel, per-group): the integers go into the
+     smallest ONNX integer type that holds the grid: INT2/UINT2 for 2 bits (opset 25),
+     INT4/UINT4 for 3-4 bits (opset 21), INT8/UINT8 for 5-8 bits; signed for symmetric grids,
+     unsigned for asymmetric ones. Sub-byte types are packed by onnx's own helpers. Decode is one
+     DequantizeLinear: scalar scale (per-tensor), `axis` = output-channel axis (per-channel),
+     or blocked (per-group, see 4). A zero point is stored only for asymmetric grids.
+  2. storage, log2: the codes (see `passes.quantize`) go into INT2 / INT4 / INT8 by the same
+     size rule; decode is Cast(codes -> int32) -> Gather(float32 codebook) -> Mul(per-channel
+     scale, shaped to broadcast along the output axis). ORT 1.32 refuses Gather on int4 data
+     and on int8 indices, hence the Cast.
+  3. ort-cpu and qdq, uniform grids: the integers go into 8-bit containers (INT8 symmetric,
+     UINT8 asymmetric; a sub-8-bit grid keeps its value range), with a zero point always stored,
+     decoded by DequantizeLinear (opset 13, per-channel via `axis`): the standard QDQ weight
+     pattern ORT fuses with activation QDQ into QLinearConv / QGemm. Per-group uses a blocked
+     8-bit DequantizeLinear (opset 21), which ORT runs but never fuses into an integer kernel.
+  4. per-group layout (any target): a 2-D weight is stored in its own layout and blocked along
+     its fan-in axis (1 - axis); any other weight is stored as to_2d(q, axis) = [O, fan_in],
+     blocked along axis 1, then Reshape(to the axis-first shape) and, when axis != 0, Transpose
+     back to the original layout. The Reshape's shape is an int64 initializer.
+  5. ort-cpu and qdq, log2 with bits <= 4: the levels +-s * 2^-k (k <= 6) are exactly the int8
+     values +-2^(kmax - k) <= 64 times the per-channel scale s * 2^-kmax, so they are stored as
+     an int8 per-channel DequantizeLinear (zero point 0): exact and fusable. log2 with 5-8 bits
+     cannot be an 8-bit uniform grid: INT8 codes with the Cast/Gather/Mul decode of rule 2 (ORT
+     folds it into an fp32 weight, so the kernel runs in fp32).
+  6. The targets ort-cpu and qdq write the same weights; they differ in what the caller adds
+     (ort-cpu: activation quantization, see `passes.quantize_activations`).
+  7. The default-domain opset is raised to the highest opset any chosen encoding needs (never
+     lowered) with onnxscript's version converter (onnx's C converter as fallback), and the IR
+     version to the minimum that opset requires.
+
+Refusals (`WeightQuantError`, a ValueError naming the initializer): a name that is not an
+initializer, a weight that is not float32 (already quantized, or not a weight), a weight that is
+a graph input or output, used by no node or by more than one use (quantize per-consumer copies:
+`passes.normalize` unshares kernel weights), or already feeding QuantizeLinear/DequantizeLinear,
+and an axis the weight does not have.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, numpy_helper
+from onnxscript.version_converter import ConvertVersionPass
+
+from passes.quantize import QuantizedWeight, WeightQuantSpec, quantize, to_2d
+
+__all__ = [
+    "TARGETS",
+    "Encoding",
+    "QuantizeWeightsPass",
+    "WeightQuantError",
+    "encoding",
+    "quantize_weights",
+    "stored_integers",
+]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("storage", "ort-cpu", "qdq")
+
+_CONTAINERS = {  # (bits, signed) -> (onnx type, numpy dtype)
+    (2, True): (TensorProto.INT2, ml_dtypes.int2),
+    (2, False): (TensorProto.UINT2, ml_dtypes.uint2),
+    (4, True): (TensorProto.INT4, ml_dtypes.int4),
+    (4, False): (TensorProto.UINT4, ml_dtypes.uint4),
+    (8, True): (TensorProto.INT8, np.int8),
+    (8, False): (TensorProto.UINT8, np.uint8),
+}
+_CONTAINER_OPSET = {2: 25, 4: 21, 8: 13}
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+class WeightQuantError(ir.passes.PreconditionError, ValueError):
+    """A weight the pass refuses to quantize; the message names the initializer and why."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one weight is written (see the module docstring's rules).
+
+    decode: "dq" (one DequantizeLinear, plus Reshape/Transpose for non-2-D per-group) or
+        "codebook" (Cast -> Gather -> Mul). container: ONNX type of the stored integers;
+        container_bits: 2, 4 or 8. zero_point: whether a zero-point initializer is stored.
+        blocked: per-group blocked DequantizeLinear. log2_as_int8: rule 5. opset: the minimum
+        default-domain opset the decode needs.
+    """
+
+    decode: str
+    container: int
+    container_bits: int
+    zero_point: bool
+    blocked: bool
+    log2_as_int8: bool
+    opset: int
+
+
+def encoding(spec: WeightQuantSpec, target: str) -> Encoding:
+    """The encoding rules 1-5 choose for `spec` under `target`."""
+    if target not in TARGETS:
+        raise ValueError(f"quantize_weights: target must be one of {TARGETS}, got {target!r}")
+    blocked = spec.granularity == "per-group"
+    if target == "storage":
+        cbits = 2 if spec.bits == 2 else 4 if spec.bits <= 4 else 8
+        container = _CONTAINERS[(cbits, spec.signed)][0]
+        opset = max(_CONTAINER_OPSET[cbits], 21 if blocked else 13)
+        if spec.is_log2:
+            return Encoding("codebook", container, cbits, False, False, False, opset)
+        return Encoding("dq", container, cbits, not spec.symmetric, blocked, False, opset)
+    container = _CONTAINERS[(8, spec.signed)][0]
+    if spec.is_log2:
+        if spec.bits <= 4:
+            return Encoding("dq", container, 8, True, False, True, 13)
+        return Encoding("codebook", container, 8, False, False, False, 13)
+    return Encoding("dq", container, 8, True, blocked, False, 21 if blocked else 13)
+
+
+def stored_integers(qw: QuantizedWeight, target: str) -> np.ndarray:
+    """The integer tensor the pass stores for `qw` (int32 values in the stored layout)."""
+    enc = encoding(qw.spec, target)
+    q = qw.q
+    if enc.log2_as_int8:
+        q = np.sign(q) * np.left_shift(1, np.maximum(np.abs(q) - 1, 0))
+    if enc.blocked and len(qw.shape) != 2:
+        q = to_2d(q, qw.spec.axis)
+    return q.astype(np.int32)
+
+
+def _stored_scale(qw: QuantizedWeight, enc: Encoding) -> np.ndarray:
+    spec = qw.spec
+    if enc.log2_as_int8:
+        return (qw.scale * np.float32(2.0 ** -(2 ** (spec.bits - 1) - 2))).astype(np.float32)
+    if enc.decode == "codebook":
+        return qw.scale.reshape((-1,) + (1,) * (len(qw.shape) - 1 - spec.axis))
+    if enc.blocked and len(qw.shape) == 2 and spec.axis == 1:
+        return np.ascontiguousarray(qw.scale.T)
+    return qw.scale
+
+
+def _stored_zero_point(qw: QuantizedWeight, scale: np.ndarray) -> np.ndarray:
+    if qw.zero_point is None:
+        return np.zeros(scale.shape, np.int32)
+    if qw.spec.granularity == "per-group" and len(qw.shape) == 2 and qw.spec.axis == 1:
+        return np.ascontiguousarray(qw.zero_point.T)
+    return qw.zero_point
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace each named float32 weight initializer by stored integers + decode (module docstring)."""
+
+    def __init__(self, specs: Mapping[str, WeightQuantSpec], target: str = "storage") -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"QuantizeWeightsPass: target must be one of {TARGETS}, got {target!r}")
+        self.specs = dict(specs)
+        self.target = target
+
+    def requires(self, model: ir.Model) -> None:
+        graph = model.graph
+        for name, spec in self.specs.items():
+            if not isinstance(spec, WeightQuantSpec):
+                raise WeightQuantError(f"weight {name!r}: expected a WeightQuantSpec, got {type(spec).__name__}")
+            value = graph.initializers.get(name)
+            if value is None or value.const_value is None:
+                raise WeightQuantError(f"weight {name!r}: no initializer of that name in the main graph")
+            dtype = value.const_value.dtype
+            if dtype != ir.DataType.FLOAT:
+                raise WeightQuantError(
+                    f"weight {name!r}: stored as {dtype.name}, not FLOAT: already quantized or not a float weight"
+                )
+            if value.is_graph_input() or value.is_graph_output():
+                raise WeightQuantError(f"weight {name!r}: is a graph input or output, so it cannot be rewritten")
+            uses = list(value.uses())
+            if not uses:
+                raise WeightQuantError(f"weight {name!r}: not used by any node")
+            if len(uses) > 1:
+                users = sorted({u.node.name or u.node.op_type for u in uses})
+                raise WeightQuantError(
+                    f"weight {name!r}: shared by {len(uses)} uses ({', '.join(users)}); quantize per-consumer "
+                    "copies instead (passes.normalize unshares kernel weights)"
+                )
+            user = uses[0].node
+            if user.domain in ("", "ai.onnx") and user.op_type in _QDQ_OPS:
+                raise WeightQuantError(f"weight {name!r}: already quantized (feeds {user.op_type} {user.name!r})")
+            shape = value.const_value.shape
+            if len(shape) == 0 or (spec.granularity != "per-tensor" and spec.axis >= len(shape)):
+                raise WeightQuantError(
+                    f"weight {name!r}: shape {tuple(shape)} has no output-channel axis {spec.axis}"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.specs:
+            return ir.passes.PassResult(model, False)
+        self._raise_opset(model, max(encoding(s, self.target).opset for s in self.specs.values()))
+        graph = model.graph
+        taken = _names(graph)
+        for name, spec in self.specs.items():
+            old = graph.initializers[name]
+            weight = old.const_value.numpy()
+            qw = quantize(weight, spec)
+            nodes, out = _decode(graph, name, qw, encoding(spec, self.target), self.target, taken)
+            out.type = old.type
+            out.shape = old.shape
+            ir.convenience.replace_all_uses_with(old, out)
+            graph.initializers.pop(name)
+            out.name = name
+            graph.insert_before(graph[0], nodes)
+            log.debug("quantized %s: %s, %s", name, spec, self.target)
+        return ir.passes.PassResult(model, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+    @staticmethod
+    def _raise_opset(model: ir.Model, needed: int) -> None:
+        current = model.opset_imports.get("", 1)
+        if needed > current:
+            # onnxscript converts from opset 18 on and warns each time it hands older models to
+            # onnx's C converter; that hand-over is the expected path here, not news to the user.
+            converter_log = logging.getLogger("onnxscript.version_converter")
+            level = converter_log.level
+            converter_log.setLevel(logging.ERROR)
+            try:
+                ConvertVersionPass(needed, fallback=True)(model)
+            finally:
+                converter_log.setLevel(level)
+            if model.opset_imports.get("", 1) != needed:
+                raise ValueError(
+                    f"quantize_weights: could not convert the model from opset {current} to {needed}, "
+                    "which the chosen weight encodings need"
+                )
+        opset = model.opset_imports[""]
+        model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]))
+
+
+def _names(graph: ir.Graph) -> set[str]:
+    names = set(graph.initializers)
+    names.update(v.name for v in graph.inputs if v.name)
+    for node in graph.all_nodes():
+        names.update(v.name for v in node.outputs if v.name)
+        if node.name:
+            names.add(node.name)
+    return names
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _constant(graph: ir.Graph, taken: set[str], base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` (already in its storage dtype) as an initializer, serialized by onnx's helpers."""
+    tensor = ir.from_proto(numpy_helper.from_array(array, _fresh(taken, base)))
+    value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _node(taken: set[str], base: str, op: str, inputs: list[ir.Value | None], **attrs) -> ir.Node:
+    return ir.node(op, inputs, attrs, name=_fresh(taken, f"{base}_{op}"),
+                   outputs=[ir.Value(name=_fresh(taken, f"{base}_{op.lower()}"))])
+
+
+def _decode(graph: ir.Graph, name: str, qw: QuantizedWeight, enc: Encoding, target: str,
+            taken: set[str]) -> tuple[list[ir.Node], ir.Value]:
+    """Store qw's tensors as initializers and build the decode nodes; returns (nodes, output)."""
+    spec, shape = qw.spec, qw.shape
+    np_int = _CONTAINERS[(enc.container_bits, spec.signed)][1]
+    q = _constant(graph, taken, f"{name}_quantized", stored_integers(qw, target).astype(np_int))
+    scale = _constant(graph, taken, f"{name}_scale", _stored_scale(qw, enc))
+    if enc.decode == "codebook":
+        codebook = _constant(graph, taken, f"{name}_codebook", qw.codebook)
+        cast = _node(taken, name, "Cast", [q], to=ir.DataType.INT32)
+        gather = _node(taken, name, "Gather", [codebook, cast.outputs[0]], axis=0)
+        mul = _node(taken, name, "Mul", [gather.outputs[0], scale])
+        return [cast, gather, mul], mul.outputs[0]
+    zp = None
+    if enc.zero_point:
+        zp = _constant(graph, taken, f"{name}_zero_point", _stored_zero_point(qw, scale.const_value.numpy()).astype(np_int))
+    attrs: dict[str, int] = {}
+    if enc.blocked:
+        attrs = {"axis": 1 - spec.axis if len(shape) == 2 else 1, "block_size": spec.group_size}
+    elif spec.granularity != "per-tensor":
+        attrs = {"axis": spec.axis}
+    nodes = [_node(taken, name, "DequantizeLinear", [q, scale, zp], **attrs)]
+    if enc.blocked and len(shape) != 2:
+        axis = spec.axis
+        moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+        target_shape = _constant(graph, taken, f"{name}_shape", np.array(moved, np.int64))
+        nodes.append(_node(taken, name, "Reshape", [nodes[-1].outputs[0], target_shape]))
+        if axis != 0:
+            perm = [1 + i if i < axis else 0 if i == axis else i for i in range(len(shape))]
+            nodes.append(_node(taken, name, "Transpose", [nodes[-1].outputs[0]], perm=perm))
+    return nodes, nodes[-1].outputs[0]
+
+
+def quantize_weights(model: onnx.ModelProto, specs: Mapping[str, WeightQuantSpec],
+                     target: str = "storage") -> onnx.ModelProto:
+    """Return a copy of `model` with the weights in `specs` quantized for `target` (input untouched)."""
+    ir_model = ir.from_proto(model)
+    QuantizeWeightsPass(specs, target)(ir_model)
+    return ir.to_proto(ir_model)

@@ -1,0 +1,43 @@
+"""Exact stored bytes of one weight under an encoding: what `quantize_weights` writes, counted by hand.
+
+The budget's unit is the byte the serialized model really stores (DESIGN.md, "Storage cost"), so
+this is not an estimate: for every spec and target it equals the sum of the initializer byte
+sizes the pass emits for that weight (tests compare the two on real models). Counted:
+  - integer data: ceil(n * container_bits / 8) (sub-byte types are packed, the last byte padded);
+  - scales: 4 bytes each (float32); zero points: packed like the data, when stored;
+  - a log2 codebook: 4 * (2^bits - 1); its per-channel scale: 4 * O;
+  - a per-group Reshape's int64 shape: 8 * ndim, for weights that are not 2-D.
+Node attributes (axis, block_size, perm, to) live in the graph, not in initializers, and are
+not counted.
+"""
+from __future__ import annotations
+
+import math
+
+from passes.quantize import WeightQuantSpec
+from passes.quantize_weights import encoding
+
+__all__ = ["encoded_nbytes"]
+
+
+def _packed(count: int, bits: int) -> int:
+    return -(-count * bits // 8)
+
+
+def encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target: str = "storage") -> int:
+    """Bytes of the initializers holding one weight of `shape`; fp32 bytes when `spec` is None."""
+    n = math.prod(shape)
+    if spec is None:
+        return 4 * n
+    enc = encoding(spec, target)
+    data = _packed(n, enc.container_bits)
+    channels = shape[spec.axis] if spec.granularity != "per-tensor" else 1
+    if enc.decode == "codebook":
+        return data + 4 * (2**spec.bits - 1) + 4 * channels
+    if spec.granularity == "per-group":
+        n_scales = channels * -(-(n // channels) // spec.group_size)
+    else:
+        n_scales = channels
+    zero_points = _packed(n_scales, enc.container_bits) if enc.zero_point else 0
+    reshape = 8 * len(shape) if enc.blocked and len(shape) != 2 else 0
+    return data + 4 * n_scales + zero_points + reshape
