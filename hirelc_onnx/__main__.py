@@ -1,0 +1,4 @@
+"""`python -m hirelc_onnx` runs the CLI."""
+from hirelc_onnx.cli import main
+
+main()
