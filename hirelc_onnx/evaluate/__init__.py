@@ -1,1 +1,55 @@
 """Data, metrics and ONNX Runtime measurement."""
+from hirelc_onnx.evaluate.data import SPLIT_NAMES, Dataset, Splits, load_digits, select_split, split_dataset
+from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, load_data
+from hirelc_onnx.evaluate.metrics import (
+    cosine_similarity,
+    fidelity,
+    kl_divergence,
+    logit_mse,
+    logit_mse_proxy,
+    top1_accuracy,
+    top1_agreement,
+    top5_containment,
+)
+from hirelc_onnx.evaluate.runner import (
+    OrtRunner,
+    SessionConfig,
+    benchmark_latency,
+    benchmark_side_by_side,
+    evaluate,
+    get_runner,
+    load_onnx,
+    measure_peak_memory,
+    model_file_size,
+    predict,
+)
+
+__all__ = [
+    "Dataset",
+    "Splits",
+    "SPLIT_NAMES",
+    "split_dataset",
+    "select_split",
+    "load_digits",
+    "ImageOptions",
+    "load_data",
+    "check_fits",
+    "top1_accuracy",
+    "top1_agreement",
+    "top5_containment",
+    "kl_divergence",
+    "logit_mse",
+    "cosine_similarity",
+    "fidelity",
+    "logit_mse_proxy",
+    "OrtRunner",
+    "SessionConfig",
+    "load_onnx",
+    "get_runner",
+    "predict",
+    "evaluate",
+    "benchmark_latency",
+    "benchmark_side_by_side",
+    "model_file_size",
+    "measure_peak_memory",
+]

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Dataset", "Splits", "split_dataset", "load_digits"]
+__all__ = ["Dataset", "Splits", "SPLIT_NAMES", "split_dataset", "select_split", "load_digits"]
 
 # Fractions of the data for (calibration, fine-tune, validation, test). The test split is held
 # out: the search never sees it, and the final report is measured on it.
 DEFAULT_FRACTIONS = (0.1, 0.5, 0.15, 0.25)
+SPLIT_NAMES = ("all", "calib", "finetune", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ def split_dataset(ds: Dataset, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> Sp
     parts = [perm[bounds[i] : bounds[i + 1]] for i in range(4)]
     names = ("calib", "finetune", "val", "test")
     return Splits(*(ds.subset(np.sort(p), f"{ds.name}:{nm}") for p, nm in zip(parts, names)))
+
+
+def select_split(ds: Dataset, split: str = "all", seed: int = 0) -> Dataset:
+    """One named part of the seeded split ("all" is the whole dataset), as the CLI's --split picks."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    return ds if split == "all" else getattr(split_dataset(ds, seed), split)
 
 
 def load_digits() -> Dataset:

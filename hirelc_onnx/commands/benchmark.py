@@ -1,0 +1,117 @@
+"""`hirelc-onnx benchmark`: ORT latency, throughput, size and memory, side by side with --against."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from hirelc_onnx.commands.evaluate import fmt_bytes, session_options
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.runner import SessionConfig, benchmark_side_by_side, get_runner, measure_peak_memory, model_file_size
+
+__all__ = ["benchmark"]
+
+log = logging.getLogger(__name__)
+
+
+def _batch_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {value!r}") from exc
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes must be positive integers, got {value!r}")
+    return sizes
+
+
+def _input_shapes(values: tuple[str, ...], input_names: list[str]) -> dict[str, tuple[int, ...]]:
+    """'name=1x3x224x224' per input, or a bare '1x3x224x224' for a single-input model."""
+    shapes = {}
+    for v in values:
+        name, _, dims = v.rpartition("=")
+        if not name:
+            if len(input_names) != 1:
+                raise UserError(f"the model has inputs {', '.join(input_names)}: write --input-shape NAME=DIMS")
+            name = input_names[0]
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError as exc:
+            raise UserError(f"--input-shape must look like [name=]1x3x224x224, got {v!r}") from exc
+    return shapes
+
+
+@click.command("benchmark")
+@click.argument("model")
+@click.option("--against", help="Another model (e.g. the fp32 original) measured side by side.")
+@click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,32.")
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model and batch size.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
+@click.option("--input-shape", "input_shape", multiple=True, help="[name=]1x3x224x224 for inputs with symbolic dims.")
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS measured in a subprocess.")
+@session_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def benchmark(
+    model: str,
+    against: str | None,
+    batch_sizes: str,
+    runs: int,
+    warmup: int,
+    input_shape: tuple[str, ...],
+    memory: bool,
+    threads: int,
+    opt_level: str,
+    as_json: bool,
+) -> None:
+    """Time MODEL in ONNX Runtime on random input of its shape; with --against, compare."""
+    config = SessionConfig(graph_optimization_level=opt_level, intra_op_threads=threads)
+    sizes = _batch_sizes(batch_sizes)
+    models = [model] + ([against] if against else [])
+    runners = [get_runner(m, config) for m in models]
+    shapes = _input_shapes(input_shape, [i.name for i in runners[0].inputs])
+    entries = [{"path": m, "file_size_bytes": model_file_size(m), "results": []} for m in models]
+    for bs in sizes:
+        stats = benchmark_side_by_side(models, bs, warmup, runs, config, shapes)
+        for entry, st in zip(entries, stats):
+            if memory:
+                st.update(measure_peak_memory(entry["path"], bs, config, shapes))
+            entry["results"].append(st)
+    report: dict[str, Any] = {"model": entries[0]}
+    if against:
+        report["against"] = entries[1]
+        report["size_ratio"] = entries[1]["file_size_bytes"] / max(1, entries[0]["file_size_bytes"])
+        report["speedup"] = {
+            str(a["batch_size"]): a["median_ms"] / m["median_ms"] for m, a in zip(entries[0]["results"], entries[1]["results"])
+        }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_table(report, memory)
+
+
+def _print_table(report: dict[str, Any], memory: bool) -> None:
+    roles = ["model"] + (["against"] if "against" in report else [])
+    table = Table(title="ONNX Runtime latency on random input")
+    columns = ["batch", "", "median ms", "p90 ms", "items/s"]
+    columns += (["peak RSS +MB"] if memory else []) + (["speedup"] if len(roles) > 1 else [])
+    for col in columns:
+        table.add_column(col, justify="left" if col == "" else "right")
+    for i, first in enumerate(report["model"]["results"]):
+        for role in roles:
+            r = report[role]["results"][i]
+            row = [str(r["batch_size"]), role, f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:,.0f}"]
+            if memory:
+                row.append(f"{r['delta_mb']:.1f}")
+            if len(roles) > 1:
+                row.append(f"{report['speedup'][str(first['batch_size'])]:.2f}x" if role == "model" else "")
+            table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for role in roles:
+        console.print(f"{role}: {report[role]['path']} ({fmt_bytes(report[role]['file_size_bytes'])})", highlight=False)
+    if len(roles) > 1:
+        ratio = report["size_ratio"]
+        console.print(f"model is {ratio:.2f}x smaller on disk than --against (speedup > 1: model is faster)", highlight=False)

@@ -1,0 +1,470 @@
+"""ONNX Runtime sessions built as a user deploys them: predictions, accuracy, latency, size, memory.
+
+Accuracy is always measured through the optimised session (ORT_ENABLE_ALL by default), because
+ORT's fusions change numerics (e.g. saturating U8S8 QLinearConv on AVX2 without VNNI).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+
+from hirelc_onnx.errors import DataError, ModelLoadError, UserError
+from hirelc_onnx.evaluate.data import Dataset
+from hirelc_onnx.evaluate.loaders import check_fits
+from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
+
+__all__ = [
+    "ModelLike",
+    "SessionConfig",
+    "OrtRunner",
+    "load_onnx",
+    "get_runner",
+    "clear_cache",
+    "predict",
+    "evaluate",
+    "benchmark_latency",
+    "benchmark_side_by_side",
+    "model_file_size",
+    "measure_peak_memory",
+]
+
+log = logging.getLogger(__name__)
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+_OPT_LEVELS = {
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+_CACHE_SIZE = 8
+_cache: OrderedDict[tuple, "OrtRunner"] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The deployment settings a session is built with; part of the session cache key."""
+
+    graph_optimization_level: str = "all"
+    """ORT graph optimisation: disabled, basic, extended or all (ORT_ENABLE_ALL, ORT's default)."""
+    intra_op_threads: int = 0
+    """Threads per operator; 0 lets ORT choose (one per physical core)."""
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    """Execution providers in priority order."""
+
+    def session_options(self) -> ort.SessionOptions:
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            levels = ", ".join(_OPT_LEVELS)
+            raise UserError(f"graph optimization level must be one of {levels}, got {self.graph_optimization_level!r}")
+        if self.intra_op_threads < 0:
+            raise UserError(f"intra-op threads must be >= 0, got {self.intra_op_threads}")
+        available = ort.get_available_providers()
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise UserError(f"execution provider(s) {', '.join(missing)} not in this onnxruntime build ({', '.join(available)})")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level])
+        so.intra_op_num_threads = self.intra_op_threads
+        so.log_severity_level = 3  # errors only: ORT's optimiser warnings are noise to a user
+        return so
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, raising ModelLoadError that says what is wrong (missing, not ONNX, truncated)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"model path is a folder, not an .onnx file: {p}")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except DecodeError as exc:
+        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX; protobuf: {_one_line(exc)})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model {p}: {_one_line(exc)}") from exc
+    except Exception as exc:  # onnx raises ValueError/RuntimeError for bad external data and more
+        raise ModelLoadError(f"cannot load model {p}: {type(exc).__name__}: {_one_line(exc)}") from exc
+    if model.ir_version == 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{p} is not an ONNX model (no IR version or graph; truncated or another format?)")
+    return model
+
+
+class OrtRunner:
+    """One ORT session plus what callers need to feed it: input name, shape, dtype, classes."""
+
+    def __init__(self, model: ModelLike, config: SessionConfig | None = None):
+        self.config = config or SessionConfig()
+        so = self.config.session_options()
+        providers = list(self.config.providers)
+        if isinstance(model, onnx.ModelProto):
+            self.label = model.graph.name or "<in-memory model>"
+            source: Any = model.SerializeToString()
+        else:
+            self.label = str(model)
+            path = Path(model)
+            if not path.is_file():
+                load_onnx(path)  # raises the precise reason
+            source = str(path)
+        try:
+            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
+        except Exception as exc:  # ORT's pybind errors share no base class below Exception
+            if not isinstance(model, onnx.ModelProto):
+                load_onnx(model, load_external_data=False)  # a file problem gets its precise message
+            raise ModelLoadError(f"ONNX Runtime cannot load {self.label}: {_one_line(exc)}") from exc
+        self.inputs = self.session.get_inputs()
+        self.outputs = self.session.get_outputs()
+        first = self.inputs[0]
+        self.input_name: str = first.name
+        self.input_shape: tuple = tuple(first.shape)
+        self.input_dtype = np.dtype(_ORT_DTYPES.get(first.type, np.float32))
+        self.output_name: str = self.outputs[0].name
+        last = self.outputs[0].shape[-1] if self.outputs[0].shape else None
+        self.num_classes: int | None = last if isinstance(last, int) and last > 0 else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The model's batch size when its first input dim is a fixed number, else None."""
+        d = self.input_shape[0] if self.input_shape else None
+        return d if isinstance(d, int) and d > 0 else None
+
+    def fit(self, ds: Dataset) -> Dataset:
+        """The dataset checked against (and cast to) this model's single input; DataError if not."""
+        if len(self.inputs) != 1:
+            names = ", ".join(i.name for i in self.inputs)
+            raise DataError(f"{self.label} has {len(self.inputs)} inputs ({names}); evaluation feeds single-input models")
+        return check_fits(ds, self.input_shape, self.input_dtype, self.num_classes)
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs for one feed; ORT failures become a one-line DataError."""
+        try:
+            return self.session.run(None, dict(feed))
+        except Exception as exc:  # ORT's pybind errors share no base class below Exception
+            raise DataError(f"ONNX Runtime failed running {self.label}: {_one_line(exc)}") from exc
+
+    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """First-output logits for every row of `x`; a fixed-batch model gets padded batches."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        x = np.asarray(x)
+        if len(x) == 0:
+            raise DataError("no inputs to predict")
+        fixed = self.fixed_batch
+        bs = fixed or batch_size
+        outs = []
+        for i in range(0, len(x), bs):
+            xb = x[i : i + bs]
+            n = len(xb)
+            if fixed and n < fixed:
+                xb = np.concatenate([xb, np.zeros((fixed - n,) + xb.shape[1:], xb.dtype)])
+            try:
+                out = self.session.run([self.output_name], {self.input_name: xb})[0]
+            except Exception as exc:  # ORT's pybind errors share no base class below Exception
+                raise DataError(f"ONNX Runtime failed running {self.label} on rows {i}..{i + n - 1}: {_one_line(exc)}") from exc
+            outs.append(out[:n])
+        return np.concatenate(outs)
+
+    def feed_shapes(self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes for every input: batch dims filled, other symbolic dims from `input_shapes`."""
+        input_shapes = input_shapes or {}
+        unknown = sorted(set(input_shapes) - {i.name for i in self.inputs})
+        if unknown:
+            names = ", ".join(i.name for i in self.inputs)
+            raise UserError(f"{self.label} has no input(s) {', '.join(unknown)}; inputs: {names}")
+        shapes = {}
+        for inp in self.inputs:
+            if inp.name in input_shapes:
+                shapes[inp.name] = tuple(int(d) for d in input_shapes[inp.name])
+                continue
+            dims = []
+            for axis, d in enumerate(inp.shape):
+                fixed = isinstance(d, int) and d > 0
+                if axis == 0 and not fixed:
+                    dims.append(batch_size)
+                elif axis == 0 and d != batch_size:
+                    raise DataError(
+                        f"{self.label} has a fixed batch size of {d} (input {inp.name!r}); measure it at batch size {d}"
+                    )
+                elif fixed:
+                    dims.append(d)
+                else:
+                    raise DataError(
+                        f"{self.label}: input {inp.name!r} has symbolic dim {d!r} at axis {axis}; "
+                        f"give its full shape (--input-shape {inp.name}=1x...)"
+                    )
+            shapes[inp.name] = tuple(dims)
+        return shapes
+
+    def random_feed(
+        self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Standard-normal floats (zeros for integer inputs, which are often indices) of the feed shapes."""
+        rng = np.random.default_rng(seed)
+        shapes = self.feed_shapes(batch_size, input_shapes)
+        feed = {}
+        for inp in self.inputs:
+            shape = shapes[inp.name]
+            dtype = np.dtype(_ORT_DTYPES.get(inp.type, np.float32))
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+        return feed
+
+
+def _cache_key(model: ModelLike, config: SessionConfig) -> tuple:
+    if isinstance(model, onnx.ModelProto):
+        return ("bytes", hashlib.sha256(model.SerializeToString()).hexdigest(), config)
+    p = Path(model).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return ("path", str(p), None, None, config)
+    return ("path", str(p), st.st_mtime_ns, st.st_size, config)
+
+
+def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunner:
+    """A cached runner per (model file state or model bytes, settings): sessions are slow to build."""
+    config = config or SessionConfig()
+    key = _cache_key(model, config)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    runner = OrtRunner(model, config)
+    _cache[key] = runner
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return runner
+
+
+def clear_cache() -> None:
+    """Drop cached sessions (frees their memory)."""
+    _cache.clear()
+
+
+def predict(model: ModelLike, x: np.ndarray, batch_size: int = 64, config: SessionConfig | None = None) -> np.ndarray:
+    """Logits (first output) of `model` on `x`, batch by batch."""
+    return get_runner(model, config).predict(x, batch_size)
+
+
+def evaluate(
+    model: ModelLike,
+    dataset: Dataset,
+    batch_size: int = 64,
+    reference: ModelLike | np.ndarray | None = None,
+    metrics: Sequence[str] = (),
+    config: SessionConfig | None = None,
+) -> dict[str, float]:
+    """Measure `model` on `dataset`: n, accuracy when labelled, fidelity when a reference is given.
+
+    reference: the fp32 model, or its logits already computed on `dataset` (cache them in a search).
+    metrics: plugin specs `package.module:func(logits, labels_or_ref)`, called with the labels
+        when the data has them, else with the reference logits; results keyed by spec.
+    """
+    runner = get_runner(model, config)
+    ds = runner.fit(dataset)
+    logits = runner.predict(ds.x, batch_size)
+    out: dict[str, float] = {"n": len(ds)}
+    if ds.y is not None:
+        out["accuracy"] = top1_accuracy(logits, ds.y)
+    ref_logits = None
+    if reference is not None:
+        if isinstance(reference, np.ndarray):
+            ref_logits = reference
+        else:
+            ref_runner = get_runner(reference, config)
+            ref_logits = ref_runner.predict(ref_runner.fit(dataset).x, batch_size)
+        out.update(fidelity(logits, ref_logits))
+        if ds.y is not None:
+            out["reference_accuracy"] = top1_accuracy(ref_logits, ds.y)
+    for spec in metrics:
+        target = ds.y if ds.y is not None else ref_logits
+        if target is None:
+            raise UserError(f"metric {spec!r} needs labelled data or a reference model")
+        out[spec] = plugin_metric(spec, logits, target)
+    return out
+
+
+def _latency_stats(times_s: Sequence[float], batch_size: int) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1e3
+    median = float(np.median(ms))
+    return {
+        "batch_size": batch_size,
+        "runs": len(ms),
+        "median_ms": median,
+        "p90_ms": float(np.percentile(ms, 90)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "throughput_per_s": batch_size * 1e3 / median if median > 0 else float("inf"),
+    }
+
+
+def benchmark_side_by_side(
+    models: Sequence[ModelLike],
+    batch_size: int = 1,
+    warmup: int = 5,
+    runs: int = 30,
+    config: SessionConfig | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, float]]:
+    """Latency of several models, runs interleaved so machine-load drift hits them all alike."""
+    if runs < 1 or warmup < 0 or batch_size < 1:
+        raise UserError(f"need runs >= 1, warmup >= 0 and batch size >= 1 (got {runs}, {warmup}, {batch_size})")
+    runners = [get_runner(m, config) for m in models]
+    feeds = [r.random_feed(batch_size, input_shapes) for r in runners]
+    for r, f in zip(runners, feeds):
+        for _ in range(max(1, warmup)):
+            r.run(f)  # first run checks the feed and surfaces errors in one line
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(runs):
+        for i, (r, f) in enumerate(zip(runners, feeds)):
+            t0 = time.perf_counter()
+            r.session.run(None, f)
+            times[i].append(time.perf_counter() - t0)
+    return [_latency_stats(t, batch_size) for t in times]
+
+
+def benchmark_latency(
+    model: ModelLike,
+    batch_size: int = 1,
+    warmup: int = 5,
+    runs: int = 30,
+    config: SessionConfig | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, float]:
+    """median_ms, p90_ms, mean_ms, min_ms, throughput_per_s on a random input of the model's shape."""
+    return benchmark_side_by_side([model], batch_size, warmup, runs, config, input_shapes)[0]
+
+
+def model_file_size(model: ModelLike) -> int:
+    """Bytes on disk: the .onnx file plus its external-data files; a ModelProto's serialized size."""
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    p = Path(model)
+    proto = load_onnx(p, load_external_data=False)
+    locations = {
+        e.value
+        for t in _all_tensors(proto.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    extra = sum((p.parent / loc).stat().st_size for loc in locations if (p.parent / loc).is_file())
+    return p.stat().st_size + extra
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and tensor attributes, subgraphs included: where external data can live."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+_MEMORY_SCRIPT = r"""
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+spec = json.loads(sys.argv[1])
+scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+base = rss()
+so = ort.SessionOptions()
+so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec["level"])
+so.intra_op_num_threads = spec["threads"]
+so.log_severity_level = 3
+sess = ort.InferenceSession(spec["path"], so, providers=spec["providers"])
+loaded = rss()
+rng = np.random.default_rng(0)
+feed = {}
+for name, (shape, dtype) in spec["feed"].items():
+    dt = np.dtype(dtype)
+    feed[name] = rng.standard_normal(shape).astype(dt) if dt.kind == "f" else np.zeros(shape, dt)
+for _ in range(3):
+    sess.run(None, feed)
+print(json.dumps({"baseline_rss_mb": base, "after_load_rss_mb": loaded, "peak_rss_mb": rss()}))
+"""
+
+
+def measure_peak_memory(
+    model: ModelLike,
+    batch_size: int = 1,
+    config: SessionConfig | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, float]:
+    """Peak resident memory of loading and running the model, measured in a fresh subprocess.
+
+    Returns peak_rss_mb (the subprocess's max RSS), baseline_rss_mb (after importing numpy and
+    onnxruntime), after_load_rss_mb (after building the session) and delta_mb = peak - baseline:
+    weights, ORT's arena and activations for one batch. Uses resource.getrusage (Linux, macOS).
+    """
+    config = config or SessionConfig()
+    runner = get_runner(model, config)
+    feed = {
+        inp.name: (list(shape), np.dtype(_ORT_DTYPES.get(inp.type, np.float32)).str)
+        for inp, shape in zip(runner.inputs, runner.feed_shapes(batch_size, input_shapes).values())
+    }
+    with tempfile.TemporaryDirectory(prefix="hirelc-mem-") as tmp:
+        if isinstance(model, onnx.ModelProto):
+            path = str(Path(tmp) / "model.onnx")
+            onnx.save(model, path)
+        else:
+            path = str(Path(model).resolve())
+        spec = {
+            "path": path,
+            "level": _OPT_LEVELS[config.graph_optimization_level],
+            "threads": config.intra_op_threads,
+            "providers": list(config.providers),
+            "feed": feed,
+        }
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(spec)], capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise UserError(f"memory measurement of {runner.label} took over {timeout_s:.0f} s") from exc
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise UserError(f"memory measurement of {runner.label} failed: {tail[0]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["delta_mb"] = out["peak_rss_mb"] - out["baseline_rss_mb"]
+    log.debug("memory of %s at batch %d: %s (config %s)", runner.label, batch_size, out, asdict(config))
+    return out

@@ -1,0 +1,251 @@
+"""ORT runner: accuracy equals a hand-written session loop, sessions are cached, latency and size are real."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hirelc_onnx.errors import DataError, ModelLoadError, UserError
+from hirelc_onnx.evaluate.data import Dataset, load_digits
+from hirelc_onnx.evaluate.runner import (
+    SessionConfig,
+    benchmark_latency,
+    benchmark_side_by_side,
+    evaluate,
+    get_runner,
+    load_onnx,
+    measure_peak_memory,
+    model_file_size,
+    predict,
+)
+
+
+def gemm_classifier(w: np.ndarray, b: np.ndarray, batch: int | str = "N", name: str = "digits_lr") -> onnx.ModelProto:
+    """(batch, 1, 8, 8) -> Flatten -> Gemm(W (64, C), b) -> (batch, C) logits."""
+    c = w.shape[1]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, c])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@functools.cache
+def fitted_digits_lr() -> tuple[np.ndarray, np.ndarray]:
+    """(W (64, 10), b) of a logistic regression on flattened digits; fitted once per process."""
+    from sklearn.linear_model import LogisticRegression
+
+    ds = load_digits()
+    clf = LogisticRegression(max_iter=300).fit(ds.x.reshape(len(ds), -1), ds.y)
+    return clf.coef_.T.copy(), clf.intercept_.copy()
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def lr_weights() -> tuple[np.ndarray, np.ndarray]:
+    return fitted_digits_lr()
+
+
+@pytest.fixture()
+def model_path(tmp_path, lr_weights):
+    path = tmp_path / "lr.onnx"
+    onnx.save(gemm_classifier(*lr_weights), path)
+    return path
+
+
+@pytest.fixture()
+def perturbed_path(tmp_path, lr_weights):
+    w, b = lr_weights
+    noisy = w + np.random.default_rng(1).normal(0, 1.5 * w.std(), w.shape)
+    path = tmp_path / "lr_noisy.onnx"
+    onnx.save(gemm_classifier(noisy, b), path)
+    return path
+
+
+def _plain_ort_accuracy(path, ds: Dataset) -> float:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    correct = 0
+    for i in range(len(ds)):
+        logits = sess.run(None, {"x": ds.x[i : i + 1]})[0]
+        correct += int(logits.argmax(axis=1)[0] == ds.y[i])
+    return correct / len(ds)
+
+
+def test_accuracy_equals_plain_session_loop(model_path, digits):
+    got = evaluate(model_path, digits, batch_size=100)
+    assert got["n"] == 1797
+    assert got["accuracy"] == _plain_ort_accuracy(model_path, digits)
+    assert got["accuracy"] > 0.95  # the fitted classifier is real, so the number means something
+
+
+def test_predict_independent_of_batch_size_and_model_form(model_path, digits):
+    a = predict(model_path, digits.x, batch_size=7)
+    b = predict(onnx.load(model_path), digits.x, batch_size=500)
+    assert a.shape == (1797, 10)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_batch_model_is_padded(tmp_path, lr_weights, digits):
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(gemm_classifier(*lr_weights, batch=4), fixed)
+    x = digits.x[:10]  # 10 is not a multiple of 4: the last batch is padded and trimmed
+    np.testing.assert_allclose(predict(fixed, x, batch_size=64), predict(onnx.load(fixed), x, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="fixed batch size of 4"):
+        benchmark_latency(fixed, batch_size=1, runs=1)
+
+
+def test_fidelity_vs_self_is_perfect_and_vs_perturbed_degrades(model_path, perturbed_path, digits):
+    same = evaluate(model_path, digits, reference=model_path)
+    assert same["top1_agreement"] == 1.0 and same["top5_containment"] == 1.0
+    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-9)
+    assert same["logit_mse"] == 0.0
+    assert same["cosine_similarity"] == pytest.approx(1.0, abs=1e-9)
+    assert same["reference_accuracy"] == same["accuracy"]
+
+    worse = evaluate(perturbed_path, digits, reference=model_path)
+    assert worse["top1_agreement"] < 0.95
+    assert worse["kl_divergence"] > 0.05
+    assert worse["logit_mse"] > 0.1
+    assert worse["cosine_similarity"] < 0.99
+    assert worse["accuracy"] < same["accuracy"]
+
+    cached_ref = predict(model_path, digits.x)
+    assert evaluate(perturbed_path, digits, reference=cached_ref)["kl_divergence"] == pytest.approx(worse["kl_divergence"])
+
+
+def test_labels_out_of_range_and_shape_mismatch(model_path, digits):
+    bad = Dataset(digits.x[:5], np.array([0, 1, 2, 3, 12]), "bad")
+    with pytest.raises(DataError, match=r"labels in \[0, 12\] but the model has 10 outputs"):
+        evaluate(model_path, bad)
+    flat = Dataset(digits.x.reshape(len(digits), 64), digits.y, "flat")
+    with pytest.raises(DataError, match=r"expected input shape \(N, 1, 8, 8\), got \(N, 64\)"):
+        evaluate(model_path, flat)
+
+
+def test_float64_input_is_narrowed(model_path, digits):
+    ds64 = Dataset(digits.x[:50].astype(np.float64), digits.y[:50], "f64")
+    assert evaluate(model_path, ds64)["accuracy"] == evaluate(model_path, Dataset(digits.x[:50], digits.y[:50]))["accuracy"]
+
+
+def test_plugin_metric(tmp_path, monkeypatch, model_path, digits):
+    (tmp_path / "mymetric.py").write_text(
+        "import numpy as np\n"
+        "def error_rate(logits, labels):\n"
+        "    return float(np.mean(logits.argmax(1) != labels))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = evaluate(model_path, digits, metrics=["mymetric:error_rate"])
+    assert got["mymetric:error_rate"] == pytest.approx(1 - got["accuracy"])
+
+
+def test_session_cache_follows_file_and_settings(model_path, perturbed_path):
+    r1 = get_runner(model_path)
+    assert get_runner(str(model_path)) is r1
+    assert get_runner(model_path, SessionConfig(intra_op_threads=1)) is not r1
+    model_path.write_bytes(perturbed_path.read_bytes())  # same size: the mtime must tell them apart
+    st = os.stat(model_path)
+    os.utime(model_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert get_runner(model_path) is not r1
+    proto = onnx.load(model_path)
+    assert get_runner(proto) is get_runner(onnx.load(model_path))
+
+
+def test_session_uses_requested_settings(model_path):
+    with pytest.raises(UserError, match="graph optimization level"):
+        get_runner(model_path, SessionConfig(graph_optimization_level="max"))
+    with pytest.raises(UserError, match="NoSuchExecutionProvider"):
+        get_runner(model_path, SessionConfig(providers=("NoSuchExecutionProvider",)))
+    assert get_runner(model_path).session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_benchmark_latency_reports_real_timings(model_path, perturbed_path):
+    st = benchmark_latency(model_path, batch_size=8, warmup=1, runs=5)
+    assert st["runs"] == 5 and st["batch_size"] == 8
+    assert 0 < st["median_ms"] <= st["p90_ms"]
+    assert st["throughput_per_s"] == pytest.approx(8e3 / st["median_ms"])
+    pair = benchmark_side_by_side([model_path, perturbed_path], batch_size=2, warmup=0, runs=3)
+    assert [p["runs"] for p in pair] == [3, 3]
+
+
+def test_benchmark_symbolic_dims_need_a_shape(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "seq", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "seq", 4])],
+    )
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(DataError, match="symbolic dim 'seq' at axis 1"):
+        benchmark_latency(path, runs=1)
+    assert benchmark_latency(path, runs=1, input_shapes={"x": (2, 5, 4)})["runs"] == 1
+
+
+def test_multi_input_model_refused_for_evaluation(tmp_path, digits):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, 8, 8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(DataError, match="has 2 inputs"):
+        evaluate(path, digits)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "model file not found"),
+        (b"", "model file is empty"),
+        (b"this is not a protobuf at all \xff\xfe", "not a valid ONNX model|not an ONNX model"),
+        ("truncate", "not a valid ONNX model|not an ONNX model|cannot load"),
+    ],
+)
+def test_bad_model_files(tmp_path, model_path, content, message):
+    bad = tmp_path / "bad.onnx"
+    if content == "truncate":
+        data = model_path.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif content is not None:
+        bad.write_bytes(content)
+    for load in (load_onnx, get_runner):
+        with pytest.raises(ModelLoadError, match=message) as info:
+            load(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_file_size_counts_external_data(tmp_path, model_path, lr_weights):
+    assert model_file_size(model_path) == model_path.stat().st_size
+    ext = tmp_path / "ext.onnx"
+    onnx.save(gemm_classifier(*lr_weights), ext, save_as_external_data=True, location="ext.data", size_threshold=0)
+    assert model_file_size(ext) == ext.stat().st_size + (tmp_path / "ext.data").stat().st_size
+    assert model_file_size(ext) > model_file_size(model_path) - 100
+    proto = onnx.load(model_path)
+    assert model_file_size(proto) == len(proto.SerializeToString())
+
+
+def test_peak_memory_measured_in_subprocess(model_path):
+    mem = measure_peak_memory(model_path, batch_size=16)
+    assert mem["baseline_rss_mb"] > 10  # python + numpy + onnxruntime
+    assert mem["peak_rss_mb"] >= mem["after_load_rss_mb"] >= mem["baseline_rss_mb"]
+    assert mem["delta_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["baseline_rss_mb"])
