@@ -7,10 +7,12 @@ Rules, applied in order:
      Cast, ... of initializers) are evaluated once with onnx's reference runtime and replaced
      by initializers. Shape-dependent nodes (Shape, Size) are folded only when the shape is
      static.
-  3. An initializer consumed by more than one kernel (Conv, ConvTranspose, Gemm, MatMul) is
+  3. BatchNormalization right after a Conv / ConvTranspose / Gemm is folded into its weights
+     (onnxscript's rewrite rules), as every runtime does before running it.
+  4. An initializer consumed by more than one kernel (Conv, ConvTranspose, Gemm, MatMul) is
      copied per kernel, so each kernel owns its weight and can be pruned or quantized alone.
-  4. Every node gets a unique, non-empty name (`<op>_<index>` where missing or repeated).
-  5. Shapes are inferred (stale value_info dropped first).
+  5. Every node gets a unique, non-empty name (`<op>_<index>` where missing or repeated).
+  6. Shapes are inferred (stale value_info dropped first).
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUni
                  "Bernoulli", "Dropout"}
 
 
-def normalize(model: onnx.ModelProto, fold: bool = True) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, fold: bool = True, fold_batchnorm: bool = True) -> onnx.ModelProto:
     """Return a normalised copy of `model` (the input is not modified)."""
     model = _copy(model)
     _drop_initializer_inputs(model)
     if fold:
         _fold_constants(model)
+    if fold_batchnorm and any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        model = _fold_batchnorm(model)
     _unshare_kernel_weights(model.graph)
     name_nodes(model.graph)
     return infer_shapes(model)
@@ -113,6 +117,20 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     _remove_unused_initializers(graph)
+
+
+def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import (
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+        fuse_batchnorm_into_gemm_rule,
+    )
+
+    rules = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
+    folded = rewriter.rewrite(model, pattern_rewrite_rules=rules)
+    folded.ir_version = max(folded.ir_version, model.ir_version)
+    return folded
 
 
 def _constant_of_shape(node: onnx.NodeProto, shape: np.ndarray) -> np.ndarray:

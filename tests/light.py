@@ -20,5 +20,19 @@ def light_path(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def light_normalized(name: str) -> onnx.ModelProto:
-    return normalize(onnx.load(str(light_path(name))))
+def light_normalized(name: str, fold_batchnorm: bool = True) -> onnx.ModelProto:
+    return normalize(onnx.load(str(light_path(name))), fold_batchnorm=fold_batchnorm)
+
+
+def strip_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with its final Softmax removed, so tests compare logits, not saturated
+    probabilities (random weights easily give one-hot softmax outputs)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    last = g.node[-1]
+    if last.op_type == "Softmax" and last.output[0] == g.output[0].name:
+        logits = last.input[0]
+        del g.node[-1]
+        g.output[0].name = logits
+    return out

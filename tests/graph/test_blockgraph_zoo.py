@@ -38,8 +38,12 @@ KNOWN_PARAMS = {
 
 @pytest.mark.parametrize("name", sorted(KNOWN_PARAMS))
 def test_param_totals_match_published(name):
-    bg = build_block_graph(light_normalized(name), normalized=True)
+    bg = build_block_graph(light_normalized(name, fold_batchnorm=False), normalized=True)
     assert bg.total_params == KNOWN_PARAMS[name]
+    folded = build_block_graph(light_normalized(name), normalized=True)  # BatchNorm folded: convs gain a bias
+    bn_channels = sum(k.weight_shape[0] for k in bg.kernels.values() if k.op == "Conv" and k.bias is None)
+    n_bn = sum(1 for n in light_normalized(name, fold_batchnorm=False).graph.node if n.op_type == "BatchNormalization")
+    assert folded.total_params == KNOWN_PARAMS[name] + (bn_channels if n_bn else 0)
 
 
 def _conv_macs(cin, cout, k, hout, wout, groups=1):
