@@ -65,6 +65,8 @@ class BlockGraph:
     input_shapes: dict[str, list]
     output_names: list[str]
     initializer_bytes: dict[str, int] = field(default_factory=dict)
+    structure_bytes: int = 0  # serialized graph without weight data and value_info
+
 
     @property
     def total_params(self) -> int:
@@ -175,7 +177,16 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
         model=norm, kernels=kernels, blocks=blocks, groups=analysis.groups, analysis=analysis,
         opset=_opset(norm), input_shapes=input_shapes, output_names=[o.name for o in norm.graph.output],
         initializer_bytes={t.name: _tensor_bytes(t) for t in norm.graph.initializer},
+        structure_bytes=_structure_bytes(norm),
     )
+
+
+def _structure_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the serialized model spends on everything but weight data and value_info."""
+    g = model.graph
+    total = sum(n.ByteSize() + 3 for n in g.node) + sum(v.ByteSize() + 3 for v in list(g.input) + list(g.output))
+    total += sum(len(t.name) + 6 * len(t.dims) + 12 for t in g.initializer)
+    return total + sum(o.ByteSize() + 2 for o in model.opset_import) + len(model.producer_name) + 32
 
 
 def _with_block(k: Kernel, block: int) -> Kernel:
