@@ -6,6 +6,7 @@ quantize activations. The BlockGraph's normalised model is never modified.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Mapping, Sequence
 
@@ -16,9 +17,11 @@ from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.importance import l1_channel_scores, top_channels
 from hirelc_onnx.specs import group_keep_counts, weight_spec
+from passes.cleanup import cleanup
 from passes.prune_channels import prune_channels
+from passes.runner import run_passes
 
-__all__ = ["choose_channels", "apply_pruning", "apply_quantization", "apply_config", "finalize"]
+__all__ = ["choose_channels", "apply_pruning", "quantization_passes", "apply_quantization", "apply_config", "finalize"]
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +32,18 @@ def choose_channels(bg: BlockGraph, config: CompressionConfig) -> dict[int, np.n
             for gid, count in group_keep_counts(bg, config).items()}
 
 
-def apply_pruning(bg: BlockGraph, config: CompressionConfig,
-                  keep: Mapping[int, Sequence[int]] | None = None) -> onnx.ModelProto:
+def apply_pruning(bg: BlockGraph, config: CompressionConfig, keep: Mapping[int, Sequence[int]] | None = None,
+                  checking: bool = False) -> onnx.ModelProto:
     """The fp32 model with channels pruned (a copy; fine-tuning works on this graph)."""
     config.validate(bg.kernels)
     keep = choose_channels(bg, config) if keep is None else keep
-    return prune_channels(bg.model, keep, bg.analysis)
+    return run_passes(bg.model, [functools.partial(prune_channels, keep=keep, analysis=bg.analysis)], checking)
 
 
-def apply_quantization(bg: BlockGraph, pruned: onnx.ModelProto, config: CompressionConfig,
-                       calib_batches: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
-    """Quantize the (pruned, possibly fine-tuned) fp32 model's weights, then its activations.
-
-    Activations are quantized for `ort-cpu` and `qdq` only when calibration batches are given;
-    without them the weights alone are quantized (weight-only QDQ).
-    """
+def quantization_passes(bg: BlockGraph, config: CompressionConfig,
+                        calib_batches: list[dict[str, np.ndarray]] | None = None) -> list:
+    """Weight quantization for the target, then activation quantization for ort-cpu / qdq when
+    calibration batches are given (without them the weights alone are quantized)."""
     from passes.quantize_weights import quantize_weights
 
     specs = {}
@@ -51,18 +51,26 @@ def apply_quantization(bg: BlockGraph, pruned: onnx.ModelProto, config: Compress
         spec = weight_spec(kernel, config.get(name))
         if spec is not None:
             specs[kernel.weight] = spec
-    model = quantize_weights(pruned, specs, config.target) if specs else pruned
+    passes = [functools.partial(quantize_weights, specs=specs, target=config.target)] if specs else []
     if config.target in ("ort-cpu", "qdq") and calib_batches:
         from passes.quantize_activations import quantize_activations
 
-        model = quantize_activations(model, calib_batches)
-    return model
+        passes.append(functools.partial(quantize_activations, calib_batches=calib_batches))
+    return passes
+
+
+def apply_quantization(bg: BlockGraph, pruned: onnx.ModelProto, config: CompressionConfig,
+                       calib_batches: list[dict[str, np.ndarray]] | None = None,
+                       checking: bool = False) -> onnx.ModelProto:
+    """Quantize the (pruned, possibly fine-tuned) fp32 model and finalise it for writing."""
+    passes = quantization_passes(bg, config, calib_batches) + [cleanup, finalize]
+    return run_passes(pruned, passes, checking)
 
 
 def apply_config(bg: BlockGraph, config: CompressionConfig, keep: Mapping[int, Sequence[int]] | None = None,
-                 calib_batches: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+                 calib_batches: list[dict[str, np.ndarray]] | None = None, checking: bool = False) -> onnx.ModelProto:
     """Prune then quantize: the emitted model for `config` with no fine-tuning in between."""
-    return finalize(apply_quantization(bg, apply_pruning(bg, config, keep), config, calib_batches))
+    return apply_quantization(bg, apply_pruning(bg, config, keep, checking), config, calib_batches, checking)
 
 
 def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
