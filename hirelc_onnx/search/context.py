@@ -1,0 +1,142 @@
+"""What every search method needs to score a candidate: costs, a cheap proxy, real measurements.
+
+A method sees configs and numbers, never ONNX protos. The context owns the model, the data splits
+(calibration / fine-tune / validation; the held-out test split is used only for the final report),
+the fp32 reference outputs, and the three ways to judge a config:
+  * cost(config)    -- true stored bytes and MACs, from the cost model (no rewrite);
+  * proxy(config)   -- apply the config without fine-tuning, run the cached proxy batch through
+                       ORT and compare with the fp32 logits (the cold-start accuracy signal);
+  * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
+                       quantize, and measure the score on the validation split through ORT.
+The score is top-1 accuracy with labels and top-1 agreement with the fp32 model without.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.evaluate.data import Dataset, Splits
+from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_accuracy, top1_agreement
+from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.cost import ModelCost, model_cost
+from hirelc_onnx.specs import weight_spec
+
+__all__ = ["Measurement", "Proxy", "SearchContext"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Proxy:
+    logit_mse: float  # normalised by the variance of the fp32 logits (0 = identical)
+    agreement: float  # top-1 agreement with fp32 on the proxy batch
+
+
+@dataclass
+class Measurement:
+    """A config applied for real: fine-tuned (when possible), quantized, scored through ORT."""
+
+    config: CompressionConfig
+    score: float  # validation accuracy (labels) or top-1 agreement with fp32
+    cost: ModelCost
+    model: onnx.ModelProto = field(repr=False)
+    finetuned: bool
+    seconds: float
+
+
+class SearchContext:
+    """Scores configs for a search method; see the module docstring."""
+
+    def __init__(self, bg: BlockGraph, splits: Splits, target: str = "storage", *, proxy_size: int = 256,
+                 finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64) -> None:
+        self.bg = bg
+        self.splits = splits
+        self.target = target
+        self.seed = seed
+        self.finetune_seconds = finetune_seconds
+        self.labelled = splits.val.y is not None
+        self.input_name = bg.model.graph.input[0].name
+        rng = np.random.default_rng(seed)
+        pool = splits.calib if len(splits.calib) else splits.finetune
+        take = rng.choice(len(pool), min(proxy_size, len(pool)), replace=False)
+        self.proxy_x = pool.x[np.sort(take)]
+        self.calib_batches = [{self.input_name: pool.x[i: i + 32]} for i in range(0, min(len(pool), calib_size), 32)]
+        self.proxy_ref = predict(bg.model, self.proxy_x)
+        self.val_ref = predict(bg.model, splits.val.x)
+        self.fp32_val_score = self.score(self.val_ref, splits.val)
+        self.evaluations = 0
+        self.bridge_error: str | None = None
+
+    # --- judging configs ---------------------------------------------------------------
+    def cost(self, config: CompressionConfig) -> ModelCost:
+        return model_cost(self.bg, self._targeted(config))
+
+    def proxy(self, config: CompressionConfig) -> Proxy:
+        model = apply_config(self.bg, self._targeted(config))
+        logits = predict(model, self.proxy_x)
+        return Proxy(logit_mse_proxy(logits, self.proxy_ref), top1_agreement(logits, self.proxy_ref))
+
+    def score(self, logits: np.ndarray, ds: Dataset) -> float:
+        if ds.y is not None:
+            return top1_accuracy(logits, ds.y)
+        ref = self.val_ref if ds is self.splits.val else predict(self.bg.model, ds.x)
+        return top1_agreement(logits, ref)
+
+    def measure(self, config: CompressionConfig, keep=None, finetune_seconds: float | None = None) -> Measurement:
+        """Apply `config` for real and score it on the validation split."""
+        start = time.perf_counter()
+        config = self._targeted(config)
+        pruned = apply_pruning(self.bg, config, keep)
+        seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
+        tuned, finetuned = self._finetune(pruned, config, seconds)
+        calib = self.calib_batches if config.target in ("ort-cpu", "qdq") else None
+        model = apply_quantization(self.bg, tuned, config, calib)
+        logits = predict(model, self.splits.val.x)
+        self.evaluations += 1
+        return Measurement(config, self.score(logits, self.splits.val), self.cost(config), model, finetuned,
+                           time.perf_counter() - start)
+
+    def test_score(self, model: onnx.ModelProto) -> float:
+        """Score on the held-out test split (the final report only)."""
+        return self.score(predict(model, self.splits.test.x), self.splits.test)
+
+    # --- helpers -----------------------------------------------------------------------
+    def _targeted(self, config: CompressionConfig) -> CompressionConfig:
+        if config.target == self.target:
+            return config
+        return CompressionConfig(dict(config.kernels), target=self.target)
+
+    def _finetune(self, pruned: onnx.ModelProto, config: CompressionConfig, seconds: float):
+        if seconds <= 0 or self.bridge_error is not None:
+            return pruned, False
+        try:
+            from hirelc_onnx.bridge import finetune
+        except ImportError as exc:  # torch missing: search without recovery, visibly
+            self.bridge_error = f"fine-tuning unavailable: {exc}"
+            log.warning(self.bridge_error)
+            return pruned, False
+        from hirelc_onnx.errors import UserError
+
+        specs = {k.weight: spec for k in self.bg.kernels.values()
+                 if (spec := weight_spec(k, config.get(k.name))) is not None}
+        teacher = self._teacher_logits()
+        try:
+            result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher_logits=teacher,
+                              time_budget_s=seconds, seed=self.seed)
+        except UserError as exc:
+            self.bridge_error = str(exc)
+            log.warning("fine-tuning disabled: %s", exc)
+            return pruned, False
+        return result.model, True
+
+    def _teacher_logits(self) -> np.ndarray:
+        if not hasattr(self, "_teacher"):
+            self._teacher = predict(self.bg.model, self.splits.finetune.x)
+        return self._teacher
