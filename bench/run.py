@@ -1,0 +1,196 @@
+"""`make bench`: methods x models, every figure measured side by side in one run.
+
+Writes `bench/RESULTS.md` (a markdown table with machine and versions in its header) and
+`bench/results.json`. Columns: true-bytes ratio, file ratio, held-out score and its drop vs fp32,
+ORT latency ratio vs fp32 at batch 1 and 32 (fp32 and candidate timed interleaved in one process),
+and the method's wall time. A second table gives the pass-level latency check: fp32 vs 50%
+channels pruned vs int8 `ort-cpu`, on each reference model.
+
+    python -m bench.run [--quick] [--models resnet20,vgg] [--methods uniform4,hirelc] [--out bench/]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench")
+
+# method name -> (compress() method, options)
+METHOD_SPECS: dict[str, tuple[str, dict]] = {
+    "uniform8": ("uniform", {"bits": 8}),
+    "uniform6": ("uniform", {"bits": 6}),
+    "uniform4": ("uniform", {"bits": 4}),
+    "l1-int8": ("l1-int8", {"keep": 0.5}),
+    "ort-int8": ("ort-int8", {}),
+    "random": ("random", {}),
+    "hirelc": ("hirelc", {}),
+}
+DIGIT_MODELS = ("resnet20", "vgg", "mobilenetv2", "vit")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+def _model_and_data(name: str, quick: bool):
+    from examples.reference_models import build_reference_model, efficientnet_lite0, effnet_crops
+    from hirelc_onnx.evaluate.data import Dataset
+
+    if name == "efficientnet-lite0":
+        return efficientnet_lite0(), Dataset(effnet_crops(48 if quick else 160), None, "photo-crops")
+    return build_reference_model(name), "digits"
+
+
+def run_methods(models, methods, budget: str, evaluations: int, finetune_seconds: float, quick: bool) -> list[dict]:
+    from hirelc_onnx.compress import compress
+
+    rows = []
+    for model_name in models:
+        path, data = _model_and_data(model_name, quick)
+        for method in methods:
+            kind, options = METHOD_SPECS[method]
+            target = "ort-cpu" if method in ("l1-int8", "ort-int8") else "storage"
+            t0 = time.perf_counter()
+            try:
+                result = compress(path, data=data, method=kind, target=target,
+                                  budget=budget if kind in ("random", "hirelc") else None,
+                                  evaluations=evaluations, finetune_seconds=finetune_seconds, seed=0,
+                                  latency_runs=10 if quick else 30, **options)
+            except Exception as exc:  # a failing method is a row, not the end of the benchmark
+                log.exception("%s on %s failed", method, model_name)
+                rows.append({"model": model_name, "method": method, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            rep = result.report
+            acc = rep.get("accuracy") or {}
+            lat = rep.get("latency", {})
+            rows.append({
+                "model": model_name, "method": method, "target": target, "ratio": rep["size"]["ratio"],
+                "file_ratio": rep["size"]["file_ratio"], "metric": acc.get("metric"), "fp32": acc.get("fp32"),
+                "score": acc.get("compressed"), "drop_points": acc.get("drop_points"),
+                "speedup_b1": lat.get("batch1", {}).get("speedup"), "speedup_b32": lat.get("batch32", {}).get("speedup"),
+                "evaluations": acc.get("evaluations"), "seconds": time.perf_counter() - t0,
+            })
+            print(_row_md(rows[-1]), flush=True)
+    return rows
+
+
+def run_pass_latency(models, runs: int) -> list[dict]:
+    """fp32 vs every prunable group at 50% vs int8 ort-cpu, timed interleaved."""
+    from examples.reference_models import build_reference_model
+    from hirelc_onnx.apply import apply_config
+    from hirelc_onnx.config import CompressionConfig
+    from hirelc_onnx.evaluate.data import load_digits
+    from hirelc_onnx.evaluate.runner import benchmark_side_by_side
+    from hirelc_onnx.graph import build_block_graph, load_model
+
+    rows = []
+    calib = load_digits().x[:64]
+    for name in models:
+        bg = build_block_graph(load_model(build_reference_model(name)))
+        pruned = apply_config(bg, CompressionConfig.uniform(bg.kernels, keep_ratio=0.5))
+        int8 = apply_config(bg, CompressionConfig.uniform(bg.kernels, bits=8, target="ort-cpu"),
+                            calib_batches=[{bg.model.graph.input[0].name: calib}])
+        for batch in (1, 32):
+            fp, pr, q = benchmark_side_by_side([bg.model, pruned, int8], batch_size=batch, runs=runs, warmup=3)
+            rows.append({"model": name, "batch": batch, "fp32_ms": fp["median_ms"], "pruned50_ms": pr["median_ms"],
+                         "int8_ms": q["median_ms"], "pruned_speedup": fp["median_ms"] / pr["median_ms"],
+                         "int8_speedup": fp["median_ms"] / q["median_ms"]})
+    return rows
+
+
+def _fmt(v, spec=".3f"):
+    return "" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _row_md(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['model']} | {r['method']} | error: {r['error'][:80]} |||||||||"
+    return (f"| {r['model']} | {r['method']} | {r['target']} | {_fmt(r['ratio'], '.2f')}x | {_fmt(r['file_ratio'], '.2f')}x "
+            f"| {_fmt(r['score'], '.4f')} | {_fmt(r['drop_points'], '+.2f')} | {_fmt(r['speedup_b1'], '.2f')}x "
+            f"| {_fmt(r['speedup_b32'], '.2f')}x | {_fmt(r['evaluations'], 'd')} | {_fmt(r['seconds'], '.0f')} |")
+
+
+def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# hirelc-onnx benchmark",
+        "",
+        f"Run {meta['date']} on {meta['versions']['cpu']} ({meta['versions']['cores']} cores), Python "
+        f"{meta['versions']['python']}, onnx {meta['versions']['onnx']}, onnxruntime {meta['versions']['onnxruntime']}; "
+        f"budget {meta['budget']} for searches, {meta['evaluations']} real evaluations, "
+        f"{meta['finetune_seconds']} s fine-tuning each; total {meta['seconds']:.0f} s.",
+        "",
+        "Ratios: true stored bytes (fp32 weights / emitted initializers) and file size. Score: held-out top-1",
+        "accuracy (digits) or top-1 agreement with fp32 (EfficientNet on photo crops), measured through ORT on",
+        "the emitted model. Speedup: fp32 median latency / emitted median latency, timed interleaved.",
+        "",
+        "| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp32_rows = {}
+    for r in rows:
+        if r.get("fp32") is not None and r["model"] not in fp32_rows:
+            fp32_rows[r["model"]] = r["fp32"]
+    for model, score in fp32_rows.items():
+        lines.append(f"| {model} | fp32 | - | 1.00x | 1.00x | {score:.4f} | +0.00 | 1.00x | 1.00x | - | - |")
+    lines += [_row_md(r) for r in rows]
+    if latency:
+        lines += ["", "## Pass-level latency (ms, median; fp32 vs 50% channels pruned vs int8 ort-cpu)", "",
+                  "| model | batch | fp32 | pruned 50% | int8 ort-cpu | pruned speedup | int8 speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['pruned50_ms']:.3f} | {r['int8_ms']:.3f} "
+                  f"| {r['pruned_speedup']:.2f}x | {r['int8_speedup']:.2f}x |" for r in latency]
+    (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "latency": latency}, indent=2,
+                                                     default=float) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="A small version (used by the test suite).")
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--methods", default=None)
+    parser.add_argument("--budget", default="6x")
+    parser.add_argument("--evaluations", type=int, default=None)
+    parser.add_argument("--finetune-seconds", type=float, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    models = args.models.split(",") if args.models else (["resnet20"] if args.quick else
+                                                          list(DIGIT_MODELS) + ["efficientnet-lite0"])
+    methods = args.methods.split(",") if args.methods else (["uniform4", "ort-int8"] if args.quick else
+                                                            list(METHOD_SPECS))
+    unknown = [m for m in methods if m not in METHOD_SPECS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]}; choose from {', '.join(METHOD_SPECS)}")
+    evaluations = args.evaluations or (2 if args.quick else 4)
+    finetune = args.finetune_seconds if args.finetune_seconds is not None else (2.0 if args.quick else 10.0)
+    start = time.perf_counter()
+    print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |")
+    rows = run_methods(models, methods, args.budget, evaluations, finetune, args.quick)
+    digit_models = [m for m in models if m in DIGIT_MODELS]
+    latency = run_pass_latency(digit_models, runs=10 if args.quick else 50)
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
+            "budget": args.budget, "evaluations": evaluations, "finetune_seconds": finetune,
+            "seconds": time.perf_counter() - start, "models": models, "methods": methods}
+    write_results(Path(args.out), rows, latency, meta)
+    print(f"wrote {Path(args.out) / 'RESULTS.md'} in {meta['seconds']:.0f} s")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
