@@ -78,6 +78,10 @@ GRANULARITIES = ("per-tensor", "per-channel", "per-group", "log2")
 LOG2_TINY = np.float32(2.0**-100)
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class WeightQuantSpec:
     """How to quantize one weight tensor (see the module docstring for the exact arithmetic).
@@ -94,13 +98,13 @@ class WeightQuantSpec:
     axis: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 8:
+        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
             raise ValueError(f"WeightQuantSpec.bits must be an integer in 2..8, got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"WeightQuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+        if not _is_int(self.group_size) or self.group_size < 1:
             raise ValueError(f"WeightQuantSpec.group_size must be a positive integer, got {self.group_size!r}")
-        if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)) or self.axis < 0:
+        if not _is_int(self.axis) or self.axis < 0:
             raise ValueError(f"WeightQuantSpec.axis must be a non-negative integer, got {self.axis!r}")
 
     @property

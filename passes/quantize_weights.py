@@ -12,8 +12,9 @@ computes with exactly `fake_quantize(W, spec)`. The encoding depends on the depl
      or blocked (per-group, see 4). A zero point is stored only for asymmetric grids.
   2. storage, log2: the codes (see `passes.quantize`) go into INT2 / INT4 / INT8 by the same
      size rule; decode is Cast(codes -> int32) -> Gather(float32 codebook) -> Mul(per-channel
-     scale, shaped to broadcast along the output axis). ORT 1.32 refuses Gather on int4 data
-     and on int8 indices, hence the Cast.
+     scale, shaped to broadcast along the output axis). ONNX's Gather takes neither int4 data
+     nor int8 indices, hence the Cast (ORT 1.32 casts from int2/int4/int8). At ORT_ENABLE_ALL
+     ORT folds this decode into an fp32 weight at load, so the kernel runs at fp32 speed.
   3. ort-cpu and qdq, uniform grids: the integers go into 8-bit containers (INT8 symmetric,
      UINT8 asymmetric; a sub-8-bit grid keeps its value range), with a zero point always stored,
      decoded by DequantizeLinear (opset 13, per-channel via `axis`): the standard QDQ weight
@@ -26,13 +27,20 @@ computes with exactly `fake_quantize(W, spec)`. The encoding depends on the depl
   5. ort-cpu and qdq, log2 with bits <= 4: the levels +-s * 2^-k (k <= 6) are exactly the int8
      values +-2^(kmax - k) <= 64 times the per-channel scale s * 2^-kmax, so they are stored as
      an int8 per-channel DequantizeLinear (zero point 0): exact and fusable. log2 with 5-8 bits
-     cannot be an 8-bit uniform grid: INT8 codes with the Cast/Gather/Mul decode of rule 2 (ORT
-     folds it into an fp32 weight, so the kernel runs in fp32).
-  6. The targets ort-cpu and qdq write the same weights; they differ in what the caller adds
-     (ort-cpu: activation quantization, see `passes.quantize_activations`).
+     cannot be an 8-bit uniform grid: INT8 codes with the Cast/Gather/Mul decode of rule 2 (the
+     kernel then runs in fp32).
+  6. The targets ort-cpu and qdq write the same weights; they differ in what the caller adds.
+     For ort-cpu, prefer `passes.quantize_activations(fp32_model, ..., weight_grids=specs)`,
+     which stores the same integers. Running ORT's quantizer on this pass's output works only
+     for single-DequantizeLinear decodes (ORT keeps them and matches the bias scale); measured
+     with ORT 1.32, it crashes on a per-group decode and silently re-quantizes a 5-8-bit log2
+     decode after constant-folding it.
   7. The default-domain opset is raised to the highest opset any chosen encoding needs (never
      lowered) with onnxscript's version converter (onnx's C converter as fallback), and the IR
      version to the minimum that opset requires.
+
+New initializers are named <W>_quantized, <W>_scale, <W>_zero_point, <W>_codebook and
+<W>_shape (with a numeric suffix if the name is taken); the decode's output keeps the name W.
 
 Refusals (`WeightQuantError`, a ValueError naming the initializer): a name that is not an
 initializer, a weight that is not float32 (already quantized, or not a weight), a weight that is
@@ -46,7 +54,6 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -60,22 +67,23 @@ __all__ = [
     "Encoding",
     "QuantizeWeightsPass",
     "WeightQuantError",
+    "StoredWeight",
     "encoding",
     "quantize_weights",
-    "stored_integers",
+    "stored_tensors",
 ]
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("storage", "ort-cpu", "qdq")
 
-_CONTAINERS = {  # (bits, signed) -> (onnx type, numpy dtype)
-    (2, True): (TensorProto.INT2, ml_dtypes.int2),
-    (2, False): (TensorProto.UINT2, ml_dtypes.uint2),
-    (4, True): (TensorProto.INT4, ml_dtypes.int4),
-    (4, False): (TensorProto.UINT4, ml_dtypes.uint4),
-    (8, True): (TensorProto.INT8, np.int8),
-    (8, False): (TensorProto.UINT8, np.uint8),
+_CONTAINERS = {  # (bits, signed) -> ONNX type
+    (2, True): TensorProto.INT2,
+    (2, False): TensorProto.UINT2,
+    (4, True): TensorProto.INT4,
+    (4, False): TensorProto.UINT4,
+    (8, True): TensorProto.INT8,
+    (8, False): TensorProto.UINT8,
 }
 _CONTAINER_OPSET = {2: 25, 4: 21, 8: 13}
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -112,12 +120,12 @@ def encoding(spec: WeightQuantSpec, target: str) -> Encoding:
     blocked = spec.granularity == "per-group"
     if target == "storage":
         cbits = 2 if spec.bits == 2 else 4 if spec.bits <= 4 else 8
-        container = _CONTAINERS[(cbits, spec.signed)][0]
+        container = _CONTAINERS[(cbits, spec.signed)]
         opset = max(_CONTAINER_OPSET[cbits], 21 if blocked else 13)
         if spec.is_log2:
             return Encoding("codebook", container, cbits, False, False, False, opset)
         return Encoding("dq", container, cbits, not spec.symmetric, blocked, False, opset)
-    container = _CONTAINERS[(8, spec.signed)][0]
+    container = _CONTAINERS[(8, spec.signed)]
     if spec.is_log2:
         if spec.bits <= 4:
             return Encoding("dq", container, 8, True, False, True, 13)
@@ -125,34 +133,37 @@ def encoding(spec: WeightQuantSpec, target: str) -> Encoding:
     return Encoding("dq", container, 8, True, blocked, False, 21 if blocked else 13)
 
 
-def stored_integers(qw: QuantizedWeight, target: str) -> np.ndarray:
-    """The integer tensor the pass stores for `qw` (int32 values in the stored layout)."""
-    enc = encoding(qw.spec, target)
-    q = qw.q
+@dataclass(frozen=True, eq=False)
+class StoredWeight:
+    """The tensors the pass writes for one weight, as values (int32 / float32) in the stored layout.
+
+    q: the integers (cast to the encoding's container when written). scale: DequantizeLinear's
+    scale, or the codebook decode's per-channel Mul operand (shaped to broadcast). zero_point:
+    DequantizeLinear's zero point, None where the encoding stores none.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+
+
+def stored_tensors(qw: QuantizedWeight, target: str) -> StoredWeight:
+    """What the pass stores for `qw` under `target` (rules 1-5 of the module docstring)."""
+    spec, enc = qw.spec, encoding(qw.spec, target)
+    q, scale, zp = qw.q, qw.scale, qw.zero_point
     if enc.log2_as_int8:
         q = np.sign(q) * np.left_shift(1, np.maximum(np.abs(q) - 1, 0))
+        scale = (scale * np.float32(2.0 ** -(2 ** (spec.bits - 1) - 2))).astype(np.float32)
+    elif enc.decode == "codebook":
+        scale = scale.reshape((-1,) + (1,) * (len(qw.shape) - 1 - spec.axis))
+    elif enc.blocked and len(qw.shape) == 2 and spec.axis == 1:
+        scale = np.ascontiguousarray(scale.T)
+        zp = None if zp is None else np.ascontiguousarray(zp.T)
     if enc.blocked and len(qw.shape) != 2:
-        q = to_2d(q, qw.spec.axis)
-    return q.astype(np.int32)
-
-
-def _stored_scale(qw: QuantizedWeight, enc: Encoding) -> np.ndarray:
-    spec = qw.spec
-    if enc.log2_as_int8:
-        return (qw.scale * np.float32(2.0 ** -(2 ** (spec.bits - 1) - 2))).astype(np.float32)
-    if enc.decode == "codebook":
-        return qw.scale.reshape((-1,) + (1,) * (len(qw.shape) - 1 - spec.axis))
-    if enc.blocked and len(qw.shape) == 2 and spec.axis == 1:
-        return np.ascontiguousarray(qw.scale.T)
-    return qw.scale
-
-
-def _stored_zero_point(qw: QuantizedWeight, scale: np.ndarray) -> np.ndarray:
-    if qw.zero_point is None:
-        return np.zeros(scale.shape, np.int32)
-    if qw.spec.granularity == "per-group" and len(qw.shape) == 2 and qw.spec.axis == 1:
-        return np.ascontiguousarray(qw.zero_point.T)
-    return qw.zero_point
+        q = to_2d(q, spec.axis)
+    if enc.zero_point and zp is None:
+        zp = np.zeros(scale.shape, np.int32)
+    return StoredWeight(q.astype(np.int32), scale, zp if enc.zero_point else None)
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -225,22 +236,25 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _raise_opset(model: ir.Model, needed: int) -> None:
         current = model.opset_imports.get("", 1)
         if needed > current:
-            # onnxscript converts from opset 18 on and warns each time it hands older models to
-            # onnx's C converter; that hand-over is the expected path here, not news to the user.
             converter_log = logging.getLogger("onnxscript.version_converter")
-            level = converter_log.level
-            converter_log.setLevel(logging.ERROR)
+            converter_log.addFilter(_quiet_handover)
             try:
                 ConvertVersionPass(needed, fallback=True)(model)
             finally:
-                converter_log.setLevel(level)
+                converter_log.removeFilter(_quiet_handover)
             if model.opset_imports.get("", 1) != needed:
                 raise ValueError(
                     f"quantize_weights: could not convert the model from opset {current} to {needed}, "
                     "which the chosen weight encodings need"
                 )
         opset = model.opset_imports[""]
-        model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]))
+        needed_ir = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+        model.ir_version = max(model.ir_version, needed_ir)
+
+
+def _quiet_handover(record: logging.LogRecord) -> bool:
+    """Drop onnxscript's notice that it hands a pre-18 model to onnx's C converter: expected here."""
+    return "will be converted using the onnx C API" not in record.getMessage()
 
 
 def _names(graph: ir.Graph) -> set[str]:
@@ -279,9 +293,10 @@ def _decode(graph: ir.Graph, name: str, qw: QuantizedWeight, enc: Encoding, targ
             taken: set[str]) -> tuple[list[ir.Node], ir.Value]:
     """Store qw's tensors as initializers and build the decode nodes; returns (nodes, output)."""
     spec, shape = qw.spec, qw.shape
-    np_int = _CONTAINERS[(enc.container_bits, spec.signed)][1]
-    q = _constant(graph, taken, f"{name}_quantized", stored_integers(qw, target).astype(np_int))
-    scale = _constant(graph, taken, f"{name}_scale", _stored_scale(qw, enc))
+    np_int = onnx.helper.tensor_dtype_to_np_dtype(enc.container)  # ml_dtypes for sub-byte types
+    stored = stored_tensors(qw, target)
+    q = _constant(graph, taken, f"{name}_quantized", stored.q.astype(np_int))
+    scale = _constant(graph, taken, f"{name}_scale", stored.scale)
     if enc.decode == "codebook":
         codebook = _constant(graph, taken, f"{name}_codebook", qw.codebook)
         cast = _node(taken, name, "Cast", [q], to=ir.DataType.INT32)
@@ -289,8 +304,8 @@ def _decode(graph: ir.Graph, name: str, qw: QuantizedWeight, enc: Encoding, targ
         mul = _node(taken, name, "Mul", [gather.outputs[0], scale])
         return [cast, gather, mul], mul.outputs[0]
     zp = None
-    if enc.zero_point:
-        zp = _constant(graph, taken, f"{name}_zero_point", _stored_zero_point(qw, scale.const_value.numpy()).astype(np_int))
+    if stored.zero_point is not None:
+        zp = _constant(graph, taken, f"{name}_zero_point", stored.zero_point.astype(np_int))
     attrs: dict[str, int] = {}
     if enc.blocked:
         attrs = {"axis": 1 - spec.axis if len(shape) == 2 else 1, "block_size": spec.group_size}

@@ -1,0 +1,190 @@
+"""Static int8 activation quantization (QDQ) with onnxruntime.quantization, safe on AVX2 CPUs without VNNI.
+
+Used as the ORT int8 baseline and for the `ort-cpu` target on top of the fp32 (pruned) model.
+
+Schemes (activation type / weight type; weights are symmetric per ORT's default):
+  u8s8-reduced  uint8 activations, int8 weights on a 7-bit grid (`reduce_range=True`).
+  u8u8          uint8 activations, uint8 (asymmetric) weights.
+  u8s8          uint8 activations, full-range int8 weights: fine on VNNI / ARM only. On AVX2
+                without VNNI the fused kernel sums pairs of u8*s8 products in saturating int16
+                (255 * 127 * 2 > 32767): DESIGN.md measured a ResNet-20 fall from 99.3% to 65.6%.
+  s8s8          ORT's own default; x86 leaves parts of it unfused (DESIGN.md: slower than fp32).
+
+Why the default is u8s8-reduced (measured with ORT 1.32, ORT_ENABLE_ALL, MinMax, per-channel, on
+a 5-conv + Gemm CNN trained on sklearn digits to 99.4% on 497 held-out images; every scheme
+fuses into QLinearConv; latency is the median over 1-thread runs, relative to fp32):
+  scheme         accuracy  top-1 agreement  logit rel-L2  speed b64 / b1
+  u8s8-reduced   99.6%     99.8%            0.019         1.86x / 1.33x
+  u8u8           99.4%     100%             0.011         0.93x / 0.83x   (slower than fp32)
+  u8s8           99.4%     100%             0.011         1.88x / 1.33x
+  s8s8           99.4%     100%             0.011         1.86x / 1.33x   (this CPU has VNNI)
+u8u8 is accurate but slower than fp32, which the ort-cpu target must not emit; u8s8 is only
+safe with VNNI, and s8s8 is left partly unfused on x86 without it (DESIGN.md). The sandbox CPU
+reports avx512_vnni, so the saturation was emulated (vpmaddubsw: adjacent pairs of u8*s8
+products summed in saturating int16): with full-range int8 weights 3.4% of the first conv's
+product pairs saturate, a 17% accumulator error; 7-bit weights (|w| <= 64) cannot saturate
+(2 * 255 * 64 < 32767). The reduced range costs fidelity (rel-L2 0.019 vs 0.011; 0.025 vs
+0.013 on a random-weight 4-conv net), not accuracy.
+
+With `weight_grids`, the kernels' weights keep grids chosen elsewhere (a sub-8-bit
+`passes.quantize` spec per weight): each weight is first replaced by fake_quantize(W, spec) and
+its scale / zero point are handed to ORT as TensorQuantOverrides, so ORT re-derives exactly the
+integers `quantize()` gives (checked after quantization; a mismatch raises) and quantizes the
+bias with the matching scale. Grids that are one 8-bit DequantizeLinear per tensor or per
+channel are accepted (uniform per-tensor / per-channel, and log2 with bits <= 4, stored as in
+rule 5 of `passes.quantize_weights`); per-group and wider log2 grids are refused.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from passes.quantize import WeightQuantSpec, fake_quantize, quantize
+from passes.quantize_weights import encoding, stored_tensors
+
+__all__ = ["DEFAULT_SCHEME", "METHODS", "SCHEMES", "quantize_activations"]
+
+log = logging.getLogger(__name__)
+
+SCHEMES = {  # name -> (activation type, weight type, reduce_range)
+    "u8s8-reduced": (QuantType.QUInt8, QuantType.QInt8, True),
+    "u8u8": (QuantType.QUInt8, QuantType.QUInt8, False),
+    "u8s8": (QuantType.QUInt8, QuantType.QInt8, False),
+    "s8s8": (QuantType.QInt8, QuantType.QInt8, False),
+}
+DEFAULT_SCHEME = "u8s8-reduced"
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+
+
+class _Batches(CalibrationDataReader):
+    """Feeds a list of input dicts to ORT's calibrator, once."""
+
+    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]]) -> None:
+        self._it = iter([dict(b) for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_activations(
+    model: onnx.ModelProto,
+    calib_batches: Sequence[Mapping[str, np.ndarray]],
+    method: str = "minmax",
+    per_channel: bool = True,
+    scheme: str = DEFAULT_SCHEME,
+    weight_grids: Mapping[str, WeightQuantSpec] | None = None,
+    op_types: Sequence[str] | None = None,
+    nodes_to_exclude: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """Return a QDQ copy of `model` with int8 activations calibrated on `calib_batches`.
+
+    method: minmax, percentile or entropy (ORT's calibrators). per_channel: per-output-channel
+    weight scales. scheme: see the module docstring. weight_grids: pre-chosen weight grids kept
+    bit for bit (module docstring). op_types / nodes_to_exclude: passed to ORT to limit what is
+    quantized. The input model is not modified.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantize_activations: method must be one of {sorted(METHODS)}, got {method!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize_activations: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
+    if not calib_batches:
+        raise ValueError("quantize_activations: calib_batches is empty; give at least one input batch")
+    act_type, weight_type, reduce_range = SCHEMES[scheme]
+    log.debug("quantize_activations: scheme %s, method %s, per_channel %s", scheme, method, per_channel)
+    grids = dict(weight_grids or {})
+    extra: dict = {}
+    expected: dict[str, np.ndarray] = {}
+    if grids:
+        model, extra, expected = _pin_weight_grids(model, grids, per_channel, scheme)
+    with tempfile.TemporaryDirectory(prefix="hirelc-actq-") as tmp:
+        src, pre, dst = Path(tmp, "in.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "out.onnx")
+        onnx.save(model, src)
+        # ORT's recommended pre-processing (shape inference + basic graph optimisation). With
+        # pinned grids the optimiser is skipped: it could fold or rename the pinned weights.
+        quant_pre_process(src, pre, skip_optimization=bool(grids))
+        quantize_static(
+            pre,
+            dst,
+            _Batches(calib_batches),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=act_type,
+            weight_type=weight_type,
+            nodes_to_exclude=list(nodes_to_exclude) if nodes_to_exclude else None,
+            calibrate_method=METHODS[method],
+            extra_options=extra,
+        )
+        out = onnx.load(dst)
+    _check_pinned(out, expected)
+    return out
+
+
+def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpec], per_channel: bool,
+                      scheme: str) -> tuple[onnx.ModelProto, dict, dict[str, np.ndarray]]:
+    """Fake-quantize the pinned weights (in a copy) and build ORT overrides reproducing their integers.
+
+    Returns the copy, ORT's extra_options, and the integers each weight must end up with.
+    """
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    inits = {t.name: t for t in pinned.graph.initializer}
+    overrides: dict[str, list[dict]] = {}
+    expected: dict[str, np.ndarray] = {}
+    for name, spec in grids.items():
+        enc = encoding(spec, "ort-cpu")
+        if name not in inits:
+            raise ValueError(f"quantize_activations: weight {name!r} of weight_grids is not an initializer")
+        if enc.decode != "dq" or enc.blocked:
+            raise ValueError(
+                f"quantize_activations: weight {name!r}: a {spec.granularity} {spec.bits}-bit grid is not one "
+                "8-bit DequantizeLinear; use per-tensor, per-channel, or log2 with bits <= 4"
+            )
+        if spec.granularity != "per-tensor" and not per_channel:
+            raise ValueError(f"quantize_activations: weight {name!r} has a per-channel grid; pass per_channel=True")
+        if spec.symmetric and not spec.is_log2 and spec.bits == 8 and SCHEMES[scheme][0] == QuantType.QUInt8:
+            log.warning("weight %r: an 8-bit symmetric grid spans -127..127; uint8 x int8 kernels saturate on "
+                        "AVX2 CPUs without VNNI (use <= 7 bits there)", name)
+        w = numpy_helper.to_array(inits[name])
+        stored = stored_tensors(quantize(w, spec), "ort-cpu")
+        inits[name].CopyFrom(numpy_helper.from_array(fake_quantize(w, spec), name))
+        expected[name] = stored.q
+        qtype = QuantType.QInt8 if spec.signed else QuantType.QUInt8
+        if spec.granularity == "per-tensor":
+            overrides[name] = [{"quant_type": qtype, "scale": float(stored.scale),
+                                "zero_point": int(stored.zero_point)}]
+        else:
+            overrides[name] = [{"quant_type": qtype, "scale": float(sc), "zero_point": int(z), "axis": spec.axis}
+                               for sc, z in zip(stored.scale, stored.zero_point)]
+    extra = {"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True}
+    return pinned, extra, expected
+
+
+def _check_pinned(model: onnx.ModelProto, expected: Mapping[str, np.ndarray]) -> None:
+    """Each pinned weight's stored integers must be exactly passes.quantize's; else raise."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, want in expected.items():
+        stored = inits.get(f"{name}_quantized")
+        if stored is None:
+            raise ValueError(f"quantize_activations: ORT left weight {name!r} unquantized (excluded node or op type?)")
+        if not np.array_equal(numpy_helper.to_array(stored).astype(np.int32), want):
+            raise ValueError(f"quantize_activations: ORT's integers for weight {name!r} differ from passes.quantize")

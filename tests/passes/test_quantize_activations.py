@@ -1,0 +1,155 @@
+"""Static activation quantization: close to fp32, fused by ORT, pinned weight grids kept exactly."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper, parser
+
+from passes.quantize import WeightQuantSpec, fake_quantize, quantize
+from passes.quantize_activations import quantize_activations
+
+NET_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N,3,16,16] x) => (float[N,10] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, W1, B1)
+  r1 = Relu(c1)
+  c2 = Conv <pads=[1,1,1,1], strides=[2,2]> (r1, W2, B2)
+  r2 = Relu(c2)
+  c3 = Conv <pads=[1,1,1,1]> (r2, W3, B3)
+  r3 = Relu(c3)
+  p = GlobalAveragePool(r3)
+  f = Flatten(p)
+  y = Gemm <transB=1> (f, W4, B4)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def net():
+    rng = np.random.default_rng(0)
+    model = parser.parse_model(NET_TEXT)
+
+    def he(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+
+    weights = {"W1": he(16, 3, 3, 3), "W2": he(32, 16, 3, 3), "W3": he(32, 32, 3, 3), "W4": he(10, 32)}
+    weights.update({f"B{i}": (0.1 * rng.standard_normal(w.shape[0])).astype(np.float32)
+                    for i, w in enumerate(weights.values(), 1)})
+    model.graph.initializer.extend(numpy_helper.from_array(w, n) for n, w in weights.items())
+
+    def images(n):  # smooth random fields plus noise: structured like images, not white noise
+        base = np.kron(rng.standard_normal((n, 3, 4, 4)), np.ones((1, 1, 4, 4)))
+        return (base + 0.3 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)
+
+    calib = [{"x": images(16)} for _ in range(4)]
+    return model, weights, calib, images(64)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, optimized_path=None) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def default_quantized(net):
+    model, _, calib, _ = net
+    before = model.SerializeToString()
+    out = quantize_activations(model, calib)
+    assert model.SerializeToString() == before, "the input model was modified"
+    return out
+
+
+def test_default_is_close_to_fp32_and_fuses_into_qlinearconv(net, default_quantized, tmp_path):
+    model, _, _, x = net
+    fp32 = _run(model, x)
+    got = _run(default_quantized, x, tmp_path / "opt.onnx")
+    assert _rel(got, fp32) < 0.05
+    assert np.mean(got.argmax(1) == fp32.argmax(1)) > 0.9
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
+
+
+def test_default_scheme_is_uint8_activations_and_7_bit_int8_weights(default_quantized):
+    inits = _inits(default_quantized)
+    for name in ("W1", "W2", "W3", "W4"):
+        q = inits[f"{name}_quantized"]
+        assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 64, name
+    assert inits["x_zero_point"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_other_calibration_methods(net, method):
+    model, _, calib, x = net
+    assert _rel(_run(quantize_activations(model, calib[:2], method=method), x), _run(model, x)) < 0.1
+
+
+def test_u8u8_scheme_stores_uint8_weights(net):
+    model, _, calib, x = net
+    out = quantize_activations(model, calib[:2], scheme="u8u8", per_channel=False)
+    assert _inits(out)["W2_quantized"].dtype == np.uint8
+    assert _rel(_run(out, x), _run(model, x)) < 0.05
+
+
+@pytest.mark.parametrize("spec", [
+    WeightQuantSpec(4, True, "per-channel"),
+    WeightQuantSpec(5, False, "per-channel"),
+    WeightQuantSpec(3, True, "per-tensor"),
+    WeightQuantSpec(4, True, "log2"),
+], ids=str)
+def test_pinned_weight_grids_are_kept_exactly(net, spec, tmp_path):
+    model, weights, calib, x = net
+    grids = {n: spec for n in ("W1", "W2", "W3", "W4")}
+    out = quantize_activations(model, calib[:2], weight_grids=grids)
+    inits = _inits(out)
+    for name in grids:
+        qw = quantize(weights[name], spec)
+        stored = inits[f"{name}_quantized"].astype(np.int32)
+        if spec.granularity == "log2":  # int8 values +-2^(|code| - 1), scale s * 2^-kmax
+            expect = np.sign(qw.q) * np.where(qw.q == 0, 0, 2 ** np.maximum(np.abs(qw.q) - 1, 0))
+            kmax = 2 ** (spec.bits - 1) - 2
+            np.testing.assert_array_equal(inits[f"{name}_scale"], qw.scale * np.float32(2.0**-kmax))
+        else:
+            expect = qw.q
+            np.testing.assert_array_equal(inits[f"{name}_scale"], qw.scale)
+        np.testing.assert_array_equal(stored, expect, err_msg=name)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for t in reference.graph.initializer:
+        if t.name in grids:
+            t.CopyFrom(numpy_helper.from_array(fake_quantize(weights[t.name], spec), t.name))
+    assert _rel(_run(out, x, tmp_path / "opt.onnx"), _run(reference, x)) < 0.05
+    assert "QLinearConv" in [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="kl"), "method"),
+    (dict(scheme="s4s4"), "scheme"),
+    (dict(weight_grids={"W1": WeightQuantSpec(4, True, "per-group")}), "not one 8-bit DequantizeLinear"),
+    (dict(weight_grids={"W1": WeightQuantSpec(6, True, "log2")}), "not one 8-bit DequantizeLinear"),
+    (dict(weight_grids={"W1": WeightQuantSpec(4, True, "per-channel")}, per_channel=False), "per_channel=True"),
+    (dict(weight_grids={"Wx": WeightQuantSpec(4, True, "per-channel")}), "not an initializer"),
+])
+def test_refusals(net, kwargs, match):
+    model, _, calib, _ = net
+    with pytest.raises(ValueError, match=match):
+        quantize_activations(model, calib[:1], **kwargs)
+
+
+def test_empty_calibration_is_refused(net):
+    with pytest.raises(ValueError, match="calib_batches"):
+        quantize_activations(net[0], [])
