@@ -42,21 +42,44 @@ def apply_pruning(bg: BlockGraph, config: CompressionConfig, keep: Mapping[int, 
 
 def quantization_passes(bg: BlockGraph, config: CompressionConfig,
                         calib_batches: list[dict[str, np.ndarray]] | None = None) -> list:
-    """Weight quantization for the target, then activation quantization for ort-cpu / qdq when
-    calibration batches are given (without them the weights alone are quantized)."""
+    """The quantization passes for `config`, in order.
+
+    Without activation quantization (storage, or no calibration batches) every chosen weight
+    grid is written by the weight pass. With it (ort-cpu / qdq and calibration batches), grids
+    ORT can fuse into QLinearConv / QGemm (per-tensor, per-channel, log2 up to 4 bits) are pinned
+    inside ORT's static quantization, so ORT stores exactly our integers; the others (per-group,
+    log2 above 4 bits) are written by the weight pass and their kernels, like the ones the config
+    leaves fp32, are excluded from activation quantization.
+    """
     from passes.quantize_weights import quantize_weights
 
-    specs = {}
+    specs, by_weight = {}, {}
     for name, kernel in bg.kernels.items():
         spec = weight_spec(kernel, config.get(name))
         if spec is not None:
             specs[kernel.weight] = spec
-    passes = [functools.partial(quantize_weights, specs=specs, target=config.target)] if specs else []
-    if config.target in ("ort-cpu", "qdq") and calib_batches:
-        from passes.quantize_activations import quantize_activations
+            by_weight[kernel.weight] = name
+    if not (config.target in ("ort-cpu", "qdq") and calib_batches):
+        return [functools.partial(quantize_weights, specs=specs, target=config.target)] if specs else []
+    from passes.quantize_activations import quantize_activations
 
-        passes.append(functools.partial(quantize_activations, calib_batches=calib_batches))
-    return passes
+    def fusable(spec) -> bool:
+        return spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4)
+
+    pinned = {w: s for w, s in specs.items() if fusable(s)}
+    weight_only = {w: s for w, s in specs.items() if not fusable(s)}
+    unpinned_kernels = [name for name in bg.kernels if bg.kernels[name].weight not in pinned]
+
+    def quantize_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
+        known = {n.name for n in model.graph.node}
+        if weight_only:
+            model = quantize_weights(model, weight_only, config.target)
+        decode_nodes = [n.name for n in model.graph.node if n.name not in known]
+        return quantize_activations(model, calib_batches, weight_grids=pinned,
+                                    nodes_to_exclude=unpinned_kernels + decode_nodes)
+
+    return [quantize_for_ort] if pinned else (
+        [functools.partial(quantize_weights, specs=weight_only, target=config.target)] if weight_only else [])
 
 
 def apply_quantization(bg: BlockGraph, pruned: onnx.ModelProto, config: CompressionConfig,
