@@ -1,0 +1,32 @@
+"""Shared pytest fixtures for the whole suite.
+
+Keep each fixture small, documented and lazily importing (so collecting a test module does not pay
+for torch unless a test asks for it).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def reference_models() -> Callable[[str], Path]:
+    """`get(name) -> Path` of a trained, exported reference model, built at most once.
+
+    Names: "resnet20", "vgg", "mobilenetv2", "vit" (digits, 1x8x8 input) and "efficientnet_lite0"
+    (ImageNet, 3x224x224). Models live in the on-disk cache ($HIRELC_CACHE or <repo>/.cache), whose
+    file lock makes concurrent pytest-xdist workers wait for one build instead of racing.
+    Treat the returned file as read-only: copy it before rewriting.
+    """
+    from examples.reference_models import build_reference_model, efficientnet_lite0
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = efficientnet_lite0() if name == "efficientnet_lite0" else build_reference_model(name)
+        return built[name]
+
+    return get
