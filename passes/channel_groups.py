@@ -580,7 +580,6 @@ def _reshape(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None
         a.refuse(cmap, f"{node.op_type} '{name}' has unknown shapes")
         return
     ax = cmap.axis
-    before = _prod(d_in[:ax])
     after = _prod(d_in[ax + 1:])
     if node.op_type == "Flatten":
         k = int(_attr(node, "axis", 1)) % len(d_in)
@@ -590,19 +589,23 @@ def _reshape(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None
             return
         a.refuse(cmap, f"Flatten '{name}' interleaves channels with other dimensions")
         return
-    if before is None or after is None:
-        a.refuse(cmap, f"Reshape '{name}' has unknown dimensions around the channel axis")
+    if after is None or after[1] or not isinstance(d_in[ax], int):
+        a.refuse(cmap, f"Reshape '{name}' has unknown dimensions at or after the channel axis")
         return
     for b in range(len(d_out)):
-        if _prod(d_out[:b]) != before:
-            continue
         rest = _prod(d_out[b + 1:])
+        if not isinstance(d_out[b], int) or rest is None or rest[1]:
+            continue
+        # Elements are conserved, so when channel and trailing sizes agree the leading (batch)
+        # dims agree too, even when they are symbolic or unknown.
         if d_out[b] == d_in[ax] and rest == after:
             factor = 1
-        elif (isinstance(d_out[b], int) and isinstance(d_in[ax], int) and not after[1]
-              and d_out[b] == d_in[ax] * after[0] and rest == (1, ())):
+        elif d_out[b] == d_in[ax] * after[0] and rest == (1, ()):
             factor = after[0]
         else:
+            continue
+        lead_in, lead_out = _prod(d_in[:ax]), _prod(d_out[:b])
+        if lead_in and lead_out and not lead_in[1] and not lead_out[1] and lead_in != lead_out:
             continue
         shape = a.const_array(node.input[1]) if len(node.input) > 1 else None
         if shape is None:

@@ -190,3 +190,25 @@ def test_reshape_that_splits_channels_is_refused():
     analysis = analyze_channels(model)
     first = analysis.groups[analysis.group_of_source[analysis.kernel_source[model.graph.node[0].name]]]
     assert not first.prunable and "Reshape" in first.refusal
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg", "mobilenetv2", "vit"])
+def test_reference_models_every_group_alone_and_together(reference_models, name):
+    model = normalize(onnx.load(str(reference_models(name))))
+    analysis = analyze_channels(model)
+    groups = analysis.prunable_groups()
+    assert groups, "every reference model has something to prune"
+    feeds = random_feeds(model, batch=3)
+    for seed, group in enumerate(groups):
+        _assert_prune_equals_mask(model, analysis, _random_halves([group], seed), feeds)
+    _assert_prune_equals_mask(model, analysis, _random_halves(groups), feeds)
+
+
+def test_vit_groups_are_what_a_transformer_allows(reference_models):
+    model = normalize(onnx.load(str(reference_models("vit"))))
+    analysis = analyze_channels(model)
+    prunable = analysis.prunable_groups()
+    # only the MLP hidden dims: the residual stream is normalised by LayerNorm, heads are not followed
+    assert all(len(g.producers) == 1 and "mlp" in g.producers[0] for g in prunable)
+    stream = analysis.group_of_kernel(next(n.name for n in model.graph.node if n.op_type == "Conv"))
+    assert "LayerNormalization" in stream.refusal and len(stream.producers) > 1
