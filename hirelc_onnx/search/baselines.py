@@ -21,7 +21,7 @@ from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.search.budget import repair
+from hirelc_onnx.search.budget import bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 
 __all__ = ["MethodResult", "candidate_record", "run_uniform", "run_l1_int8", "run_ort_int8", "run_random",
@@ -67,7 +67,8 @@ def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits:
 
 
 def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep: float = 0.5, **_) -> MethodResult:
-    return run_uniform(bg, ctx, target, bits=8, keep=keep)
+    """8-bit containers; 7-bit weight grids under ort-cpu (no u8 x s8 saturation without VNNI)."""
+    return run_uniform(bg, ctx, target, bits=7 if target == "ort-cpu" else 8, keep=keep)
 
 
 def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, **_) -> MethodResult:
@@ -86,7 +87,7 @@ def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, **_) ->
 
 def random_config(bg: BlockGraph, target: str, rng: np.random.Generator) -> CompressionConfig:
     """A random point of the search space (before budget repair)."""
-    bits_choices = (2, 4, 8) if target == "storage" else (8,)
+    bits_choices = tuple(b for b in bits_ladder(target) if b < 32)
     kernels = {}
     for name, k in bg.kernels.items():
         prunable = k.group is not None and bg.groups[k.group].prunable

@@ -126,17 +126,11 @@ class SearchContext:
 
         specs = {k.weight: spec for k in self.bg.kernels.values()
                  if (spec := weight_spec(k, config.get(k.name))) is not None}
-        teacher = self._teacher_logits()
         try:
-            result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher_logits=teacher,
+            result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
                               time_budget_s=seconds, seed=self.seed)
         except UserError as exc:
             self.bridge_error = str(exc)
             log.warning("fine-tuning disabled: %s", exc)
             return pruned, False
         return result.model, True
-
-    def _teacher_logits(self) -> np.ndarray:
-        if not hasattr(self, "_teacher"):
-            self._teacher = predict(self.bg.model, self.splits.finetune.x)
-        return self._teacher
