@@ -103,6 +103,8 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     ratio_goal = parse_budget(budget)
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir), Path(model_path))
     original = load_model(model_path)
     bg = build_block_graph(original)
     if ratio_goal:
@@ -242,14 +244,17 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_outputs(result: CompressResult, out_dir: Path, model_path: Path) -> None:
-    """model.onnx, config.json, report.json, report.html into `out_dir` (never over the input)."""
-    out_dir = Path(out_dir)
-    target = (out_dir / "model.onnx").resolve()
-    if target == Path(model_path).resolve():
+def _check_out_dir(out_dir: Path, model_path: Path) -> None:
+    if (out_dir / "model.onnx").resolve() == model_path.resolve():
         raise UserError(f"--out {out_dir} would overwrite the input model; choose another folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
+
+
+def write_outputs(result: CompressResult, out_dir: Path, model_path: Path) -> None:
+    """model.onnx, config.json, report.json, report.html into `out_dir` (never over the input)."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, Path(model_path))
     write_atomic(out_dir / "model.onnx", result.model.SerializeToString())
     if result.config is not None:
         write_atomic(out_dir / "config.json", (json.dumps(result.config.to_dict(), indent=2) + "\n").encode())

@@ -1,0 +1,72 @@
+"""Baselines and budgets on the ResNet-20 reference: real models, real numbers."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.evaluate.data import load_digits, split_dataset
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.search.baselines import run_ort_int8, run_uniform
+from hirelc_onnx.search.budget import BudgetError, check_reachable, max_ratio, parse_budget, repair
+from hirelc_onnx.search.context import SearchContext
+
+
+@pytest.fixture(scope="module")
+def resnet(reference_models):
+    bg = build_block_graph(load_model(reference_models("resnet20")))
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0)
+    return bg, ctx
+
+
+def _plain_ort_accuracy(model, x, y) -> float:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    pred = np.concatenate([sess.run(None, {"input": x[i:i + 50]})[0].argmax(1) for i in range(0, len(x), 50)])
+    return float((pred == y).mean())
+
+
+def test_ort_int8_keeps_accuracy_through_the_optimised_session(resnet):
+    bg, ctx = resnet
+    result = run_ort_int8(bg, ctx, "ort-cpu")
+    test = ctx.splits.test
+    fp32 = _plain_ort_accuracy(bg.model, test.x, test.y)
+    int8 = _plain_ort_accuracy(result.model, test.x, test.y)
+    assert fp32 - int8 <= 0.005, (fp32, int8)
+    assert ctx.test_score(result.model) == int8  # the tool's number is the plain ORT number
+    assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+
+
+def test_uniform_without_data_emits_what_the_cost_model_says(resnet):
+    bg, _ = resnet
+    result = run_uniform(bg, None, "storage", bits=4, keep=0.5)
+    stored = sum(len(t.raw_data) for t in result.model.graph.initializer)
+    assert stored == model_cost(bg, result.config).total_bytes
+    assert result.val_score is None
+
+
+def test_budget_parsing_and_reachability(resnet):
+    bg, _ = resnet
+    assert parse_budget("6x") == 6.0 and parse_budget("12") == 12.0 and parse_budget(None) is None
+    for bad in ("six", "0.5x", "1x", "-3x"):
+        with pytest.raises(Exception, match="budget"):
+            parse_budget(bad)
+    with pytest.raises(BudgetError, match="unreachable"):
+        check_reachable(bg, 200.0, "storage")
+    check_reachable(bg, 6.0, "storage")
+    assert max_ratio(bg, "ort-cpu") < max_ratio(bg, "storage")
+
+
+@pytest.mark.parametrize("budget", [6.0, 12.0, 20.0])
+def test_repair_meets_the_budget_least_sensitive_first(resnet, budget):
+    bg, _ = resnet
+    names = [k.name for k in bg.kernel_list()]
+    sensitivity = {n: float(i) for i, n in enumerate(names)}  # later kernels more sensitive
+    config = repair(bg, CompressionConfig.uniform(names), budget, sensitivity)
+    assert model_cost(bg, config).ratio >= budget
+    again = repair(bg, CompressionConfig.uniform(names), budget, sensitivity)
+    assert again.to_dict() == config.to_dict()  # deterministic
+    bits = [config.get(n).bits for n in names]
+    assert bits[0] <= bits[-1]  # the least sensitive kernel is lowered first

@@ -1,0 +1,89 @@
+"""`hirelc-onnx compress` end to end: outputs, report truthfulness, and refusals before long work."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from hirelc_onnx.compress import compress
+from hirelc_onnx.evaluate.data import split_dataset, load_digits
+from hirelc_onnx.evaluate.metrics import top1_accuracy
+from hirelc_onnx.evaluate.runner import predict
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "hirelc_onnx", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture()
+def resnet_copy(reference_models, tmp_path):
+    path = tmp_path / "resnet20.onnx"
+    shutil.copy(reference_models("resnet20"), path)
+    return path
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_uniform_cli_writes_outputs_true_to_the_file(resnet_copy, tmp_path):
+    before = _digest(resnet_copy)
+    out = tmp_path / "out"
+    res = _cli("compress", resnet_copy, "--method", "uniform", "--bits", "4", "--keep", "0.5", "--target", "storage",
+               "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "report.html", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    model = onnx.load(out / "model.onnx")
+    assert report["size"]["file_bytes"] == (out / "model.onnx").stat().st_size
+    assert report["size"]["weight_bytes"] == sum(len(t.raw_data) for t in model.graph.initializer)
+    assert report["size"]["weight_bytes"] == report["size"]["predicted_weight_bytes"]
+    assert report["size"]["ratio"] > 20
+    assert _digest(resnet_copy) == before  # the input is never modified
+    assert "<img" in (out / "report.html").read_text()
+
+
+def test_measured_accuracy_is_the_emitted_models(resnet_copy, tmp_path):
+    result = compress(resnet_copy, data="digits", method="l1-int8", target="ort-cpu", finetune_seconds=0,
+                      out_dir=tmp_path / "o", latency_runs=3, keep=0.75)
+    test = split_dataset(load_digits(), 0).test
+    emitted = onnx.load(tmp_path / "o" / "model.onnx")
+    assert result.report["accuracy"]["compressed"] == top1_accuracy(predict(emitted, test.x), test.y)
+    assert result.report["accuracy"]["n"] == len(test)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--budget", "200x", "--data", "digits", "--method", "random"], "unreachable"),
+    (["--budget", "lots", "--data", "digits"], "budget must look like"),
+    (["--method", "random", "--budget", "6x"], "needs --data"),
+    (["--data", "/no/such/data.npz", "--method", "random"], "not found"),
+])
+def test_refusals_are_one_line_and_fast(resnet_copy, args, expect):
+    res = _cli("compress", resnet_copy, *args, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_data_that_does_not_fit_is_refused(resnet_copy, tmp_path):
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, x=np.zeros((20, 3, 32, 32), np.float32), y=np.zeros(20, np.int64))
+    res = _cli("compress", resnet_copy, "--data", npz, "--method", "random", timeout=120)
+    assert res.returncode == 2 and "shape" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_out_folder_never_overwrites_the_input(resnet_copy):
+    model = resnet_copy.with_name("model.onnx")
+    resnet_copy.rename(model)
+    before = _digest(model)
+    res = _cli("compress", model, "--method", "uniform", "--out", model.parent)
+    assert res.returncode == 2 and "overwrite the input" in res.stderr
+    assert _digest(model) == before
