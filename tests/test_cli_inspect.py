@@ -87,3 +87,14 @@ def test_external_data_is_loaded(tmp_path):
     (tmp_path / "m.data").unlink()
     res = _cli("inspect", path)
     assert res.returncode == 2 and "external" in res.stderr
+
+
+def test_inspect_sensitivity_on_resnet20(reference_models):
+    res = _cli("inspect", reference_models("resnet20"), "--sensitivity", "--data", "digits", "--samples", "64", "--json")
+    assert res.returncode == 0, res.stderr
+    sens = json.loads(res.stdout)["sensitivity"]
+    assert sens["n_samples"] == 64 and sens["loss"] == "labels"
+    assert abs(sum(sens["per_kernel"].values()) - 1.0) < 1e-6
+    assert all(np.isfinite(v) and v >= 0 for v in sens["per_kernel"].values())
+    res = _cli("inspect", reference_models("resnet20"), "--sensitivity")
+    assert res.returncode == 2 and "needs --data" in res.stderr

@@ -37,6 +37,18 @@ def describe(bg) -> dict:
     }
 
 
+def _sensitivity(bg, data: str, samples: int, seed: int) -> dict:
+    """Fisher sensitivity of every kernel (shares summing to 1) and block, as JSON-ready data."""
+    from hirelc_onnx.bridge import fisher_sensitivity
+    from hirelc_onnx.evaluate.loaders import check_fits, load_data
+
+    shape = tuple(next(iter(bg.input_shapes.values())))
+    ds = check_fits(load_data(data, input_shape=shape), shape)
+    res = fisher_sensitivity(bg, ds, n_samples=samples, seed=seed)
+    return {"loss": res.loss, "n_samples": res.n_samples, "per_kernel": res.per_kernel,
+            "per_block": {str(b): v for b, v in res.per_block.items()}}
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
@@ -49,12 +61,22 @@ def _human(n: float) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 @click.option("--groups/--no-groups", default=True, help="Show the channel-group table.")
-def inspect(model: Path, as_json: bool, groups: bool) -> None:
+@click.option("--sensitivity", is_flag=True, help="Add Fisher sensitivity per kernel and block (needs --data).")
+@click.option("--data", help="Data for --sensitivity: .npz, image folder, 'digits' or package.module:func.")
+@click.option("--samples", type=int, default=256, show_default=True, help="Samples for the Fisher estimate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: str | None, samples: int,
+            seed: int) -> None:
     """Show the blocks, kernels, parameters, MACs, bytes and channel groups of MODEL."""
+    from hirelc_onnx.errors import UserError
     from hirelc_onnx.graph import import_model
 
+    if sensitivity and not data:
+        raise UserError("--sensitivity needs --data (the Fisher information is an expectation over inputs)")
     bg = import_model(model)
     info = describe(bg)
+    if sensitivity:
+        info["sensitivity"] = _sensitivity(bg, data, samples, seed)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -74,6 +96,16 @@ def inspect(model: Path, as_json: bool, groups: bool) -> None:
         table.add_row(str(k["block"]), k["name"], k["op"], "x".join(map(str, k["shape"])), _human(k["params"]),
                       _human(k["macs"]), _human(k["bytes"]), str(k["group"]), "yes" if k["prunable"] else "no")
     console.print(table)
+    if sensitivity:
+        st = Table(title=f"Fisher sensitivity ({info['sensitivity']['loss']}, n={info['sensitivity']['n_samples']}; "
+                         "shares of the total, per block then per kernel)")
+        for col in ("block", "share", "kernels (share)"):
+            st.add_column(col)
+        per_kernel = info["sensitivity"]["per_kernel"]
+        for b in info["blocks"]:
+            shares = ", ".join(f"{k} ({per_kernel[k]:.3f})" for k in b["kernels"])
+            st.add_row(str(b["id"]), f"{info['sensitivity']['per_block'][str(b['id'])]:.3f}", shares)
+        console.print(st)
     if groups:
         gt = Table(title="Channel groups")
         for col in ("id", "channels", "producers", "prunable / reason"):
