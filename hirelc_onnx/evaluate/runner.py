@@ -106,24 +106,9 @@ def _one_line(exc: BaseException) -> str:
 
 def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     """Read an ONNX file, raising ModelLoadError that says what is wrong (missing, not ONNX, truncated)."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"model file not found: {p}")
-    if p.is_dir():
-        raise ModelLoadError(f"model path is a folder, not an .onnx file: {p}")
-    if p.stat().st_size == 0:
-        raise ModelLoadError(f"model file is empty: {p}")
-    try:
-        model = onnx.load(str(p), load_external_data=load_external_data)
-    except DecodeError as exc:
-        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX; protobuf: {_one_line(exc)})") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read model {p}: {_one_line(exc)}") from exc
-    except Exception as exc:  # onnx raises ValueError/RuntimeError for bad external data and more
-        raise ModelLoadError(f"cannot load model {p}: {type(exc).__name__}: {_one_line(exc)}") from exc
-    if model.ir_version == 0 or not model.HasField("graph"):
-        raise ModelLoadError(f"{p} is not an ONNX model (no IR version or graph; truncated or another format?)")
-    return model
+    from hirelc_onnx.graph.loader import load_model
+
+    return load_model(path, load_external_data=load_external_data, check=False)
 
 
 class OrtRunner:

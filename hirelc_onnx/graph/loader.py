@@ -14,15 +14,18 @@ __all__ = ["load_model"]
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read `path` (external-data files next to it too) and check it is a usable ONNX model."""
+def load_model(path: str | Path, load_external_data: bool = True, check: bool = True) -> onnx.ModelProto:
+    """Read `path` (external-data files next to it too) and check it is a usable ONNX model.
+
+    Every failure is a ModelLoadError whose message names the file and the problem.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelLoadError(f"{path} is a directory, not an ONNX file")
     if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path} is empty")
+        raise ModelLoadError(f"model file is empty: {path}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, TypeError) as exc:
@@ -33,12 +36,15 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path} is not an ONNX model (no graph found; truncated or another format?)")
     if not model.opset_import:
         raise ModelLoadError(f"{path} has no opset_import; not a valid ONNX model")
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"{path}: external weight file missing: {exc.filename}") from None
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot read external weights ({exc})") from None
+    if load_external_data:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"{path}: external weight file missing: {exc.filename}") from None
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read external weights ({exc})") from None
+    if not check:
+        return model
     try:
         onnx.checker.check_model(model) if model.ByteSize() < (2 << 30) - 1 else None
     except onnx.checker.ValidationError as exc:
