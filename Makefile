@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-latency clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+bench-latency: $(STAMP)
+	$(PY) -m bench.run --latency-only --out bench/latency
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

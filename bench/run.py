@@ -101,7 +101,7 @@ def run_pass_latency(models, runs: int) -> list[dict]:
     for name in models:
         bg = build_block_graph(load_model(build_reference_model(name)))
         pruned = apply_config(bg, CompressionConfig.uniform(bg.kernels, keep_ratio=0.5))
-        int8 = apply_config(bg, CompressionConfig.uniform(bg.kernels, bits=8, target="ort-cpu"),
+        int8 = apply_config(bg, CompressionConfig.uniform(bg.kernels, bits=7, target="ort-cpu"),
                             calib_batches=[{bg.model.graph.input[0].name: calib}])
         for batch in (1, 32):
             fp, pr, q = benchmark_side_by_side([bg.model, pruned, int8], batch_size=batch, runs=runs, warmup=3)
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluations", type=int, default=None)
     parser.add_argument("--finetune-seconds", type=float, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--latency-only", action="store_true",
+                        help="Only the pass-level table: fp32 vs 50%% pruned vs int8 ort-cpu latency.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     finetune = args.finetune_seconds if args.finetune_seconds is not None else (2.0 if args.quick else 10.0)
     start = time.perf_counter()
     print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |")
-    rows = run_methods(models, methods, args.budget, evaluations, finetune, args.quick)
+    rows = [] if args.latency_only else run_methods(models, methods, args.budget, evaluations, finetune, args.quick)
     digit_models = [m for m in models if m in DIGIT_MODELS]
     latency = run_pass_latency(digit_models, runs=10 if args.quick else 50)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),

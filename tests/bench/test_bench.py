@@ -1,0 +1,23 @@
+"""A small version of `make bench`: it runs, writes the table, and the table holds measured rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.run import main
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_table(tmp_path, reference_models):
+    reference_models("resnet20")
+    rc = main(["--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| resnet20 | uniform4 | storage |" in text and "| resnet20 | ort-int8 | ort-cpu |" in text
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["uniform4"]["ratio"] > 7.0  # 4-bit weights, measured on the emitted model
+    assert abs(rows["ort-int8"]["drop_points"]) <= 0.5
+    assert {r["batch"] for r in data["latency"]} == {1, 32}
+    assert all(r["pruned50_ms"] > 0 and r["int8_ms"] > 0 for r in data["latency"])
