@@ -1,0 +1,149 @@
+"""Two-stage method: its pieces checked against independent oracles, and one end-to-end run on VGG."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from hirelc_onnx.apply import apply_pruning
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.evaluate.data import load_digits, split_dataset
+from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.search.two_stage import (
+    TwoStageSettings,
+    _emit,
+    _initializer_bytes,
+    _onto_flops,
+    _Policy,
+    _repair_size,
+    _Sizes,
+    _with,
+)
+
+TINY = TwoStageSettings(prune_episodes=2, probe_epochs=1, mask_epochs=1, quant_episodes=2, finetune_epochs=1,
+                        batch_episodes=2)
+
+
+@pytest.fixture(scope="module")
+def vgg(reference_models):
+    return build_block_graph(load_model(reference_models("vgg")))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return split_dataset(load_digits(), 0)
+
+
+def _prunable(bg):
+    return [n for n, k in bg.kernels.items() if k.group is not None and bg.groups[k.group].prunable]
+
+
+def _base(bg, target="storage"):
+    return CompressionConfig({n: KernelConfig() for n in bg.kernels}, target=target)
+
+
+def _magnitude_sparse(model: onnx.ModelProto, names, density: float) -> onnx.ModelProto:
+    """Zero all but the largest `density` of each named weight (an independent stand-in for stage 1b)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in names:
+            w = numpy_helper.to_array(t).copy()
+            cut = np.quantile(np.abs(w), 1 - density)
+            w[np.abs(w) < cut] = 0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return out
+
+
+def test_policy_beats_random_on_a_toy_problem():
+    """Reward = number of decisions at their (unknown) best choice: the policy must learn it."""
+    rng = np.random.default_rng(0)
+    best = rng.integers(0, 5, size=6)
+    policy = _Policy(np.zeros((6, 5)), 0.5, np.random.default_rng(1))
+    for _ in range(80):
+        a = policy.sample()
+        policy.record(a, float((a == best).sum()), 4)
+    learned = np.mean([(policy.sample() == best).sum() for _ in range(200)])
+    random = np.mean([(rng.integers(0, 5, size=6) == best).sum() for _ in range(200)])
+    assert learned > random + 2.0
+
+
+def test_onto_flops_meets_the_target(vgg):
+    rng = np.random.default_rng(0)
+    prunable = _prunable(vgg)
+    for target in (0.3, 0.5, 0.8):
+        config = _with(_base(vgg), keep_ratio={n: float(rng.choice([0.5, 0.75, 1.0])) for n in prunable})
+        projected = _onto_flops(vgg, config, prunable, target)
+        assert model_cost(vgg, projected).macs_fraction <= target
+        assert all(projected.get(n).keep_ratio <= config.get(n).keep_ratio for n in prunable)
+    light = _with(_base(vgg), keep_ratio={n: 0.25 for n in prunable})
+    assert _onto_flops(vgg, light, prunable, 0.5) is light
+
+
+def test_sizes_are_exactly_the_emitted_bytes(vgg):
+    """The stage-2 size table against the emitted model's initializers, sparse storage included."""
+    pruned_config = _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)})
+    weights = [k.weight for k in vgg.kernel_list()]
+    stage1 = _magnitude_sparse(apply_pruning(vgg, pruned_config), weights, 0.2)
+    sizes = _Sizes(vgg, stage1, pruned_config, sparse=True)
+    names = list(vgg.kernels)
+    rng = np.random.default_rng(0)
+    for bits in ([32] * len(names), [8] * len(names), [2, 4, 8, 4, 2, 4, 8, 32], list(rng.choice([2, 4, 8], 8))):
+        config = _with(pruned_config, bits=dict(zip(names, map(int, bits))))
+        emitted, sparse = _emit(vgg, stage1, config)
+        assert sizes.total(config) == _initializer_bytes(emitted)
+        assert sparse  # some kernels are stored sparsely at 20% density
+
+
+def test_repair_meets_the_size_goal(vgg):
+    pruned_config = _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)})
+    stage1 = _magnitude_sparse(apply_pruning(vgg, pruned_config), [k.weight for k in vgg.kernel_list()], 0.25)
+    sizes = _Sizes(vgg, stage1, pruned_config, sparse=True)
+    goal_bytes = vgg.weight_bytes / 40
+    repaired = _repair_size(sizes, pruned_config, goal_bytes)
+    assert sizes.total(repaired) <= goal_bytes
+    floor = _repair_size(sizes, pruned_config, 1)  # unreachable: every kernel at the lowest rung
+    assert {floor.get(n).bits for n in vgg.kernels} == {2}
+
+
+def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
+    from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
+    from passes.quantize import WeightQuantSpec, fake_quantize
+
+    pruned = apply_pruning(vgg, _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)}))
+    weights = [k.weight for k in vgg.kernel_list()]
+    masked = learn_masks(pruned, weights, splits.finetune, splits.val, vgg.model, MaskSettings(density=0.2, epochs=1))
+    arrays = {t.name: numpy_helper.to_array(t) for t in masked.model.graph.initializer}
+    kept = sum(int((arrays[w] != 0).sum()) for w in weights) / sum(arrays[w].size for w in weights)
+    assert abs(kept - 0.2) < 0.01
+    spec = WeightQuantSpec(bits=4, symmetric=True, granularity="per-channel", axis=0)
+    tuned = masked_finetune(masked.model, splits.finetune, splits.val, vgg.model, sparse=weights,
+                            quant={weights[3]: spec}, epochs=1)
+    after = {t.name: numpy_helper.to_array(t) for t in tuned.model.graph.initializer}
+    for w in weights:
+        assert not np.any(after[w][arrays[w] == 0])
+    assert not np.any(fake_quantize(after[weights[3]], spec)[arrays[weights[3]] == 0])
+    acc = float((predict(tuned.model, splits.val.x).argmax(1) == splits.val.y).mean())
+    assert acc == pytest.approx(tuned.val_score, abs=0.01)
+
+
+def test_end_to_end_on_vgg_reports_both_stages(reference_models):
+    from hirelc_onnx.compress import compress
+
+    result = compress(reference_models("vgg"), data="digits", method="two-stage", budget="20x", latency_runs=2,
+                      settings=TINY)
+    report = result.report
+    stages = report["search"]["stages"]
+    assert set(stages) == {"stage1", "stage2"}
+    for stage in stages.values():
+        assert {"ratio", "val_score", "test_score", "bytes"} <= set(stage)
+    assert stages["stage1"]["macs_fraction"] <= TINY.flops_target + 1e-9
+    assert stages["stage2"]["ratio"] > stages["stage1"]["ratio"]
+    assert report["size"]["ratio"] == pytest.approx(stages["stage2"]["ratio"])
+    assert report["size"]["ratio"] >= 20
+    assert report["goal"]["budget_met"]
+    assert report["accuracy"]["compressed"] == pytest.approx(stages["stage2"]["test_score"])
+    assert stages["stage2"]["sparse_storage"]  # {initializer: encoding} of the kernels stored sparsely
+    assert {h["stage"] for h in report["history"]} == {1, 2}
