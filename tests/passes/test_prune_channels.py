@@ -17,9 +17,10 @@ def _random_halves(groups, seed=0):
     return {g.id: np.sort(rng.choice(g.length, max(1, g.length // 2), replace=False)) for g in groups}
 
 
-def _assert_prune_equals_mask(model, analysis, keep, feeds, tol=1e-4):
+def _assert_prune_equals_mask(model, analysis, keep, feeds, tol=1e-4, full_check=True):
     pruned = prune_channels(model, keep, analysis)
-    onnx.checker.check_model(pruned, full_check=True)
+    if full_check:
+        onnx.checker.check_model(pruned, full_check=True)
     masked = masked_model(model, analysis, keep)
     (got,), (want,) = run_ort(pruned, feeds), run_ort(masked, feeds)
     scale = max(np.abs(want).max(), 1e-6)
@@ -57,8 +58,8 @@ def test_every_group_alone(randomized, name):
     model, analysis, feeds = randomized(name)
     groups = analysis.prunable_groups()
     assert groups
-    for seed, group in enumerate(groups):
-        _assert_prune_equals_mask(model, analysis, _random_halves([group], seed), feeds)
+    for seed, group in enumerate(groups):  # the full checker runs on the first and in test_all_groups_at_once
+        _assert_prune_equals_mask(model, analysis, _random_halves([group], seed), feeds, full_check=seed == 0)
 
 
 def test_unprunable_group_is_refused(randomized):
