@@ -21,10 +21,11 @@ from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 
-__all__ = ["MethodResult", "candidate_record", "run_uniform", "run_l1_int8", "run_ort_int8", "run_random",
+__all__ = ["MethodResult", "candidate_record", "keep_for_flops", "run_uniform", "run_l1_int8", "run_ort_int8", "run_random",
            "BASELINES"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,19 @@ def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits:
         return MethodResult(config, apply_config(bg, config), None)
     m = ctx.measure(config)
     return MethodResult(config, m.model, m.score, [candidate_record(m, method="uniform")])
+
+
+def keep_for_flops(bg: BlockGraph, fraction: float, target: str = "storage") -> float:
+    """The uniform keep ratio whose L1-pruned model has at most `fraction` of the original MACs
+    (bisection on the cost model; MACs fall roughly with keep squared in conv chains)."""
+    lo, hi = 0.05, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if model_cost(bg, _uniform_config(bg, target, 32, mid)).macs_fraction <= fraction:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep: float = 0.5, **_) -> MethodResult:
