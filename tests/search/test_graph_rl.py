@@ -1,0 +1,226 @@
+"""Graph-RL pruning: the graph observation, the GAT policy, constraint handling, the proxy, end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hirelc_onnx.apply import apply_pruning
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.data import Dataset, load_digits, split_dataset
+from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.search.budget import BudgetError
+from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.gat import (CHANNEL_FEATURES, EDGE_TYPES, NODE_FEATURES, STATE_COLUMNS, ChannelPolicy,
+                                    GATEncoder, build_observation)
+from hirelc_onnx.search.graph_rl import (Constraint, GraphRLSettings, MaskedProxy, PruningSpace,
+                                         resource_constraints, run_graph_rl)
+
+TINY = GraphRLSettings(episodes=8, batch=4, hidden=16, heads=2, fisher_samples=8)
+
+
+@pytest.fixture(scope="module")
+def resnet(reference_models):
+    bg = build_block_graph(load_model(reference_models("resnet20")))
+    return bg, build_observation(bg)
+
+
+def _edges(obs, kind: str) -> set[tuple[str, str]]:
+    t = EDGE_TYPES.index(kind)
+    return {(obs.node_names[a], obs.node_names[b])
+            for a, b, e in zip(*obs.edge_index, obs.edge_attr.argmax(1)) if e == t}
+
+
+def test_observation_nodes_edges_and_features_on_resnet20(resnet):
+    bg, obs = resnet
+    assert obs.num_nodes == len(bg.kernels) + len(bg.groups) == 22 + 13
+    assert obs.x.shape == (35, NODE_FEATURES) and np.isfinite(obs.x).all()
+    assert obs.edge_index.shape[1] == obs.edge_attr.shape[0]
+    assert (obs.edge_attr.sum(1) == 1).all() and obs.edge_index.max() < obs.num_nodes
+    # every edge has its reverse, so attention flows both ways
+    pairs = set(zip(*obs.edge_index))
+    assert all((b, a) in pairs for a, b in pairs)
+    # data flow follows the network, through ReLU and the residual Add
+    flow = _edges(obs, "dataflow")
+    stem, l0c1, l0c2 = "/stem/stem.0/Conv", "/layers/layers.0/conv1/Conv", "/layers/layers.0/conv2/Conv"
+    assert (stem, l0c1) in flow and (l0c1, l0c2) in flow
+    assert {(stem, "/layers/layers.1/conv1/Conv"), (l0c2, "/layers/layers.1/conv1/Conv")} <= flow
+    # the residual stream is one group with four producers, read by the first conv of each unit
+    stream = bg.kernels[stem].group
+    produced = {k for k, g in _edges(obs, "produces") if g == f"group:{stream}"}
+    assert produced == set(bg.groups[stream].producers) and len(produced) == 4
+    assert (f"group:{stream}", l0c1) in _edges(obs, "consumes")
+    # only prunable groups are decided, in topological order, with per-channel features
+    assert len(obs.groups) == 12 and stream == obs.groups[0]
+    assert [f.shape for f in obs.channel_features] == [(int(n), CHANNEL_FEATURES) for n in obs.lengths]
+
+
+def test_keep_state_reaches_group_producers_and_consumers(resnet):
+    bg, obs = resnet
+    kept = obs.lengths[None, :].copy()
+    kept[0, 0] = obs.lengths[0] / 2  # the residual stream keeps half its channels
+    decided = np.zeros_like(kept, bool)
+    decided[0, 0] = True
+    x = obs.states(kept, decided, current=1)[0]
+    index = {n: i for i, n in enumerate(obs.node_names)}
+    out_col, in_col, done_col, now_col = STATE_COLUMNS
+    stream = obs.groups[0]
+    assert x[index[f"group:{stream}"], out_col] == 0.5 and x[index[f"group:{stream}"], done_col] == 1
+    assert x[index["/stem/stem.0/Conv"], out_col] == 0.5
+    assert x[index["/layers/layers.0/conv1/Conv"], in_col] == 0.5
+    assert x[index["/layers/layers.0/conv1/Conv"], out_col] == 1.0
+    current = obs.groups[1]
+    assert x[index[f"group:{current}"], now_col] == 1 and x[index["/layers/layers.0/conv1/Conv"], now_col] == 1
+    assert x[index["/fc/Gemm"], now_col] == 0
+
+
+def test_gat_encoder_is_permutation_consistent_and_finite(resnet):
+    _, obs = resnet
+    torch.manual_seed(0)
+    enc = GATEncoder(NODE_FEATURES, len(EDGE_TYPES), hidden=16, heads=4).eval()
+    x = torch.from_numpy(obs.x)[None]
+    ei, ea = torch.from_numpy(obs.edge_index), torch.from_numpy(obs.edge_attr)
+    perm = torch.randperm(obs.num_nodes)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(obs.num_nodes)
+    with torch.no_grad():
+        nodes, glob = enc(x, ei, ea)
+        nodes_p, glob_p = enc(x[:, perm], inverse[ei], ea)
+    assert torch.isfinite(nodes).all() and torch.isfinite(glob).all()
+    assert torch.allclose(nodes_p, nodes[:, perm], atol=1e-5)
+    assert torch.allclose(glob_p, glob, atol=1e-5)
+    # a batch encodes each copy independently
+    with torch.no_grad():
+        batched, _ = enc(torch.cat([x, x[:, perm][:, inverse]]), ei, ea)
+    assert torch.allclose(batched[0], batched[1], atol=1e-5)
+
+
+def test_policy_starts_at_the_prior_with_one_logit_per_channel(resnet):
+    _, obs = resnet
+    policy = ChannelPolicy(obs, prior_keep=0.7, hidden=16, heads=2)
+    states = torch.from_numpy(obs.states(obs.lengths[None, :].repeat(3, 0), np.zeros((3, 12), bool), 2))
+    logits = policy(states, 2)
+    assert logits.shape == (3, int(obs.lengths[2]))
+    assert torch.allclose(torch.sigmoid(logits), torch.full_like(logits, 0.7), atol=1e-5)
+
+
+@pytest.mark.parametrize("constraints, multiple", [
+    ([Constraint("flops", 0.5)], 1),
+    ([Constraint("flops", 0.5)], 4),
+    ([Constraint("params", 0.4)], 8),
+    ([Constraint("flops", 0.6), Constraint("bytes", 1 / 6)], 4),
+])
+def test_projection_returns_only_feasible_masks_on_the_boundary(resnet, constraints, multiple):
+    bg, obs = resnet
+    space = PruningSpace(bg, obs, constraints, "storage", 8, min_keep=0.125, channel_multiple=multiple)
+    rng = np.random.default_rng(0)
+    for keep_p in (0.1, 0.5, 0.9, 1.0):
+        masks = [rng.random(int(n)) < keep_p for n in obs.lengths]
+        probs = [rng.random(int(n)) for n in obs.lengths]
+        projected, cost = space.project(masks, probs)
+        counts = np.array([m.sum() for m in projected])
+        exact = model_cost(bg, space.config(counts))
+        usage = np.array([c.usage(bg, exact) for c in constraints])
+        assert (usage <= [c.limit for c in constraints]).all(), (keep_p, usage)
+        assert exact.total_bytes == cost.total_bytes
+        assert (counts >= space.floors).all() and (counts % multiple == 0).all()
+        # on the boundary: one more unit of any group that can grow would break a limit
+        grow = [i for i in range(len(counts)) if counts[i] < obs.lengths[i]]
+        bigger = [space.usage(counts + multiple * np.eye(len(counts), dtype=int)[i])[0] for i in grow]
+        assert not all(space.feasible(u) for u in bigger)
+        if constraints[0].kind == "flops" and multiple == 1:
+            assert constraints[0].limit - 0.02 < cost.macs_fraction <= constraints[0].limit
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_projection_moves_the_least_probable_channels_first(resnet, sampled):
+    """From everything kept it drops the least probable channels; from nothing it adds the most probable."""
+    bg, obs = resnet
+    space = PruningSpace(bg, obs, [Constraint("flops", 0.5)], "storage", 8, 0.125, channel_multiple=4)
+    rng = np.random.default_rng(2)
+    probs = [rng.permutation(int(n)) / n for n in obs.lengths]
+    masks = [np.full(int(n), sampled) for n in obs.lengths]
+    projected, cost = space.project(masks, probs)
+    assert cost.macs_fraction <= 0.5
+    for m, p in zip(projected, probs):
+        assert set(np.flatnonzero(m)) == set(np.argsort(-p)[: m.sum()])
+
+
+def test_resource_constraints_and_unreachable_targets(resnet):
+    bg, obs = resnet
+    assert resource_constraints() == [Constraint("flops", 0.5)]
+    assert resource_constraints(budget=6.0, params=0.5) == [Constraint("params", 0.5), Constraint("bytes", 1 / 6)]
+    with pytest.raises(UserError, match="--flops"):
+        resource_constraints(flops=1.5)
+    with pytest.raises(BudgetError, match="unreachable"):
+        PruningSpace(bg, obs, [Constraint("flops", 0.001)], "storage", 8, 0.125).check_reachable()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_masked_proxy_computes_what_the_pruning_pass_emits(reference_models, name):
+    """Oracle: the torch masks equal the ONNX pruning pass run through ORT (depthwise groups included)."""
+    bg = build_block_graph(load_model(reference_models(name)))
+    obs = build_observation(bg)
+    space = PruningSpace(bg, obs, [Constraint("flops", 0.5)], "storage", 32, 0.125)
+    rng = np.random.default_rng(1)
+    masks, _ = space.project([rng.random(int(n)) < 0.6 for n in obs.lengths],
+                             [rng.random(int(n)) for n in obs.lengths])
+    x = load_digits().x[:64]
+    proxy = MaskedProxy(bg, obs, x, recalibrate=False)
+    _, mse, _ = proxy(masks)
+    pruned = apply_pruning(bg, space.config(np.array([m.sum() for m in masks])), space.keep(masks))
+    ort_logits = predict(pruned, x)
+    var = proxy.ref.var()
+    assert np.isclose(mse, np.mean((ort_logits - proxy.ref) ** 2) / var, rtol=1e-4)
+    # recalibration leaves the unpruned model untouched and changes a pruned one
+    recal = MaskedProxy(bg, obs, x)
+    assert recal([np.ones(int(n), bool) for n in obs.lengths])[1] < 1e-10
+    assert recal(masks)[1] != mse
+
+
+def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_models):
+    bg = build_block_graph(load_model(reference_models("resnet20")))
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=2, proxy_size=64)
+    steps = []
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY,
+                          progress=lambda i, n: steps.append((i, n)))
+    assert model_cost(bg, result.config).macs_fraction <= 0.5
+    real = [h for h in result.history if h["kind"] == "real"]
+    proxy = [h for h in result.history if h["kind"] == "proxy"]
+    assert len(real) == 2 and all(h["feasible"] and h["finetuned"] and h["macs_fraction"] <= 0.5 for h in real)
+    assert proxy and all(h["macs_fraction"] <= 0.5 for h in proxy)
+    assert result.val_score == max(h["score"] for h in real)
+    assert ctx.test_score(result.model) > 0.3  # 50% of MACs gone: about 0.1 before fine-tuning
+    assert len(result.extra["lagrange_multipliers"]) == len(result.extra["best_proxy_curve"]) == 2
+    assert result.extra["best_proxy_curve"] == sorted(result.extra["best_proxy_curve"])
+    assert steps[-1] == (4, 4)
+
+
+def test_without_the_torch_bridge_the_proxy_falls_back_to_ort(reference_models, monkeypatch):
+    import hirelc_onnx.search.graph_rl as graph_rl
+
+    def no_bridge(*args, **kwargs):
+        raise UserError("onnx2torch cannot convert this graph")
+
+    monkeypatch.setattr(graph_rl, "MaskedProxy", no_bridge)
+    bg = build_block_graph(load_model(reference_models("vgg")))
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0, proxy_size=32)
+    result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY)
+    proxy = [h for h in result.history if h["kind"] == "proxy"]
+    assert proxy and all(h["logit_mse"] >= 0 for h in proxy)
+    assert result.extra["bits"] == 7 and result.config.get("/features/features.0/Conv").bits == 7
+    assert result.extra["constraints"][0]["kind"] == "params"
+
+
+@pytest.mark.slow
+def test_runs_on_light_resnet50():
+    from tests.light import light_path
+
+    bg = build_block_graph(load_model(str(light_path("resnet50"))))
+    data = Dataset(np.random.default_rng(0).random((12, 3, 224, 224), dtype=np.float32), None, "noise")
+    ctx = SearchContext(bg, split_dataset(data, 0), "storage", proxy_size=2, calib_size=2, finetune_seconds=0)
+    settings = GraphRLSettings(episodes=4, batch=2, hidden=16, heads=2, fisher_samples=0)
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=1, settings=settings)
+    assert model_cost(bg, result.config).macs_fraction <= 0.5
+    assert [h["kind"] for h in result.history].count("real") == 1
