@@ -1,0 +1,186 @@
+"""Ensembles of stable-baselines3 agents combined by voting, one ensemble per HiReLC decision.
+
+Members differ in learner (PPO, A2C) and in reward weights (`MEMBER_KINDS`): agents that weigh
+accuracy, compression or stability differently disagree where the trade-off is close, and the
+vote settles it. Each member trains on its own copy of the environment (its own weights).
+
+Voting rules (`vote`), per action dimension:
+  majority         the value most members choose; a tie goes to the most confident member
+                   (highest probability on its own choice) among those in the tie
+  majority-reward  the same, ties going to the member with the best recent episode return
+  soft             the value with the highest summed probability over members
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from hirelc_onnx.search.envs import RewardWeights
+
+__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble", "torch_threads"]
+
+log = logging.getLogger(__name__)
+
+# kind -> (learner, reward-weight factors relative to the base weights)
+MEMBER_KINDS: dict[str, tuple[type[BaseAlgorithm], dict[str, float]]] = {
+    "ppo": (PPO, {}),
+    "a2c": (A2C, {}),
+    "ppo-acc": (PPO, {"accuracy": 2.0, "compression": 0.5}),
+    "a2c-comp": (A2C, {"accuracy": 0.5, "compression": 2.0}),
+    "ppo-stable": (PPO, {"instability": 3.0}),
+}
+VOTING_RULES = ("majority", "majority-reward", "soft")
+
+
+def vote(probs: Sequence[Sequence[np.ndarray]], rule: str = "majority",
+         recent_returns: Sequence[float] | None = None) -> np.ndarray:
+    """Combine members' per-dimension action distributions into one action.
+
+    probs[m][d] is member m's probability vector over the values of dimension d; a member's own
+    choice is its argmax (the deterministic action). See the module docstring for the rules.
+    """
+    if rule not in VOTING_RULES:
+        raise ValueError(f"voting rule must be one of {VOTING_RULES}, got {rule!r}")
+    n_members, n_dims = len(probs), len(probs[0])
+    returns = np.asarray(recent_returns if recent_returns is not None else np.zeros(n_members), dtype=np.float64)
+    action = np.zeros(n_dims, dtype=np.int64)
+    for d in range(n_dims):
+        p = np.stack([np.asarray(probs[m][d], dtype=np.float64) for m in range(n_members)])
+        if rule == "soft":
+            action[d] = int(np.argmax(p.sum(axis=0)))
+            continue
+        choices = p.argmax(axis=1)
+        counts = np.bincount(choices, minlength=p.shape[1])
+        tied = np.flatnonzero(counts == counts.max())
+        voters = np.flatnonzero(np.isin(choices, tied))
+        if rule == "majority":
+            confidence = p[voters, choices[voters]]
+            winner = voters[int(np.argmax(confidence))]
+        else:
+            winner = voters[int(np.argmax(returns[voters]))]
+        action[d] = int(choices[winner])
+    return action
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Learner hyper-parameters shared by every member (small nets, short rollouts: seconds per round)."""
+
+    n_envs: int = 4
+    """Environment copies per member: one policy forward serves them all (the per-step cost is torch's)."""
+    n_steps: int = 4
+    """Steps per environment copy per rollout (a rollout is n_envs * n_steps samples)."""
+    net_arch: tuple[int, ...] = (32, 32)
+    learning_rate: float = 1e-3
+    ent_coef: float = 0.01
+    n_epochs: int = 4
+    threads: int = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Tiny policies run fastest (and deterministically) on one thread; restore the caller's count.
+
+    The bridge has the same helper; the search keeps its own so that it never needs the bridge
+    (onnx2torch) to import.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+RECENT_EPISODES = 50  # the window of "best recent reward"
+
+
+@dataclass
+class Member:
+    """One learner of an ensemble, with the environment copies it trains on (its reward weights)."""
+
+    kind: str
+    model: BaseAlgorithm
+    envs: list[Monitor]
+
+    def recent_return(self) -> float:
+        """Mean return of the member's latest training episodes (-inf before the first)."""
+        returns = [r for env in self.envs for r in env.get_episode_rewards()[-RECENT_EPISODES:]]
+        return float(np.mean(returns)) if returns else float("-inf")
+
+    def probabilities(self, obs: np.ndarray) -> list[np.ndarray]:
+        """Per action dimension, the policy's probability vector at `obs` (MultiDiscrete action spaces)."""
+        policy = self.model.policy
+        tensor, _ = policy.obs_to_tensor(obs)
+        with torch.no_grad():
+            dist = policy.get_distribution(tensor)
+        return [c.probs[0].cpu().numpy() for c in dist.distribution]
+
+
+class Ensemble:
+    """`size` members built from `kinds` (cycled), each on `make_env(weights)`; `act` votes."""
+
+    def __init__(self, make_env: Callable[[RewardWeights], gym.Env], base_weights: RewardWeights, *,
+                 size: int = 3, kinds: Sequence[str] = ("ppo", "a2c", "ppo-acc"), voting: str = "majority",
+                 settings: AgentSettings = AgentSettings(), seed: int = 0) -> None:
+        if size < 1:
+            raise ValueError(f"ensemble size must be at least 1, got {size}")
+        if voting not in VOTING_RULES:
+            raise ValueError(f"voting rule must be one of {VOTING_RULES}, got {voting!r}")
+        unknown = [k for k in kinds if k not in MEMBER_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"ensemble member kinds must be among {sorted(MEMBER_KINDS)}, got {list(kinds)}")
+        self.voting = voting
+        self.settings = settings
+        self.base_weights = base_weights
+        self.eval_env = make_env(base_weights)
+        self.members: list[Member] = []
+        for i in range(size):
+            kind = kinds[i % len(kinds)]
+            algo, factors = MEMBER_KINDS[kind]
+            weights = base_weights.scaled(**factors)
+            envs = [Monitor(make_env(weights)) for _ in range(settings.n_envs)]
+            self.members.append(Member(kind, self._model(algo, envs, seed + i), envs))
+
+    def _model(self, algo: type[BaseAlgorithm], envs: list[gym.Env], seed: int) -> BaseAlgorithm:
+        s = self.settings
+        venv = DummyVecEnv([lambda env=env: env for env in envs])
+        common = dict(policy_kwargs={"net_arch": list(s.net_arch)}, learning_rate=s.learning_rate,
+                      ent_coef=s.ent_coef, n_steps=s.n_steps, seed=seed, verbose=0, device="cpu")
+        if algo is PPO:
+            return PPO("MlpPolicy", venv, batch_size=s.n_steps * s.n_envs, n_epochs=s.n_epochs, **common)
+        return algo("MlpPolicy", venv, **common)
+
+    def learn(self, steps: int) -> None:
+        """Continue every member's training for `steps` environment steps (learning carries over rounds)."""
+        with torch_threads(self.settings.threads):
+            for m in self.members:
+                m.model.learn(total_timesteps=steps, reset_num_timesteps=False)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The voted action at `obs`."""
+        with torch_threads(self.settings.threads):
+            probs = [m.probabilities(obs) for m in self.members]
+        return vote(probs, self.voting, [m.recent_return() for m in self.members])
+
+    def rollout(self) -> gym.Env:
+        """Play one voted episode on the base-weights environment; returns it in its final state."""
+        obs, _ = self.eval_env.reset()
+        done = False
+        while not done:
+            obs, _, done, _, _ = self.eval_env.step(self.act(obs))
+        return self.eval_env
+
+    def recent_returns(self) -> dict[str, float]:
+        """Each member's recent mean return, keyed "index:kind" (for logs and reports)."""
+        return {f"{i}:{m.kind}": m.recent_return() for i, m in enumerate(self.members)}

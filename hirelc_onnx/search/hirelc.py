@@ -1,0 +1,483 @@
+"""HiReLC: hierarchical RL ensembles, a proxy-then-surrogate accuracy signal, an active-learning loop.
+
+One readable loop (`run_hirelc`) with its settings (`HiReLCSettings`). Before the loop: one
+proxy probe per kernel (the logit-MSE of quantizing that kernel alone to 2 bits), which
+calibrates the cold-start accuracy estimator (surrogate.ProxyEstimator); sensitivity per kernel
+and block from Fisher when the bridge provides it, else from those probes. Then, for each of the
+`evaluations` rounds (the real-evaluation count random search gets):
+
+  1. accuracy signal  recalibrate the proxy estimator on every config the proxy has scored;
+                      retrain the MLP surrogate on every real (config, fine-tuned score) pair
+  2. high level       the budget ensemble (PPO, A2C, PPO with other reward weights) trains on
+                      BudgetEnv and votes a budget level per block, shifted by sensitivity
+  3. low level        each block's ensemble trains on its BlockEnv under that level and votes
+                      [bits, keep, qtype, granularity] per kernel; blocks update the working
+                      config one after another
+  4. proxy check      the voted config and the best pool configs go through ONNX Runtime
+                      (cached by config hash), recorded as "proxy" history, for recalibration
+  5. real evaluation  the voted config is repaired to the budget (budget.repair, least
+                      sensitive kernels first) and measured for real: fine-tune, quantize, score
+                      on the validation split. Already measured? The best unmeasured pool config
+                      by surrogate mean + kappa * spread (active learning) is measured instead
+  6. state            round, measurements, proxy results, working config, seeds: JSON,
+                      written atomically, so `resume=True` continues with the next round
+
+The result is the best REAL measurement that meets the budget (and `max_drop` when given);
+the surrogate and the proxy shape rewards only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from hirelc_onnx.compress import write_atomic
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.cost import ModelCost
+from hirelc_onnx.search.agents import AgentSettings, Ensemble
+from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
+from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
+from hirelc_onnx.search.context import Measurement, SearchContext
+from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
+from hirelc_onnx.search.features import WeightPerturbation, config_key
+from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
+
+__all__ = ["HiReLCSettings", "run_hirelc", "STATE_VERSION"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+PROBE = KernelConfig(bits=2, granularity="per-channel")  # the single-kernel proxy probe
+
+
+@dataclass(frozen=True)
+class HiReLCSettings:
+    """Every knob of HiReLC, with the defaults `hirelc-onnx compress --method hirelc` uses.
+
+    Any field can be passed to `run_hirelc` (and `hirelc_onnx.compress`) as a keyword option.
+    """
+
+    ensemble_size: int = 3
+    """Agents per ensemble (each level, each block): the first `ensemble_size` of `member_kinds`, cycled."""
+    member_kinds: tuple[str, ...] = ("ppo", "a2c", "ppo-acc")
+    """Learner and reward-weight profile of each member (agents.MEMBER_KINDS)."""
+    voting: str = "majority"
+    """How members' actions combine: majority (ties: most confident), majority-reward (ties: best
+    recent return), soft (summed probabilities)."""
+    reward: RewardWeights = RewardWeights()
+    """Base weights of the five reward parts; members scale them."""
+    n_levels: int = 7
+    """Budget levels in the high level's table (envs.level_table)."""
+    level_span: tuple[float, float] = (0.4, 2.5)
+    """Storage fraction of the most aggressive / generous level, in multiples of 1 / budget."""
+    sensitivity_shift: float = 1.0
+    """Levels added per standard deviation of block sensitivity above the mean."""
+    max_shift: int = 2
+    """Largest sensitivity shift, in levels."""
+    episode_steps: int = 2
+    """Refinement steps per episode, at both levels."""
+    high_steps: int = 96
+    """Environment steps per high-level member per round."""
+    low_steps: int = 48
+    """Environment steps per low-level member per block per round."""
+    agent: AgentSettings = AgentSettings()
+    """Learner hyper-parameters (rollout length, net size, learning rate, threads)."""
+    surrogate_min_points: int = 2
+    """Real measurements before the surrogate contributes to the accuracy term."""
+    surrogate_prior_points: float = 4.0
+    """The surrogate's weight in the accuracy term is n / (n + this), n = real measurements."""
+    surrogate_models: int = 5
+    """MLPs in the surrogate ensemble (their spread is the acquisition's uncertainty)."""
+    pool_size: int = 8
+    """Visited configs per round kept as active-learning candidates."""
+    proxy_checks: int = 2
+    """Pool configs per round scored by the real proxy (besides the voted and measured ones)."""
+    acquisition_kappa: float = 1.0
+    """Weight of the surrogate spread when a pool config is picked for measurement."""
+    fisher_samples: int = 256
+    """Samples of the fine-tune split the Fisher sensitivity uses."""
+    default_budget: float = 4.0
+    """The true-bytes ratio searched for when no budget is given."""
+
+
+@dataclass
+class RealPoint:
+    """One real measurement as the search keeps it (the emitted model only while it is the best)."""
+
+    round: int
+    config: CompressionConfig
+    key: str
+    score: float
+    cost: ModelCost
+    finetuned: bool
+    seconds: float
+    source: str
+    predicted: float
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "config": self.config.to_dict(), "key": self.key, "score": self.score,
+                "finetuned": self.finetuned, "seconds": self.seconds, "source": self.source,
+                "predicted": self.predicted}
+
+
+def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
+               max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
+               evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
+               state_path: str | Path | None = None, resume: bool = False,
+               settings: HiReLCSettings | None = None, **options: Any) -> MethodResult:
+    """Search a config meeting `budget` (true-bytes ratio) with HiReLC; see the module docstring.
+
+    max_drop: largest accepted drop of the validation score, in points (the final pick prefers
+    measurements within it). time_limit: seconds; the best measurement so far is returned when
+    the next round would overrun (at least one real evaluation is always made). state_path /
+    resume: where the search state is written after each round, and whether to continue from it.
+    options: HiReLCSettings fields by name.
+    """
+    if ctx is None:
+        raise UserError("--method hirelc measures candidates: give --data")
+    if evaluations < 1:
+        raise UserError(f"hirelc needs at least one real evaluation, got evaluations={evaluations}")
+    settings = _settings(settings or HiReLCSettings(), options)
+    if budget is None:
+        budget = settings.default_budget
+        log.info("no budget given: searching for %gx", budget)
+    check_reachable(bg, budget, target)
+    start = time.perf_counter()
+    state_path = Path(state_path) if state_path else None
+    state = _load_state(state_path, bg, budget, target, seed) if resume else None
+    if resume and state is None:
+        log.warning("resume asked but no search state at %s: starting afresh", state_path)
+
+    # --- sensitivity and the cold-start accuracy estimator ------------------------------------
+    if state:
+        probes = [ProxyObservation(CompressionConfig({p["kernel"]: PROBE}, target), p["logit_mse"], p["agreement"])
+                  for p in state["probes"]]
+        kernel_sens, block_sens = state["sensitivity"]["kernel"], {int(b): s for b, s in
+                                                                   state["sensitivity"]["block"].items()}
+        sens_source = state["sensitivity"]["source"]
+    else:
+        probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+        kernel_sens, block_sens, sens_source = _sensitivity(bg, ctx, probes, settings)
+    log.info("sensitivity from %s", sens_source)
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
+    accuracy = AccuracyModel(bg, estimator, kernel_sens, MIN_KEEP, min_points=settings.surrogate_min_points,
+                             prior_points=settings.surrogate_prior_points, n_models=settings.surrogate_models,
+                             seed=seed)
+    problem = SearchProblem(bg, budget, target, accuracy, kernel_sens, block_sens, ctx.fp32_val_score,
+                            base_weights=settings.reward, n_levels=settings.n_levels, level_span=settings.level_span,
+                            sensitivity_shift=settings.sensitivity_shift, max_shift=settings.max_shift)
+    proxies: dict[str, ProxyObservation] = {}
+    real: list[RealPoint] = []
+    history: list[dict] = []
+    round_seconds: list[float] = []
+    first_round = 0
+    if state:
+        proxies = {config_key(o.config): o for o in (
+            ProxyObservation(CompressionConfig.from_dict(p["config"]), p["logit_mse"], p["agreement"])
+            for p in state["proxies"])}
+        real = [_real_from_json(ctx, r) for r in state["measurements"]]
+        history = state["history"]
+        round_seconds = state["round_seconds"]
+        first_round = state["next_round"]
+        problem.current = dict(CompressionConfig.from_dict(state["current"]).kernels)
+        problem.block_levels = np.asarray(state["levels"], dtype=np.int64)
+        _restore_best_model(state_path, state["best_model"]["key"], real)
+    else:
+        initial = _proxy(ctx, problem.config(problem.current))
+        proxies[config_key(initial.config)] = initial
+
+    # --- the ensembles: one for the block levels, one per block ----------------------------------
+    ensemble = dict(size=settings.ensemble_size, kinds=settings.member_kinds, voting=settings.voting,
+                    settings=settings.agent)
+    high = Ensemble(lambda w: BudgetEnv(problem, w, settings.episode_steps), settings.reward,
+                    seed=_agent_seed(seed), **ensemble)
+    low = [Ensemble(lambda w, b=b: BlockEnv(problem, b, w, settings.episode_steps), settings.reward,
+                    seed=_agent_seed(seed, b), **ensemble) for b in range(len(bg.blocks))]
+
+    threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
+    measured = {p.key for p in real}
+    time_limited = False
+    rounds_done = first_round
+    for rnd in range(first_round, evaluations):
+        round_start = time.perf_counter()
+        expected = np.mean(round_seconds) if round_seconds else ctx.finetune_seconds + 30.0
+        if time_limit is not None and time.perf_counter() - start + expected > time_limit:
+            time_limited = True
+            if real:
+                log.warning("time limit %gs: stopping after %d of %d rounds", time_limit, rnd, evaluations)
+                break
+        rng = np.random.default_rng([seed, rnd])
+        adopted: dict[str, Any] = {}
+        timing = {"rl": 0.0}
+        if not time_limited:
+            # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
+            accuracy.refit(list(proxies.values()), [(p.config, p.cost, p.score) for p in real])
+            problem.begin_round()
+            # 2. high level: budget levels per block, voted by the ensemble, shifted by sensitivity;
+            #    adopted when they beat the current levels on the base-weights reward
+            high.learn(settings.high_steps)
+            levels = high.rollout().levels
+            adopted = {"levels": bool(problem.level_reward(levels) >= problem.level_reward(problem.block_levels))}
+            if adopted["levels"]:
+                problem.set_levels(levels)
+            # 3. low level: each block's ensemble refines its kernels under its level (adopted likewise)
+            adopted["blocks"] = []
+            for b, ens in enumerate(low):
+                ens.learn(settings.low_steps)
+                kernels = ens.rollout().kernels
+                before = {n: problem.current[n] for n in kernels}
+                if problem.block_reward(b, kernels) >= problem.block_reward(b, before):
+                    problem.current.update(kernels)
+                    adopted["blocks"].append(b)
+            timing["rl"] = time.perf_counter() - round_start
+        voted = problem.config(problem.current)
+        # 4. proxy check of the voted config and the best of the pool (cached by config hash)
+        checks = [("voted", voted)] + [("pool", c) for c in problem.best_pool(settings.proxy_checks)]
+        for role, config in ([] if time_limited else checks):
+            _record_proxy(ctx, config, proxies, history, rnd, role, budget)
+        # 5. real evaluation: repair to the budget, choose by acquisition when already measured
+        source, candidate = _choose(bg, problem, accuracy, voted, budget, kernel_sens, measured, settings, rng)
+        _record_proxy(ctx, candidate, proxies, history, rnd, "measured", budget)
+        predicted = accuracy.predict(candidate, ctx.cost(candidate)).accuracy
+        timing["proxy"] = time.perf_counter() - round_start - timing["rl"]
+        m = ctx.measure(candidate)
+        timing["measure"] = m.seconds
+        point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
+                          predicted)
+        _keep_best(point, m, real, threshold, state_path)
+        real.append(point)
+        measured.add(point.key)
+        history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
+                                        predicted=predicted, levels=problem.block_levels.tolist(), adopted=adopted,
+                                        timing=timing))
+        round_seconds.append(time.perf_counter() - round_start)
+        rounds_done = rnd + 1
+        log.info("round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, proxy %.1fs, "
+                 "measure %.1fs)", rounds_done, evaluations, source, m.cost.ratio, predicted, m.score,
+                 round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
+        # 6. state: everything needed to continue with the next round
+        if state_path is not None:
+            _save_state(state_path, bg, budget, target, seed, rounds_done, probes, proxies, real, history, problem,
+                        kernel_sens, block_sens, sens_source, round_seconds, accuracy)
+        if progress:
+            progress(rounds_done, evaluations)
+        if time_limited:
+            break
+
+    best = _best(real, threshold)
+    if best.model is None:  # the best came from a resumed session whose saved model is gone
+        best.model = ctx.measure(best.config).model
+    extra = {
+        "block_sensitivity": {b: float(s) for b, s in block_sens.items()},
+        "kernel_sensitivity": dict(kernel_sens),
+        "sensitivity_source": sens_source,
+        "rounds": rounds_done,
+        "resumed_from": first_round if state else None,
+        "time_limited": time_limited,
+        "budget": budget,
+        "max_drop_met": None if threshold is None else best.score >= threshold - 1e-12,
+        "best_round": best.round,
+        "final_levels": problem.block_levels.tolist(),
+        "level_table": [asdict(level) for level in problem.levels],
+        "accuracy_signal": accuracy.source,
+        "estimator": estimator.state(),
+        "round_seconds": round_seconds,
+        "settings": asdict(settings),
+    }
+    return MethodResult(best.config, best.model, best.score, history, extra)
+
+
+# --- sensitivity -------------------------------------------------------------------------------
+
+def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservation],
+                 settings: HiReLCSettings) -> tuple[dict[str, float], dict[int, float], str]:
+    """Per-kernel and per-block sensitivity in [0, 1]: Fisher when the bridge provides it, else the probes.
+
+    Fisher needs the bridge (torch, onnx2torch, a convertible graph); any failure falls back to
+    the proxy probes, which work for every model the apply step can rewrite.
+    """
+    try:
+        from hirelc_onnx.bridge.fisher import fisher_sensitivity
+
+        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed)
+        return (_normalise(fisher.per_kernel), _normalise(fisher.per_block),
+                f"fisher ({settings.fisher_samples} samples)")
+    except Exception as exc:  # noqa: BLE001 - any bridge failure means: use the probes
+        log.info("Fisher sensitivity unavailable (%s: %s); using proxy probes", type(exc).__name__, exc)
+    per_kernel = {next(iter(p.config.kernels)): p.logit_mse for p in probes}
+    per_block = {b.id: sum(per_kernel[n] for n in b.kernels) for b in bg.blocks}
+    return _normalise(per_kernel), _normalise(per_block), "proxy probe (logit-MSE of each kernel alone at 2 bits)"
+
+
+def _normalise(values: dict) -> dict:
+    """Log-scale min-max to [0, 1]: sensitivities span orders of magnitude; ranks and ratios matter."""
+    if not values:
+        return {}
+    logs = {k: math.log(max(float(v), 0.0) + 1e-12) for k, v in values.items()}
+    lo, hi = min(logs.values()), max(logs.values())
+    return {k: 0.5 if hi - lo < 1e-12 else (v - lo) / (hi - lo) for k, v in logs.items()}
+
+
+# --- proxy and real evaluations ------------------------------------------------------------------
+
+def _proxy(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
+    p = ctx.proxy(config)
+    return ProxyObservation(config, p.logit_mse, p.agreement)
+
+
+def _record_proxy(ctx: SearchContext, config: CompressionConfig, proxies: dict[str, ProxyObservation],
+                  history: list[dict], rnd: int, role: str, budget: float) -> None:
+    """Score a config with the real proxy once (cached by hash) and keep a history record of it."""
+    key = config_key(config)
+    if key in proxies:
+        return
+    obs = proxies[key] = _proxy(ctx, config)
+    cost = ctx.cost(config)
+    history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
+                    "score": ctx.fp32_val_score * obs.agreement, "agreement": obs.agreement,
+                    "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
+                    "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= budget - 1e-9})
+
+
+def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
+            budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
+            rng: np.random.Generator) -> tuple[str, CompressionConfig]:
+    """The config to measure: the voted one repaired to the budget, unless already measured; then the
+    unmeasured repaired pool config with the best surrogate mean + kappa * spread; then a random one."""
+    repaired = repair(bg, voted, budget, sensitivity)
+    if config_key(repaired) not in measured:
+        return "voted", repaired
+    best, best_score = None, -math.inf
+    for config in problem.best_pool(settings.pool_size):
+        candidate = repair(bg, config, budget, sensitivity)
+        if config_key(candidate) in measured:
+            continue
+        est = accuracy.predict(candidate, problem.evaluate(candidate.kernels).cost)
+        score = est.accuracy + settings.acquisition_kappa * est.std
+        if score > best_score:
+            best, best_score = candidate, score
+    if best is not None:
+        return "pool", best
+    return "random", repair(bg, random_config(bg, problem.target, rng), budget, sensitivity)
+
+
+def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None,
+               state_path: Path | None) -> None:
+    """Hold the emitted model of the best measurement only (and save it next to the state)."""
+    current = _best(real, threshold) if real else None
+    if current is not None and _rank(current, threshold) >= _rank(point, threshold):
+        return
+    for p in real:
+        p.model = None
+    point.model = m.model
+    if state_path is not None:
+        write_atomic(_best_model_path(state_path), m.model.SerializeToString())
+
+
+def _rank(p: RealPoint, threshold: float | None) -> tuple:
+    """Within max_drop first, then score, then ratio (every measured config meets the budget)."""
+    return (threshold is None or p.score >= threshold - 1e-12, p.score, p.cost.ratio)
+
+
+def _best(real: list[RealPoint], threshold: float | None) -> RealPoint:
+    return max(real, key=lambda p: _rank(p, threshold))
+
+
+# --- settings and state ---------------------------------------------------------------------------
+
+def _settings(settings: HiReLCSettings, options: dict[str, Any]) -> HiReLCSettings:
+    names = {f.name for f in fields(HiReLCSettings)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UserError(f"hirelc: unknown option {unknown[0]!r}; settings are {', '.join(sorted(names))}")
+    if isinstance(options.get("reward"), dict):
+        options = {**options, "reward": RewardWeights(**options["reward"])}
+    if isinstance(options.get("agent"), dict):
+        options = {**options, "agent": AgentSettings(**options["agent"])}
+    return replace(settings, **options)
+
+
+def _agent_seed(seed: int, block: int | None = None) -> int:
+    """Seed of an ensemble's first member (member i adds i): the high level's, or block `block`'s."""
+    return seed * 100_000 + (0 if block is None else 100 * (block + 1))
+
+
+def _best_model_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.stem + ".best.onnx")
+
+
+def _save_state(path: Path, bg: BlockGraph, budget: float, target: str, seed: int, next_round: int,
+                probes: list[ProxyObservation], proxies: dict[str, ProxyObservation], real: list[RealPoint],
+                history: list[dict], problem: SearchProblem, kernel_sens: dict[str, float],
+                block_sens: dict[int, float], sens_source: str, round_seconds: list[float],
+                accuracy: AccuracyModel) -> None:
+    """Everything `resume` needs, as one JSON document written atomically.
+
+    The surrogate's training data is kept as rows too (features as computed at save time), for
+    inspection; on resume the surrogate is retrained from the measurements' configs, since the
+    features depend on the estimator's calibration.
+    """
+    surrogate_x = [accuracy.features(p.config, p.cost).tolist() for p in real]
+    state = {
+        "version": STATE_VERSION, "method": "hirelc", "kernels": sorted(bg.kernels), "budget": budget,
+        "target": target, "seed": seed, "next_round": next_round,
+        "rng": {"seed": seed, "high_agents": _agent_seed(seed),
+                "block_agents": [_agent_seed(seed, b) for b in range(len(bg.blocks))],
+                "member_offset": "+ member index", "round_stream": "numpy.random.default_rng([seed, round])"},
+        "probes": [{"kernel": next(iter(p.config.kernels)), "logit_mse": p.logit_mse, "agreement": p.agreement}
+                   for p in probes],
+        "proxies": [{"config": o.config.to_dict(), "logit_mse": o.logit_mse, "agreement": o.agreement}
+                    for o in proxies.values()],
+        "measurements": [p.to_json() for p in real],
+        "surrogate_data": {"x": surrogate_x, "y": [p.score for p in real]},
+        "history": history,
+        "current": problem.config(problem.current).to_dict(),
+        "levels": problem.block_levels.tolist(),
+        "sensitivity": {"source": sens_source, "kernel": kernel_sens, "block": {str(b): s for b, s in
+                                                                                block_sens.items()}},
+        "round_seconds": round_seconds,
+        "best_model": {"key": next((p.key for p in real if p.model is not None), None),
+                       "path": _best_model_path(path).name},
+    }
+    write_atomic(path, (json.dumps(state, indent=1) + "\n").encode())
+
+
+def _load_state(path: Path | None, bg: BlockGraph, budget: float, target: str, seed: int) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot resume: the search state {path} is unreadable ({exc}); delete it to start "
+                        f"afresh") from None
+    expected = {"version": STATE_VERSION, "method": "hirelc", "kernels": sorted(bg.kernels), "budget": budget,
+                "target": target, "seed": seed}
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise UserError(f"cannot resume from {path}: it was written for {key}={state.get(key)!r}, this run has "
+                            f"{value!r}; delete it (or drop --resume) to start afresh")
+    return state
+
+
+def _real_from_json(ctx: SearchContext, r: dict) -> RealPoint:
+    config = CompressionConfig.from_dict(r["config"])
+    return RealPoint(r["round"], config, r["key"], r["score"], ctx.cost(config), r["finetuned"], r["seconds"],
+                     r["source"], r["predicted"])
+
+
+def _restore_best_model(state_path: Path, key: str | None, real: list[RealPoint]) -> None:
+    """Reattach the saved emitted model of the best measurement, so a resumed run need not re-measure it."""
+    path = _best_model_path(state_path)
+    for p in real:
+        if p.key == key and path.exists():
+            p.model = onnx.load(str(path))

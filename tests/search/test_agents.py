@@ -1,0 +1,103 @@
+"""Ensembles and voting: each rule on hand-made distributions, and an ensemble that must beat random
+actions on a toy environment whose optimum is known."""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.env_checker import check_env
+
+from hirelc_onnx.search.agents import AgentSettings, Ensemble, vote
+from hirelc_onnx.search.envs import RewardWeights
+
+TARGET = np.array([3, 0, 4, 1])
+
+
+class TargetEnv(gym.Env):
+    """One-step episodes; the reward is minus the L1 distance of the action to TARGET (optimum 0).
+
+    The reward weights scale the penalty, as ensemble members' weights scale HiReLC's reward parts.
+    """
+
+    def __init__(self, weights: RewardWeights | None = None) -> None:
+        self.scale = (weights or RewardWeights()).accuracy
+        self.action_space = gym.spaces.MultiDiscrete([5] * len(TARGET))
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        reward = -self.scale * float(np.abs(np.asarray(action) - TARGET).sum())
+        return np.zeros(3, np.float32), reward, True, False, {}
+
+
+def _onehot(n: int, i: int, p: float) -> np.ndarray:
+    v = np.full(n, (1 - p) / (n - 1))
+    v[i] = p
+    return v
+
+
+def test_majority_wins_per_dimension():
+    probs = [[_onehot(3, 0, 0.9), _onehot(3, 2, 0.5)],
+             [_onehot(3, 0, 0.4), _onehot(3, 1, 0.9)],
+             [_onehot(3, 1, 0.9), _onehot(3, 1, 0.4)]]
+    assert vote(probs, "majority").tolist() == [0, 1]
+
+
+def test_tie_goes_to_most_confident_member():
+    probs = [[_onehot(4, 0, 0.6)], [_onehot(4, 2, 0.8)], [_onehot(4, 3, 0.7)], [_onehot(4, 0, 0.5)],
+             [_onehot(4, 2, 0.4)]]
+    # 0 and 2 tie with two votes each; member 1 (0.8 on 2) is the most confident of them; member 2's
+    # 0.7 does not count since its value 3 is not in the tie
+    assert vote(probs, "majority").tolist() == [2]
+
+
+def test_tie_goes_to_best_recent_return():
+    probs = [[_onehot(3, 0, 0.9)], [_onehot(3, 1, 0.4)]]
+    assert vote(probs, "majority-reward", recent_returns=[-5.0, -1.0]).tolist() == [1]
+    assert vote(probs, "majority", recent_returns=[-5.0, -1.0]).tolist() == [0]
+
+
+def test_soft_vote_sums_probabilities():
+    probs = [[np.array([0.5, 0.5, 0.0])], [np.array([0.0, 0.45, 0.55])], [np.array([0.0, 0.45, 0.55])]]
+    assert vote(probs, "soft").tolist() == [1]  # 1.4 > 1.1, though 2 is two members' argmax
+    assert vote(probs, "majority").tolist() == [2]
+
+
+def test_single_member_vote_is_its_argmax():
+    probs = [[_onehot(5, 3, 0.3), _onehot(2, 1, 0.7)]]
+    for rule in ("majority", "majority-reward", "soft"):
+        assert vote(probs, rule).tolist() == [3, 1]
+
+
+def test_unknown_rule_and_size_are_refused():
+    with pytest.raises(ValueError, match="voting rule"):
+        vote([[_onehot(2, 0, 0.9)]], "plurality")
+    with pytest.raises(ValueError, match="size"):
+        Ensemble(TargetEnv, RewardWeights(), size=0)
+    with pytest.raises(ValueError, match="kinds"):
+        Ensemble(TargetEnv, RewardWeights(), kinds=("dqn",))
+
+
+def test_ensemble_members_cycle_kinds_and_scale_weights():
+    ens = Ensemble(TargetEnv, RewardWeights(), size=4, kinds=("ppo", "a2c", "ppo-acc"))
+    assert [m.kind for m in ens.members] == ["ppo", "a2c", "ppo-acc", "ppo"]
+    assert [m.envs[0].unwrapped.scale for m in ens.members] == [1.0, 1.0, 2.0, 1.0]
+    assert len(ens.members[0].envs) == AgentSettings().n_envs
+
+
+def test_ensemble_beats_random_actions_on_toy_env():
+    check_env(TargetEnv())
+    rng = np.random.default_rng(0)
+    env = TargetEnv()
+    random_reward = np.mean([env.step(env.action_space.sample())[1] for _ in range(500)])
+    ens = Ensemble(TargetEnv, RewardWeights(), size=3, voting="majority", seed=0,
+                   settings=AgentSettings(learning_rate=3e-3))
+    ens.learn(1500)
+    obs, _ = env.reset(seed=int(rng.integers(1000)))
+    voted_reward = env.step(ens.act(obs))[1]
+    assert voted_reward > random_reward + 3.0  # random: about -6.8; the optimum is 0
+    assert voted_reward >= -1.0  # at most one coordinate off by one
+    assert all(np.isfinite(r) for r in ens.recent_returns().values())

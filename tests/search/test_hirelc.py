@@ -1,0 +1,119 @@
+"""The HiReLC loop on the ResNet-20 digits reference: the budget is met in true bytes, every real
+evaluation is in the history, the time limit and max_drop are honoured, and a resumed search continues
+where the state says without measuring anything twice."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.data import load_digits, split_dataset
+from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.search.agents import AgentSettings
+from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.envs import RewardWeights
+from hirelc_onnx.search.features import config_key
+from hirelc_onnx.search.hirelc import STATE_VERSION, HiReLCSettings, _normalise, _settings, run_hirelc
+
+BUDGET = 6.0
+# tiny but complete: both levels, ensembles of two, every phase of the loop
+TINY = dict(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
+            agent=AgentSettings(n_envs=2, n_steps=4))
+
+
+@pytest.fixture(scope="module")
+def bg(reference_models):
+    return build_block_graph(load_model(reference_models("resnet20")))
+
+
+@pytest.fixture()
+def ctx(bg):
+    """No fine-tuning: these tests check the search loop, not the bridge (tested on its own)."""
+    return SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=0.0, seed=0)
+
+
+def test_settings_from_options():
+    s = _settings(HiReLCSettings(), {"voting": "soft", "reward": {"budget": 5.0}, "agent": {"n_envs": 1}})
+    assert s.voting == "soft" and s.reward == RewardWeights(budget=5.0) and s.agent.n_envs == 1
+    with pytest.raises(UserError, match="unknown option 'votes'"):
+        _settings(HiReLCSettings(), {"votes": "soft"})
+
+
+def test_normalise_is_log_min_max():
+    out = _normalise({"a": 1e-6, "b": 1e-3, "c": 1.0})
+    assert out == pytest.approx({"a": 0.0, "b": 0.5, "c": 1.0}, abs=1e-6)
+    assert _normalise({"a": 2.0, "b": 2.0}) == {"a": 0.5, "b": 0.5}
+
+
+def test_needs_data_and_an_evaluation(bg):
+    with pytest.raises(UserError, match="give --data"):
+        run_hirelc(bg, None, "storage", budget=BUDGET)
+    with pytest.raises(UserError, match="at least one real evaluation"):
+        run_hirelc(bg, object(), "storage", budget=BUDGET, evaluations=0)
+
+
+def test_resume_refuses_a_state_from_another_run(bg, tmp_path):
+    state = tmp_path / "search_state.json"
+    state.write_text(json.dumps({"version": STATE_VERSION, "method": "hirelc", "kernels": sorted(bg.kernels),
+                                 "budget": 12.0, "target": "storage", "seed": 0}))
+    with pytest.raises(UserError, match="budget=12.0"):
+        run_hirelc(bg, object(), "storage", budget=BUDGET, state_path=state, resume=True)
+
+
+@pytest.mark.slow
+def test_hirelc_meets_budget_with_real_history(bg, ctx):
+    calls = []
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0,
+                        progress=lambda done, total: calls.append((done, total)), **TINY)
+    assert model_cost(bg, result.config).ratio >= BUDGET
+    real = [h for h in result.history if h["kind"] == "real"]
+    assert len(real) == 2 == ctx.evaluations
+    assert all(h["ratio"] >= BUDGET for h in real)
+    assert result.val_score == max(h["score"] for h in real)
+    assert any(h["kind"] == "proxy" for h in result.history)
+    assert calls == [(1, 2), (2, 2)]
+    extra = result.extra
+    assert extra["rounds"] == 2 and extra["resumed_from"] is None
+    assert set(extra["block_sensitivity"]) == {b.id for b in bg.blocks}
+    assert extra["sensitivity_source"].startswith(("fisher", "proxy probe"))
+    assert extra["settings"]["ensemble_size"] == 2
+    # the emitted model is the measured one: same validation score through ORT
+    assert ctx.score(predict(result.model, ctx.splits.val.x), ctx.splits.val) == pytest.approx(result.val_score)
+
+
+@pytest.mark.slow
+def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
+    state_path = tmp_path / "search_state.json"
+    first = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, state_path=state_path, **TINY)
+    state = json.loads(state_path.read_text())
+    assert state["next_round"] == 1 and len(state["measurements"]) == 1
+    assert (tmp_path / "search_state.best.onnx").exists()
+    measured_before = ctx.evaluations
+    probes = []
+    proxy = ctx.proxy
+    ctx.proxy = lambda config: probes.append(config) or proxy(config)
+
+    resumed = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, state_path=state_path,
+                         resume=True, **TINY)
+    assert ctx.evaluations - measured_before == 2  # rounds 2 and 3 only
+    assert len(probes) < len(bg.kernels)  # the per-kernel sensitivity probes were not run again
+    real = [h for h in resumed.history if h["kind"] == "real"]
+    assert [h["round"] for h in real] == [0, 1, 2]
+    assert real[0] == [h for h in first.history if h["kind"] == "real"][0]
+    assert resumed.extra["rounds"] == 3 and resumed.extra["resumed_from"] == 1
+    state = json.loads(state_path.read_text())
+    assert state["next_round"] == 3
+    keys = [m["key"] for m in state["measurements"]]
+    assert len(set(keys)) == 3  # nothing measured twice
+    assert config_key(resumed.config) in keys
+
+
+@pytest.mark.slow
+def test_time_limit_returns_after_one_real_evaluation(bg, ctx):
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=5, seed=0, time_limit=1.0, max_drop=100.0,
+                        **TINY)
+    assert result.extra["time_limited"] and result.extra["rounds"] == 1
+    assert ctx.evaluations == 1 and model_cost(bg, result.config).ratio >= BUDGET
+    assert result.extra["max_drop_met"] is True
