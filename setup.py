@@ -23,6 +23,7 @@ setup(
         "torch",
         "gymnasium",
         "stable-baselines3",
+        "torch-geometric",
     ],
     extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
