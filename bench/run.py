@@ -24,17 +24,31 @@ import numpy as np
 
 log = logging.getLogger("bench")
 
-# method name -> (compress() method, options)
-METHOD_SPECS: dict[str, tuple[str, dict]] = {
-    "uniform8": ("uniform", {"bits": 8}),
-    "uniform6": ("uniform", {"bits": 6}),
-    "uniform4": ("uniform", {"bits": 4}),
-    "l1-int8": ("l1-int8", {"keep": 0.5}),
-    "ort-int8": ("ort-int8", {}),
-    "random": ("random", {}),
-    "hirelc": ("hirelc", {}),
+# bench row name -> (compress() method, target, budget, options); "l1-flops50" is filled in per model
+METHOD_SPECS: dict[str, tuple[str, str, str | None, dict]] = {
+    "uniform8": ("uniform", "storage", None, {"bits": 8}),
+    "uniform6": ("uniform", "storage", None, {"bits": 6}),
+    "uniform4": ("uniform", "storage", None, {"bits": 4}),
+    "l1-int8": ("l1-int8", "ort-cpu", None, {"keep": 0.5}),
+    "ort-int8": ("ort-int8", "ort-cpu", None, {}),
+    "random": ("random", "storage", "6x", {}),
+    "hirelc": ("hirelc", "storage", "6x", {}),
+    "hirelc-12x": ("hirelc", "storage", "12x", {}),
+    "l1-flops50": ("uniform", "ort-cpu", None, {"bits": 7}),
+    "graph-rl-flops50": ("graph-rl", "ort-cpu", None, {"flops": 0.5}),
+    "two-stage": ("two-stage", "storage", "30x", {}),
 }
 DIGIT_MODELS = ("resnet20", "vgg", "mobilenetv2", "vit")
+# What each model is benchmarked with (the issues' acceptance rows), within about 15 minutes.
+FULL_PLAN = {
+    "resnet20": ["uniform8", "uniform4", "l1-int8", "ort-int8", "random", "hirelc", "hirelc-12x", "l1-flops50",
+                 "graph-rl-flops50"],
+    "vgg": ["uniform4", "ort-int8", "l1-flops50", "graph-rl-flops50", "two-stage"],
+    "mobilenetv2": ["uniform4", "ort-int8", "hirelc", "graph-rl-flops50"],
+    "vit": ["uniform4", "ort-int8", "hirelc"],
+    "efficientnet-lite0": ["uniform8", "ort-int8", "hirelc"],
+}
+QUICK_PLAN = {"resnet20": ["uniform4", "ort-int8"]}
 
 
 def _versions() -> dict:
@@ -54,19 +68,21 @@ def _model_and_data(name: str, quick: bool):
     return build_reference_model(name), "digits"
 
 
-def run_methods(models, methods, budget: str, evaluations: int, finetune_seconds: float, quick: bool) -> list[dict]:
+def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool) -> list[dict]:
     from hirelc_onnx.compress import compress
+    from hirelc_onnx.graph import build_block_graph, load_model
+    from hirelc_onnx.search.baselines import keep_for_flops
 
     rows = []
-    for model_name in models:
+    for model_name, methods in plan.items():
         path, data = _model_and_data(model_name, quick)
         for method in methods:
-            kind, options = METHOD_SPECS[method]
-            target = "ort-cpu" if method in ("l1-int8", "ort-int8") else "storage"
+            kind, target, budget, options = METHOD_SPECS[method]
+            if method == "l1-flops50":  # uniform L1 pruning at the FLOPs graph-rl is held to
+                options = {**options, "keep": keep_for_flops(build_block_graph(load_model(path)), 0.5)}
             t0 = time.perf_counter()
             try:
-                result = compress(path, data=data, method=kind, target=target,
-                                  budget=budget if kind in ("random", "hirelc") else None,
+                result = compress(path, data=data, method=kind, target=target, budget=budget,
                                   evaluations=evaluations, finetune_seconds=finetune_seconds, seed=0,
                                   latency_runs=10 if quick else 30, **options)
             except Exception as exc:  # a failing method is a row, not the end of the benchmark
@@ -82,6 +98,7 @@ def run_methods(models, methods, budget: str, evaluations: int, finetune_seconds
                 "score": acc.get("compressed"), "drop_points": acc.get("drop_points"),
                 "speedup_b1": lat.get("batch1", {}).get("speedup"), "speedup_b32": lat.get("batch32", {}).get("speedup"),
                 "evaluations": acc.get("evaluations"), "seconds": time.perf_counter() - t0,
+                "macs_fraction": rep["size"].get("macs_fraction"), "stages": rep["search"].get("stages"),
             })
             print(_row_md(rows[-1]), flush=True)
     return rows
@@ -130,7 +147,7 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
         "",
         f"Run {meta['date']} on {meta['versions']['cpu']} ({meta['versions']['cores']} cores), Python "
         f"{meta['versions']['python']}, onnx {meta['versions']['onnx']}, onnxruntime {meta['versions']['onnxruntime']}; "
-        f"budget {meta['budget']} for searches, {meta['evaluations']} real evaluations, "
+        f"searches: {meta['evaluations']} real evaluations, "
         f"{meta['finetune_seconds']} s fine-tuning each; total {meta['seconds']:.0f} s.",
         "",
         "Ratios: true stored bytes (fp32 weights / emitted initializers) and file size. Score: held-out top-1",
@@ -163,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="A small version (used by the test suite).")
     parser.add_argument("--models", default=None)
     parser.add_argument("--methods", default=None)
-    parser.add_argument("--budget", default="6x")
     parser.add_argument("--evaluations", type=int, default=None)
     parser.add_argument("--finetune-seconds", type=float, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent))
@@ -172,23 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    models = args.models.split(",") if args.models else (["resnet20"] if args.quick else
-                                                          list(DIGIT_MODELS) + ["efficientnet-lite0"])
-    methods = args.methods.split(",") if args.methods else (["uniform4", "ort-int8"] if args.quick else
-                                                            list(METHOD_SPECS))
-    unknown = [m for m in methods if m not in METHOD_SPECS]
-    if unknown:
-        parser.error(f"unknown method {unknown[0]}; choose from {', '.join(METHOD_SPECS)}")
+    plan = dict(QUICK_PLAN if args.quick else FULL_PLAN)
+    if args.models:
+        plan = {m: plan.get(m, FULL_PLAN.get(m, [])) for m in args.models.split(",")}
+    if args.methods:
+        plan = {m: args.methods.split(",") for m in plan}
+    unknown = [m for methods in plan.values() for m in methods if m not in METHOD_SPECS]
+    if unknown or any(m not in FULL_PLAN for m in plan):
+        parser.error(f"unknown method or model; methods: {', '.join(METHOD_SPECS)}; models: {', '.join(FULL_PLAN)}")
+    models = list(plan)
     evaluations = args.evaluations or (2 if args.quick else 4)
     finetune = args.finetune_seconds if args.finetune_seconds is not None else (2.0 if args.quick else 10.0)
     start = time.perf_counter()
     print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |")
-    rows = [] if args.latency_only else run_methods(models, methods, args.budget, evaluations, finetune, args.quick)
+    rows = [] if args.latency_only else run_methods(plan, evaluations, finetune, args.quick)
     digit_models = [m for m in models if m in DIGIT_MODELS]
     latency = run_pass_latency(digit_models, runs=10 if args.quick else 50)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
-            "budget": args.budget, "evaluations": evaluations, "finetune_seconds": finetune,
-            "seconds": time.perf_counter() - start, "models": models, "methods": methods}
+            "evaluations": evaluations, "finetune_seconds": finetune,
+            "seconds": time.perf_counter() - start, "plan": plan}
     write_results(Path(args.out), rows, latency, meta)
     print(f"wrote {Path(args.out) / 'RESULTS.md'} in {meta['seconds']:.0f} s")
     return 1 if any("error" in r for r in rows) else 0

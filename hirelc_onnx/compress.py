@@ -119,6 +119,11 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
         ds = _load_data(data, bg)
         ctx = SearchContext(bg, split_dataset(ds, seed), target, finetune_seconds=finetune_seconds, seed=seed)
     run = _method(method)
+    if out_dir is not None:  # searches keep their state here after each round, for --resume
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        method_options.setdefault("state_path", Path(out_dir) / "search_state.json")
+    elif method_options.get("resume"):
+        raise UserError("--resume needs --out (the folder where the interrupted run kept its state)")
     result = run(bg, ctx, target, budget=ratio_goal, max_drop=max_drop, time_limit=time_limit, seed=seed,
                  evaluations=evaluations, progress=progress, **method_options)
     report = build_report(bg, original, model_path, result, ctx, method=method, target=target, budget=ratio_goal,

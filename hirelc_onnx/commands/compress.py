@@ -63,10 +63,14 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="per-channel", show_default=True)
 @click.option("--evaluations", type=int, default=8, show_default=True, help="Real (fine-tuned) evaluations.")
 @click.option("--finetune-seconds", type=float, default=20.0, show_default=True, help="Per real evaluation.")
+@click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="graph-rl: keep at most this fraction of the original MACs.")
+@click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="graph-rl: keep at most this fraction of the original kernel parameters.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from the state in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 def compress(model, budget, data, method, target, max_drop, time_limit, seed, out_dir, bits, keep, qtype,
-             granularity, evaluations, finetune_seconds, resume, as_json) -> None:
+             granularity, evaluations, finetune_seconds, flops, params, resume, as_json) -> None:
     """Compress MODEL and write the smaller model with its report."""
     from hirelc_onnx.compress import compress as run
 
@@ -77,13 +81,31 @@ def compress(model, budget, data, method, target, max_drop, time_limit, seed, ou
         options.update(bits=bits, keep=keep, qtype=qtype, granularity=granularity)
     elif method == "l1-int8":
         options.update(keep=keep if keep < 1.0 else 0.5)
+    if flops is not None or params is not None:
+        if method != "graph-rl":
+            raise click.BadParameter("--flops / --params constrain --method graph-rl")
+        options.update(flops=flops, params=params)
     if resume:
         if out_dir is None:
             raise click.BadParameter("--resume needs --out (where the killed run kept its state)")
         options["resume"] = True
-    result = run(model, budget=budget, data=data, method=method, target=target, max_drop=max_drop,
-                 time_limit=time_limit, seed=seed, out_dir=out_dir, evaluations=evaluations,
-                 finetune_seconds=finetune_seconds, **options)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True, disable=as_json) as bar:
+        task = bar.add_task(f"{method}: real evaluations (prune, fine-tune, quantize, measure)", total=evaluations)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            result = run(model, budget=budget, data=data, method=method, target=target, max_drop=max_drop,
+                         time_limit=time_limit, seed=seed, out_dir=out_dir, evaluations=evaluations,
+                         finetune_seconds=finetune_seconds, progress=progress, **options)
+        except KeyboardInterrupt:
+            hint = f"; continue with the same command plus --resume (state in {out_dir})" if out_dir else ""
+            click.echo(f"interrupted{hint}", err=True)
+            raise SystemExit(130) from None
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:
