@@ -207,6 +207,7 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path, result, 
         }
         if max_drop is not None:
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
+        report["baselines"] = _reference_points(bg, ctx, target)
     latency = {}
     for batch in (1, 32):
         try:
@@ -218,6 +219,22 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path, result, 
                                     "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
     report["latency"] = latency
     return report
+
+
+def _reference_points(bg: BlockGraph, ctx, target: str) -> dict:
+    """Uniform 8- and 4-bit weights without fine-tuning, on the validation split: the points every
+    search result is plotted against (cheap: one rewrite and one ORT pass each)."""
+    from hirelc_onnx.apply import apply_config
+    from hirelc_onnx.evaluate.runner import predict
+    from hirelc_onnx.search.budget import bits_ladder
+
+    points = {}
+    for bits in sorted(b for b in bits_ladder(target) if 4 <= b < 32):
+        config = CompressionConfig.uniform(bg.kernels, target=target, bits=bits)
+        model = apply_config(bg, config, calib_batches=ctx.calib_batches)
+        points[f"uniform {bits}-bit, no fine-tuning"] = {
+            "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)}
+    return points
 
 
 # --- writing outputs ------------------------------------------------------------------------

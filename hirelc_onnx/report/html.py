@@ -43,7 +43,7 @@ def _plots(report: dict) -> list[tuple[str, str]]:
                 ax.scatter(*zip(*pts), marker=marker, alpha=0.6, label=f"{kind} evaluations")
         front = pareto_front([(h["ratio"], h["score"]) for h in hist if h.get("kind", "real") == "real"])
         if front:
-            ax.plot(*zip(*front), "k--", label="Pareto front")
+            ax.plot(*zip(*front), "k--x", label="Pareto front (real)")
         for name, base in report.get("baselines", {}).items():
             ax.scatter([base["ratio"]], [base["score"]], marker="s", label=name)
         if report.get("accuracy"):
