@@ -27,12 +27,10 @@ import functools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from filelock import FileLock
 from torch import nn
 from torch.nn import functional as F
 
+from hirelc_onnx.bridge.convert import onnx2torch_imported, torch_threads
 from hirelc_onnx.evaluate.data import Splits, load_digits, split_dataset
 
 __all__ = [
@@ -254,28 +253,6 @@ def _ort_logits(proto: onnx.ModelProto, x: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(outs)
 
 
-@contextlib.contextmanager
-def _onnx2torch_imported() -> Iterator[Any]:
-    """Import onnx2torch with a stub `torchvision` (only its NMS/RoiAlign converters need it).
-
-    The stub is removed afterwards: left in sys.modules it breaks torch.onnx's exporter.
-    """
-    stubbed = []
-    if "torchvision" not in sys.modules:
-        tv = types.ModuleType("torchvision")
-        ops = types.ModuleType("torchvision.ops")
-        ops.roi_align = None  # type: ignore[attr-defined]
-        tv.ops = ops  # type: ignore[attr-defined]
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = tv, ops
-        stubbed = ["torchvision", "torchvision.ops"]
-    try:
-        import onnx2torch
-
-        yield onnx2torch
-    finally:
-        for name in stubbed:
-            sys.modules.pop(name, None)
-
 
 def _verify(proto: onnx.ModelProto, torch_model: nn.Module, x: np.ndarray) -> dict[str, float]:
     """Check ORT and onnx2torch reproduce the torch logits; return the max abs differences."""
@@ -284,7 +261,7 @@ def _verify(proto: onnx.ModelProto, torch_model: nn.Module, x: np.ndarray) -> di
         ref = torch_model(torch.from_numpy(x)).numpy()
     ort_out = _ort_logits(proto, x)
     ort_diff = float(np.abs(ort_out - ref).max())
-    with _onnx2torch_imported() as onnx2torch:
+    with onnx2torch_imported() as onnx2torch:
         back = onnx2torch.convert(copy.deepcopy(proto)).eval()
     with torch.no_grad():
         back_out = back(torch.from_numpy(x)).numpy()
@@ -495,15 +472,6 @@ _RECIPES: dict[str, _Recipe] = {
 }
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 def _shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random translation by up to one pixel (zero fill): digits are off-centre by that much."""
@@ -564,7 +532,7 @@ def _train(recipe: _Recipe, splits: Splits) -> tuple[nn.Module, dict[str, Any]]:
 def _build_digits_model(name: str, recipe: _Recipe) -> tuple[onnx.ModelProto, dict[str, Any]]:
     splits = split_dataset(load_digits(), seed=SPLIT_SEED)
     t0, c0 = time.perf_counter(), time.process_time()
-    with _torch_threads(TRAIN_THREADS):
+    with torch_threads(TRAIN_THREADS):
         model, fit = _train(recipe, splits)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     proto = _export(model, torch.from_numpy(splits.test.x[:2]))

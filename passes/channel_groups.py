@@ -25,7 +25,6 @@ Rules, by op:
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence

@@ -57,9 +57,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 from onnxscript.version_converter import ConvertVersionPass
 
+from passes.ir_build import add_constant, new_node, taken_names
 from passes.quantize import QuantizedWeight, WeightQuantSpec, quantize, to_2d
 
 __all__ = [
@@ -214,7 +215,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         self._raise_opset(model, max(encoding(s, self.target).opset for s in self.specs.values()))
         graph = model.graph
-        taken = _names(graph)
+        taken = taken_names(graph)
         for name, spec in self.specs.items():
             old = graph.initializers[name]
             weight = old.const_value.numpy()
@@ -257,69 +258,37 @@ def _quiet_handover(record: logging.LogRecord) -> bool:
     return "will be converted using the onnx C API" not in record.getMessage()
 
 
-def _names(graph: ir.Graph) -> set[str]:
-    names = set(graph.initializers)
-    names.update(v.name for v in graph.inputs if v.name)
-    for node in graph.all_nodes():
-        names.update(v.name for v in node.outputs if v.name)
-        if node.name:
-            names.add(node.name)
-    return names
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
-def _constant(graph: ir.Graph, taken: set[str], base: str, array: np.ndarray) -> ir.Value:
-    """Register `array` (already in its storage dtype) as an initializer, serialized by onnx's helpers."""
-    tensor = ir.from_proto(numpy_helper.from_array(array, _fresh(taken, base)))
-    value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _node(taken: set[str], base: str, op: str, inputs: list[ir.Value | None], **attrs) -> ir.Node:
-    return ir.node(op, inputs, attrs, name=_fresh(taken, f"{base}_{op}"),
-                   outputs=[ir.Value(name=_fresh(taken, f"{base}_{op.lower()}"))])
-
-
 def _decode(graph: ir.Graph, name: str, qw: QuantizedWeight, enc: Encoding, target: str,
             taken: set[str]) -> tuple[list[ir.Node], ir.Value]:
     """Store qw's tensors as initializers and build the decode nodes; returns (nodes, output)."""
     spec, shape = qw.spec, qw.shape
     np_int = onnx.helper.tensor_dtype_to_np_dtype(enc.container)  # ml_dtypes for sub-byte types
     stored = stored_tensors(qw, target)
-    q = _constant(graph, taken, f"{name}_quantized", stored.q.astype(np_int))
-    scale = _constant(graph, taken, f"{name}_scale", stored.scale)
+    q = add_constant(graph, taken, f"{name}_quantized", stored.q.astype(np_int))
+    scale = add_constant(graph, taken, f"{name}_scale", stored.scale)
     if enc.decode == "codebook":
-        codebook = _constant(graph, taken, f"{name}_codebook", qw.codebook)
-        cast = _node(taken, name, "Cast", [q], to=ir.DataType.INT32)
-        gather = _node(taken, name, "Gather", [codebook, cast.outputs[0]], axis=0)
-        mul = _node(taken, name, "Mul", [gather.outputs[0], scale])
+        codebook = add_constant(graph, taken, f"{name}_codebook", qw.codebook)
+        cast = new_node(taken, name, "Cast", [q], to=ir.DataType.INT32)
+        gather = new_node(taken, name, "Gather", [codebook, cast.outputs[0]], axis=0)
+        mul = new_node(taken, name, "Mul", [gather.outputs[0], scale])
         return [cast, gather, mul], mul.outputs[0]
     zp = None
     if stored.zero_point is not None:
-        zp = _constant(graph, taken, f"{name}_zero_point", stored.zero_point.astype(np_int))
+        zp = add_constant(graph, taken, f"{name}_zero_point", stored.zero_point.astype(np_int))
     attrs: dict[str, int] = {}
     if enc.blocked:
         attrs = {"axis": 1 - spec.axis if len(shape) == 2 else 1, "block_size": spec.group_size}
     elif spec.granularity != "per-tensor":
         attrs = {"axis": spec.axis}
-    nodes = [_node(taken, name, "DequantizeLinear", [q, scale, zp], **attrs)]
+    nodes = [new_node(taken, name, "DequantizeLinear", [q, scale, zp], **attrs)]
     if enc.blocked and len(shape) != 2:
         axis = spec.axis
         moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
-        target_shape = _constant(graph, taken, f"{name}_shape", np.array(moved, np.int64))
-        nodes.append(_node(taken, name, "Reshape", [nodes[-1].outputs[0], target_shape]))
+        target_shape = add_constant(graph, taken, f"{name}_shape", np.array(moved, np.int64))
+        nodes.append(new_node(taken, name, "Reshape", [nodes[-1].outputs[0], target_shape]))
         if axis != 0:
             perm = [1 + i if i < axis else 0 if i == axis else i for i in range(len(shape))]
-            nodes.append(_node(taken, name, "Transpose", [nodes[-1].outputs[0]], perm=perm))
+            nodes.append(new_node(taken, name, "Transpose", [nodes[-1].outputs[0]], perm=perm))
     return nodes, nodes[-1].outputs[0]
 
 

@@ -60,7 +60,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from passes.ir_build import add_constant, new_node, taken_names
 
 __all__ = [
     "DELTA4_OPSET",
@@ -231,7 +233,7 @@ class SparseWeightsPass(ir.passes.InPlacePass):
         graph = model.graph
         names = self.names if self.names is not None else [n for n, v in graph.initializers.items()
                                                            if self._eligible(model, v)]
-        taken = _names(graph)
+        taken = taken_names(graph)
         opset = model.opset_imports.get("", 1)
         self.chosen = {}
         for name in names:
@@ -262,38 +264,6 @@ class SparseWeightsPass(ir.passes.InPlacePass):
                 and model.opset_imports.get("", 1) >= MIN_OPSET)
 
 
-def _names(graph: ir.Graph) -> set[str]:
-    names = set(graph.initializers)
-    names.update(v.name for v in graph.inputs if v.name)
-    for node in graph.all_nodes():
-        names.update(v.name for v in node.outputs if v.name)
-        if node.name:
-            names.add(node.name)
-    return names
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
-def _constant(graph: ir.Graph, taken: set[str], base: str, array: np.ndarray) -> ir.Value:
-    """Register `array` (in its storage dtype) as an initializer, serialized by onnx's helpers."""
-    tensor = ir.from_proto(numpy_helper.from_array(array, _fresh(taken, base)))
-    value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _node(taken: set[str], base: str, op: str, inputs: list[ir.Value], **attrs) -> ir.Node:
-    return ir.node(op, inputs, attrs, name=_fresh(taken, f"{base}_{op}"),
-                   outputs=[ir.Value(name=_fresh(taken, f"{base}_{op.lower()}"))])
-
-
 def _decode(graph: ir.Graph, name: str, array: np.ndarray, encoding: str,
             taken: set[str]) -> tuple[list[ir.Node], ir.Value]:
     """Write values + index for `array` and the nodes rebuilding it (rules 1-3); returns (nodes, output)."""
@@ -307,20 +277,20 @@ def _decode(graph: ir.Graph, name: str, array: np.ndarray, encoding: str,
     else:
         work = _SCATTER_TYPE.get(dtype, dtype)
         nodes = _delta_nodes(graph, taken, base, flat, positions, encoding, work)
-    shape = _constant(graph, taken, f"{base}_shape", np.array(array.shape, np.int64))
-    nodes.append(_node(taken, base, "Reshape", [nodes[-1].outputs[0], shape]))
+    shape = add_constant(graph, taken, f"{base}_shape", np.array(array.shape, np.int64))
+    nodes.append(new_node(taken, base, "Reshape", [nodes[-1].outputs[0], shape]))
     if work != dtype:
-        nodes.append(_node(taken, base, "Cast", [nodes[-1].outputs[0]], to=ir.DataType(dtype)))
+        nodes.append(new_node(taken, base, "Cast", [nodes[-1].outputs[0]], to=ir.DataType(dtype)))
     return nodes, nodes[-1].outputs[0]
 
 
 def _values(graph: ir.Graph, taken: set[str], base: str, values: np.ndarray, shape: tuple[int, ...],
             work: int) -> tuple[list[ir.Node], ir.Value]:
     """The values initializer (X's type) and, when the decode works in another type, a Cast to it."""
-    value = _constant(graph, taken, f"{base}_values", np.ascontiguousarray(values.reshape(shape)))
+    value = add_constant(graph, taken, f"{base}_values", np.ascontiguousarray(values.reshape(shape)))
     if value.const_value.dtype.value == work:
         return [], value
-    cast = _node(taken, base, "Cast", [value], to=ir.DataType(work))
+    cast = new_node(taken, base, "Cast", [value], to=ir.DataType(work))
     return [cast], cast.outputs[0]
 
 
@@ -330,28 +300,28 @@ def _bitmask_nodes(graph: ir.Graph, taken: set[str], base: str, flat: np.ndarray
     n = flat.size
     bits = np.zeros(-(-n // 8) * 8, np.uint8)
     bits[positions] = 1
-    mask = _constant(graph, taken, f"{base}_mask", np.packbits(bits, bitorder="little").reshape(-1, 1))
-    shifts = _constant(graph, taken, f"{base}_shifts", np.arange(8, dtype=np.uint8))
-    two = _constant(graph, taken, f"{base}_two", np.array([2], np.uint8))
-    minus_one = _constant(graph, taken, f"{base}_flat", np.array([-1], np.int64))
-    start = _constant(graph, taken, f"{base}_start", np.array([0], np.int64))
-    end = _constant(graph, taken, f"{base}_end", np.array([n], np.int64))
-    axis = _constant(graph, taken, f"{base}_axis", np.array(0, np.int32))
-    zero = _constant(graph, taken, f"{base}_zero", np.zeros((), helper.tensor_dtype_to_np_dtype(work)))
-    nodes = [_node(taken, base, "BitShift", [mask, shifts], direction="RIGHT")]
-    nodes.append(_node(taken, base, "Mod", [nodes[-1].outputs[0], two]))
-    nodes.append(_node(taken, base, "Reshape", [nodes[-1].outputs[0], minus_one]))
-    nodes.append(_node(taken, base, "Slice", [nodes[-1].outputs[0], start, end]))
+    mask = add_constant(graph, taken, f"{base}_mask", np.packbits(bits, bitorder="little").reshape(-1, 1))
+    shifts = add_constant(graph, taken, f"{base}_shifts", np.arange(8, dtype=np.uint8))
+    two = add_constant(graph, taken, f"{base}_two", np.array([2], np.uint8))
+    minus_one = add_constant(graph, taken, f"{base}_flat", np.array([-1], np.int64))
+    start = add_constant(graph, taken, f"{base}_start", np.array([0], np.int64))
+    end = add_constant(graph, taken, f"{base}_end", np.array([n], np.int64))
+    axis = add_constant(graph, taken, f"{base}_axis", np.array(0, np.int32))
+    zero = add_constant(graph, taken, f"{base}_zero", np.zeros((), helper.tensor_dtype_to_np_dtype(work)))
+    nodes = [new_node(taken, base, "BitShift", [mask, shifts], direction="RIGHT")]
+    nodes.append(new_node(taken, base, "Mod", [nodes[-1].outputs[0], two]))
+    nodes.append(new_node(taken, base, "Reshape", [nodes[-1].outputs[0], minus_one]))
+    nodes.append(new_node(taken, base, "Slice", [nodes[-1].outputs[0], start, end]))
     bit = nodes[-1].outputs[0]
-    nodes.append(_node(taken, base, "Cast", [bit], to=ir.DataType.INT32))
-    nodes.append(_node(taken, base, "CumSum", [nodes[-1].outputs[0], axis], exclusive=1))
+    nodes.append(new_node(taken, base, "Cast", [bit], to=ir.DataType.INT32))
+    nodes.append(new_node(taken, base, "CumSum", [nodes[-1].outputs[0], axis], exclusive=1))
     index = nodes[-1].outputs[0]
     cast, values = _values(graph, taken, base, np.append(flat[positions], np.zeros(1, flat.dtype)), (-1,), work)
     nodes += cast
-    nodes.append(_node(taken, base, "Gather", [values, index], axis=0))
+    nodes.append(new_node(taken, base, "Gather", [values, index], axis=0))
     gathered = nodes[-1].outputs[0]
-    nodes.append(_node(taken, base, "Cast", [bit], to=ir.DataType.BOOL))
-    nodes.append(_node(taken, base, "Where", [nodes[-1].outputs[0], gathered, zero]))
+    nodes.append(new_node(taken, base, "Cast", [bit], to=ir.DataType.BOOL))
+    nodes.append(new_node(taken, base, "Where", [nodes[-1].outputs[0], gathered, zero]))
     return nodes
 
 
@@ -360,18 +330,18 @@ def _delta_nodes(graph: ir.Graph, taken: set[str], base: str, flat: np.ndarray, 
     """Rule 2, delta: flat X [1, n] in type `work`, by CumSum of gaps -> ScatterElements into zeros."""
     container, max_gap = _DELTA[encoding]
     deltas, values = _delta_entries(positions, flat[positions], max_gap)
-    delta = _constant(graph, taken, f"{base}_delta",
+    delta = add_constant(graph, taken, f"{base}_delta",
                       deltas.astype(helper.tensor_dtype_to_np_dtype(container)).reshape(1, -1))
-    axis = _constant(graph, taken, f"{base}_axis", np.array(1, np.int32))
-    size = _constant(graph, taken, f"{base}_size", np.array([1, flat.size], np.int64))
-    nodes = [_node(taken, base, "Cast", [delta], to=ir.DataType.INT64)]
-    nodes.append(_node(taken, base, "CumSum", [nodes[-1].outputs[0], axis]))
+    axis = add_constant(graph, taken, f"{base}_axis", np.array(1, np.int32))
+    size = add_constant(graph, taken, f"{base}_size", np.array([1, flat.size], np.int64))
+    nodes = [new_node(taken, base, "Cast", [delta], to=ir.DataType.INT64)]
+    nodes.append(new_node(taken, base, "CumSum", [nodes[-1].outputs[0], axis]))
     positions_value = nodes[-1].outputs[0]
     cast, vals = _values(graph, taken, base, values, (1, -1), work)
     nodes += cast
     zero = ir.tensor(np.zeros(1, helper.tensor_dtype_to_np_dtype(work)), name="value")
-    nodes.append(_node(taken, base, "ConstantOfShape", [size], value=zero))
-    nodes.append(_node(taken, base, "ScatterElements", [nodes[-1].outputs[0], positions_value, vals], axis=1))
+    nodes.append(new_node(taken, base, "ConstantOfShape", [size], value=zero))
+    nodes.append(new_node(taken, base, "ScatterElements", [nodes[-1].outputs[0], positions_value, vals], axis=1))
     return nodes
 
 

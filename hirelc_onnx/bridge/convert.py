@@ -89,7 +89,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 @contextlib.contextmanager
-def _onnx2torch() -> Iterator[Any]:
+def onnx2torch_imported() -> Iterator[Any]:
     """Import onnx2torch with a temporary stub `torchvision` (removed afterwards, even on error)."""
     stubbed: list[str] = []
     if "torchvision" not in sys.modules:
@@ -210,7 +210,7 @@ def to_torch(model: onnx.ModelProto) -> nn.Module:
         raise BridgeError(f"weights given as graph inputs ({sorted(inits & graph_inputs)[0]!r}) cannot be bound; "
                           "run passes.normalize first")
     m17 = _at_opset17(model)
-    with _onnx2torch() as o2t:
+    with onnx2torch_imported() as o2t:
         _check_registry(m17)
         try:
             module = o2t.convert(m17, attach_onnx_mapping=True)

@@ -22,7 +22,6 @@ from typing import Any, Union
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
 from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset

@@ -12,9 +12,8 @@ Voting rules (`vote`), per action dimension:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -25,9 +24,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from hirelc_onnx.bridge.convert import torch_threads  # onnx2torch itself is imported only on conversion
 from hirelc_onnx.search.envs import RewardWeights
 
-__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble", "torch_threads"]
+__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +86,6 @@ class AgentSettings:
     n_epochs: int = 4
     threads: int = 1
 
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Tiny policies run fastest (and deterministically) on one thread; restore the caller's count.
-
-    The bridge has the same helper; the search keeps its own so that it never needs the bridge
-    (onnx2torch) to import.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 RECENT_EPISODES = 50  # the window of "best recent reward"

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from hirelc_onnx.bridge.convert import onnx2torch_imported
 from examples import reference_models as rm
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 
@@ -78,7 +79,7 @@ def test_model_accuracy_measured_in_ort(reference_models, digits_test, name):
 def test_model_converts_back_with_onnx2torch(reference_models, digits_test, name):
     path = reference_models(name)
     model = onnx.load(str(path))
-    with rm._onnx2torch_imported() as onnx2torch:
+    with onnx2torch_imported() as onnx2torch:
         back = onnx2torch.convert(model).eval()
     with torch.no_grad():
         out = back(torch.from_numpy(digits_test.x[:64])).numpy()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 from hirelc_onnx.apply import apply_config

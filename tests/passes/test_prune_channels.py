@@ -51,9 +51,8 @@ def test_all_groups_at_once(randomized, name):
     assert not keep or after < before
 
 
-@pytest.mark.parametrize("name", ["squeezenet", pytest.param("resnet50", marks=pytest.mark.slow), pytest.param("inception_v1", marks=pytest.mark.slow),
-                                  pytest.param("inception_v2", marks=pytest.mark.slow),
-                                  pytest.param("densenet121", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["squeezenet"] + [pytest.param(n, marks=pytest.mark.slow) for n in (
+    "resnet50", "inception_v1", "inception_v2", "densenet121") + LARGE])
 def test_every_group_alone(randomized, name):
     model, analysis, feeds = randomized(name)
     groups = analysis.prunable_groups()
