@@ -416,12 +416,7 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
             if group == w_shape[0] and w_shape[1] == 1 else f"grouped Conv '{name}' (group={group})")
         if has_bias and not bias_const:
             refusal = refusal or f"Conv '{name}' has a non-constant bias"
-        sid = a.new_source(name, out, cout, name, refusal)
-        a.sources[sid].uses.append(Use(name, 1, 0, 0))
-        if bias_const:
-            a.sources[sid].uses.append(Use(name, 2, 0, 0))
-        a.kernel_source[name] = sid
-        a.maps[out] = ChannelMap(1, len(w_shape), (Segment(sid, cout),))
+        _conv_source(a, name, out, cout, 0, bias_const, refusal, len(w_shape))
         return
     if op == "ConvTranspose":
         group = int(_attr(node, "group", 1))
@@ -434,12 +429,7 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
         refusal = None if group == 1 else f"grouped ConvTranspose '{name}' (group={group})"
         if _attr(node, "output_shape") is not None:
             refusal = refusal or f"ConvTranspose '{name}' has an explicit output_shape"
-        sid = a.new_source(name, out, cout, name, refusal)
-        a.sources[sid].uses.append(Use(name, 1, 1, 0))
-        if bias_const:
-            a.sources[sid].uses.append(Use(name, 2, 0, 0))
-        a.kernel_source[name] = sid
-        a.maps[out] = ChannelMap(1, len(w_shape), (Segment(sid, cout),))
+        _conv_source(a, name, out, cout, 1, bias_const, refusal, len(w_shape))
         return
     if op == "Gemm":
         trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
@@ -479,6 +469,17 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
     a.sources[sid].uses.append(Use(name, 1, len(w_shape) - 1, 0))
     a.kernel_source[name] = sid
     a.maps[out] = ChannelMap(max(rank, 2) - 1, max(rank, 2), (Segment(sid, n_out),))
+
+
+def _conv_source(a: ChannelAnalysis, name: str, out: str, cout: int, weight_axis: int, bias_const: bool,
+                 refusal: str | None, rank: int) -> None:
+    """A Conv / ConvTranspose output starts a source: its weight's out-channel axis and bias follow it."""
+    sid = a.new_source(name, out, cout, name, refusal)
+    a.sources[sid].uses.append(Use(name, 1, weight_axis, 0))
+    if bias_const:
+        a.sources[sid].uses.append(Use(name, 2, 0, 0))
+    a.kernel_source[name] = sid
+    a.maps[out] = ChannelMap(1, rank, (Segment(sid, cout),))
 
 
 def _aligned(cmap: ChannelMap, out_rank: int) -> ChannelMap:
