@@ -212,3 +212,23 @@ def test_vit_groups_are_what_a_transformer_allows(reference_models):
     assert all(len(g.producers) == 1 and "mlp" in g.producers[0] for g in prunable)
     stream = analysis.group_of_kernel(next(n.name for n in model.graph.node if n.op_type == "Conv"))
     assert "LayerNormalization" in stream.refusal and len(stream.producers) > 1
+
+
+CONV_TRANSPOSE = HEADER + """
+g (float[1,3,4,4] x, float[6,3,3,3] w1, float[6] b1, float[6,5,2,2] wt, float[5] bt, float[4,5,1,1] w3)
+  => (float[1,4,8,8] y) {
+  a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu (a)
+  u = ConvTranspose <strides=[2,2]> (r, wt, bt)
+  v = Relu (u)
+  y = Conv (v, w3)
+}"""
+
+
+def test_conv_transpose_produces_and_consumes_groups():
+    model, analysis = _check_tiny(CONV_TRANSPOSE, expect_prunable=2)
+    up = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    pruned = prune_channels(model, _random_halves(analysis.prunable_groups()), analysis)
+    weight = next(t for t in pruned.graph.initializer if t.name == next(
+        n for n in pruned.graph.node if n.name == up.name).input[1])
+    assert list(weight.dims) == [3, 2, 2, 2]  # input channels 6 -> 3 (axis 0), output 5 -> 2 (axis 1)
