@@ -21,7 +21,7 @@ import onnx
 
 from hirelc_onnx.config import TARGETS, CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.graph import ModelCost, build_block_graph, load_model, model_cost
 from hirelc_onnx.graph.blockgraph import BlockGraph
 
 __all__ = ["CompressResult", "compress", "METHODS", "write_atomic"]
@@ -148,9 +148,10 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
-def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto) -> list[dict]:
-    """What was done to every kernel, with its bytes before and after."""
-    cost = model_cost(bg, config) if config else None
+def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto,
+                    cost: ModelCost | None = None) -> list[dict]:
+    """What was done to every kernel, with its bytes before and after (`cost`: model_cost of `config`)."""
+    cost = cost or (model_cost(bg, config) if config else None)
     shapes = {t.name: list(t.dims) for t in emitted.graph.initializer}
     rows = []
     for k in bg.kernel_list():
@@ -179,8 +180,8 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path, result, 
     size = {"original_weight_bytes": bg.weight_bytes, "weight_bytes": true_bytes,
             "ratio": bg.weight_bytes / max(true_bytes, 1), "original_file_bytes": original_file,
             "file_bytes": file_bytes, "file_ratio": original_file / max(file_bytes, 1)}
-    if result.config is not None:
-        cost = model_cost(bg, result.config)
+    cost = model_cost(bg, result.config) if result.config is not None else None
+    if cost is not None:
         size.update(predicted_weight_bytes=cost.total_bytes, macs_fraction=cost.macs_fraction,
                     nominal_ratio_unweighted_bits_times_keep=cost.nominal_ratio)
     report: dict[str, Any] = {
@@ -190,7 +191,7 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path, result, 
         "size": size,
         "goal": {"budget_met": None if budget is None else size["ratio"] >= budget - 1e-9},
         "accuracy": None,
-        "kernels": per_kernel_rows(bg, result.config, emitted),
+        "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
         "search": {"seconds": seconds, **result.extra},
         "versions": _versions(),

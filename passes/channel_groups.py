@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from passes.normalize import KERNEL_OPS
+from passes.normalize import KERNEL_OPS, opset_of
 
 __all__ = ["Segment", "ChannelMap", "Use", "Source", "ChannelGroup", "ChannelAnalysis", "analyze_channels",
-           "tensor_shapes", "kernel_weight_input"]
+           "tensor_shapes", "kernel_weight_input", "node_attr"]
 
 Dim = int | str | None
 
@@ -162,7 +162,8 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of attribute `name` of `node`, or `default`."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -236,6 +237,7 @@ class ChannelAnalysis:
         for t, cmap in self.maps.items():
             for seg in cmap.segments:
                 tensors_of[self.uf.find(seg.source)].add(t)
+        position = {o: i for i, n in enumerate(self.graph.node) for o in n.output}
         for gid, root in enumerate(sorted(members)):
             srcs = members[root]
             lengths = {self.sources[s].length for s in srcs}
@@ -243,17 +245,10 @@ class ChannelAnalysis:
             if len(lengths) != 1:
                 refusal = refusal or f"coupled channel dimensions differ in size {sorted(lengths)}"
             producers = tuple(self.sources[s].kernel for s in srcs if self.sources[s].kernel)
-            order = {n.name: i for i, n in enumerate(self.graph.node)}
-            tensors = tuple(sorted(tensors_of[root], key=lambda t: (order.get(self._producer(t), -1), t)))
+            tensors = tuple(sorted(tensors_of[root], key=lambda t: (position.get(t, -1), t)))
             self.groups.append(ChannelGroup(gid, min(lengths), tuple(srcs), producers, tensors, refusal))
             for s in srcs:
                 self.group_of_source[s] = gid
-
-    def _producer(self, tensor: str) -> str:
-        for n in self.graph.node:
-            if tensor in n.output:
-                return n.name
-        return ""
 
     def group_of_kernel(self, kernel: str) -> ChannelGroup | None:
         sid = self.kernel_source.get(kernel)
@@ -362,7 +357,7 @@ def _visit(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
         return
     if op == "Transpose":
         cmap = ins[0]
-        perm = list(_attr(node, "perm", list(reversed(range(cmap.rank)))))
+        perm = list(node_attr(node, "perm", list(reversed(range(cmap.rank)))))
         a.maps[node.output[0]] = ChannelMap(perm.index(cmap.axis), cmap.rank, cmap.segments, cmap.repeat)
         return
     if op in ("Squeeze", "Unsqueeze"):
@@ -370,9 +365,9 @@ def _visit(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
         return
     if op in ("Softmax", "LogSoftmax", "LayerNormalization") and ins[0] is not None and not any(ins[1:]):
         cmap = ins[0]
-        axis = _attr(node, "axis", -1 if op != "Softmax" or _opset_of(a.model) >= 13 else 1)
+        axis = node_attr(node, "axis", -1 if op != "Softmax" or opset_of(a.model) >= 13 else 1)
         axis = axis % cmap.rank
-        covers = cmap.axis >= axis if op == "LayerNormalization" or _opset_of(a.model) < 13 else cmap.axis == axis
+        covers = cmap.axis >= axis if op == "LayerNormalization" or opset_of(a.model) < 13 else cmap.axis == axis
         if covers:
             a.refuse(cmap, f"{op} '{node.name}' normalises over the channel axis")
             return
@@ -380,10 +375,6 @@ def _visit(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
         return
     for cmap in ins:
         a.refuse(cmap, f"consumed by {op} '{node.name}', whose channel mapping is not followed")
-
-
-def _opset_of(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> None:
@@ -394,7 +385,7 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
     bias_const = has_bias and node.input[2] in a.constants
     out = node.output[0]
     if op == "Conv":
-        group = int(_attr(node, "group", 1))
+        group = int(node_attr(node, "group", 1))
         cout = w_shape[0]
         if group == 1:
             if x is not None:
@@ -419,7 +410,7 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
         _conv_source(a, name, out, cout, 0, bias_const, refusal, len(w_shape))
         return
     if op == "ConvTranspose":
-        group = int(_attr(node, "group", 1))
+        group = int(node_attr(node, "group", 1))
         if x is not None:
             if group == 1:
                 a.use(x, name, 1, 0)
@@ -427,12 +418,12 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
                 a.refuse(x, f"grouped ConvTranspose '{name}'")
         cout = w_shape[1] * group
         refusal = None if group == 1 else f"grouped ConvTranspose '{name}' (group={group})"
-        if _attr(node, "output_shape") is not None:
+        if node_attr(node, "output_shape") is not None:
             refusal = refusal or f"ConvTranspose '{name}' has an explicit output_shape"
         _conv_source(a, name, out, cout, 1, bias_const, refusal, len(w_shape))
         return
     if op == "Gemm":
-        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        trans_a, trans_b = int(node_attr(node, "transA", 0)), int(node_attr(node, "transB", 0))
         if x is not None:
             if trans_a == 0 and x.axis == 1 and x.rank == 2:
                 a.use(x, name, 1, 1 if trans_b else 0)
@@ -531,7 +522,7 @@ def _concat(a: ChannelAnalysis, node: onnx.NodeProto, ins: list[ChannelMap | Non
     shapes = [a.shape(i) for i in node.input]
     ref = next(m for m in ins if m)
     rank = ref.rank
-    axis = int(_attr(node, "axis", 1)) % rank
+    axis = int(node_attr(node, "axis", 1)) % rank
     if axis != ref.axis:  # concatenation along another axis: channels must line up
         _elementwise_union(a, node, ins)
         return
@@ -571,7 +562,7 @@ def _reshape(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None
     d_in = a.shape(node.input[0])
     d_out = a.shape(node.output[0])
     if node.op_type == "Flatten" and d_in is not None:
-        k = int(_attr(node, "axis", 1)) % max(len(d_in), 1)
+        k = int(node_attr(node, "axis", 1)) % max(len(d_in), 1)
         d_out = [None, None]
         lead, tail = _prod(d_in[:k]), _prod(d_in[k:])
         if lead and tail:
@@ -582,7 +573,7 @@ def _reshape(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None
     ax = cmap.axis
     after = _prod(d_in[ax + 1:])
     if node.op_type == "Flatten":
-        k = int(_attr(node, "axis", 1)) % len(d_in)
+        k = int(node_attr(node, "axis", 1)) % len(d_in)
         inner = _prod(d_in[k:ax])
         if k <= ax and inner == (1, ()) and after and not after[1]:
             a.maps[node.output[0]] = ChannelMap(1, 2, cmap.segments, cmap.repeat * after[0])
@@ -619,7 +610,7 @@ def _reshape(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None
 
 
 def _squeeze(a: ChannelAnalysis, node: onnx.NodeProto, cmap: ChannelMap) -> None:
-    axes = _attr(node, "axes")
+    axes = node_attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         arr = a.const_array(node.input[1])
         axes = None if arr is None else [int(v) for v in arr.reshape(-1)]

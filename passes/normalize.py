@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["normalize", "KERNEL_OPS", "name_nodes", "infer_shapes"]
+from passes.ir_build import fresh_name
+
+__all__ = ["normalize", "KERNEL_OPS", "name_nodes", "infer_shapes", "opset_of", "remove_unused_initializers"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,9 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
         graph.input.extend(keep)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return op.version
-    return 1
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _eval_node(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
@@ -87,7 +87,7 @@ def _eval_node(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) 
 
 def _fold_constants(model: onnx.ModelProto) -> None:
     graph = model.graph
-    opset = _opset(model)
+    opset = opset_of(model)
     const: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     kept: list[onnx.NodeProto] = []
@@ -116,7 +116,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             const[name] = tensor
     del graph.node[:]
     graph.node.extend(kept)
-    _remove_unused_initializers(graph)
+    remove_unused_initializers(graph)
 
 
 def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -141,7 +141,8 @@ def _constant_of_shape(node: onnx.NodeProto, shape: np.ndarray) -> np.ndarray:
     return np.full(tuple(int(d) for d in shape), value[0], dtype=value.dtype)
 
 
-def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Delete initializers no node reads and no output names (in place, without copying the rest)."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for idx in reversed(range(len(graph.initializer))):
         if graph.initializer[idx].name not in used:
@@ -150,6 +151,7 @@ def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
 
 def _unshare_kernel_weights(graph: onnx.GraphProto) -> None:
     inits = {t.name: t for t in graph.initializer}
+    taken = set(inits)
     seen: set[str] = set()
     for node in graph.node:
         if node.op_type not in KERNEL_OPS:
@@ -160,7 +162,7 @@ def _unshare_kernel_weights(graph: onnx.GraphProto) -> None:
             if name in seen:
                 copy = onnx.TensorProto()
                 copy.CopyFrom(inits[name])
-                copy.name = _fresh(f"{name}__{node.name or node.op_type}", inits)
+                copy.name = fresh_name(taken, f"{name}__{node.name or node.op_type}")
                 graph.initializer.append(copy)
                 inits[copy.name] = copy
                 node.input[idx] = copy.name
@@ -168,19 +170,12 @@ def _unshare_kernel_weights(graph: onnx.GraphProto) -> None:
                 seen.add(name)
 
 
-def _fresh(base: str, taken) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
 def name_nodes(graph: onnx.GraphProto) -> None:
     """Give every node a unique non-empty name (passes address nodes by name)."""
     seen: set[str] = set()
     for idx, node in enumerate(graph.node):
         if not node.name or node.name in seen:
-            node.name = _fresh(f"{node.op_type}_{idx}", seen)
+            node.name = fresh_name(seen, f"{node.op_type}_{idx}")
         seen.add(node.name)
 
 

@@ -22,7 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from passes.channel_groups import ChannelAnalysis, analyze_channels
-from passes.normalize import infer_shapes
+from passes.ir_build import fresh_name
+from passes.normalize import infer_shapes, remove_unused_initializers
 
 __all__ = ["PruneError", "prune_channels", "check_keep"]
 
@@ -78,6 +79,7 @@ def prune_channels(model: onnx.ModelProto, keep: Mapping[int, Sequence[int]],
         per_input[(node, idx)].append((axis, kind, positions))
 
     new_inits: dict[str, onnx.TensorProto] = {}
+    taken = set(inits)
     for (node_name, idx), edits in per_input.items():
         node = nodes[node_name]
         name = node.input[idx]
@@ -88,7 +90,7 @@ def prune_channels(model: onnx.ModelProto, keep: Mapping[int, Sequence[int]],
             else:  # shape constant: shrink the channel entry
                 arr = arr.copy()
                 arr[axis] -= len(positions)
-        new_name = name if consumers[name] == 1 else _fresh(f"{name}__{node_name}", inits, new_inits)
+        new_name = name if consumers[name] == 1 else fresh_name(taken, f"{name}__{node_name}")
         new_inits[new_name] = numpy_helper.from_array(arr, new_name)
         node.input[idx] = new_name
     for idx in reversed(range(len(graph.initializer))):
@@ -102,19 +104,7 @@ def prune_channels(model: onnx.ModelProto, keep: Mapping[int, Sequence[int]],
         for attr in node.attribute:
             if attr.name == "group":
                 attr.i = int(weight.dims[0])
-    _remove_unused(graph)
+    remove_unused_initializers(graph)
     return infer_shapes(result)
 
 
-def _fresh(base: str, *taken) -> str:
-    name, k = base, 1
-    while any(name in t for t in taken):
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
-def _remove_unused(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for idx in reversed(range(len(graph.initializer))):
-        if graph.initializer[idx].name not in used:
-            del graph.initializer[idx]

@@ -44,6 +44,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from hirelc_onnx.errors import UserError
+from passes.normalize import opset_of
 
 __all__ = ["TORCH_OPSET", "BridgeError", "Binding", "to_torch", "bindings", "parameter_map", "latent", "onnx_layout",
            "torch_threads"]
@@ -83,9 +84,6 @@ class Binding:
     def owner(self, module: nn.Module) -> nn.Module:
         return module.get_submodule(self.path)
 
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 @contextlib.contextmanager
@@ -142,7 +140,7 @@ def _no_opset17_form(model: onnx.ModelProto, opset: int) -> list[str]:
 
 def _at_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model at opset 17, or as it is when older and not convertible (rule 1)."""
-    opset = _opset(model)
+    opset = opset_of(model)
     if opset == TORCH_OPSET:
         return model
     if opset > TORCH_OPSET:
@@ -202,7 +200,7 @@ def to_torch(model: onnx.ModelProto) -> nn.Module:
     """
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for n in model.graph.node):
         op = next(n for n in model.graph.node if "QuantizeLinear" in n.op_type)
-        raise BridgeError(f"onnx2torch cannot convert {op.op_type} (opset {_opset(model)}, {_label(op)}): "
+        raise BridgeError(f"onnx2torch cannot convert {op.op_type} (opset {opset_of(model)}, {_label(op)}): "
                           "fine-tune the fp32 graph and quantize afterwards")
     graph_inputs = {i.name for i in model.graph.input}
     inits = {t.name for t in model.graph.initializer}
@@ -216,8 +214,8 @@ def to_torch(model: onnx.ModelProto) -> nn.Module:
             module = o2t.convert(m17, attach_onnx_mapping=True)
         except Exception as exc:  # converters raise NotImplementedError, KeyError, ValueError, ...
             node = _failing_node(exc)
-            where = (f"{node.op_type} (opset {_opset(m17)}, {_label(node)})" if node is not None
-                     else f"the graph (opset {_opset(m17)})")
+            where = (f"{node.op_type} (opset {opset_of(m17)}, {_label(node)})" if node is not None
+                     else f"the graph (opset {opset_of(m17)})")
             raise BridgeError(f"onnx2torch cannot convert {where}: {type(exc).__name__}: {exc}") from exc
         from onnx2torch.onnx_graph import OnnxGraph, ValueType
 

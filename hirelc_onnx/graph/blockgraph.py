@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 
 from hirelc_onnx.errors import NothingToCompressError
-from passes.channel_groups import ChannelAnalysis, ChannelGroup, analyze_channels, kernel_weight_input, tensor_shapes
-from passes.normalize import normalize
+from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, kernel_weight_input, node_attr,
+                                   tensor_shapes)
+from passes.normalize import normalize, opset_of
 
 __all__ = ["Kernel", "Block", "BlockGraph", "build_block_graph", "MAX_BLOCK_KERNELS"]
 
@@ -88,9 +89,6 @@ class BlockGraph:
         return [g for g in self.groups if g.prunable]
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
 
 def _static(dims) -> int:
     """Elements of a shape, symbolic or unknown dims (the batch) counted as 1."""
@@ -104,12 +102,6 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
     return n * _DTYPE_BYTES.get(t.data_type, 4)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
 
 def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> tuple[int, int, int, int]:
     """(out_axis, macs per sample, fan_in, fan_out) of a kernel node."""
@@ -120,13 +112,13 @@ def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> 
         out_elems = _static(out_shape[1:]) if out_shape else w_shape[0]
         return 0, out_elems * fan_in, fan_in, w_shape[0]
     if op == "ConvTranspose":
-        group = int(_attr(node, "group", 1))
+        group = int(node_attr(node, "group", 1))
         in_shape = shapes.get(node.input[0])
         in_elems = _static(in_shape[1:]) if in_shape else w_shape[0]
         per_in = int(np.prod(w_shape[1:]))  # each input element feeds C_out/g * k outputs
         return 1, in_elems * per_in, w_shape[0] // group, w_shape[1] * group
     if op == "Gemm":
-        trans_b = int(_attr(node, "transB", 0))
+        trans_b = int(node_attr(node, "transB", 0))
         n_out, k_in = (w_shape[0], w_shape[1]) if trans_b else (w_shape[1], w_shape[0])
         return (0 if trans_b else 1), n_out * k_in, k_in, n_out
     # MatMul with a constant [K, N] (or batched) right operand
@@ -175,7 +167,7 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
                              for d in i.type.tensor_type.shape.dim] for i in norm.graph.input}
     return BlockGraph(
         model=norm, kernels=kernels, blocks=blocks, groups=analysis.groups, analysis=analysis,
-        opset=_opset(norm), input_shapes=input_shapes, output_names=[o.name for o in norm.graph.output],
+        opset=opset_of(norm), input_shapes=input_shapes, output_names=[o.name for o in norm.graph.output],
         initializer_bytes={t.name: _tensor_bytes(t) for t in norm.graph.initializer},
         structure_bytes=_structure_bytes(norm),
     )
