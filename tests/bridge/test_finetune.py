@@ -80,11 +80,32 @@ def test_same_seed_same_weights_other_seed_differs():
 def test_diverging_training_keeps_the_starting_weights():
     s = digits()
     start = _trained_tiny()
-    result = finetune(start, None, s.finetune, s.val, optimizer="sgd", lr=50.0, max_epochs=2, patience=1)
+    result = finetune(start, None, s.finetune, s.val, optimizer="sgd", lr=50.0, max_epochs=2, patience=1,
+                      lr_probe_steps=0)
     assert result.best_epoch == 0
     assert result.history[1]["val_score"] < result.history[0]["val_score"]
     before, after = _weights(start), _weights(result.model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_probe_lowers_a_learning_rate_that_raises_the_loss():
+    s = digits()
+    start = _trained_tiny()
+    result = finetune(start, None, s.finetune, s.val, optimizer="sgd", lr=50.0, max_epochs=2, patience=9)
+    assert result.lr < 50.0
+    assert result.best_val >= result.history[0]["val_score"]
+    assert all(h["lr"] == result.lr for h in result.history[1:])
+
+
+def test_diverged_epoch_restarts_from_the_best_weights_at_a_smaller_rate():
+    s = digits()
+    start = _trained_tiny()
+    result = finetune(start, None, s.finetune, s.val, optimizer="sgd", lr=50.0, max_epochs=3, patience=9,
+                      lr_probe_steps=0, backoff=0.01)
+    rates = [h["lr"] for h in result.history[1:]]
+    assert rates[0] == 50.0 and rates[1] == pytest.approx(0.5)
+    assert result.history[1]["val_loss"] > 2 * result.history[0]["val_loss"]
+    assert result.best_epoch != 1
 
 
 def test_unlabelled_data_distils_the_teacher():
@@ -111,6 +132,8 @@ def test_teacher_logits_need_labelled_val_and_settings_are_checked():
         finetune(tiny_cnn(), None, s.finetune, s.val, epochs_max=3)
     with pytest.raises(BridgeError, match="kd_weight"):
         finetune(tiny_cnn(), None, s.finetune, s.val, kd_weight=1.5)
+    with pytest.raises(BridgeError, match="backoff"):
+        finetune(tiny_cnn(), None, s.finetune, s.val, backoff=1.0)
     with pytest.raises(BridgeError, match="teacher"):
         finetune(tiny_cnn(), None, s.finetune, _unlabelled(s.val), teacher=np.zeros((len(s.finetune), 10), np.float32))
 
