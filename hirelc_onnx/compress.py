@@ -28,8 +28,8 @@ __all__ = ["CompressResult", "compress", "METHODS", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hirelc", "graph-rl", "two-stage", "uniform", "l1-int8", "ort-int8", "random")
-_NEEDS_DATA = {"hirelc", "graph-rl", "two-stage", "ort-int8", "random"}
+METHODS = ("hirelc", "graph-rl", "two-stage", "uniform", "uniform-l1", "l1-int8", "ort-int8", "random")
+_NEEDS_DATA = {"hirelc", "graph-rl", "two-stage", "ort-int8", "random", "uniform-l1"}
 
 
 @dataclass

@@ -6,6 +6,7 @@ the quantization pass writes), everything the search did not touch at its stored
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ class KernelCost:
     macs: int
     weight_bytes: int  # the weight as emitted
     fp32_weight_bytes: int  # the weight as it was
+    shape: tuple[int, ...] = ()  # the weight's shape after pruning
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,8 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         stored = bg.initializer_bytes[init.name]
         dims = list(init.dims)
         shape = shape_of.get(init.name, dims)
-        elems = int(np.prod(shape)) if shape else 1
-        per_elem = stored / max(int(np.prod(dims)) if dims else 1, 1)
+        elems = math.prod(shape)
+        per_elem = stored / max(math.prod(dims), 1)
         kernel = weight_kernel.get(init.name)
         if kernel is None:
             total += int(round(elems * per_elem))
@@ -85,9 +87,9 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         decode += _decode_overhead(kernel.weight, spec)
         total += nbytes
         kernel_bytes += nbytes
-        full = int(np.prod(dims))
+        full = math.prod(dims)
         kernel_costs[kernel.name] = KernelCost(kernel.name, elems, int(round(kernel.macs * elems / max(full, 1))),
-                                               nbytes, stored)
+                                               nbytes, stored, tuple(shape))
     nominal = np.mean([config.get(k).bits / 32 * config.get(k).keep_ratio for k in bg.kernels])
     return ModelCost(
         total_bytes=total, original_bytes=bg.weight_bytes, kernel_bytes=kernel_bytes,

@@ -5,8 +5,12 @@
                under ort-cpu)
   ort-int8  -- ONNX Runtime's own static int8 quantization of the fp32 model, with the settings
                that stay accurate on CPUs without VNNI (see passes.quantize_activations)
-  random    -- random configs repaired to the budget, each measured for real; the best on the
-               validation split wins (same evaluation budget as an RL run)
+  random    -- random configs fitted to the budget (budget.repair with fill, sensitivity-blind),
+               each measured for real; the best on the validation split wins (same evaluation
+               budget as an RL run)
+  uniform-l1 -- for each bit width of the target's ladder, every kernel at those bits and every
+               prunable group L1-pruned by the one keep ratio that lands on the budget; each
+               measured for real, the best on validation wins (at most `evaluations` of them)
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
-from hirelc_onnx.search.budget import bits_ladder, repair
+from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 
 __all__ = ["MethodResult", "candidate_record", "keep_for_flops", "run_uniform", "run_l1_int8", "run_ort_int8", "run_random",
-           "BASELINES"]
+           "run_uniform_l1", "uniform_keep_for_budget", "BASELINES"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,53 @@ def keep_for_flops(bg: BlockGraph, fraction: float, target: str = "storage") -> 
     return lo
 
 
+def uniform_keep_for_budget(bg: BlockGraph, target: str, bits: int, budget: float) -> float | None:
+    """The largest uniform keep ratio (>= MIN_KEEP) at which `bits` everywhere meets `budget`, or
+    None when even MIN_KEEP misses it (bisection on the cost model)."""
+    if model_cost(bg, _uniform_config(bg, target, bits, 1.0)).ratio >= budget:
+        return 1.0
+    if model_cost(bg, _uniform_config(bg, target, bits, MIN_KEEP)).ratio < budget:
+        return None
+    lo, hi = MIN_KEEP, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if model_cost(bg, _uniform_config(bg, target, bits, mid)).ratio >= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
+                   evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
+                   **_) -> MethodResult:
+    """Uniform bits + uniform L1 pruning fitted to the budget, one candidate per bit width."""
+    if ctx is None:
+        raise UserError("--method uniform-l1 measures candidates: give --data")
+    if budget is None:
+        raise UserError("--method uniform-l1 fits a budget: give --budget")
+    candidates = []
+    for bits in sorted((b for b in bits_ladder(target) if b < 32), reverse=True):
+        keep = uniform_keep_for_budget(bg, target, bits, budget)
+        if keep is not None:
+            candidates.append(_uniform_config(bg, target, bits, keep))
+    if not candidates:
+        raise BudgetError(f"budget {budget:g}x is beyond uniform bits with L1 pruning down to {MIN_KEEP:.0%}")
+    candidates = candidates[:max(1, evaluations)]
+    best: Measurement | None = None
+    history = []
+    for i, config in enumerate(candidates):
+        m = ctx.measure(config)
+        bits = next(iter(config.kernels.values())).bits
+        keep = min(kc.keep_ratio for kc in config.kernels.values())
+        history.append(candidate_record(m, method="uniform-l1", step=i, bits=bits, keep=keep))
+        if best is None or m.score > best.score:
+            best = m
+        if progress:
+            progress(i + 1, len(candidates))
+    return MethodResult(best.config, best.model, best.score, history)
+
+
 def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep: float = 0.5, **_) -> MethodResult:
     """8-bit containers; 7-bit weight grids under ort-cpu (no u8 x s8 saturation without VNNI)."""
     return run_uniform(bg, ctx, target, bits=7 if target == "ort-cpu" else 8, keep=keep)
@@ -124,7 +175,7 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     for i in range(evaluations):
         config = random_config(bg, target, rng)
         if budget:
-            config = repair(bg, config, budget)
+            config = repair(bg, config, budget, fill=True)
         m = ctx.measure(config)
         history.append(candidate_record(m, method="random", step=i))
         if best is None or m.score > best.score:
@@ -134,4 +185,5 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     return MethodResult(best.config, best.model, best.score, history)
 
 
-BASELINES = {"uniform": run_uniform, "l1-int8": run_l1_int8, "ort-int8": run_ort_int8, "random": run_random}
+BASELINES = {"uniform": run_uniform, "l1-int8": run_l1_int8, "ort-int8": run_ort_int8, "random": run_random,
+             "uniform-l1": run_uniform_l1}

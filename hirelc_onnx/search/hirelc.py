@@ -1,7 +1,7 @@
 """HiReLC: hierarchical RL ensembles, a proxy-then-surrogate accuracy signal, an active-learning loop.
 
 One readable loop (`run_hirelc`) with its settings (`HiReLCSettings`). Before the loop: one
-proxy probe per kernel (the logit-MSE of quantizing that kernel alone to 2 bits), which
+proxy probe per kernel (the logit-MSE of quantizing that kernel alone to 4 bits), which
 calibrates the cold-start accuracy estimator (surrogate.ProxyEstimator); sensitivity per kernel
 and block from Fisher when the bridge provides it, else from those probes. Then, for each of the
 `evaluations` rounds (the real-evaluation count random search gets):
@@ -15,8 +15,10 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       config one after another
   4. proxy check      the voted config and the best pool configs go through ONNX Runtime
                       (cached by config hash), recorded as "proxy" history, for recalibration
-  5. real evaluation  the voted config is repaired to the budget (budget.repair, least
-                      sensitive kernels first) and measured for real: fine-tune, quantize, score
+  5. real evaluation  the voted config is fitted to the budget (budget.repair with fill: rungs
+                      lowered where the estimator predicts the least damage per byte saved
+                      until the budget holds, then raised where it predicts the most damage
+                      removed per byte while it still holds) and measured for real: fine-tune, quantize, score
                       on the validation split. Already measured? The best unmeasured pool config
                       by surrogate mean + kappa * spread (active learning) is measured instead
   6. state            round, measurements, proxy results, working config, seeds: JSON,
@@ -55,8 +57,11 @@ __all__ = ["HiReLCSettings", "run_hirelc", "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-PROBE = KernelConfig(bits=2, granularity="per-channel")  # the single-kernel proxy probe
+STATE_VERSION = 2  # 2: probes at 4 bits
+# The single-kernel proxy probe. 4 bits, not 2: at 2 bits the most sensitive kernels saturate the
+# logits (EfficientNet-Lite0: their 2-bit / 4-bit damage ratio is 2-8, against 20-100 for the rest),
+# which flattens the very differences the estimator needs; 4 bits is also where the decisions lie.
+PROBE = KernelConfig(bits=4, granularity="per-channel")
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,7 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
         log.info("Fisher sensitivity unavailable (%s: %s); using proxy probes", type(exc).__name__, exc)
     per_kernel = {next(iter(p.config.kernels)): p.logit_mse for p in probes}
     per_block = {b.id: sum(per_kernel[n] for n in b.kernels) for b in bg.blocks}
-    return _normalise(per_kernel), _normalise(per_block), "proxy probe (logit-MSE of each kernel alone at 2 bits)"
+    return _normalise(per_kernel), _normalise(per_block), f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)"
 
 
 def _normalise(values: dict) -> dict:
@@ -352,14 +357,17 @@ def _record_proxy(ctx: SearchContext, config: CompressionConfig, proxies: dict[s
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
             budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
             rng: np.random.Generator) -> tuple[str, CompressionConfig]:
-    """The config to measure: the voted one repaired to the budget, unless already measured; then the
-    unmeasured repaired pool config with the best surrogate mean + kappa * spread; then a random one."""
-    repaired = repair(bg, voted, budget, sensitivity)
+    """The config to measure: the voted one fitted to the budget, unless already measured; then the
+    unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a random one."""
+    def fit(config: CompressionConfig) -> CompressionConfig:
+        return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+
+    repaired = fit(voted)
     if config_key(repaired) not in measured:
         return "voted", repaired
     best, best_score = None, -math.inf
     for config in problem.best_pool(settings.pool_size):
-        candidate = repair(bg, config, budget, sensitivity)
+        candidate = fit(config)
         if config_key(candidate) in measured:
             continue
         est = accuracy.predict(candidate, problem.evaluate(candidate.kernels).cost)
@@ -368,7 +376,7 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
             best, best_score = candidate, score
     if best is not None:
         return "pool", best
-    return "random", repair(bg, random_config(bg, problem.target, rng), budget, sensitivity)
+    return "random", fit(random_config(bg, problem.target, rng))
 
 
 def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None,

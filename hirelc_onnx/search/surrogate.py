@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.search.features import WeightPerturbation, config_features, config_key
@@ -85,6 +85,13 @@ class ProxyEstimator:
             q += c * eq
             p += c * ep
         return q, p
+
+    def kernel_mse(self, name: str, kc: KernelConfig) -> float:
+        """One kernel's share of the estimate under choice `kc` (its own keep ratio): the damage
+        `budget.repair` trades against bytes."""
+        pruned = self.perturbation.prune(name, kc.keep_ratio)
+        eq = (1.0 - pruned) * self.perturbation.quant(name, kc)
+        return self.coefficients.get(name, 0.0) * (self.scale_q * eq + self.scale_p * pruned)
 
     def mse(self, config: CompressionConfig) -> float:
         q, p = self.components(config)

@@ -5,11 +5,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
-from hirelc_onnx.search.baselines import run_ort_int8, run_uniform
-from hirelc_onnx.search.budget import BudgetError, check_reachable, max_ratio, parse_budget, repair
+from hirelc_onnx.search.baselines import (random_config, run_ort_int8, run_uniform, run_uniform_l1,
+                                          uniform_keep_for_budget)
+from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, check_reachable, max_ratio, parse_budget, repair
 from hirelc_onnx.search.context import SearchContext
 
 
@@ -70,3 +71,62 @@ def test_repair_meets_the_budget_least_sensitive_first(resnet, budget):
     assert again.to_dict() == config.to_dict()  # deterministic
     bits = [config.get(n).bits for n in names]
     assert bits[0] <= bits[-1]  # the least sensitive kernel is lowered first
+
+
+def _random_configs(bg, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [random_config(bg, "storage", rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("budget", [6.0, 12.0])
+def test_fill_lands_just_above_the_budget(resnet, budget):
+    bg, _ = resnet
+    for config in _random_configs(bg, 4):
+        lowered = repair(bg, config, budget)
+        filled = repair(bg, config, budget, fill=True)
+        ratio = model_cost(bg, filled).ratio
+        assert budget <= ratio <= model_cost(bg, lowered).ratio
+        assert ratio < budget * 1.05, ratio  # every affordable rung up was taken
+        assert repair(bg, config, budget, fill=True).to_dict() == filled.to_dict()
+
+
+def test_damage_guides_both_directions(resnet):
+    bg, _ = resnet
+    names = [k.name for k in bg.kernel_list()]
+    precious = max(names, key=lambda n: model_cost(bg).kernels[n].fp32_weight_bytes)
+
+    def damage(name: str, kc) -> float:  # the precious kernel suffers a thousand times more
+        return (1000.0 if name == precious else 1.0) * (32 - kc.bits + 10 * (1 - kc.keep_ratio))
+
+    fitted = repair(bg, CompressionConfig.uniform(names), 6.0, damage=damage, fill=True)
+    assert model_cost(bg, fitted).ratio >= 6.0
+    assert fitted.get(precious) == KernelConfig()  # fp32, unpruned: the bytes came from the others
+    for config in _random_configs(bg, 3, seed=1):
+        fitted = repair(bg, config, 6.0, damage=damage, fill=True)
+        assert model_cost(bg, fitted).ratio >= 6.0
+        before, after = config.get(precious), fitted.get(precious)
+        assert after.bits >= before.bits and after.keep_ratio >= before.keep_ratio
+
+
+def test_uniform_keep_for_budget_is_the_largest_that_fits(resnet):
+    bg, _ = resnet
+    keep = uniform_keep_for_budget(bg, "storage", 8, 6.0)
+    assert MIN_KEEP <= keep < 1.0
+    at = lambda k: model_cost(bg, CompressionConfig.uniform(  # noqa: E731
+        bg.kernels, bits=8, keep_ratio=k)).ratio
+    assert at(keep) >= 6.0 > at(keep + 0.01)
+    assert uniform_keep_for_budget(bg, "storage", 4, 6.0) == 1.0  # int4 alone already gives ~7.7x
+    assert uniform_keep_for_budget(bg, "storage", 8, 200.0) is None
+
+
+def test_uniform_l1_measures_one_candidate_per_bit_width(resnet):
+    bg, _ = resnet
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=0)
+    result = run_uniform_l1(bg, ctx, "storage", budget=6.0, evaluations=8)
+    assert [h["bits"] for h in result.history] == [8, 4, 2]
+    assert all(h["ratio"] >= 6.0 for h in result.history)
+    assert result.val_score == max(h["score"] for h in result.history)
+    stored = sum(len(t.raw_data) for t in result.model.graph.initializer)
+    assert stored == model_cost(bg, result.config).total_bytes
+    with pytest.raises(Exception, match="budget"):
+        run_uniform_l1(bg, ctx, "storage", budget=None)
