@@ -61,6 +61,7 @@ class SearchContext:
         self.target = target
         self.seed = seed
         self.finetune_seconds = finetune_seconds
+        self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
         self.labelled = splits.val.y is not None
         self.input_name = bg.model.graph.input[0].name
         rng = np.random.default_rng(seed)
@@ -127,10 +128,15 @@ class SearchContext:
         specs = {k.weight: spec for k in self.bg.kernels.values()
                  if (spec := weight_spec(k, config.get(k.name))) is not None}
         try:
+            # candidates of one model share a learning rate: later fine-tunes start from the rate the
+            # first one's probe settled on, so they spend their seconds training, not probing again
+            lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr}
             result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
-                              time_budget_s=seconds, seed=self.seed)
+                              time_budget_s=seconds, seed=self.seed, **lr)
         except UserError as exc:
             self.bridge_error = str(exc)
             log.warning("fine-tuning disabled: %s", exc)
             return pruned, False
+        if self.finetune_lr is None:
+            self.finetune_lr = result.lr
         return result.model, True

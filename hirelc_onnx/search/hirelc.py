@@ -15,12 +15,14 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       config one after another
   4. proxy check      the voted config and the best pool configs go through ONNX Runtime
                       (cached by config hash), recorded as "proxy" history, for recalibration
-  5. real evaluation  the voted config is fitted to the budget (budget.repair with fill: rungs
-                      lowered where the estimator predicts the least damage per byte saved
-                      until the budget holds, then raised where it predicts the most damage
-                      removed per byte while it still holds) and measured for real: fine-tune, quantize, score
-                      on the validation split. Already measured? The best unmeasured pool config
-                      by surrogate mean + kappa * spread (active learning) is measured instead
+  5. real evaluation  each candidate is fitted to the budget (budget.repair with fill: rungs
+                      lowered where the estimator predicts the least damage per byte saved until
+                      the budget holds, then raised where it predicts the most damage removed per
+                      byte while it still holds), then measured for real: fine-tune, quantize,
+                      score on the validation split. The first round measures the estimator's
+                      prior (fp32 fitted: the proxy's knapsack without the agents), later rounds
+                      the voted config; already measured? The best unmeasured pool config by
+                      surrogate mean + kappa * spread (active learning) is measured instead
   6. state            round, measurements, proxy results, working config, seeds: JSON,
                       written atomically, so `resume=True` continues with the next round
 
@@ -357,11 +359,16 @@ def _record_proxy(ctx: SearchContext, config: CompressionConfig, proxies: dict[s
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
             budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
             rng: np.random.Generator) -> tuple[str, CompressionConfig]:
-    """The config to measure: the voted one fitted to the budget, unless already measured; then the
-    unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a random one."""
+    """The config to measure. First of all, the estimator's prior: fp32 fitted to the budget (the
+    damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
+    proxy gives without them. Then the voted config fitted to the budget, unless already measured;
+    then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
+    random one."""
     def fit(config: CompressionConfig) -> CompressionConfig:
         return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
 
+    if not measured:
+        return "prior", fit(CompressionConfig({}, target=problem.target))
     repaired = fit(voted)
     if config_key(repaired) not in measured:
         return "voted", repaired
