@@ -20,8 +20,10 @@ whose logit is
 where `prior` is the logit of the uniform keep ratio that meets the resource target (so the first
 episodes are near the constraint), channel features are normalised L1 norms of the channel's
 producer and consumer weights and their ranks (CHANNEL_FEATURES), and b_channel is a free,
-learned per-channel bias: the agent starts with no notion of which channels matter and learns it
-from the reward, generalising through the features and memorising through the biases.
+learned per-channel bias. The MLP's output layer starts at zero, so the starting logits are
+prior + b_channel: zeros by default, or `channel_logits - prior` when the caller gives starting
+logits (graph RL gives an importance ranking); the agent refines them from the reward,
+generalising through the features and memorising through the biases.
 """
 from __future__ import annotations
 
@@ -275,7 +277,7 @@ class ChannelPolicy(nn.Module):
     """Per-channel keep logits for one prunable group, given the episode's graph state (see module docstring)."""
 
     def __init__(self, obs: GraphObservation, prior_keep: float, hidden: int = 64, heads: int = 4,
-                 layers: int = 2) -> None:
+                 layers: int = 2, channel_logits: list[np.ndarray] | None = None) -> None:
         super().__init__()
         self.obs = obs
         self.encoder = GATEncoder(NODE_FEATURES, len(EDGE_TYPES), hidden, heads, layers)
@@ -284,9 +286,12 @@ class ChannelPolicy(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
         sizes = [len(f) for f in obs.channel_features]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.channel_bias = nn.Parameter(torch.zeros(int(self.offsets[-1])))
         p = min(max(prior_keep, 1e-3), 1 - 1e-3)
         self.prior = math.log(p / (1 - p))
+        start = torch.zeros(int(self.offsets[-1]))
+        if channel_logits is not None:  # the starting keep logit of each channel, prior included
+            start = torch.from_numpy(np.concatenate(channel_logits).astype(np.float32)) - self.prior
+        self.channel_bias = nn.Parameter(start)
         self.register_buffer("edge_index", torch.from_numpy(obs.edge_index))
         self.register_buffer("edge_attr", torch.from_numpy(obs.edge_attr))
         for i, f in enumerate(obs.channel_features):
