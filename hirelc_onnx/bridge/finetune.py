@@ -342,7 +342,7 @@ def _probe_lr(module: nn.Module, params: list[nn.Parameter], s: FinetuneSettings
     lr = s.lr
     if s.lr_probe_steps == 0:
         return lr
-    for attempt in range(PROBE_TRIES):
+    for _ in range(PROBE_TRIES):
         opt = _optimizer(params, s, lr)
         perm = torch.from_numpy(rng.permutation(n_train))
         for i in range(s.lr_probe_steps):

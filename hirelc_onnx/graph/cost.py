@@ -15,7 +15,7 @@ from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import group_keep_counts, weight_spec
 
-__all__ = ["KernelCost", "ModelCost", "model_cost"]
+__all__ = ["KernelCost", "ModelCost", "model_cost", "weight_nbytes"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,6 @@ class ModelCost:
 
 def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> ModelCost:
     """Bytes and MACs of the model `bg` emitted under `config` (None: as it is)."""
-    from passes.storage import encoded_nbytes
-
     config = config or CompressionConfig()
     counts = group_keep_counts(bg, config)
     sliced = bg.analysis.pruned_initializer_shapes(counts)
@@ -82,9 +80,9 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         if kernel is None:
             total += int(round(elems * per_elem))
             continue
-        spec = weight_spec(kernel, config.get(kernel.name))
-        nbytes = encoded_nbytes(tuple(shape), spec, config.target) if spec else int(round(elems * per_elem))
-        decode += _decode_overhead(kernel.weight, spec)
+        kc = config.get(kernel.name)
+        nbytes = weight_nbytes(kernel, kc, tuple(shape), stored, config.target)
+        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc))
         total += nbytes
         kernel_bytes += nbytes
         full = math.prod(dims)
@@ -97,6 +95,17 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         original_macs=bg.total_macs, kernels=kernel_costs, nominal_ratio=float(1.0 / nominal),
         file_bytes=total + bg.structure_bytes + decode,
     )
+
+
+def weight_nbytes(kernel, kc, shape: tuple[int, ...], stored_bytes: int, target: str) -> int:
+    """Bytes of one kernel weight of (pruned) `shape` under choice `kc`: its encoding when
+    quantized, else its stored bytes scaled to the elements kept."""
+    from passes.storage import encoded_nbytes
+
+    spec = weight_spec(kernel, kc)
+    if spec is not None:
+        return encoded_nbytes(shape, spec, target)
+    return round(math.prod(shape) * stored_bytes / max(math.prod(kernel.weight_shape), 1))
 
 
 def _decode_overhead(weight: str, spec) -> int:

@@ -71,34 +71,33 @@ def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits:
     return MethodResult(config, m.model, m.score, [candidate_record(m, method="uniform")])
 
 
+def _largest_keep(fits: Callable[[float], bool], lo: float, iterations: int) -> float:
+    """Bisection for the largest keep ratio in [lo, 1] that `fits` (monotone: fits(lo) assumed)."""
+    hi = 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def keep_for_flops(bg: BlockGraph, fraction: float, target: str = "storage") -> float:
     """The uniform keep ratio whose L1-pruned model has at most `fraction` of the original MACs
     (bisection on the cost model; MACs fall roughly with keep squared in conv chains)."""
-    lo, hi = 0.05, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if model_cost(bg, _uniform_config(bg, target, 32, mid)).macs_fraction <= fraction:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _largest_keep(lambda keep: model_cost(bg, _uniform_config(bg, target, 32, keep)).macs_fraction <= fraction,
+                         0.05, 30)
 
 
 def uniform_keep_for_budget(bg: BlockGraph, target: str, bits: int, budget: float) -> float | None:
     """The largest uniform keep ratio (>= MIN_KEEP) at which `bits` everywhere meets `budget`, or
     None when even MIN_KEEP misses it (bisection on the cost model)."""
-    if model_cost(bg, _uniform_config(bg, target, bits, 1.0)).ratio >= budget:
+    def fits(keep: float) -> bool:
+        return model_cost(bg, _uniform_config(bg, target, bits, keep)).ratio >= budget
+
+    if fits(1.0):
         return 1.0
-    if model_cost(bg, _uniform_config(bg, target, bits, MIN_KEEP)).ratio < budget:
+    if not fits(MIN_KEEP):
         return None
-    lo, hi = MIN_KEEP, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if model_cost(bg, _uniform_config(bg, target, bits, mid)).ratio >= budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _largest_keep(fits, MIN_KEEP, 20)
 
 
 def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import re
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.graph.cost import ModelCost, model_cost
-from hirelc_onnx.specs import weight_spec
-from passes.storage import encoded_nbytes
+from hirelc_onnx.graph.cost import ModelCost, model_cost, weight_nbytes
 
 __all__ = ["BudgetError", "parse_budget", "bits_ladder", "MIN_KEEP", "KEEP_STEP", "max_ratio", "check_reachable",
            "repair", "Damage"]
@@ -146,7 +143,7 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     out = []
     if bits:
         choice = replace(kc, bits=max(bits) if down else min(bits))
-        new = _kernel_bytes(k, choice, kcost, target)
+        new = weight_nbytes(k, choice, kcost.shape, kcost.fp32_weight_bytes, target)
         out.append(_Move(name, choice, False, abs(kcost.weight_bytes - new)))
     keep = round(kc.keep_ratio + (-KEEP_STEP if down else KEEP_STEP), 6)
     if prunable and (MIN_KEEP - 1e-9 <= keep if down else kc.keep_ratio < 1.0):
@@ -158,13 +155,6 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
         saved = sum(cost.kernels[p].weight_bytes for p in producers) * scale
         out.append(_Move(name, replace(kc, keep_ratio=keep), True, int(saved)))
     return out if down else out[::-1]
-
-
-def _kernel_bytes(k, kc: KernelConfig, kcost, target: str) -> int:
-    spec = weight_spec(k, kc)
-    if spec is None:
-        return int(round(kcost.fp32_weight_bytes * kcost.params / max(math.prod(k.weight_shape), 1)))
-    return encoded_nbytes(kcost.shape, spec, target)
 
 
 def _apply(bg: BlockGraph, kernels: dict[str, KernelConfig], move: _Move) -> None:
