@@ -13,7 +13,25 @@ __all__ = ["main"]
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 2, never a traceback."""
+    """Turns user errors into one line on stderr and exit code 2, never a traceback.
+
+    Click's own usage errors (a bad option value, a missing argument) print a usage block by
+    default; here they are one `error:` line too, pointing at --help, with click's exit code.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:

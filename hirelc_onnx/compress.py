@@ -88,11 +88,14 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
              method: str = "hirelc", target: str = "storage", max_drop: float | None = None,
              time_limit: float | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
              finetune_seconds: float = 20.0, evaluations: int = 8, latency_runs: int = 20,
-             progress: Callable[[str, int, int], None] | None = None, **method_options) -> CompressResult:
+             finetune_epochs: int | None = None, progress: Callable[[str, int, int], None] | None = None, **method_options) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     budget: true-bytes ratio such as '6x' (None: the method's own default choice).
     data: a --data spec or a Dataset; needed by every method that measures or calibrates.
+    finetune_seconds: the fine-tuning clock of each real evaluation; finetune_epochs: instead of the
+        clock, exactly this many epochs (at most; patience may end sooner) -- every candidate gets the
+        same training and a run is repeatable on one machine; 0 disables fine-tuning.
     Checks that can fail (file, data, budget, target) run before any long work.
     """
     from hirelc_onnx.search.budget import check_reachable, parse_budget
@@ -103,6 +106,8 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     ratio_goal = parse_budget(budget)
+    if finetune_epochs is not None and finetune_epochs < 0:
+        raise UserError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     if out_dir is not None:
         _check_out_dir(Path(out_dir), Path(model_path))
     original = load_model(model_path)
@@ -117,7 +122,8 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
         from hirelc_onnx.search.context import SearchContext
 
         ds = _load_data(data, bg)
-        ctx = SearchContext(bg, split_dataset(ds, seed), target, finetune_seconds=finetune_seconds, seed=seed)
+        ctx = SearchContext(bg, split_dataset(ds, seed), target, finetune_seconds=finetune_seconds, seed=seed,
+                            finetune_epochs=finetune_epochs)
     run = _method(method)
     if out_dir is not None:  # searches keep their state here after each round, for --resume
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -205,6 +211,8 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path, result, 
             "fp32": fp32_test, "compressed": comp_test, "drop_points": 100.0 * (fp32_test - comp_test),
             "val_compressed": result.val_score, "fp32_val": ctx.fp32_val_score,
             "evaluations": ctx.evaluations, "finetune_warning": ctx.bridge_error,
+            "finetune_budget": ({"epochs": ctx.finetune_epochs} if ctx.finetune_epochs is not None
+                                else {"seconds": ctx.finetune_seconds}),
         }
         if max_drop is not None:
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9

@@ -59,11 +59,25 @@ def test_measured_accuracy_is_the_emitted_models(resnet_copy, tmp_path):
     assert result.report["accuracy"]["n"] == len(test)
 
 
+def test_fixed_epoch_finetuning_is_repeatable_and_reported(resnet_copy, tmp_path):
+    """--finetune-epochs replaces the clock: two runs emit the same weights and the report says so."""
+    runs = [compress(resnet_copy, data="digits", method="uniform", target="storage", bits=4, keep=0.75,
+                     finetune_epochs=2, out_dir=tmp_path / name, latency_runs=2) for name in ("a", "b")]
+    a, b = (onnx.load(tmp_path / name / "model.onnx") for name in ("a", "b"))
+    assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
+    assert runs[0].report["accuracy"]["compressed"] == runs[1].report["accuracy"]["compressed"]
+    assert runs[0].report["accuracy"]["finetune_budget"] == {"epochs": 2}
+    untuned = compress(resnet_copy, data="digits", method="uniform", target="storage", bits=4, keep=0.75,
+                       finetune_epochs=0, latency_runs=2)
+    assert untuned.report["accuracy"]["compressed"] != runs[0].report["accuracy"]["compressed"]
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--budget", "200x", "--data", "digits", "--method", "random"], "unreachable"),
     (["--budget", "lots", "--data", "digits"], "budget must look like"),
     (["--method", "random", "--budget", "6x"], "needs --data"),
     (["--data", "/no/such/data.npz", "--method", "random"], "not found"),
+    (["--data", "digits", "--finetune-epochs", "-1"], "finetune-epochs"),
 ])
 def test_refusals_are_one_line_and_fast(resnet_copy, args, expect):
     res = _cli("compress", resnet_copy, *args, timeout=120)

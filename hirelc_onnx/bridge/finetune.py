@@ -62,7 +62,8 @@ class FinetuneSettings:
     """How `finetune` trains; every field can also be passed to `finetune` as a keyword."""
 
     time_budget_s: float = 60.0
-    """Wall-clock limit for the whole call (conversion and teacher inference included)."""
+    """Wall-clock limit for the whole call (conversion and teacher inference included); math.inf:
+    none, `max_epochs` (or `patience`) ends the run and it is repeatable."""
     max_epochs: int = 60
     """Epochs at most. The cosine learning-rate decay spans them, or, when the time budget cannot
     fit them (measured after each epoch), the epochs it can: a clock-limited run still ends with
@@ -304,7 +305,9 @@ def _train(model: onnx.ModelProto, specs: dict[str, WeightQuantSpec], train: Dat
         # plan: shrink the horizon to the epochs the remaining budget fits, so a run the clock
         # limits still ends with a decayed learning rate
         now = time.perf_counter()
-        fits = epoch + int((s.time_budget_s - (now - t0)) / ((now - t_train) / epoch))
+        if not math.isfinite(s.time_budget_s):
+            continue
+        fits = epoch + int((s.time_budget_s - (now - t0)) / max((now - t_train) / epoch, 1e-9))
         if fits < horizon:
             horizon = max(epoch, fits)
             stopped = "time_budget"

@@ -63,6 +63,9 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="per-channel", show_default=True)
 @click.option("--evaluations", type=int, default=8, show_default=True, help="Real (fine-tuned) evaluations.")
 @click.option("--finetune-seconds", type=float, default=20.0, show_default=True, help="Per real evaluation.")
+@click.option("--finetune-epochs", type=click.IntRange(0), default=None,
+              help="Fine-tune each real evaluation for this many epochs instead of --finetune-seconds: "
+                   "the same training for every candidate, and a repeatable run.")
 @click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original MACs.")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),
@@ -70,7 +73,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--resume", is_flag=True, help="Continue a killed run from the state in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 def compress(model, budget, data, method, target, max_drop, time_limit, seed, out_dir, bits, keep, qtype,
-             granularity, evaluations, finetune_seconds, flops, params, resume, as_json) -> None:
+             granularity, evaluations, finetune_seconds, finetune_epochs, flops, params, resume, as_json) -> None:
     """Compress MODEL and write the smaller model with its report."""
     from hirelc_onnx.compress import compress as run
 
@@ -101,7 +104,8 @@ def compress(model, budget, data, method, target, max_drop, time_limit, seed, ou
         try:
             result = run(model, budget=budget, data=data, method=method, target=target, max_drop=max_drop,
                          time_limit=time_limit, seed=seed, out_dir=out_dir, evaluations=evaluations,
-                         finetune_seconds=finetune_seconds, progress=progress, **options)
+                         finetune_seconds=finetune_seconds, finetune_epochs=finetune_epochs, progress=progress,
+                         **options)
         except KeyboardInterrupt:
             hint = f"; continue with the same command plus --resume (state in {out_dir})" if out_dir else ""
             click.echo(f"interrupted{hint}", err=True)

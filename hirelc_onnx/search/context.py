@@ -13,6 +13,7 @@ The score is top-1 accuracy with labels and top-1 agreement with the fp32 model 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,12 +56,16 @@ class SearchContext:
     """Scores configs for a search method; see the module docstring."""
 
     def __init__(self, bg: BlockGraph, splits: Splits, target: str = "storage", *, proxy_size: int = 256,
-                 finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64) -> None:
+                 finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64,
+                 finetune_epochs: int | None = None) -> None:
         self.bg = bg
         self.splits = splits
         self.target = target
         self.seed = seed
         self.finetune_seconds = finetune_seconds
+        # a fixed number of epochs instead of the clock: every candidate gets the same training, and
+        # a run is repeatable (the clock makes results move with machine load)
+        self.finetune_epochs = finetune_epochs
         self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
         self.labelled = splits.val.y is not None
         self.input_name = bg.model.graph.input[0].name
@@ -91,7 +96,10 @@ class SearchContext:
         return top1_agreement(logits, ref)
 
     def measure(self, config: CompressionConfig, keep=None, finetune_seconds: float | None = None) -> Measurement:
-        """Apply `config` for real and score it on the validation split."""
+        """Apply `config` for real and score it on the validation split.
+
+        finetune_seconds overrides the context's clock for this call (ignored under `finetune_epochs`).
+        """
         start = time.perf_counter()
         config = self._targeted(config)
         pruned = apply_pruning(self.bg, config, keep)
@@ -115,7 +123,10 @@ class SearchContext:
         return CompressionConfig(dict(config.kernels), target=self.target)
 
     def _finetune(self, pruned: onnx.ModelProto, config: CompressionConfig, seconds: float):
-        if seconds <= 0 or self.bridge_error is not None:
+        budget = ({"max_epochs": self.finetune_epochs, "time_budget_s": math.inf}
+                  if self.finetune_epochs is not None else {"time_budget_s": seconds})
+        if self.bridge_error is not None or (self.finetune_epochs == 0 if self.finetune_epochs is not None
+                                             else seconds <= 0):
             return pruned, False
         try:
             from hirelc_onnx.bridge import finetune
@@ -132,7 +143,7 @@ class SearchContext:
             # first one's probe settled on, so they spend their seconds training, not probing again
             lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr}
             result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
-                              time_budget_s=seconds, seed=self.seed, **lr)
+                              seed=self.seed, **budget, **lr)
         except UserError as exc:
             self.bridge_error = str(exc)
             log.warning("fine-tuning disabled: %s", exc)

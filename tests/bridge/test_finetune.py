@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import onnx
@@ -118,6 +119,12 @@ def test_unlabelled_data_distils_the_teacher():
     scores = [h["val_score"] for h in result.history]
     assert all(v <= 0 for v in scores)  # -KL
     assert result.best_val == max(scores) > scores[0]
+
+
+def test_without_a_clock_max_epochs_ends_training():
+    s = digits()
+    result = finetune(tiny_cnn(), None, s.finetune, s.val, time_budget_s=math.inf, max_epochs=3, patience=99)
+    assert result.stopped == "max_epochs" and [h["epoch"] for h in result.history] == [0, 1, 2, 3]
 
 
 def test_time_budget_stops_training():
