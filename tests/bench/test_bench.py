@@ -21,3 +21,10 @@ def test_quick_bench_writes_table(tmp_path, reference_models):
     assert abs(rows["ort-int8"]["drop_points"]) <= 0.5
     assert {r["batch"] for r in data["latency"]} == {1, 32}
     assert all(r["pruned50_ms"] > 0 and r["int8_ms"] > 0 for r in data["latency"])
+    # the graph-rl vs L1 table: both at the MACs limit, scored and timed on the emitted models
+    (pruning,) = data["pruning"]
+    assert pruning["model"] == "resnet20" and pruning["epochs"] == 1
+    for name in ("l1", "graph-rl"):
+        assert pruning[f"{name}_macs"] <= 0.5 + 1e-9 and 0.5 < pruning[f"{name}_score"] <= 1.0
+        assert pruning[f"{name}_b1"] > 0 and pruning[f"{name}_b32"] > 0
+    assert "graph-rl vs uniform L1" in text and "| resnet20 | 1 | 0 |" in text
