@@ -10,6 +10,7 @@ reference model.
 
     python -m bench.run [--quick] [--models resnet20,vgg] [--methods uniform4,hirelc] [--out bench/]
     python -m bench.run --pruning-only [--models vgg]     # the graph-rl vs L1 table alone
+    python -m bench.run --finetune-epochs 20              # digits rows fine-tune by epochs: repeatable
 """
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ def _model_and_data(name: str, quick: bool):
     return build_reference_model(name), "digits"
 
 
-def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool) -> list[dict]:
+def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool,
+                finetune_epochs: int | None = None) -> list[dict]:
+    """The methods table. finetune_epochs: digits models fine-tune by epochs instead of the clock
+    (repeatable rows); EfficientNet keeps its own seconds (an epoch there is most of its budget)."""
     from hirelc_onnx.compress import compress
     from hirelc_onnx.graph import build_block_graph, load_model
     from hirelc_onnx.search.baselines import keep_for_flops
@@ -100,6 +104,7 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 result = compress(path, data=data, method=kind, target=target, budget=budget,
                                   evaluations=own.get("evaluations", evaluations),
                                   finetune_seconds=own.get("finetune_seconds", finetune_seconds), seed=0,
+                                  finetune_epochs=None if model_name in MODEL_SETTINGS else finetune_epochs,
                                   latency_runs=10 if quick or model_name == "efficientnet-lite0" else 30,
                                   **options)
             except Exception as exc:  # a failing method is a row, not the end of the benchmark
@@ -231,7 +236,9 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
         f"Run {meta['date']} on {meta['versions']['cpu']} ({meta['versions']['cores']} cores), Python "
         f"{meta['versions']['python']}, onnx {meta['versions']['onnx']}, onnxruntime {meta['versions']['onnxruntime']}; "
         f"searches: {meta['evaluations']} real evaluations, "
-        f"{meta['finetune_seconds']} s fine-tuning each"
+        + (f"{meta['finetune_epochs']} epochs" if meta.get("finetune_epochs") is not None
+           else f"{meta['finetune_seconds']} s")
+        + " fine-tuning each"
         + "".join(f"; {m}: {o.get('evaluations')} evaluations, {o.get('finetune_seconds')} s each, {o.get('crops')} crops"
                   for m, o in meta.get("model_settings", {}).items())
         + f"; total {meta['seconds']:.0f} s.",
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None)
     parser.add_argument("--evaluations", type=int, default=None)
     parser.add_argument("--finetune-seconds", type=float, default=None)
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="Digits models fine-tune this many epochs instead of --finetune-seconds (repeatable rows).")
     parser.add_argument("--out", default=str(Path(__file__).parent))
     parser.add_argument("--latency-only", action="store_true",
                         help="Only the pass-level table: fp32 vs 50%% pruned vs int8 ort-cpu latency.")
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |")
     only = args.latency_only or args.pruning_only
-    rows = [] if only else run_methods(plan, evaluations, finetune, args.quick)
+    rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs)
     spec = QUICK_PRUNING if args.quick else PRUNING
     if args.models:
         spec = {**spec, "models": tuple(m for m in spec["models"] if m in plan)}
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     digit_models = [m for m in models if m in DIGIT_MODELS]
     latency = [] if args.pruning_only else run_pass_latency(digit_models, runs=10 if args.quick else 50)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
-            "evaluations": evaluations, "finetune_seconds": finetune,
+            "evaluations": evaluations, "finetune_seconds": finetune, "finetune_epochs": args.finetune_epochs,
             "model_settings": {} if args.quick else {m: o for m, o in MODEL_SETTINGS.items() if m in plan},
             "seconds": time.perf_counter() - start, "plan": plan, "pruning_spec": spec}
     write_results(Path(args.out), rows, latency, meta, pruning)

@@ -11,9 +11,10 @@ from bench.run import main
 @pytest.mark.slow
 def test_quick_bench_writes_table(tmp_path, reference_models):
     reference_models("resnet20")
-    rc = main(["--quick", "--out", str(tmp_path)])
+    rc = main(["--quick", "--finetune-epochs", "2", "--out", str(tmp_path)])
     assert rc == 0
     text = (tmp_path / "RESULTS.md").read_text()
+    assert "2 epochs fine-tuning each" in text
     assert "| resnet20 | uniform4 | storage |" in text and "| resnet20 | ort-int8 | ort-cpu |" in text
     data = json.loads((tmp_path / "results.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
