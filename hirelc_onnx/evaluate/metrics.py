@@ -15,6 +15,7 @@ __all__ = [
     "top1_agreement",
     "top5_containment",
     "kl_divergence",
+    "cross_entropy",
     "logit_mse",
     "cosine_similarity",
     "fidelity",
@@ -80,6 +81,15 @@ def kl_divergence(logits: np.ndarray, ref: np.ndarray) -> float:
     log_p, log_q = _log_softmax(b), _log_softmax(a)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
     return float(max(0.0, kl.mean()))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits), in nats."""
+    a = _as_2d(logits)
+    y = np.asarray(labels).reshape(-1).astype(int)
+    if y.shape[0] != a.shape[0]:
+        raise DataError(f"{a.shape[0]} predictions but {y.shape[0]} labels")
+    return float(-_log_softmax(a)[np.arange(len(y)), y].mean())
 
 
 def logit_mse(logits: np.ndarray, ref: np.ndarray) -> float:

@@ -66,7 +66,8 @@ from hirelc_onnx.apply import apply_pruning
 from hirelc_onnx.bridge.convert import torch_threads
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.metrics import kl_divergence, logit_mse_proxy, top1_accuracy, top1_agreement
+from hirelc_onnx.evaluate.metrics import (cross_entropy, kl_divergence, logit_mse_proxy, top1_accuracy,
+                                          top1_agreement)
 from hirelc_onnx.evaluate.runner import SessionConfig, predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
@@ -481,13 +482,10 @@ class _Selection:
         self.ref = None if self.labelled else ctx.val_ref
 
     def __call__(self, model) -> tuple[float, float]:
-        logits = predict(model, self.x).astype(np.float64)
+        logits = predict(model, self.x)
         if not self.labelled:
             return top1_agreement(logits, self.ref), kl_divergence(logits, self.ref)
-        logits = logits.reshape(len(logits), -1)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        return top1_accuracy(logits, self.y), float(-logp[np.arange(len(logp)), self.y].mean())
+        return top1_accuracy(logits, self.y), cross_entropy(logits, self.y)
 
 
 def _scorer(bg: BlockGraph, ctx: SearchContext, obs: GraphObservation,

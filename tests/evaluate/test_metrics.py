@@ -8,6 +8,7 @@ from scipy.special import rel_entr, softmax
 from hirelc_onnx.errors import DataError, UserError
 from hirelc_onnx.evaluate.metrics import (
     cosine_similarity,
+    cross_entropy,
     fidelity,
     kl_divergence,
     logit_mse,
@@ -27,6 +28,15 @@ def test_top1_accuracy_by_hand():
     assert top1_accuracy(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)
     with pytest.raises(DataError, match="3 predictions but 2 labels"):
         top1_accuracy(logits, np.array([1, 0]))
+
+
+def test_cross_entropy_matches_scipy_softmax():
+    labels = RNG.integers(0, 10, len(REF))
+    expected = -np.log(softmax(REF.astype(np.float64), axis=1)[np.arange(len(REF)), labels]).mean()
+    assert cross_entropy(REF, labels) == pytest.approx(expected, rel=1e-9)
+    assert cross_entropy(REF[:, :, None, None], labels) == pytest.approx(expected, rel=1e-9)  # (N, C, 1, 1) heads
+    with pytest.raises(DataError, match="200 predictions but 3 labels"):
+        cross_entropy(REF, labels[:3])
 
 
 def test_top5_containment_by_hand():
