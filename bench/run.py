@@ -28,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger("bench")
 
 # bench row name -> (compress() method, target, budget, options); "l1-flops50" is filled in per model
+# (`_compress_args`)
 METHOD_SPECS: dict[str, tuple[str, str, str | None, dict]] = {
     "uniform8": ("uniform", "storage", None, {"bits": 8}),
     "uniform6": ("uniform", "storage", None, {"bits": 6}),
@@ -60,8 +61,9 @@ QUICK_PLAN = {"resnet20": ["uniform4", "ort-int8"]}
 # both fine-tuned for the same fixed number of epochs (no clock, so the comparison is the same on a
 # busy machine and a run is repeatable), at a short and a long budget, over seeds that each re-split
 # the data (on 449 test digits one image is 0.22 points; one seed cannot separate two methods).
-PRUNING = {"models": ("resnet20", "vgg"), "seeds": (0, 1, 2), "epochs": (3, 30), "flops": 0.5, "evaluations": 4}
-QUICK_PRUNING = {"models": ("resnet20",), "seeds": (0,), "epochs": (1,), "flops": 0.5, "evaluations": 1,
+# The two rows compared are METHOD_SPECS' "l1-flops50" and "graph-rl-flops50".
+PRUNING = {"models": ("resnet20", "vgg"), "seeds": (0, 1, 2), "epochs": (3, 30), "evaluations": 4}
+QUICK_PRUNING = {"models": ("resnet20",), "seeds": (0,), "epochs": (1,), "evaluations": 1,
                  "episodes": 16}
 
 
@@ -83,22 +85,31 @@ def _model_and_data(name: str, quick: bool):
     return build_reference_model(name), "digits"
 
 
+def _compress_args(method: str, path) -> tuple[str, str, str | None, dict]:
+    """METHOD_SPECS[method] with per-model options filled in: "l1-flops50" gets the uniform L1 keep
+    ratio that lands on the MACs limit "graph-rl-flops50" is held to."""
+    from hirelc_onnx.graph import build_block_graph, load_model
+    from hirelc_onnx.search.baselines import keep_for_flops
+
+    kind, target, budget, options = METHOD_SPECS[method]
+    if method == "l1-flops50":
+        flops = METHOD_SPECS["graph-rl-flops50"][3]["flops"]
+        options = {**options, "keep": keep_for_flops(build_block_graph(load_model(path)), flops)}
+    return kind, target, budget, options
+
+
 def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool,
                 finetune_epochs: int | None = None) -> list[dict]:
     """The methods table. finetune_epochs: digits models fine-tune by epochs instead of the clock
     (repeatable rows); EfficientNet keeps its own seconds (an epoch there is most of its budget)."""
     from hirelc_onnx.compress import compress
-    from hirelc_onnx.graph import build_block_graph, load_model
-    from hirelc_onnx.search.baselines import keep_for_flops
 
     rows = []
     for model_name, methods in plan.items():
         path, data = _model_and_data(model_name, quick)
         own = {} if quick else MODEL_SETTINGS.get(model_name, {})
         for method in methods:
-            kind, target, budget, options = METHOD_SPECS[method]
-            if method == "l1-flops50":  # uniform L1 pruning at the FLOPs graph-rl is held to
-                options = {**options, "keep": keep_for_flops(build_block_graph(load_model(path)), 0.5)}
+            kind, target, budget, options = _compress_args(method, path)
             t0 = time.perf_counter()
             try:
                 result = compress(path, data=data, method=kind, target=target, budget=budget,
@@ -127,29 +138,26 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
 
 
 def run_pruning_comparison(spec: dict) -> list[dict]:
-    """L1 (uniform keep at the MACs limit, bits 7 as graph-rl's default) and graph-rl, side by side."""
+    """"l1-flops50" (uniform L1 keep at the MACs limit, bits 7 as graph-rl's default) and
+    "graph-rl-flops50", side by side at each fine-tuning budget and seed of `spec`."""
     from examples.reference_models import build_reference_model
     from hirelc_onnx.compress import compress
-    from hirelc_onnx.graph import build_block_graph, load_model
-    from hirelc_onnx.search.baselines import keep_for_flops
     from hirelc_onnx.search.graph_rl import GraphRLSettings
 
     rows = []
-    settings = GraphRLSettings(episodes=spec["episodes"]) if "episodes" in spec else None
+    settings = {"settings": GraphRLSettings(episodes=spec["episodes"])} if "episodes" in spec else {}
     print("\n".join(pruning_table([], spec)[-2:]), flush=True)
     for model_name in spec["models"]:
         path = build_reference_model(model_name)
-        keep = keep_for_flops(build_block_graph(load_model(path)), spec["flops"])
-        runs = {"l1": dict(method="uniform", bits=7, keep=keep, evaluations=1),
-                "graph-rl": dict(method="graph-rl", flops=spec["flops"], evaluations=spec["evaluations"],
-                                 settings=settings)}
+        runs = {"l1": _compress_args("l1-flops50", path), "graph-rl": _compress_args("graph-rl-flops50", path)}
         for epochs in spec["epochs"]:
             for seed in spec["seeds"]:
                 row = {"model": model_name, "epochs": epochs, "seed": seed}
-                for name, options in runs.items():
+                for name, (kind, target, budget, options) in runs.items():
                     t0 = time.perf_counter()
-                    rep = compress(path, data="digits", target="ort-cpu", finetune_epochs=epochs, seed=seed,
-                                   latency_runs=30, **options).report
+                    rep = compress(path, data="digits", method=kind, target=target, budget=budget,
+                                   evaluations=spec["evaluations"], finetune_epochs=epochs, seed=seed, latency_runs=30,
+                                   **options, **(settings if kind == "graph-rl" else {})).report
                     row.update({"fp32": rep["accuracy"]["fp32"], "test_n": rep["accuracy"]["n"],
                                 f"{name}_score": rep["accuracy"]["compressed"],
                                 f"{name}_macs": rep["size"]["macs_fraction"],
@@ -170,7 +178,8 @@ def _pruning_md(r: dict, label: str | None = None) -> str:
 
 def pruning_table(rows: list[dict], spec: dict) -> list[str]:
     """Per-seed rows and a mean row per model and fine-tuning budget."""
-    lines = [f"## Channel pruning at {spec['flops']:g} of the MACs: graph-rl vs uniform L1", "",
+    flops = METHOD_SPECS["graph-rl-flops50"][3]["flops"]
+    lines = [f"## Channel pruning at {flops:g} of the MACs: graph-rl vs uniform L1", "",
              "Both prune channels to the same MACs limit (L1: every group at one keep ratio, its smallest-L1 "
              "channels removed; graph-rl: the search, "
              f"{spec['evaluations']} real evaluations), store weights at 7 bits (ort-cpu), and fine-tune for the "
