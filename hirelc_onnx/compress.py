@@ -88,7 +88,8 @@ def compress(model_path: str | os.PathLike, *, budget: str | float | None = None
              method: str = "hirelc", target: str = "storage", max_drop: float | None = None,
              time_limit: float | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
              finetune_seconds: float = 20.0, evaluations: int = 8, latency_runs: int = 20,
-             finetune_epochs: int | None = None, progress: Callable[[str, int, int], None] | None = None, **method_options) -> CompressResult:
+             finetune_epochs: int | None = None, progress: Callable[[str, int, int], None] | None = None,
+             **method_options) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     budget: true-bytes ratio such as '6x' (None: the method's own default choice).

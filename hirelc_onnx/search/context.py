@@ -123,11 +123,10 @@ class SearchContext:
         return CompressionConfig(dict(config.kernels), target=self.target)
 
     def _finetune(self, pruned: onnx.ModelProto, config: CompressionConfig, seconds: float):
-        budget = ({"max_epochs": self.finetune_epochs, "time_budget_s": math.inf}
-                  if self.finetune_epochs is not None else {"time_budget_s": seconds})
-        if self.bridge_error is not None or (self.finetune_epochs == 0 if self.finetune_epochs is not None
-                                             else seconds <= 0):
+        epochs = self.finetune_epochs
+        if self.bridge_error is not None or (seconds <= 0 if epochs is None else epochs == 0):
             return pruned, False
+        budget = {"time_budget_s": seconds} if epochs is None else {"max_epochs": epochs, "time_budget_s": math.inf}
         try:
             from hirelc_onnx.bridge import finetune
         except ImportError as exc:  # torch missing: search without recovery, visibly
