@@ -6,25 +6,23 @@ outputs are written atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from hirelc_onnx.config import TARGETS, CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.io import write_atomic, write_json
 from hirelc_onnx.graph import ModelCost, build_block_graph, load_model, model_cost
 from hirelc_onnx.graph.blockgraph import BlockGraph
 
-__all__ = ["CompressResult", "compress", "METHODS", "write_atomic"]
+__all__ = ["CompressResult", "compress", "METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -249,33 +247,6 @@ def _reference_points(bg: BlockGraph, ctx, target: str) -> dict:
 
 # --- writing outputs ------------------------------------------------------------------------
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
 def _check_out_dir(out_dir: Path, model_path: Path) -> None:
     if (out_dir / "model.onnx").resolve() == model_path.resolve():
         raise UserError(f"--out {out_dir} would overwrite the input model; choose another folder")
@@ -289,10 +260,10 @@ def write_outputs(result: CompressResult, out_dir: Path, model_path: Path) -> No
     _check_out_dir(out_dir, Path(model_path))
     write_atomic(out_dir / "model.onnx", result.model.SerializeToString())
     if result.config is not None:
-        write_atomic(out_dir / "config.json", (json.dumps(result.config.to_dict(), indent=2) + "\n").encode())
+        write_json(out_dir / "config.json", result.config.to_dict())
     result.report["outputs"] = {name: str(out_dir / name) for name in ("model.onnx", "config.json", "report.json",
                                                                       "report.html")}
-    write_atomic(out_dir / "report.json", (json.dumps(result.report, indent=2, default=_json_default) + "\n").encode())
+    write_json(out_dir / "report.json", result.report)
     from hirelc_onnx.report.html import render_html
 
     write_atomic(out_dir / "report.html", render_html(result.report).encode())

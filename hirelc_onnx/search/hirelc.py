@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from hirelc_onnx.compress import write_atomic
+from hirelc_onnx.io import write_atomic
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
