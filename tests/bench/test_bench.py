@@ -21,11 +21,16 @@ def test_quick_bench_writes_table(tmp_path, reference_models):
     assert rows["uniform4"]["ratio"] > 7.0  # 4-bit weights, measured on the emitted model
     assert abs(rows["ort-int8"]["drop_points"]) <= 0.5
     assert {r["batch"] for r in data["latency"]} == {1, 32}
-    assert all(r["pruned50_ms"] > 0 and r["int8_ms"] > 0 for r in data["latency"])
+    for r in data["latency"]:  # speedups are the ratios of the medians the same row measured
+        assert r["pruned_speedup"] == pytest.approx(r["fp32_ms"] / r["pruned50_ms"])
+        assert r["int8_speedup"] == pytest.approx(r["fp32_ms"] / r["int8_ms"])
+        assert f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['pruned50_ms']:.3f} |" in text
     # the graph-rl vs L1 table: both at the MACs limit, scored and timed on the emitted models
     (pruning,) = data["pruning"]
     assert pruning["model"] == "resnet20" and pruning["epochs"] == 1
     for name in ("l1", "graph-rl"):
         assert pruning[f"{name}_macs"] <= 0.5 + 1e-9 and 0.5 < pruning[f"{name}_score"] <= 1.0
-        assert pruning[f"{name}_b1"] > 0 and pruning[f"{name}_b32"] > 0
     assert "graph-rl vs uniform L1" in text and "| resnet20 | 1 | 0 |" in text
+    # the table prints the speedups the JSON holds, for both methods
+    speedups = " | ".join(f"{pruning[f'{n}_b1']:.2f}x / {pruning[f'{n}_b32']:.2f}x" for n in ("l1", "graph-rl"))
+    assert speedups in text

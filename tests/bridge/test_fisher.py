@@ -56,4 +56,6 @@ def test_resnet20_fisher_ranks_like_2bit_quantization_damage(reference_models):
     rho = spearmanr([result.per_kernel[n] for n in names], [damage[n] for n in names]).statistic
     print(f"\nresnet20: Spearman(Fisher per kernel, logit MSE of 2-bit on that kernel alone) = {rho:.3f} "
           f"over {len(names)} kernels, {result.n_samples} samples")
-    assert rho > 0
+    # measured 0.327 here (seed 0, 180 calibration rows, 22 kernels); a floor well above chance
+    # (|rho| of an unrelated ranking of 22 items rarely exceeds 0.2), below the measured value
+    assert rho >= 0.25

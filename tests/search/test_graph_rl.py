@@ -1,6 +1,8 @@
 """Graph-RL pruning: the graph observation, the GAT policy, constraint handling, the proxy, end to end."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -228,8 +230,10 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     bg = build_block_graph(load_model(reference_models("resnet20")))
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=2, proxy_size=64)
     steps = []
+    wall = time.perf_counter()
     result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY,
                           progress=lambda i, n: steps.append((i, n)))
+    wall = time.perf_counter() - wall
     assert model_cost(bg, result.config).macs_fraction <= 0.5
     real = [h for h in result.history if h["kind"] == "real"]
     proxy = [h for h in result.history if h["kind"] == "proxy"]
@@ -247,7 +251,9 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     assert result.val_score == chosen["score"]
     assert np.isclose(chosen["selection_score"], (logits.argmax(1) == rows).mean())
     times = result.extra
-    assert times["importance_seconds"] > 0 and times["rl_seconds"] > 0 and times["measure_seconds"] > 0
+    # the phases are consecutive parts of the run, and measuring holds every candidate's own time
+    phases = times["importance_seconds"] + times["rl_seconds"] + times["measure_seconds"]
+    assert phases <= wall and times["measure_seconds"] >= sum(h["seconds"] for h in real)
     assert ctx.test_score(result.model) > 0.3  # 50% of MACs gone: about 0.1 before fine-tuning
     assert len(result.extra["lagrange_multipliers"]) == len(result.extra["best_proxy_curve"]) == 2
     assert result.extra["best_proxy_curve"] == sorted(result.extra["best_proxy_curve"])

@@ -18,6 +18,7 @@ from hirelc_onnx.search.features import config_key
 from hirelc_onnx.search.hirelc import STATE_VERSION, HiReLCSettings, _normalise, _settings, run_hirelc
 
 BUDGET = 6.0
+MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet
 # tiny but complete: both levels, ensembles of two, every phase of the loop
 TINY = dict(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
             agent=AgentSettings(n_envs=2, n_steps=4))
@@ -113,8 +114,11 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
 
 @pytest.mark.slow
 def test_time_limit_returns_after_one_real_evaluation(bg, ctx):
-    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=5, seed=0, time_limit=1.0, max_drop=100.0,
-                        **TINY)
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=5, seed=0, time_limit=1.0,
+                        max_drop=MAX_DROP, **TINY)
     assert result.extra["time_limited"] and result.extra["rounds"] == 1
     assert ctx.evaluations == 1 and model_cost(bg, result.config).ratio >= BUDGET
-    assert result.extra["max_drop_met"] is True
+    # the goal is judged on the validation score the emitted model really has (no fine-tuning here)
+    val = ctx.score(predict(result.model, ctx.splits.val.x), ctx.splits.val)
+    assert result.val_score == pytest.approx(val)
+    assert result.extra["max_drop_met"] is (100 * (ctx.fp32_val_score - val) <= MAX_DROP + 1e-9)
