@@ -15,7 +15,8 @@ from hirelc_onnx.search.agents import AgentSettings
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.envs import RewardWeights
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import STATE_VERSION, HiReLCSettings, _normalise, _settings, run_hirelc
+from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, _settings, run_hirelc
+from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
 # tiny but complete: both levels, ensembles of two, every phase of the loop
