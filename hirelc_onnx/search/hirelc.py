@@ -23,47 +23,40 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       prior (fp32 fitted: the proxy's knapsack without the agents), later rounds
                       the voted config; already measured? The best unmeasured pool config by
                       surrogate mean + kappa * spread (active learning) is measured instead
-  6. state            round, measurements, proxy results, working config, seeds: JSON,
-                      written atomically, so `resume=True` continues with the next round
+  6. state            the loop's memory (`hirelc_state.HiReLCState`: round, probes, measurements,
+                      proxy results, working config, levels) is written atomically as JSON, so
+                      `resume=True` continues with the next round
 
 The result is the best REAL measurement that meets the budget (and `max_drop` when given);
 the surrogate and the proxy shape rewards only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 
-from hirelc_onnx.io import write_atomic
-from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.graph.cost import ModelCost
+from hirelc_onnx.io import write_atomic
 from hirelc_onnx.search.agents import AgentSettings, Ensemble
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
 from hirelc_onnx.search.features import WeightPerturbation, config_key
+from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint, best_model_path
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
 
-__all__ = ["HiReLCSettings", "run_hirelc", "STATE_VERSION"]
+__all__ = ["HiReLCSettings", "run_hirelc"]
 
 log = logging.getLogger(__name__)
-
-STATE_VERSION = 2  # 2: probes at 4 bits
-# The single-kernel proxy probe. 4 bits, not 2: at 2 bits the most sensitive kernels saturate the
-# logits (EfficientNet-Lite0: their 2-bit / 4-bit damage ratio is 2-8, against 20-100 for the rest),
-# which flattens the very differences the estimator needs; 4 bits is also where the decisions lie.
-PROBE = KernelConfig(bits=4, granularity="per-channel")
 
 
 @dataclass(frozen=True)
@@ -116,27 +109,6 @@ class HiReLCSettings:
     """The true-bytes ratio searched for when no budget is given."""
 
 
-@dataclass
-class RealPoint:
-    """One real measurement as the search keeps it (the emitted model only while it is the best)."""
-
-    round: int
-    config: CompressionConfig
-    key: str
-    score: float
-    cost: ModelCost
-    finetuned: bool
-    seconds: float
-    source: str
-    predicted: float
-    model: onnx.ModelProto | None = field(default=None, repr=False)
-
-    def to_json(self) -> dict:
-        return {"round": self.round, "config": self.config.to_dict(), "key": self.key, "score": self.score,
-                "finetuned": self.finetuned, "seconds": self.seconds, "source": self.source,
-                "predicted": self.predicted}
-
-
 def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
                evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
@@ -161,47 +133,29 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     check_reachable(bg, budget, target)
     start = time.perf_counter()
     state_path = Path(state_path) if state_path else None
-    state = _load_state(state_path, bg, budget, target, seed) if resume else None
+    state = HiReLCState.load(state_path, bg, budget, target, seed, ctx) if resume else None
     if resume and state is None:
         log.warning("resume asked but no search state at %s: starting afresh", state_path)
+    resumed_from = None if state is None else state.next_round
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
-    if state:
-        probes = [ProxyObservation(CompressionConfig({p["kernel"]: PROBE}, target), p["logit_mse"], p["agreement"])
-                  for p in state["probes"]]
-        kernel_sens, block_sens = state["sensitivity"]["kernel"], {int(b): s for b, s in
-                                                                   state["sensitivity"]["block"].items()}
-        sens_source = state["sensitivity"]["source"]
-    else:
-        probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
-        kernel_sens, block_sens, sens_source = _sensitivity(bg, ctx, probes, settings)
-    log.info("sensitivity from %s", sens_source)
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
-    accuracy = AccuracyModel(bg, estimator, kernel_sens, MIN_KEEP, min_points=settings.surrogate_min_points,
-                             prior_points=settings.surrogate_prior_points, n_models=settings.surrogate_models,
-                             seed=seed)
-    problem = SearchProblem(bg, budget, target, accuracy, kernel_sens, block_sens, ctx.fp32_val_score,
-                            base_weights=settings.reward, n_levels=settings.n_levels, level_span=settings.level_span,
-                            sensitivity_shift=settings.sensitivity_shift, max_shift=settings.max_shift)
-    proxies: dict[str, ProxyObservation] = {}
-    real: list[RealPoint] = []
-    history: list[dict] = []
-    round_seconds: list[float] = []
-    first_round = 0
-    if state:
-        proxies = {config_key(o.config): o for o in (
-            ProxyObservation(CompressionConfig.from_dict(p["config"]), p["logit_mse"], p["agreement"])
-            for p in state["proxies"])}
-        real = [_real_from_json(ctx, r) for r in state["measurements"]]
-        history = state["history"]
-        round_seconds = state["round_seconds"]
-        first_round = state["next_round"]
-        problem.current = dict(CompressionConfig.from_dict(state["current"]).kernels)
-        problem.block_levels = np.asarray(state["levels"], dtype=np.int64)
-        _restore_best_model(state_path, state["best_model"]["key"], real)
-    else:
+    if state is None:
+        state = _first_state(bg, ctx, budget, target, seed, settings)
+    log.info("sensitivity from %s", state.sensitivity_source)
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
+    accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
+                             min_points=settings.surrogate_min_points, prior_points=settings.surrogate_prior_points,
+                             n_models=settings.surrogate_models, seed=seed)
+    problem = SearchProblem(bg, budget, target, accuracy, state.kernel_sensitivity, state.block_sensitivity,
+                            ctx.fp32_val_score, base_weights=settings.reward, n_levels=settings.n_levels,
+                            level_span=settings.level_span, sensitivity_shift=settings.sensitivity_shift,
+                            max_shift=settings.max_shift)
+    if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
-        proxies[config_key(initial.config)] = initial
+        state.proxies[config_key(initial.config)] = initial
+    else:
+        problem.current = dict(state.current.kernels)
+        problem.block_levels = np.asarray(state.levels, dtype=np.int64)
 
     # --- the ensembles: one for the block levels, one per block ----------------------------------
     ensemble = dict(size=settings.ensemble_size, kinds=settings.member_kinds, voting=settings.voting,
@@ -212,15 +166,14 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                     seed=_agent_seed(seed, b), **ensemble) for b in range(len(bg.blocks))]
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
-    measured = {p.key for p in real}
+    measured = {p.key for p in state.real}
     time_limited = False
-    rounds_done = first_round
-    for rnd in range(first_round, evaluations):
+    for rnd in range(state.next_round, evaluations):
         round_start = time.perf_counter()
-        expected = np.mean(round_seconds) if round_seconds else ctx.finetune_seconds + 30.0
+        expected = np.mean(state.round_seconds) if state.round_seconds else ctx.finetune_seconds + 30.0
         if time_limit is not None and time.perf_counter() - start + expected > time_limit:
             time_limited = True
-            if real:
+            if state.real:
                 log.warning("time limit %gs: stopping after %d of %d rounds", time_limit, rnd, evaluations)
                 break
         rng = np.random.default_rng([seed, rnd])
@@ -228,7 +181,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         timing = {"rl": 0.0}
         if not time_limited:
             # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
-            accuracy.refit(list(proxies.values()), [(p.config, p.cost, p.score) for p in real])
+            accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real])
             problem.begin_round()
             # 2. high level: budget levels per block, voted by the ensemble, shifted by sensitivity;
             #    adopted when they beat the current levels on the base-weights reward
@@ -251,45 +204,46 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         # 4. proxy check of the voted config and the best of the pool (cached by config hash)
         checks = [("voted", voted)] + [("pool", c) for c in problem.best_pool(settings.proxy_checks)]
         for role, config in ([] if time_limited else checks):
-            _record_proxy(ctx, config, proxies, history, rnd, role, budget)
+            _record_proxy(ctx, state, config, rnd, role)
         # 5. real evaluation: repair to the budget, choose by acquisition when already measured
-        source, candidate = _choose(bg, problem, accuracy, voted, budget, kernel_sens, measured, settings, rng)
-        _record_proxy(ctx, candidate, proxies, history, rnd, "measured", budget)
+        source, candidate = _choose(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured,
+                                    settings, rng)
+        _record_proxy(ctx, state, candidate, rnd, "measured")
         predicted = accuracy.predict(candidate, ctx.cost(candidate)).accuracy
         timing["proxy"] = time.perf_counter() - round_start - timing["rl"]
         m = ctx.measure(candidate)
         timing["measure"] = m.seconds
         point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
                           predicted)
-        _keep_best(point, m, real, threshold, state_path)
-        real.append(point)
+        _keep_best(point, m, state.real, threshold, state_path)
+        state.real.append(point)
         measured.add(point.key)
-        history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                        predicted=predicted, levels=problem.block_levels.tolist(), adopted=adopted,
-                                        timing=timing))
-        round_seconds.append(time.perf_counter() - round_start)
-        rounds_done = rnd + 1
+        state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
+                                              predicted=predicted, levels=problem.block_levels.tolist(),
+                                              adopted=adopted, timing=timing))
+        state.round_seconds.append(time.perf_counter() - round_start)
+        state.next_round = rnd + 1
         log.info("round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, proxy %.1fs, "
-                 "measure %.1fs)", rounds_done, evaluations, source, m.cost.ratio, predicted, m.score,
-                 round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
+                 "measure %.1fs)", state.next_round, evaluations, source, m.cost.ratio, predicted, m.score,
+                 state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
         # 6. state: everything needed to continue with the next round
+        state.current, state.levels = problem.config(problem.current), problem.block_levels.tolist()
         if state_path is not None:
-            _save_state(state_path, bg, budget, target, seed, rounds_done, probes, proxies, real, history, problem,
-                        kernel_sens, block_sens, sens_source, round_seconds, accuracy)
+            state.save(state_path, accuracy.features)
         if progress:
-            progress(rounds_done, evaluations)
+            progress(state.next_round, evaluations)
         if time_limited:
             break
 
-    best = _best(real, threshold)
+    best = _best(state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
     extra = {
-        "block_sensitivity": {b: float(s) for b, s in block_sens.items()},
-        "kernel_sensitivity": dict(kernel_sens),
-        "sensitivity_source": sens_source,
-        "rounds": rounds_done,
-        "resumed_from": first_round if state else None,
+        "block_sensitivity": {b: float(s) for b, s in state.block_sensitivity.items()},
+        "kernel_sensitivity": dict(state.kernel_sensitivity),
+        "sensitivity_source": state.sensitivity_source,
+        "rounds": state.next_round,
+        "resumed_from": resumed_from,
         "time_limited": time_limited,
         "budget": budget,
         "max_drop_met": None if threshold is None else best.score >= threshold - 1e-12,
@@ -298,13 +252,22 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         "level_table": [asdict(level) for level in problem.levels],
         "accuracy_signal": accuracy.source,
         "estimator": estimator.state(),
-        "round_seconds": round_seconds,
+        "round_seconds": state.round_seconds,
         "settings": asdict(settings),
     }
-    return MethodResult(best.config, best.model, best.score, history, extra)
+    return MethodResult(best.config, best.model, best.score, state.history, extra)
 
 
-# --- sensitivity -------------------------------------------------------------------------------
+# --- the first state: probes and sensitivity ---------------------------------------------------
+
+def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str, seed: int,
+                 settings: HiReLCSettings) -> HiReLCState:
+    """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give."""
+    probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+    kernel_sens, block_sens, source = _sensitivity(bg, ctx, probes, settings)
+    return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes,
+                       kernel_sens, block_sens, source)
+
 
 def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservation],
                  settings: HiReLCSettings) -> tuple[dict[str, float], dict[int, float], str]:
@@ -323,7 +286,8 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
         log.info("Fisher sensitivity unavailable (%s: %s); using proxy probes", type(exc).__name__, exc)
     per_kernel = {next(iter(p.config.kernels)): p.logit_mse for p in probes}
     per_block = {b.id: sum(per_kernel[n] for n in b.kernels) for b in bg.blocks}
-    return _normalise(per_kernel), _normalise(per_block), f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)"
+    return (_normalise(per_kernel), _normalise(per_block),
+            f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)")
 
 
 def _normalise(values: dict) -> dict:
@@ -342,18 +306,17 @@ def _proxy(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
     return ProxyObservation(config, p.logit_mse, p.agreement)
 
 
-def _record_proxy(ctx: SearchContext, config: CompressionConfig, proxies: dict[str, ProxyObservation],
-                  history: list[dict], rnd: int, role: str, budget: float) -> None:
+def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionConfig, rnd: int, role: str) -> None:
     """Score a config with the real proxy once (cached by hash) and keep a history record of it."""
     key = config_key(config)
-    if key in proxies:
+    if key in state.proxies:
         return
-    obs = proxies[key] = _proxy(ctx, config)
+    obs = state.proxies[key] = _proxy(ctx, config)
     cost = ctx.cost(config)
-    history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
-                    "score": ctx.fp32_val_score * obs.agreement, "agreement": obs.agreement,
-                    "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
-                    "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= budget - 1e-9})
+    state.history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
+                          "score": ctx.fp32_val_score * obs.agreement, "agreement": obs.agreement,
+                          "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
+                          "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= state.budget - 1e-9})
 
 
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
@@ -396,7 +359,7 @@ def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshol
         p.model = None
     point.model = m.model
     if state_path is not None:
-        write_atomic(_best_model_path(state_path), m.model.SerializeToString())
+        write_atomic(best_model_path(state_path), m.model.SerializeToString())
 
 
 def _rank(p: RealPoint, threshold: float | None) -> tuple:
@@ -408,7 +371,7 @@ def _best(real: list[RealPoint], threshold: float | None) -> RealPoint:
     return max(real, key=lambda p: _rank(p, threshold))
 
 
-# --- settings and state ---------------------------------------------------------------------------
+# --- settings and seeds --------------------------------------------------------------------------
 
 def _settings(settings: HiReLCSettings, options: dict[str, Any]) -> HiReLCSettings:
     names = {f.name for f in fields(HiReLCSettings)}
@@ -427,72 +390,8 @@ def _agent_seed(seed: int, block: int | None = None) -> int:
     return seed * 100_000 + (0 if block is None else 100 * (block + 1))
 
 
-def _best_model_path(state_path: Path) -> Path:
-    return state_path.with_name(state_path.stem + ".best.onnx")
-
-
-def _save_state(path: Path, bg: BlockGraph, budget: float, target: str, seed: int, next_round: int,
-                probes: list[ProxyObservation], proxies: dict[str, ProxyObservation], real: list[RealPoint],
-                history: list[dict], problem: SearchProblem, kernel_sens: dict[str, float],
-                block_sens: dict[int, float], sens_source: str, round_seconds: list[float],
-                accuracy: AccuracyModel) -> None:
-    """Everything `resume` needs, as one JSON document written atomically.
-
-    The surrogate's training data is kept as rows too (features as computed at save time), for
-    inspection; on resume the surrogate is retrained from the measurements' configs, since the
-    features depend on the estimator's calibration.
-    """
-    surrogate_x = [accuracy.features(p.config, p.cost).tolist() for p in real]
-    state = {
-        "version": STATE_VERSION, "method": "hirelc", "kernels": sorted(bg.kernels), "budget": budget,
-        "target": target, "seed": seed, "next_round": next_round,
-        "rng": {"seed": seed, "high_agents": _agent_seed(seed),
-                "block_agents": [_agent_seed(seed, b) for b in range(len(bg.blocks))],
-                "member_offset": "+ member index", "round_stream": "numpy.random.default_rng([seed, round])"},
-        "probes": [{"kernel": next(iter(p.config.kernels)), "logit_mse": p.logit_mse, "agreement": p.agreement}
-                   for p in probes],
-        "proxies": [{"config": o.config.to_dict(), "logit_mse": o.logit_mse, "agreement": o.agreement}
-                    for o in proxies.values()],
-        "measurements": [p.to_json() for p in real],
-        "surrogate_data": {"x": surrogate_x, "y": [p.score for p in real]},
-        "history": history,
-        "current": problem.config(problem.current).to_dict(),
-        "levels": problem.block_levels.tolist(),
-        "sensitivity": {"source": sens_source, "kernel": kernel_sens, "block": {str(b): s for b, s in
-                                                                                block_sens.items()}},
-        "round_seconds": round_seconds,
-        "best_model": {"key": next((p.key for p in real if p.model is not None), None),
-                       "path": _best_model_path(path).name},
-    }
-    write_atomic(path, (json.dumps(state, indent=1) + "\n").encode())
-
-
-def _load_state(path: Path | None, bg: BlockGraph, budget: float, target: str, seed: int) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot resume: the search state {path} is unreadable ({exc}); delete it to start "
-                        f"afresh") from None
-    expected = {"version": STATE_VERSION, "method": "hirelc", "kernels": sorted(bg.kernels), "budget": budget,
-                "target": target, "seed": seed}
-    for key, value in expected.items():
-        if state.get(key) != value:
-            raise UserError(f"cannot resume from {path}: it was written for {key}={state.get(key)!r}, this run has "
-                            f"{value!r}; delete it (or drop --resume) to start afresh")
-    return state
-
-
-def _real_from_json(ctx: SearchContext, r: dict) -> RealPoint:
-    config = CompressionConfig.from_dict(r["config"])
-    return RealPoint(r["round"], config, r["key"], r["score"], ctx.cost(config), r["finetuned"], r["seconds"],
-                     r["source"], r["predicted"])
-
-
-def _restore_best_model(state_path: Path, key: str | None, real: list[RealPoint]) -> None:
-    """Reattach the saved emitted model of the best measurement, so a resumed run need not re-measure it."""
-    path = _best_model_path(state_path)
-    for p in real:
-        if p.key == key and path.exists():
-            p.model = onnx.load(str(path))
+def _rng_record(seed: int, blocks: int) -> dict[str, Any]:
+    """How the loop seeds its random streams, as the state records it."""
+    return {"seed": seed, "high_agents": _agent_seed(seed),
+            "block_agents": [_agent_seed(seed, b) for b in range(blocks)],
+            "member_offset": "+ member index", "round_stream": "numpy.random.default_rng([seed, round])"}

@@ -16,8 +16,9 @@ from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.gat import (CHANNEL_FEATURES, EDGE_TYPES, NODE_FEATURES, STATE_COLUMNS, ChannelPolicy,
                                     GATEncoder, build_observation)
-from hirelc_onnx.search.graph_rl import (Constraint, GraphRLSettings, MaskedProxy, PruningSpace,
-                                         resource_constraints, run_graph_rl)
+from hirelc_onnx.search.graph_rl import GraphRLSettings, run_graph_rl
+from hirelc_onnx.search.masked_proxy import MaskedProxy
+from hirelc_onnx.search.pruning_space import Constraint, PruningSpace, resource_constraints
 
 TINY = GraphRLSettings(episodes=8, batch=4, hidden=16, heads=2, fisher_samples=8)
 
@@ -261,12 +262,12 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
 
 
 def test_without_the_torch_bridge_the_proxy_falls_back_to_ort(reference_models, monkeypatch):
-    import hirelc_onnx.search.graph_rl as graph_rl
+    import hirelc_onnx.search.masked_proxy as masked_proxy
 
     def no_bridge(*args, **kwargs):
         raise UserError("onnx2torch cannot convert this graph")
 
-    monkeypatch.setattr(graph_rl, "MaskedProxy", no_bridge)
+    monkeypatch.setattr(masked_proxy, "MaskedProxy", no_bridge)
     bg = build_block_graph(load_model(reference_models("vgg")))
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0, proxy_size=32)
     result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY)

@@ -15,7 +15,8 @@ from hirelc_onnx.search.agents import AgentSettings
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.envs import RewardWeights
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import STATE_VERSION, HiReLCSettings, _normalise, _settings, run_hirelc
+from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, _settings, run_hirelc
+from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
 MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet

@@ -1,0 +1,201 @@
+"""The graph-RL proxy: how good a keep mask looks before any fine-tuning, cheap enough to score every
+episode.
+
+The score is -(logit MSE vs fp32)/(fp32 logit variance) of the pruned fp32 model on the context's
+proxy batch. `MaskedProxy` computes it in one torch forward pass with the pruned channels zeroed
+and the per-channel statistics re-estimated (its docstring: why, and why not the raw pruned
+model); `proxy_score` is the ORT fallback for models the torch bridge cannot convert;
+`proxy_scorer` picks one of the two for a run.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hirelc_onnx.apply import apply_pruning
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_agreement
+from hirelc_onnx.evaluate.runner import SessionConfig, predict
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.gat import GraphObservation
+from hirelc_onnx.search.pruning_space import PruningSpace
+from passes.channel_groups import ChannelMap
+
+__all__ = ["MaskedProxy", "proxy_score", "proxy_scorer"]
+
+log = logging.getLogger(__name__)
+
+# The proxy needs the pruned fp32 graph's outputs, not deployment speed: an unoptimised one-thread
+# session builds several times faster than ORT_ENABLE_ALL and computes the same logits.
+_PROXY_SESSION = SessionConfig(graph_optimization_level="disabled", intra_op_threads=1)
+
+
+class MaskedProxy:
+    """Scores keep masks in one torch forward pass, without rewriting ONNX (the RL phase's proxy).
+
+    The fp32 model is converted once (`bridge.to_torch`). A forward hook on every node whose
+    output carries a decided group's channels zeroes the pruned positions. Zeroing a channel in
+    every tensor that carries it computes what removing it does -- each consumer kernel reads
+    zeros from it -- so no pass, session or protobuf is built per episode (a test checks the
+    masked logits against the pruning pass run through ORT).
+
+    Pruning half the MACs of a small network without fine-tuning collapses its logits: on the
+    ResNet-20 reference, uniform L1 pruning at 0.71 keep leaves 9% top-1 agreement with fp32 and a
+    normalised logit MSE of 1.15, and random channels score the same, so raw outputs cannot rank
+    candidates. With `recalibrate`, each kernel output channel is re-standardised on the proxy
+    batch to the fp32 model's per-channel mean and std: what re-estimating BatchNorm statistics
+    does before fine-tuning (EagleEye, Li et al. 2020, rank pruned candidates this way), applied at
+    the kernel outputs because BatchNorm is folded into the kernels here. Measured on six 50%-MACs
+    ResNet-20 candidates, the rank correlation with validation accuracy after 2 fine-tuning epochs
+    was 0.94 for the recalibrated score and 0.66 for the raw one.
+    """
+
+    def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray, recalibrate: bool = True) -> None:
+        from hirelc_onnx.bridge.convert import to_torch
+
+        self.module = to_torch(bg.model)
+        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.recalibrate = recalibrate
+        self.lengths = obs.lengths.astype(int)
+        self.column = {gid: j for j, gid in enumerate(obs.groups)}
+        producer = {out: node.name for node in bg.model.graph.node for out in node.output}
+        group_of = bg.analysis.group_of_source
+        self.hooked: list[tuple[nn.Module, ChannelMap, list[int | None], bool]] = []
+        self.producers: set[int] = set()  # hooks on a decided group's producer kernels
+        for _, sub in self.module.named_modules():
+            mapping = getattr(sub, "onnx_mapping", None)
+            cmap = bg.analysis.maps.get(mapping.outputs[0]) if mapping is not None and mapping.outputs else None
+            if cmap is None:
+                continue
+            cols = [self.column.get(group_of[seg.source]) for seg in cmap.segments]
+            kernel = bg.kernels.get(producer.get(mapping.outputs[0]))
+            is_kernel = kernel is not None
+            if is_kernel or any(c is not None for c in cols):
+                if kernel is not None and kernel.group in self.column:  # not a depthwise pass-through
+                    self.producers.add(len(self.hooked))
+                self.hooked.append((sub, cmap, cols, is_kernel))
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: list[np.ndarray] | None = None
+        self._taps: list[tuple[int, torch.Tensor]] | None = None  # producer outputs, while scoring importance
+        for i, (sub, *_) in enumerate(self.hooked):
+            sub.register_forward_hook(functools.partial(self._hook, i))
+        with torch.no_grad():
+            self.ref = self.module(self.x).numpy()
+
+    def _positions(self, cmap: ChannelMap, cols: list[int | None]) -> torch.Tensor | None:
+        if self.masks is None or all(c is None for c in cols):
+            return None
+        parts = [np.ones(seg.length, bool) if c is None else self.masks[c] for seg, c in zip(cmap.segments, cols)]
+        return torch.from_numpy(np.repeat(np.concatenate(parts), cmap.repeat).astype(np.float32))
+
+    def _hook(self, i: int, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):  # multi-output nodes are channel barriers
+            return output
+        _, cmap, cols, is_kernel = self.hooked[i]
+        axis = cmap.axis % output.dim()
+        shape = [1] * output.dim()
+        shape[axis] = -1
+        if is_kernel and self.recalibrate:
+            dims = [d for d in range(output.dim()) if d != axis]
+            mean, std = output.mean(dim=dims), output.std(dim=dims, correction=0)
+            if i not in self.stats:  # the first pass is the unpruned model: its statistics are the target
+                self.stats[i] = (mean, std)
+            ref_mean, ref_std = self.stats[i]
+            scale = ref_std / torch.maximum(std, 0.1 * ref_std + 1e-8)
+            output = (output - mean.view(shape)) * scale.view(shape) + ref_mean.view(shape)
+        if self._taps is not None and i in self.producers:
+            self._taps.append((i, output))  # a producer of decided groups: where the mask m_c acts
+        keep = self._positions(cmap, cols)
+        return output if keep is None else output * keep.view(shape)
+
+    def channel_importance(self, x: np.ndarray, labels: np.ndarray | None = None,
+                           chunk: int = 64) -> list[np.ndarray]:
+        """Group Fisher importance of every decided channel (one array per decided group).
+
+        Zeroing channel c multiplies every producer output of its group by a mask m_c = 0; to
+        first order the loss of sample n changes by s_nc = dL_n/dm_c = sum over the producers'
+        output positions of activation * gradient. The score is mean_n s_nc^2 (the empirical
+        Fisher of the mask, Liu et al. 2021, "Group Fisher pruning"): the loss increase expected
+        from removing the channel, on one scale across groups. Loss: cross-entropy with `labels`,
+        else with the fp32 model's own argmax. Computed unpruned and without recalibration.
+        """
+        sums = [np.zeros(n) for n in self.lengths]
+        recalibrate, self.recalibrate = self.recalibrate, False
+        try:
+            for start in range(0, len(x), chunk):
+                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + chunk])).requires_grad_(True)
+                self._taps = []
+                logits = self.module(xb)
+                taps, self._taps = self._taps, None
+                if not taps:
+                    break
+                y = (torch.from_numpy(labels[start:start + chunk].astype(np.int64)) if labels is not None
+                     else logits.detach().argmax(1))
+                loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+                grads = torch.autograd.grad(loss, [out for _, out in taps])
+                for col, ps in enumerate(self._per_sample(taps, grads, len(xb))):
+                    sums[col] += (ps ** 2).sum(axis=0)
+        finally:
+            self._taps, self.recalibrate = None, recalibrate
+        return [s / max(len(x), 1) for s in sums]
+
+    def _per_sample(self, taps: list[tuple[int, torch.Tensor]], grads, batch: int) -> list[np.ndarray]:
+        """(batch, channels) dL_n/dm_c per decided group: activation * gradient summed over every
+        position of every producer output that carries the channel."""
+        per_sample = [np.zeros((batch, n)) for n in self.lengths]
+        for (i, out), grad in zip(taps, grads):
+            _, cmap, cols, _ = self.hooked[i]
+            axis = cmap.axis % out.dim()
+            dims = [d for d in range(out.dim()) if d not in (0, axis)]
+            s = ((out * grad).sum(dim=dims) if dims else out * grad).detach().double().numpy()  # (batch, positions)
+            offset = 0
+            for seg, col in zip(cmap.segments, cols):
+                width = seg.length * cmap.repeat
+                if col is not None:
+                    per_sample[col] += s[:, offset:offset + width].reshape(batch, seg.length, cmap.repeat).sum(-1)
+                offset += width
+        return per_sample
+
+    def __call__(self, masks: list[np.ndarray]) -> tuple[float, float, float]:
+        """(score, logit MSE, top-1 agreement) of the model keeping `masks` (one bool array per decided group)."""
+        self.masks = masks
+        try:
+            with torch.no_grad():
+                logits = self.module(self.x).numpy()
+        finally:
+            self.masks = None
+        mse = logit_mse_proxy(logits, self.ref)
+        return -mse, mse, top1_agreement(logits, self.ref)
+
+
+def proxy_score(bg: BlockGraph, ctx: SearchContext, config: CompressionConfig,
+                keep: dict[int, np.ndarray]) -> tuple[float, float, float]:
+    """(score, logit MSE, top-1 agreement) of the ONNX-pruned fp32 model on the proxy batch through ORT.
+
+    The fallback when the model cannot go through the torch bridge: exact, slower, and without
+    recalibration (see MaskedProxy for why that ranks collapsed candidates poorly).
+    """
+    logits = predict(apply_pruning(bg, config, keep), ctx.proxy_x, config=_PROXY_SESSION)
+    mse = logit_mse_proxy(logits, ctx.proxy_ref)
+    return -mse, mse, top1_agreement(logits, ctx.proxy_ref)
+
+
+def proxy_scorer(bg: BlockGraph, ctx: SearchContext, obs: GraphObservation,
+                 space: PruningSpace) -> Callable[[list[np.ndarray]], tuple[float, float, float]]:
+    """The recalibrated torch proxy, or the ORT proxy when the model cannot go through the bridge."""
+    try:
+        return MaskedProxy(bg, obs, ctx.proxy_x)
+    except (UserError, RuntimeError) as exc:  # RuntimeError: a torch forward failed (a batch-1-only Reshape)
+        log.warning("graph-rl: proxy without recalibration through ORT (%s)", exc)
+
+    def score(masks: list[np.ndarray]) -> tuple[float, float, float]:
+        return proxy_score(bg, ctx, space.config(space.counts(masks)), space.keep(masks))
+
+    return score

@@ -1,0 +1,174 @@
+"""The graph-RL action space: per-channel keep masks of the prunable groups, the resource limits they
+must meet, and the projection that makes any sampled mask feasible.
+
+A limit is a usage fraction of the original model measured by the cost model on the emitted
+model: MACs (`flops=0.5`), kernel weight elements (`params=0.5`), stored bytes with every kernel at
+`bits` (`budget=6`: bytes <= 1/6). `PruningSpace.project` moves a sample onto the boundary of those
+limits in the policy's own order, checked on the exact cost model, so every scored, measured or
+returned episode is feasible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.cost import ModelCost, model_cost
+from hirelc_onnx.search.budget import BudgetError
+from hirelc_onnx.search.gat import GraphObservation
+
+__all__ = ["DEFAULT_FLOPS", "Constraint", "resource_constraints", "PruningSpace"]
+
+DEFAULT_FLOPS = 0.5  # the target when the caller gives none
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A resource limit: usage (a fraction of the original model) <= limit."""
+
+    kind: str  # "flops" (MACs), "params" (kernel weight elements) or "bytes" (stored bytes)
+    limit: float
+
+    def usage(self, bg: BlockGraph, cost: ModelCost) -> float:
+        if self.kind == "flops":
+            return cost.macs_fraction
+        if self.kind == "params":
+            full = sum(int(np.prod(k.weight_shape)) for k in bg.kernels.values())
+            return sum(c.params for c in cost.kernels.values()) / max(full, 1)
+        return cost.total_bytes / max(cost.original_bytes, 1)
+
+    def describe(self) -> str:
+        return f"bytes <= 1/{1 / self.limit:g} of fp32" if self.kind == "bytes" else f"{self.kind} <= {self.limit:g}"
+
+
+def resource_constraints(budget: float | None = None, flops: float | None = None,
+                         params: float | None = None) -> list[Constraint]:
+    """The limits a run must meet: any of --budget Nx, --flops f, --params f (flops 0.5 when none is given)."""
+    out = []
+    for kind, value in (("flops", flops), ("params", params)):
+        if value is not None:
+            if not 0.0 < float(value) <= 1.0:
+                raise UserError(f"--{kind} is a fraction of the original model in (0, 1], got {value!r}")
+            out.append(Constraint(kind, float(value)))
+    if budget is not None:
+        out.append(Constraint("bytes", 1.0 / float(budget)))
+    return out or [Constraint("flops", DEFAULT_FLOPS)]
+
+
+class PruningSpace:
+    """Per-channel keep masks of the prunable groups <-> configs, their exact costs, and the projection."""
+
+    def __init__(self, bg: BlockGraph, obs: GraphObservation, constraints: list[Constraint], target: str,
+                 bits: int, min_keep: float, channel_multiple: int = 1) -> None:
+        self.bg, self.obs, self.constraints, self.target, self.bits = bg, obs, constraints, target, bits
+        self.limits = np.array([c.limit for c in constraints])
+        self.lengths = obs.lengths.astype(int)
+        self.units = np.where(self.lengths % channel_multiple == 0, channel_multiple, 1)
+        self.floors = np.minimum(self.lengths, np.ceil(min_keep * self.lengths / self.units) * self.units)
+        self.floors = np.maximum(self.floors, self.units).astype(int)
+
+    def config(self, counts: np.ndarray) -> CompressionConfig:
+        """The config whose groups keep `counts` channels (bits for every kernel); cost model and passes read it."""
+        ratio = {}
+        for gid, count, length in zip(self.obs.groups, counts, self.lengths):
+            for producer in self.bg.groups[gid].producers:
+                ratio[producer] = int(count) / length
+        kernels = {name: KernelConfig(bits=self.bits, keep_ratio=ratio.get(name, 1.0)) for name in self.bg.kernels}
+        return CompressionConfig(kernels, target=self.target)
+
+    @staticmethod
+    def counts(masks: list[np.ndarray]) -> np.ndarray:
+        """Kept channels per decided group."""
+        return np.array([m.sum() for m in masks])
+
+    def keep(self, masks: list[np.ndarray]) -> dict[int, np.ndarray]:
+        """Explicit kept channel indices of the groups that lose channels."""
+        return {gid: np.flatnonzero(m) for gid, m in zip(self.obs.groups, masks) if not m.all()}
+
+    def usage(self, counts: np.ndarray) -> tuple[np.ndarray, ModelCost]:
+        """Usage of every limit (and the exact cost) of the config keeping `counts` channels."""
+        cost = model_cost(self.bg, self.config(counts))
+        return self.usage_of(cost), cost
+
+    def usage_of(self, cost: ModelCost) -> np.ndarray:
+        """Usage of every limit by a model of this cost."""
+        return np.array([c.usage(self.bg, cost) for c in self.constraints])
+
+    def feasible(self, usage: np.ndarray) -> bool:
+        return bool(np.all(usage <= self.limits + 1e-9))
+
+    def check_reachable(self) -> None:
+        usage, _ = self.usage(self.floors)
+        if not self.feasible(usage):
+            worst = int(np.argmax(usage / self.limits))
+            raise BudgetError(f"{self.constraints[worst].describe()} is unreachable by pruning: every prunable "
+                              f"group at its floor still uses {usage[worst]:.3f}")
+
+    def uniform_keep(self) -> float:
+        """The largest uniform keep fraction meeting every limit (the policy's starting point)."""
+        lo, hi = 0.0, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            counts = np.maximum(self.floors, np.round(mid * self.lengths / self.units) * self.units).astype(int)
+            lo, hi = (mid, hi) if self.feasible(self.usage(counts)[0]) else (lo, mid)
+        return max(lo, 0.05)
+
+    def project(self, masks: list[np.ndarray], probs: list[np.ndarray]) -> tuple[list[np.ndarray], ModelCost]:
+        """The sampled masks moved onto the constraint boundary in the policy's own order.
+
+        First each group's count is rounded to the nearest multiple of its unit (at least its
+        floor), keeping sampled channels before unsampled ones and probable before improbable.
+        Then, if a limit is exceeded, units of kept channels above the floors are dropped in
+        ascending mean keep probability across all groups, as few as meet every limit; if every
+        limit holds, units of dropped channels are added back in descending probability, as many
+        as keep every limit (no episode wastes budget it was allowed). Usage is monotone along
+        either order, so a binary search on the exact cost model finds the boundary.
+        """
+        masks = [m.copy() for m in masks]
+        for m, p, unit, floor in zip(masks, probs, self.units, self.floors):
+            count = max(floor, int(np.round(m.sum() / unit)) * unit)
+            if count != m.sum():
+                order = np.lexsort((-p, ~m))  # sampled first, then by probability
+                m[:] = False
+                m[order[:count]] = True
+        counts = self.counts(masks)
+        fill = self.feasible(self.usage(counts)[0])
+        keys, groups, chunks = [], [], []
+        for g, (m, p, unit, floor) in enumerate(zip(masks, probs, self.units, self.floors)):
+            if fill:
+                idx = np.flatnonzero(~m)
+                idx = idx[np.argsort(-p[idx], kind="stable")]
+            else:
+                idx = np.flatnonzero(m)
+                idx = idx[np.argsort(p[idx], kind="stable")][: len(idx) - floor]
+            for i in range(0, len(idx), unit):
+                chunks.append(idx[i:i + unit])
+                keys.append(-p[chunks[-1]].mean() if fill else p[chunks[-1]].mean())
+                groups.append(g)
+        order = np.argsort(keys, kind="stable")  # within a group, chunk means are already in order
+        chunks = [chunks[i] for i in order]
+        sizes, groups = np.array([len(c) for c in chunks], int), np.array(groups, int)[order]
+
+        def counts_after(k: int) -> np.ndarray:
+            moved = np.bincount(groups[:k], weights=sizes[:k], minlength=len(counts)).astype(int)
+            return counts + moved if fill else counts - moved
+
+        def ok(k: int) -> bool:
+            return self.feasible(self.usage(counts_after(k))[0])
+
+        lo, hi = 0, len(chunks)  # fill: ok(lo), find the last ok; drop: not ok(lo), ok(hi) (floors are reachable)
+        if fill and ok(hi):
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid) == fill:
+                lo = mid
+            else:
+                hi = mid
+        k = lo if fill else hi
+        for g, chunk in zip(groups[:k], chunks[:k]):
+            masks[g][chunk] = fill
+        return masks, self.usage(counts_after(k))[1]

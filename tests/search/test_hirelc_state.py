@@ -1,0 +1,75 @@
+"""HiReLC's resumable state: a HiReLCState round-trips through save/load, best model included, and only
+the run it was written for may load it."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.io import write_atomic
+from hirelc_onnx.search.features import config_key
+from hirelc_onnx.search.hirelc_state import PROBE, STATE_VERSION, HiReLCState, RealPoint, best_model_path
+from hirelc_onnx.search.surrogate import ProxyObservation
+
+
+@pytest.fixture(scope="module")
+def bg(reference_models):
+    return build_block_graph(load_model(reference_models("resnet20")))
+
+
+def _state(bg) -> HiReLCState:
+    kernels = sorted(bg.kernels)
+    probes = [ProxyObservation(CompressionConfig({k: PROBE}, "storage"), 0.1 * i, 1.0 - 0.01 * i)
+              for i, k in enumerate(kernels)]
+    config = CompressionConfig({kernels[0]: KernelConfig(bits=4), kernels[1]: KernelConfig(keep_ratio=0.5)},
+                               "storage")
+    other = CompressionConfig({kernels[2]: KernelConfig(bits=6)}, "storage")
+    points = [RealPoint(0, config, config_key(config), 0.91, model_cost(bg, config), True, 1.5, "prior", 0.9,
+                        model=bg.model),
+              RealPoint(1, other, config_key(other), 0.89, model_cost(bg, other), False, 0.5, "voted", 0.92)]
+    return HiReLCState(kernels, 6.0, "storage", 3, {"seed": 3}, probes,
+                       kernel_sensitivity={k: i / len(kernels) for i, k in enumerate(kernels)},
+                       block_sensitivity={b.id: 0.5 for b in bg.blocks}, sensitivity_source="proxy probe",
+                       next_round=2, proxies={config_key(c): ProxyObservation(c, 0.2, 0.8) for c in (config, other)},
+                       real=points, history=[{"kind": "real", "round": 0}], round_seconds=[3.0, 2.0],
+                       current=other, levels=[1] * len(bg.blocks))
+
+
+def test_state_round_trips_through_save_and_load(bg, tmp_path):
+    path = tmp_path / "search_state.json"
+    state = _state(bg)
+    write_atomic(best_model_path(path), bg.model.SerializeToString())  # what the loop writes for the best
+    state.save(path, lambda config, cost: np.array([cost.ratio, float(len(config.kernels))]))
+    data = json.loads(path.read_text())
+    assert data["version"] == STATE_VERSION and data["best_model"]["key"] == state.real[0].key
+    assert data["surrogate_data"]["y"] == [0.91, 0.89] and len(data["surrogate_data"]["x"]) == 2
+
+    loaded = HiReLCState.load(path, bg, 6.0, "storage", 3, SimpleNamespace(cost=lambda c: model_cost(bg, c)))
+    for name in ("kernels", "budget", "target", "seed", "rng", "probes", "kernel_sensitivity", "block_sensitivity",
+                 "sensitivity_source", "next_round", "proxies", "history", "round_seconds", "current", "levels"):
+        assert getattr(loaded, name) == getattr(state, name), name
+    assert [p.to_json() for p in loaded.real] == [p.to_json() for p in state.real]
+    assert [p.cost for p in loaded.real] == [p.cost for p in state.real]
+    # the best measurement's emitted model comes back from its file; the others hold none
+    assert loaded.real[0].model.SerializeToString() == bg.model.SerializeToString()
+    assert loaded.real[1].model is None
+    assert isinstance(loaded.real[0].model, onnx.ModelProto)
+
+
+def test_load_is_none_without_a_file_and_refuses_another_run(bg, tmp_path):
+    path = tmp_path / "search_state.json"
+    no_ctx = object()  # the checks come before any cost is computed
+    assert HiReLCState.load(path, bg, 6.0, "storage", 3, no_ctx) is None
+    assert HiReLCState.load(None, bg, 6.0, "storage", 3, no_ctx) is None
+    _state(bg).save(path, lambda config, cost: np.zeros(1))
+    with pytest.raises(UserError, match="seed=3"):
+        HiReLCState.load(path, bg, 6.0, "storage", 4, no_ctx)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="unreadable"):
+        HiReLCState.load(path, bg, 6.0, "storage", 3, no_ctx)
