@@ -140,7 +140,7 @@ def test_channel_importance_is_the_squared_loss_derivative_of_the_channel(refere
     x = load_digits().x[:6]
     proxy = MaskedProxy(bg, obs, x)
     labels = (predict(bg.model, x).argmax(1) + 1) % 10  # wrong labels: large, well-conditioned gradients
-    gid, eps = obs.groups[step], 0.01  # ReLU kinks: larger steps leave the linear range
+    gid, eps = obs.groups[step], 0.002  # ReLU kinks: at 0.01 a sample of ResNet-20 crossed one (8% off)
     for channel in (0, 5):
         def losses(factor, channel=channel):
             logits = predict(_producer_scaled(bg, gid, channel, factor), x).astype(np.float64)
