@@ -15,7 +15,7 @@ import onnx
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.importance import l1_channel_scores, top_channels
+from hirelc_onnx.importance import kept_channels
 from hirelc_onnx.specs import group_keep_counts, weight_spec
 from passes.cleanup import cleanup
 from passes.prune_channels import prune_channels
@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def choose_channels(bg: BlockGraph, config: CompressionConfig) -> dict[int, np.ndarray]:
-    """Kept channel indices per pruned group: the highest-L1 channels, as many as the config keeps."""
-    return {gid: top_channels(l1_channel_scores(bg, gid), count)
-            for gid, count in group_keep_counts(bg, config).items()}
+    """Kept channel indices per pruned group: the highest-L1 channels (`importance.channel_ranking`),
+    as many as the config keeps."""
+    return {gid: kept_channels(bg, gid, count) for gid, count in group_keep_counts(bg, config).items()}
 
 
 def apply_pruning(bg: BlockGraph, config: CompressionConfig, keep: Mapping[int, Sequence[int]] | None = None,

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from passes.quantize import GRANULARITIES  # the quantizer's grids, defined with it
+from passes.quantize_weights import TARGETS  # the weight pass's encodings, defined with it
+
 __all__ = [
     "BITS_CHOICES",
     "QTYPES",
@@ -19,8 +22,6 @@ __all__ = [
 
 BITS_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)
 QTYPES = ("symmetric", "asymmetric")
-GRANULARITIES = ("per-tensor", "per-channel", "per-group", "log2")
-TARGETS = ("storage", "ort-cpu", "qdq")
 
 
 class ConfigError(ValueError):

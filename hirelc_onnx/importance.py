@@ -1,9 +1,10 @@
-"""Channel importance scores: which channels of a group a pruning ratio keeps.
+"""Channel importance: which channels of a group a pruning ratio keeps.
 
-Scoring is kept apart from pruning (the pass takes indices, not ratios): the default is the L1
+Scoring is kept apart from pruning (the pass takes indices, not ratios): the score is the L1
 magnitude of each output channel's weights, summed over the group's producers after dividing each
 producer's scores by their mean, so that one wide layer does not decide for the whole residual
-stage.
+stage. `channel_ranking` is the one place the choice is made: `apply` keeps the head of it, and
+the search's damage estimate (`search.features.WeightPerturbation`) charges the tail it drops.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from onnx import numpy_helper
 
 from hirelc_onnx.graph.blockgraph import BlockGraph
 
-__all__ = ["l1_channel_scores", "top_channels"]
+__all__ = ["l1_channel_scores", "channel_ranking", "kept_channels"]
 
 
 def l1_channel_scores(bg: BlockGraph, group_id: int) -> np.ndarray:
@@ -32,7 +33,15 @@ def l1_channel_scores(bg: BlockGraph, group_id: int) -> np.ndarray:
     return total
 
 
-def top_channels(scores: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the `count` highest scores, sorted ascending (ties broken by lower index)."""
-    order = np.lexsort((np.arange(scores.size), -scores))
-    return np.sort(order[:count])
+def channel_ranking(bg: BlockGraph, group_id: int) -> np.ndarray:
+    """The group's channel indices, most important first: highest L1 score, ties to the lower index.
+
+    Keeping `count` channels keeps the first `count` of this order; pruning drops the rest.
+    """
+    scores = l1_channel_scores(bg, group_id)
+    return np.lexsort((np.arange(scores.size), -scores))
+
+
+def kept_channels(bg: BlockGraph, group_id: int, count: int) -> np.ndarray:
+    """Indices of the `count` channels a group keeps (the head of `channel_ranking`), ascending."""
+    return np.sort(channel_ranking(bg, group_id)[:count])

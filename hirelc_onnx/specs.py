@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
     from passes.quantize import WeightQuantSpec
 
-__all__ = ["weight_spec", "group_keep_counts"]
+__all__ = ["weight_spec", "keep_count", "group_keep_counts"]
 
 
 def weight_spec(kernel: "Kernel", kc: KernelConfig) -> "WeightQuantSpec | None":
@@ -20,6 +20,11 @@ def weight_spec(kernel: "Kernel", kc: KernelConfig) -> "WeightQuantSpec | None":
         return None
     return WeightQuantSpec(bits=kc.bits, symmetric=kc.qtype == "symmetric", granularity=kc.granularity,
                            group_size=kc.group_size, axis=kernel.out_axis)
+
+
+def keep_count(ratio: float, length: int) -> int:
+    """Channels kept of `length` at keep ratio `ratio`: rounded, at least one."""
+    return max(1, int(round(ratio * length)))
 
 
 def group_keep_counts(bg: "BlockGraph", config: CompressionConfig) -> dict[int, int]:
@@ -35,7 +40,7 @@ def group_keep_counts(bg: "BlockGraph", config: CompressionConfig) -> dict[int, 
         if not group.prunable or not group.producers:
             continue
         ratio = max(config.get(k).keep_ratio for k in group.producers)
-        kept = max(1, int(round(ratio * group.length)))
+        kept = keep_count(ratio, group.length)
         if kept < group.length:
             counts[group.id] = kept
     return counts

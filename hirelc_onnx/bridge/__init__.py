@@ -1,4 +1,5 @@
-"""The torch bridge: onnx2torch import, exact fake quantization, distillation fine-tuning, write-back, Fisher.
+"""The torch bridge: onnx2torch import, exact fake quantization, the distillation training engine and
+its users (fine-tuning, sparsity), write-back, Fisher.
 
 torch and onnx2torch are imported only inside this package; everything else in hirelc_onnx
 works on ONNX protos and numpy.

@@ -23,30 +23,29 @@ rest are written back as exact zeros.
 `masked_finetune` then trains with every zero of the listed weights held at zero (a fixed 0/1
 mask parametrization) and, optionally, the weights fake-quantized exactly as the quantization
 pass will store them (the mask is applied first, and every grid maps 0 to 0, so the zeros
-survive quantization). Both distil the fp32 teacher as `bridge.finetune` does and write the
-latent weights back into the ONNX initializers by name; `masked_finetune` keeps the best
-validation epoch (epoch 0 included), so it never returns a model worse on validation than its input.
+survive quantization). Both train through the bridge's one engine (`bridge.training.distil`,
+fixed epochs at a constant rate, no probe) and write the latent weights back into the ONNX
+initializers by name; `masked_finetune` keeps the best validation epoch (epoch 0 included), so it
+never returns a model worse on validation than its input.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from hirelc_onnx.bridge.convert import BridgeError, bindings, latent, to_torch, torch_threads
 from hirelc_onnx.bridge.fake_quant import FakeQuant
+from hirelc_onnx.bridge.training import Distillation, TrainSettings, distil, optimizer_factory, validate
 from hirelc_onnx.bridge.writeback import write_back
 from hirelc_onnx.evaluate.data import Dataset
-from hirelc_onnx.evaluate.runner import predict
 from passes.quantize import WeightQuantSpec
 
 __all__ = ["MaskSettings", "SparseResult", "learn_masks", "masked_finetune"]
@@ -57,6 +56,7 @@ log = logging.getLogger(__name__)
 _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
 _OPEN = math.log(-_GAMMA / _ZETA)  # log-odds above which the deterministic gate is nonzero
 _CLOSED_MARGIN = 2.0  # closed gates sit this far below _OPEN: open in about 6% of samples
+_EVAL_BATCH = 256  # rows per forward pass when validating
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class SparseResult:
     """Listed weight -> fraction of its entries that are nonzero."""
     val_score: float
     """Validation score of the returned weights (torch, fake-quantized when asked): accuracy when
-    labelled, else top-1 agreement with the teacher."""
+    labelled, else -KL(teacher || model) (`training.validate`)."""
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -140,101 +140,6 @@ class _FixedMask(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
-
-
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
-
-
-def _logits(module: nn.Module, x: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([module(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
-
-
-def _score(module: nn.Module, val: Dataset, teacher_val: np.ndarray) -> tuple[float, float]:
-    """(score, tie-break): (accuracy, -CE) when labelled, else (agreement with the teacher, -KL)."""
-    logits = _logits(module, val.x)
-    if val.y is not None:
-        y = torch.from_numpy(val.y.astype(np.int64))
-        return float((logits.argmax(1) == y).float().mean()), -float(F.cross_entropy(logits, y))
-    t = torch.from_numpy(teacher_val)
-    return float((logits.argmax(1) == t.argmax(1)).float().mean()), -float(_kd_loss(logits, t, 1.0))
-
-
-@dataclass
-class _Run:
-    """One training run's fixed inputs: the data, the teacher's logits and the loss weights."""
-
-    train: Dataset
-    val: Dataset
-    teacher_train: torch.Tensor
-    teacher_val: np.ndarray
-    batch_size: int
-    temperature: float
-    kd_weight: float
-    seed: int
-
-    def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        kd = _kd_loss(logits, self.teacher_train[idx], self.temperature)
-        if self.train.y is None:
-            return kd
-        y = torch.from_numpy(self.train.y[idx.numpy()].astype(np.int64))
-        return self.kd_weight * kd + (1.0 - self.kd_weight) * F.cross_entropy(logits, y)
-
-
-def _run(model_teacher: onnx.ModelProto, train: Dataset, val: Dataset, batch_size: int, temperature: float,
-         kd_weight: float, seed: int) -> _Run:
-    if len(train) == 0 or len(val) == 0:
-        raise BridgeError("sparse training needs non-empty train and val datasets")
-    teacher_train = torch.from_numpy(np.asarray(predict(model_teacher, train.x), dtype=np.float32))
-    teacher_val = np.asarray(predict(model_teacher, val.x), dtype=np.float32)
-    return _Run(train, val, teacher_train, teacher_val, batch_size, temperature, kd_weight, seed)
-
-
-def _epochs(module: nn.Module, opt: torch.optim.Optimizer, run: _Run, epochs: int, deadline: float,
-            extra_loss: Callable[[], torch.Tensor] | None = None, after_step: Callable[[int], None] | None = None,
-            keep_best: bool = False) -> list[dict]:
-    """Train `epochs` passes (or until `deadline`); with keep_best, restore the best validation epoch.
-
-    extra_loss() is added to every step's loss; after_step(step) runs after every optimizer step.
-    """
-    torch.manual_seed(run.seed)
-    rng = np.random.default_rng(run.seed)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    steps = math.ceil(len(run.train) / run.batch_size)
-    x_all = torch.from_numpy(run.train.x)
-    best = _score(module, run.val, run.teacher_val)
-    best_state = [p.detach().clone() for p in params] if keep_best else None
-    history = [{"epoch": 0, "val_score": best[0]}]
-    step = 0
-    for epoch in range(1, epochs + 1):
-        if time.perf_counter() > deadline:
-            break
-        perm = torch.from_numpy(rng.permutation(len(run.train)))
-        total = 0.0
-        for i in range(steps):
-            idx = perm[i * run.batch_size:(i + 1) * run.batch_size]
-            loss = run.loss(module(x_all[idx]), idx)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step(step)
-            total += float(loss.detach())
-            step += 1
-        score = _score(module, run.val, run.teacher_val)
-        history.append({"epoch": epoch, "train_loss": total / steps, "val_score": score[0]})
-        if keep_best and score > best:
-            best, best_state = score, [p.detach().clone() for p in params]
-    if keep_best:
-        with torch.no_grad():
-            for p, saved in zip(params, best_state):
-                p.copy_(saved)
-    return history
 
 
 def _weights(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
@@ -295,9 +200,11 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
     t0 = time.perf_counter()
     if not 0.0 < settings.density <= 1.0:
         raise BridgeError(f"mask density must be in (0, 1], got {settings.density}")
-    run = _run(teacher, train, val, settings.batch_size, settings.temperature, settings.kd_weight, settings.seed)
+    data = Distillation.from_teacher(teacher, train, val)
+    plan = TrainSettings(max_epochs=settings.epochs, lr=settings.lr, time_budget_s=settings.time_budget_s,
+                         batch_size=settings.batch_size, eval_batch_size=_EVAL_BATCH, temperature=settings.temperature,
+                         kd_weight=settings.kd_weight, seed=settings.seed, decay=False, keep_best=False)
     with torch_threads(settings.threads):
-        torch.manual_seed(settings.seed)
         module = to_torch(model)
         gates: dict[str, _HardConcreteGate] = {}
         for name, (owner, attr, w) in _weights(module, weights).items():
@@ -306,8 +213,10 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
         gate_params = [g.log_alpha for g in gates.values()]
         ids = {id(p) for p in gate_params}
         weight_params = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
-        opt = torch.optim.Adam([{"params": weight_params, "lr": settings.lr},
-                                {"params": gate_params, "lr": settings.gate_lr}])
+
+        def adam(lr: float) -> torch.optim.Optimizer:
+            return torch.optim.Adam([{"params": weight_params, "lr": lr}, {"params": gate_params, "lr": settings.gate_lr}])
+
         total = sum(g.log_alpha.numel() for g in gates.values())
         ramp_steps = max(1, int(settings.ramp * settings.epochs * math.ceil(len(train) / settings.batch_size)))
 
@@ -318,14 +227,13 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
             target = 1.0 - (1.0 - settings.density) * min(1.0, (step + 1) / ramp_steps)
             _project(list(gates.values()), target)
 
-        history = _epochs(module, opt, run, settings.epochs, t0 + settings.time_budget_s, l0_penalty,
-                          follow_schedule)
+        history = distil(module, adam, data, plan, t0, extra_loss=l0_penalty, after_step=follow_schedule).history
         masks = _keep_masks(gates, settings.density, settings.min_layer_density)
         with torch.no_grad():
             for name, (owner, attr, w) in _weights(module, weights).items():
                 w.mul_(masks[name])
                 parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-        score = _score(module, val, run.teacher_val)[0]
+        score = validate(module, val, data.teacher_val, _EVAL_BATCH).score
         density = _density(module, weights)
         out = write_back(model, module)
     kept = sum(int(m.sum()) for m in masks.values()) / total
@@ -344,10 +252,12 @@ def masked_finetune(model: onnx.ModelProto, train: Dataset, val: Dataset, teache
     the spec the quantization pass will use. The best validation epoch is kept.
     """
     t0 = time.perf_counter()
-    run = _run(teacher, train, val, batch_size, temperature, kd_weight, seed)
+    data = Distillation.from_teacher(teacher, train, val)
+    plan = TrainSettings(max_epochs=epochs, lr=lr, time_budget_s=time_budget_s, batch_size=batch_size,
+                         eval_batch_size=_EVAL_BATCH, temperature=temperature, kd_weight=kd_weight, seed=seed,
+                         decay=False, keep_best=True)
     quant = dict(quant or {})
     with torch_threads(threads):
-        torch.manual_seed(seed)
         module = to_torch(model)
         table = bindings(module)
         masks = {}
@@ -357,9 +267,8 @@ def masked_finetune(model: onnx.ModelProto, train: Dataset, val: Dataset, teache
         for name, (owner, attr, _) in _weights(module, list(quant)).items():
             parametrize.register_parametrization(owner, attr, FakeQuant(quant[name], table[name].transposed))
         params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
-        history = _epochs(module, opt, run, epochs, t0 + time_budget_s, keep_best=True)
-        score = max(h["val_score"] for h in history)
+        run = distil(module, optimizer_factory(params, "adam"), data, plan, t0)
+        history, score = run.history, run.best.score
         with torch.no_grad():
             for name, (_, _, w) in _weights(module, sparse).items():
                 w.mul_(masks[name])

@@ -20,7 +20,8 @@ from onnx import numpy_helper
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
-from hirelc_onnx.specs import group_keep_counts, weight_spec
+from hirelc_onnx.importance import channel_ranking
+from hirelc_onnx.specs import group_keep_counts, keep_count, weight_spec
 from passes.quantize import fake_quantize
 
 __all__ = ["STATIC_FEATURES", "CHOICE_FEATURES", "config_key", "is_prunable", "kernel_features", "encode_choice",
@@ -112,9 +113,10 @@ class WeightPerturbation:
     """Relative squared weight error ||W' - W||^2 / ||W||^2 that a choice inflicts on one kernel.
 
     Quantization error comes from `passes.quantize.fake_quantize` (the emitted arithmetic);
-    pruning error is the energy of the output channels with the smallest L1 norm, the channels
-    `apply` removes. Both are cached per (kernel, choice): the table is what makes a reward
-    evaluation cost microseconds instead of an ONNX Runtime session.
+    pruning error is the energy of the output channels `apply` removes: the tail of the group's
+    `importance.channel_ranking`, the channel choice pruning itself uses. Both are cached per
+    (kernel, choice): the table is what makes a reward evaluation cost microseconds instead of an
+    ONNX Runtime session.
     """
 
     def __init__(self, bg: BlockGraph) -> None:
@@ -123,7 +125,7 @@ class WeightPerturbation:
         self._weights = {name: numpy_helper.to_array(inits[k.weight]).astype(np.float32)
                          for name, k in bg.kernels.items()}
         self._quant: dict[tuple, float] = {}
-        self._channel_energy: dict[str, np.ndarray] = {}
+        self._dropped_energy: dict[str, np.ndarray] = {}
 
     def quant(self, name: str, kc: KernelConfig) -> float:
         """Relative error of quantizing kernel `name` as `kc` says (0 for fp32)."""
@@ -138,28 +140,30 @@ class WeightPerturbation:
         return self._quant[key]
 
     def prune(self, name: str, keep: float) -> float:
-        """Relative energy of the output channels dropped when kernel `name` keeps `keep` of them."""
-        if keep >= 1.0:
+        """Relative energy of kernel `name`'s output channels dropped when its group keeps `keep` of them
+        (0 when the kernel's channels cannot be pruned)."""
+        if keep >= 1.0 or not is_prunable(self.bg, name):
             return 0.0
-        if name not in self._channel_energy:
+        if name not in self._dropped_energy:
             k = self.bg.kernels[name]
             w = np.moveaxis(self._weights[name], k.out_axis, 0).reshape(k.weight_shape[k.out_axis], -1)
-            order = np.argsort(np.abs(w).sum(axis=1), kind="stable")  # smallest L1 first, as `apply` drops them
-            energy = (w * w).sum(axis=1)[order]
-            self._channel_energy[name] = np.concatenate([[0.0], np.cumsum(energy)]) / max(energy.sum(), 1e-30)
-        cum = self._channel_energy[name]
+            least_first = channel_ranking(self.bg, k.group)[::-1]  # the order pruning drops them in
+            energy = (w * w).sum(axis=1)[least_first]
+            self._dropped_energy[name] = np.concatenate([[0.0], np.cumsum(energy)]) / max(energy.sum(), 1e-30)
+        cum = self._dropped_energy[name]
         channels = len(cum) - 1
-        dropped = channels - max(1, int(round(keep * channels)))
-        return float(cum[dropped])
+        return float(cum[channels - keep_count(keep, channels)])
+
+    def kernel(self, name: str, kc: KernelConfig, keep: float) -> tuple[float, float]:
+        """(quantization error on the kept weights, pruning error) of kernel `name` under choice `kc`,
+        its group keeping `keep` of its channels."""
+        pruned = self.prune(name, keep)
+        return (1.0 - pruned) * self.quant(name, kc), pruned
 
     def components(self, config: CompressionConfig) -> dict[str, tuple[float, float]]:
-        """Per kernel (quantization error on the kept weights, pruning error) under `config`."""
+        """Per kernel `kernel(...)` under `config`, each group keeping what `apply` keeps of it."""
         keep = effective_keep(self.bg, config)
-        out = {}
-        for name in self.bg.kernels:
-            pruned = self.prune(name, keep[name])
-            out[name] = ((1.0 - pruned) * self.quant(name, config.get(name)), pruned)
-        return out
+        return {name: self.kernel(name, config.get(name), keep[name]) for name in self.bg.kernels}
 
 
 def config_features(bg: BlockGraph, config: CompressionConfig, cost: ModelCost, proxy_mse: float,

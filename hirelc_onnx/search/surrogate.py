@@ -89,9 +89,8 @@ class ProxyEstimator:
     def kernel_mse(self, name: str, kc: KernelConfig) -> float:
         """One kernel's share of the estimate under choice `kc` (its own keep ratio): the damage
         `budget.repair` trades against bytes."""
-        pruned = self.perturbation.prune(name, kc.keep_ratio)
-        eq = (1.0 - pruned) * self.perturbation.quant(name, kc)
-        return self.coefficients.get(name, 0.0) * (self.scale_q * eq + self.scale_p * pruned)
+        eq, ep = self.perturbation.kernel(name, kc, kc.keep_ratio)
+        return self.coefficients.get(name, 0.0) * (self.scale_q * eq + self.scale_p * ep)
 
     def mse(self, config: CompressionConfig) -> float:
         q, p = self.components(config)
