@@ -98,6 +98,14 @@ def _compress_args(method: str, path) -> tuple[str, str, str | None, dict]:
     return kind, target, budget, options
 
 
+def _taken(kind: str, **run_wide) -> dict:
+    """The run-wide settings (evaluations, fine-tuning budget) that method `kind` takes: compress()
+    refuses an option a method would ignore, and None counts as not given."""
+    from hirelc_onnx.search.methods import METHODS
+
+    return {name: value for name, value in run_wide.items() if name in METHODS[kind].options and value is not None}
+
+
 def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool,
                 finetune_epochs: int | None = None) -> list[dict]:
     """The methods table. finetune_epochs: digits models fine-tune by epochs instead of the clock
@@ -112,11 +120,11 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
             kind, target, budget, options = _compress_args(method, path)
             t0 = time.perf_counter()
             try:
-                result = compress(path, data=data, method=kind, target=target, budget=budget,
-                                  evaluations=own.get("evaluations", evaluations),
-                                  finetune_seconds=own.get("finetune_seconds", finetune_seconds), seed=0,
-                                  finetune_epochs=None if model_name in MODEL_SETTINGS else finetune_epochs,
+                result = compress(path, data=data, method=kind, target=target, budget=budget, seed=0,
                                   latency_runs=10 if quick or model_name == "efficientnet-lite0" else 30,
+                                  **_taken(kind, evaluations=own.get("evaluations", evaluations),
+                                           finetune_seconds=own.get("finetune_seconds", finetune_seconds),
+                                           finetune_epochs=None if model_name in MODEL_SETTINGS else finetune_epochs),
                                   **options)
             except Exception as exc:  # a failing method is a row, not the end of the benchmark
                 log.exception("%s on %s failed", method, model_name)
@@ -155,8 +163,9 @@ def run_pruning_comparison(spec: dict) -> list[dict]:
                 row = {"model": model_name, "epochs": epochs, "seed": seed}
                 for name, (kind, target, budget, options) in runs.items():
                     t0 = time.perf_counter()
-                    rep = compress(path, data="digits", method=kind, target=target, budget=budget,
-                                   evaluations=spec["evaluations"], finetune_epochs=epochs, seed=seed, latency_runs=30,
+                    rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed,
+                                   latency_runs=30,
+                                   **_taken(kind, evaluations=spec["evaluations"], finetune_epochs=epochs),
                                    **options, **(settings if kind == "graph-rl" else {})).report
                     row.update({"fp32": rep["accuracy"]["fp32"], "test_n": rep["accuracy"]["n"],
                                 f"{name}_score": rep["accuracy"]["compressed"],

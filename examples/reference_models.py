@@ -3,7 +3,7 @@
 Four small CNN/transformer families are trained on scikit-learn's bundled 8x8 digits (so every
 compression method has a real accuracy to lose), and EfficientNet-Lite0 with its real ImageNet
 weights is exported for a realistic, pretrained workload. Each model is exported with the
-TorchScript exporter at opset 17 (the graphs onnx2torch can read back, see DESIGN.md), checked
+TorchScript exporter at opset 17 (the graphs onnx2torch can read back, see docs/ARCHITECTURE.md), checked
 with onnx.checker, ONNX Runtime and onnx2torch, and cached on disk:
 
     <cache>/models/<name>-v<version>.onnx   the model (input "input", output "logits", dynamic batch)
@@ -135,7 +135,7 @@ def _export(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():  # the legacy exporter is deliberate (see DESIGN.md)
+        with warnings.catch_warnings():  # the legacy exporter is deliberate (see docs/ARCHITECTURE.md)
             warnings.simplefilter("ignore", DeprecationWarning)
             # Slice with step -1 in ZeroPad2d's export is not folded; _tidy handles it.
             warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)

@@ -19,6 +19,8 @@ from hirelc_onnx.importance import kept_channels
 from hirelc_onnx.specs import group_keep_counts, weight_spec
 from passes.cleanup import cleanup
 from passes.prune_channels import prune_channels
+from passes.quantize_activations import quantize_activations
+from passes.quantize_weights import quantize_weights
 from passes.runner import run_passes
 
 __all__ = ["choose_channels", "apply_pruning", "quantization_passes", "apply_quantization", "apply_config", "finalize"]
@@ -51,8 +53,6 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
     log2 above 4 bits) are written by the weight pass and their kernels, like the ones the config
     leaves fp32, are excluded from activation quantization.
     """
-    from passes.quantize_weights import quantize_weights
-
     specs, by_weight = {}, {}
     for name, kernel in bg.kernels.items():
         spec = weight_spec(kernel, config.get(name))
@@ -61,7 +61,6 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
             by_weight[kernel.weight] = name
     if not (config.target in ("ort-cpu", "qdq") and calib_batches):
         return [functools.partial(quantize_weights, specs=specs, target=config.target)] if specs else []
-    from passes.quantize_activations import quantize_activations
 
     def fusable(spec) -> bool:
         return spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4)

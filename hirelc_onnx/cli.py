@@ -6,6 +6,10 @@ import sys
 
 import click
 
+from hirelc_onnx.commands.benchmark import benchmark
+from hirelc_onnx.commands.compress import compress
+from hirelc_onnx.commands.evaluate import evaluate
+from hirelc_onnx.commands.inspect import inspect
 from hirelc_onnx.config import ConfigError
 from hirelc_onnx.errors import UserError
 
@@ -52,18 +56,5 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _register() -> None:
-    from hirelc_onnx.commands import inspect as inspect_cmd
-
-    main.add_command(inspect_cmd.inspect)
-    for modname in ("evaluate", "benchmark", "compress"):
-        try:
-            mod = __import__(f"hirelc_onnx.commands.{modname}", fromlist=[modname])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"hirelc_onnx.commands.{modname}":
-                raise
-            continue
-        main.add_command(getattr(mod, modname))
-
-
-_register()
+for command in (inspect, evaluate, benchmark, compress):
+    main.add_command(command)

@@ -4,18 +4,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
+from passes.quantize import WeightQuantSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: graph.cost imports this module
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
-    from passes.quantize import WeightQuantSpec
 
 __all__ = ["weight_spec", "keep_count", "group_keep_counts"]
 
 
-def weight_spec(kernel: "Kernel", kc: KernelConfig) -> "WeightQuantSpec | None":
+def weight_spec(kernel: "Kernel", kc: KernelConfig) -> WeightQuantSpec | None:
     """The quantizer spec for a kernel's weight, or None when it stays fp32."""
-    from passes.quantize import WeightQuantSpec
-
     if not kc.quantized:
         return None
     return WeightQuantSpec(bits=kc.bits, symmetric=kc.qtype == "symmetric", granularity=kc.granularity,

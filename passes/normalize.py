@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.ir_build import fresh_name
+from passes.storage import initializer_nbytes
 
 __all__ = ["normalize", "KERNEL_OPS", "name_nodes", "infer_shapes", "opset_of", "remove_unused_initializers"]
 
@@ -191,7 +192,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     del graph.value_info[:]
     light = onnx.ModelProto()
-    weight_bytes = sum(len(t.raw_data) for t in graph.initializer)
+    weight_bytes = initializer_nbytes(model)
     light.CopyFrom(model) if weight_bytes < (64 << 20) else _light_copy(model, light)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)

@@ -7,8 +7,8 @@ Schemes (activation type / weight type; weights are symmetric per ORT's default)
   u8u8          uint8 activations, uint8 (asymmetric) weights.
   u8s8          uint8 activations, full-range int8 weights: fine on VNNI / ARM only. On AVX2
                 without VNNI the fused kernel sums pairs of u8*s8 products in saturating int16
-                (255 * 127 * 2 > 32767): DESIGN.md measured a ResNet-20 fall from 99.3% to 65.6%.
-  s8s8          ORT's own default; x86 leaves parts of it unfused (DESIGN.md: slower than fp32).
+                (255 * 127 * 2 > 32767): docs/ARCHITECTURE.md measured a ResNet-20 fall from 99.3% to 65.6%.
+  s8s8          ORT's own default; x86 leaves parts of it unfused (docs/ARCHITECTURE.md: slower than fp32).
 
 Why the default is u8s8-reduced (measured with ORT 1.32, ORT_ENABLE_ALL, MinMax, per-channel, on
 a 5-conv + Gemm CNN trained on sklearn digits to 99.4% on 497 held-out images; every scheme
@@ -19,7 +19,7 @@ fuses into QLinearConv; latency is the median over 1-thread runs, relative to fp
   u8s8           99.4%     100%             0.011         1.88x / 1.33x
   s8s8           99.4%     100%             0.011         1.86x / 1.33x   (this CPU has VNNI)
 u8u8 is accurate but slower than fp32, which the ort-cpu target must not emit; u8s8 is only
-safe with VNNI, and s8s8 is left partly unfused on x86 without it (DESIGN.md). The sandbox CPU
+safe with VNNI, and s8s8 is left partly unfused on x86 without it (docs/ARCHITECTURE.md). The sandbox CPU
 reports avx512_vnni, so the saturation was emulated (vpmaddubsw: adjacent pairs of u8*s8
 products summed in saturating int16): with full-range int8 weights 3.4% of the first conv's
 product pairs saturate, a 17% accumulator error; 7-bit weights (|w| <= 64) cannot saturate
@@ -56,7 +56,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from passes.quantize import WeightQuantSpec, fake_quantize, quantize
 from passes.quantize_weights import encoding, stored_tensors
 
-__all__ = ["DEFAULT_SCHEME", "METHODS", "SCHEMES", "quantize_activations"]
+__all__ = ["CALIBRATORS", "DEFAULT_SCHEME", "SCHEMES", "quantize_activations"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ SCHEMES = {  # name -> (activation type, weight type, reduce_range)
     "s8s8": (QuantType.QInt8, QuantType.QInt8, False),
 }
 DEFAULT_SCHEME = "u8s8-reduced"
-METHODS = {
+CALIBRATORS = {  # quantize_activations(method=...) -> the ORT calibrator
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
@@ -101,8 +101,8 @@ def quantize_activations(
     bit for bit (module docstring). op_types / nodes_to_exclude: passed to ORT to limit what is
     quantized. The input model is not modified.
     """
-    if method not in METHODS:
-        raise ValueError(f"quantize_activations: method must be one of {sorted(METHODS)}, got {method!r}")
+    if method not in CALIBRATORS:
+        raise ValueError(f"quantize_activations: method must be one of {sorted(CALIBRATORS)}, got {method!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_activations: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
     if not calib_batches:
@@ -131,7 +131,7 @@ def quantize_activations(
             activation_type=act_type,
             weight_type=weight_type,
             nodes_to_exclude=list(nodes_to_exclude) if nodes_to_exclude else None,
-            calibrate_method=METHODS[method],
+            calibrate_method=CALIBRATORS[method],
             extra_options=extra,
         )
         out = onnx.load(dst)

@@ -58,7 +58,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto
-from onnxscript.version_converter import ConvertVersionPass
 
 from passes.ir_build import add_constant, new_node, taken_names
 from passes.quantize import QuantizedWeight, WeightQuantSpec, quantize, to_2d
@@ -237,6 +236,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _raise_opset(model: ir.Model, needed: int) -> None:
         current = model.opset_imports.get("", 1)
         if needed > current:
+            # onnxscript takes ~0.3 s to import; only a model below the encodings' opset needs it
+            from onnxscript.version_converter import ConvertVersionPass
+
             converter_log = logging.getLogger("onnxscript.version_converter")
             converter_log.addFilter(_quiet_handover)
             try:

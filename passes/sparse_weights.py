@@ -33,7 +33,7 @@ the same tensor. Rules:
      and the small decode constants (bitmask: shifts uint8[8], modulus uint8[1], [-1], [0], [n]
      int64, the CumSum axis int32, the Where zero (4 bytes); delta: the CumSum axis int32 and
      [1, n] int64; both: X's shape int64). Bytes are the serialized tensor data, the unit of the
-     cost model (DESIGN.md, "Storage cost").
+     cost model (docs/ARCHITECTURE.md, "Budgets: the storage cost").
   5. The decode needs opset 11 (ScatterElements, CumSum, BitShift); sub-byte values are only
      found in opset >= 21 models. ORT constant-folds every decode when it loads the model at
      ORT_ENABLE_ALL (checked in the tests), so this is a storage format: the kernel then runs as

@@ -1,6 +1,8 @@
-"""Exact stored bytes of one weight under an encoding: what `quantize_weights` writes, counted by hand.
+"""Stored bytes: of one weight under an encoding (before writing it), and of a model's initializers (after).
 
-The budget's unit is the byte the serialized model really stores (DESIGN.md, "Storage cost"), so
+`encoded_nbytes` is what `quantize_weights` writes for one weight, counted by hand.
+
+The budget's unit is the byte the serialized model really stores (docs/ARCHITECTURE.md, "Storage cost"), so
 this is not an estimate: for every spec and target it equals the sum of the initializer byte
 sizes the pass emits for that weight (tests compare the two on real models). Counted:
   - integer data: ceil(n * container_bits / 8) (sub-byte types are packed, the last byte padded);
@@ -9,15 +11,24 @@ sizes the pass emits for that weight (tests compare the two on real models). Cou
   - a per-group Reshape's int64 shape: 8 * ndim, for weights that are not 2-D.
 Node attributes (axis, block_size, perm, to) live in the graph, not in initializers, and are
 not counted.
+
+`initializer_nbytes` counts a written model: the one byte counter of the project (the budget's
+denominator, the report's weight bytes, the sizes the searches compare).
 """
 from __future__ import annotations
 
 import math
 
+import onnx
+from onnx import TensorProto, helper
+
 from passes.quantize import WeightQuantSpec
 from passes.quantize_weights import encoding
 
-__all__ = ["encoded_nbytes"]
+__all__ = ["encoded_nbytes", "initializer_nbytes", "tensor_nbytes"]
+
+_SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4, TensorProto.INT2: 2,
+                  TensorProto.UINT2: 2}
 
 
 def _packed(count: int, bits: int) -> int:
@@ -41,3 +52,17 @@ def encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target:
     zero_points = _packed(n_scales, enc.container_bits) if enc.zero_point else 0
     reshape = 8 * len(shape) if enc.blocked and len(shape) != 2 else 0
     return data + 4 * n_scales + zero_points + reshape
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes one initializer stores: its raw bytes, or, for values held in typed fields or external
+    data not loaded, what they take written raw (sub-byte types packed)."""
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    bits = _SUB_BYTE_BITS.get(tensor.data_type) or 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return _packed(math.prod(tensor.dims), bits)
+
+
+def initializer_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer of `model`'s main graph: the true stored bytes a budget is met in."""
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)

@@ -10,8 +10,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 
+from hirelc_onnx.cli import main
 from hirelc_onnx.compress import compress
+from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import split_dataset, load_digits
 from hirelc_onnx.evaluate.metrics import top1_accuracy
 from hirelc_onnx.evaluate.runner import predict
@@ -78,6 +81,8 @@ def test_fixed_epoch_finetuning_is_repeatable_and_reported(resnet_copy, tmp_path
     (["--method", "random", "--budget", "6x"], "needs --data"),
     (["--data", "/no/such/data.npz", "--method", "random"], "not found"),
     (["--data", "digits", "--finetune-epochs", "-1"], "finetune-epochs"),
+    (["--data", "digits", "--resume"], "--resume needs --out"),
+    (["--method", "uniform", "--finetune-seconds", "5"], "--finetune-seconds only matters with --data"),
 ])
 def test_refusals_are_one_line_and_fast(resnet_copy, args, expect):
     res = _cli("compress", resnet_copy, *args, timeout=120)
@@ -101,3 +106,46 @@ def test_out_folder_never_overwrites_the_input(resnet_copy):
     res = _cli("compress", model, "--method", "uniform", "--out", model.parent)
     assert res.returncode == 2 and "overwrite the input" in res.stderr
     assert _digest(model) == before
+
+
+# an option each method would ignore: (CLI arguments, the same as a compress() keyword)
+INAPPLICABLE = {
+    "hirelc": (["--bits", "4"], {"bits": 4}),
+    "graph-rl": (["--max-drop", "1"], {"max_drop": 1.0}),
+    "two-stage": (["--finetune-seconds", "5"], {"finetune_seconds": 5.0}),
+    "uniform": (["--budget", "6x"], {"budget": "6x"}),
+    "uniform-l1": (["--time-limit", "60"], {"time_limit": 60.0}),
+    "l1-int8": (["--evaluations", "4"], {"evaluations": 4}),
+    "ort-int8": (["--keep", "0.5"], {"keep": 0.5}),
+    "random": (["--resume"], {"resume": True}),
+}
+
+
+def _one_error_line(args: list[str]) -> str:
+    result = CliRunner().invoke(main, ["compress", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("method", list(INAPPLICABLE))
+def test_an_option_the_method_ignores_is_refused_before_any_work(method, tmp_path):
+    """The model path does not exist: the refusal comes before the model is read."""
+    args, keywords = INAPPLICABLE[method]
+    missing = tmp_path / "never-read.onnx"
+    line = _one_error_line([str(missing), "--method", method, "--data", "digits", "--out", str(tmp_path / "o"), *args])
+    assert line.startswith(f"error: --method {method} does not take {args[0]} (it takes")
+    with pytest.raises(UserError, match=f"^--method {method} does not take {args[0]} "):
+        compress(missing, method=method, data="digits", **keywords)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", list(INAPPLICABLE))
+def test_an_unknown_option_is_refused(method, tmp_path):
+    missing = tmp_path / "never-read.onnx"
+    line = _one_error_line([str(missing), "--method", method, "--bitz", "4"])
+    assert "No such option" in line and "--bitz" in line
+    with pytest.raises(UserError, match="^unknown option 'bitz'"):
+        compress(missing, method=method, data="digits", bitz=4)

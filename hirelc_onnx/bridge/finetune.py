@@ -39,6 +39,8 @@ from hirelc_onnx.bridge.writeback import write_back
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.runner import ModelLike
+from hirelc_onnx.graph.blockgraph import build_block_graph
+from hirelc_onnx.specs import weight_spec
 from passes.quantize import WeightQuantSpec
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune", "quant_specs"]
@@ -131,9 +133,6 @@ def _auto_threads(model: onnx.ModelProto) -> int:
 
 def quant_specs(model: onnx.ModelProto, config: CompressionConfig) -> dict[str, WeightQuantSpec]:
     """Weight initializer name -> quantizer spec for the kernels `config` quantizes in `model`."""
-    from hirelc_onnx.graph.blockgraph import build_block_graph
-    from hirelc_onnx.specs import weight_spec
-
     bg = build_block_graph(model, normalized=True)
     config.validate(bg.kernels)
     specs = {}

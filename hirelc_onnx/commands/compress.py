@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from hirelc_onnx.compress import METHODS
+from hirelc_onnx.compress import compress as run_compress
 from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS
+from hirelc_onnx.search.methods import METHODS, takers
 
 __all__ = ["compress", "print_summary"]
 
@@ -45,67 +47,63 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         console.print(f"outputs in {out_dir}/: model.onnx, config.json, report.json, report.html")
 
 
-@click.command()
+@click.command(epilog="\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in METHODS.values()))
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--budget", help="Compression ratio to reach in true stored bytes, e.g. 6x.")
+@click.option("--budget", help=f"Compression ratio to reach in true stored bytes, e.g. 6x ({takers('budget')}).")
 @click.option("--data", help="A .npz (x, y), an image folder, 'digits', or a plugin package.module:func.")
-@click.option("--method", type=click.Choice(METHODS), default="hirelc", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default="hirelc", show_default=True,
+              help="Each method takes only its own options (listed in their help); another is refused.")
 @click.option("--target", type=click.Choice(TARGETS), default="storage", show_default=True,
               help="storage: smallest file (packed int4/int2); ort-cpu: int8 kernels ORT fuses; qdq: plain QDQ.")
-@click.option("--max-drop", type=float, help="Largest accepted accuracy drop, in points.")
-@click.option("--time-limit", type=float, help="Seconds for the search; the best candidate so far is returned.")
+@click.option("--max-drop", type=float, help=f"Largest accepted accuracy drop, in points ({takers('max_drop')}).")
+@click.option("--time-limit", type=float,
+              help=f"Seconds for the search; the best candidate so far is returned ({takers('time_limit')}).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (created).")
-@click.option("--bits", type=click.IntRange(2, 32), default=8, show_default=True, help="uniform: weight bits.")
-@click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="uniform / l1-int8: channel keep ratio.")
-@click.option("--qtype", type=click.Choice(QTYPES), default="symmetric", show_default=True)
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="per-channel", show_default=True)
-@click.option("--evaluations", type=int, default=8, show_default=True, help="Real (fine-tuned) evaluations.")
-@click.option("--finetune-seconds", type=float, default=20.0, show_default=True, help="Per real evaluation.")
+@click.option("--bits", type=click.IntRange(2, 32),
+              help="Weight bits: uniform (default 8), graph-rl (default 8, 7 under ort-cpu; 32 prunes only).")
+@click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Channel keep ratio: uniform (default 1.0), l1-int8 (default 0.5).")
+@click.option("--qtype", type=click.Choice(QTYPES), default="symmetric", show_default=True,
+              help="uniform: symmetric or asymmetric weight grid.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="per-channel", show_default=True,
+              help="uniform: one scale per tensor, channel or group, or log2 levels.")
+@click.option("--evaluations", type=int, default=8, show_default=True,
+              help=f"Real (fine-tuned) evaluations ({takers('evaluations')}).")
+@click.option("--finetune-seconds", type=float, default=20.0, show_default=True,
+              help=f"Per real evaluation ({takers('finetune_seconds')}; with --data).")
 @click.option("--finetune-epochs", type=click.IntRange(0), default=None,
               help="Fine-tune each real evaluation for this many epochs instead of --finetune-seconds: "
-                   "the same training for every candidate, and a repeatable run.")
+                   f"the same training for every candidate, and a repeatable run ({takers('finetune_epochs')}; "
+                   "with --data).")
 @click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
-              help="graph-rl: keep at most this fraction of the original MACs.")
+              help="graph-rl: keep at most this fraction of the original MACs (0.5 when no limit is given).")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original kernel parameters.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from the state in --out.")
+@click.option("--resume", is_flag=True, help=f"Continue a killed run from the state in --out ({takers('resume')}).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def compress(model, budget, data, method, target, max_drop, time_limit, seed, out_dir, bits, keep, qtype,
-             granularity, evaluations, finetune_seconds, finetune_epochs, flops, params, resume, as_json) -> None:
+@click.pass_context
+def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_json, **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
-    from hirelc_onnx.compress import compress as run
-
-    options = {}
-    if method == "uniform":
-        if bits not in (2, 3, 4, 5, 6, 7, 8, 32):
-            raise click.BadParameter("bits must be 2..8 or 32", param_hint="--bits")
-        options.update(bits=bits, keep=keep, qtype=qtype, granularity=granularity)
-    elif method == "l1-int8":
-        options.update(keep=keep if keep < 1.0 else 0.5)
-    if flops is not None or params is not None:
-        if method != "graph-rl":
-            raise click.BadParameter("--flops / --params constrain --method graph-rl")
-        options.update(flops=flops, params=params)
-    if resume:
-        if out_dir is None:
-            raise click.BadParameter("--resume needs --out (where the killed run kept its state)")
-        options["resume"] = True
+    # only the options typed on the command line reach compress(), never a default: an option the
+    # method would ignore is then an error instead of a silent no-op
+    options = {name: value for name, value in method_options.items()
+               if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    if "bits" in options and options["bits"] not in (2, 3, 4, 5, 6, 7, 8, 32):
+        raise click.BadParameter("bits must be 2..8 or 32", param_hint="--bits")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=True, disable=as_json) as bar:
-        task = bar.add_task(f"{method}: real evaluations (prune, fine-tune, quantize, measure)", total=evaluations)
+        task = bar.add_task(f"{method}: real evaluations (prune, fine-tune, quantize, measure)",
+                            total=method_options["evaluations"])
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
         try:
-            result = run(model, budget=budget, data=data, method=method, target=target, max_drop=max_drop,
-                         time_limit=time_limit, seed=seed, out_dir=out_dir, evaluations=evaluations,
-                         finetune_seconds=finetune_seconds, finetune_epochs=finetune_epochs, progress=progress,
-                         **options)
+            result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
+                                  progress=progress, **options)
         except KeyboardInterrupt:
             hint = f"; continue with the same command plus --resume (state in {out_dir})" if out_dir else ""
             click.echo(f"interrupted{hint}", err=True)

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.loaders import check_fits, load_data
+from hirelc_onnx.graph import import_model
+
 __all__ = ["inspect", "describe"]
 
 
@@ -39,8 +43,7 @@ def describe(bg) -> dict:
 
 def _sensitivity(bg, data: str, samples: int, seed: int) -> dict:
     """Fisher sensitivity of every kernel (shares summing to 1) and block, as JSON-ready data."""
-    from hirelc_onnx.bridge import fisher_sensitivity
-    from hirelc_onnx.evaluate.loaders import check_fits, load_data
+    from hirelc_onnx.bridge import fisher_sensitivity  # imports torch: only when --sensitivity asks
 
     shape = tuple(next(iter(bg.input_shapes.values())))
     ds = check_fits(load_data(data, input_shape=shape), shape)
@@ -68,9 +71,6 @@ def _human(n: float) -> str:
 def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: str | None, samples: int,
             seed: int) -> None:
     """Show the blocks, kernels, parameters, MACs, bytes and channel groups of MODEL."""
-    from hirelc_onnx.errors import UserError
-    from hirelc_onnx.graph import import_model
-
     if sensitivity and not data:
         raise UserError("--sensitivity needs --data (the Fisher information is an expectation over inputs)")
     bg = import_model(model)

@@ -27,6 +27,7 @@ from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
+from hirelc_onnx.graph.loader import load_model
 
 __all__ = [
     "ModelLike",
@@ -105,8 +106,6 @@ def _one_line(exc: BaseException) -> str:
 
 def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     """Read an ONNX file, raising ModelLoadError that says what is wrong (missing, not ONNX, truncated)."""
-    from hirelc_onnx.graph.loader import load_model
-
     return load_model(path, load_external_data=load_external_data, check=False)
 
 

@@ -11,6 +11,7 @@ from hirelc_onnx.errors import NothingToCompressError
 from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, kernel_weight_input, node_attr,
                                    tensor_shapes)
 from passes.normalize import normalize, opset_of
+from passes.storage import tensor_nbytes
 
 __all__ = ["Kernel", "Block", "BlockGraph", "build_block_graph", "MAX_BLOCK_KERNELS"]
 
@@ -18,9 +19,6 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_KERNELS = 6  # a topological block longer than this is cut into chunks
 _MERGE_OPS = {"Add", "Sum", "Concat", "Mul"}
-_DTYPE_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
-                onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
-                onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8}
 
 
 @dataclass(frozen=True)
@@ -95,13 +93,6 @@ def _static(dims) -> int:
     return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims])) if dims else 1
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if t.dims else 1
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (n + 1) // 2
-    return n * _DTYPE_BYTES.get(t.data_type, 4)
-
-
 
 def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> tuple[int, int, int, int]:
     """(out_axis, macs per sample, fan_in, fan_out) of a kernel node."""
@@ -168,7 +159,7 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
     return BlockGraph(
         model=norm, kernels=kernels, blocks=blocks, groups=analysis.groups, analysis=analysis,
         opset=opset_of(norm), input_shapes=input_shapes, output_names=[o.name for o in norm.graph.output],
-        initializer_bytes={t.name: _tensor_bytes(t) for t in norm.graph.initializer},
+        initializer_bytes={t.name: tensor_nbytes(t) for t in norm.graph.initializer},
         structure_bytes=_structure_bytes(norm),
     )
 

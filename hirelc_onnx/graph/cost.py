@@ -14,6 +14,7 @@ import numpy as np
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import group_keep_counts, weight_spec
+from passes.storage import encoded_nbytes
 
 __all__ = ["KernelCost", "ModelCost", "model_cost", "weight_nbytes"]
 
@@ -100,8 +101,6 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
 def weight_nbytes(kernel, kc, shape: tuple[int, ...], stored_bytes: int, target: str) -> int:
     """Bytes of one kernel weight of (pruned) `shape` under choice `kc`: its encoding when
     quantized, else its stored bytes scaled to the elements kept."""
-    from passes.storage import encoded_nbytes
-
     spec = weight_spec(kernel, kc)
     if spec is not None:
         return encoded_nbytes(shape, spec, target)

@@ -24,13 +24,16 @@ import onnx
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
+from passes.quantize_activations import quantize_activations
+from passes.storage import initializer_nbytes
 
 __all__ = ["MethodResult", "candidate_record", "keep_for_flops", "run_uniform", "run_l1_int8", "run_ort_int8", "run_random",
-           "run_uniform_l1", "uniform_keep_for_budget", "BASELINES"]
+           "run_uniform_l1", "uniform_keep_for_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: 
 
 
 def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int = 8, keep: float = 1.0,
-                qtype: str = "symmetric", granularity: str = "per-channel", **_) -> MethodResult:
+                qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
+    """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data)."""
     config = _uniform_config(bg, target, bits, keep, qtype, granularity)
     if ctx is None:
         return MethodResult(config, apply_config(bg, config), None)
@@ -101,8 +105,7 @@ def uniform_keep_for_budget(bg: BlockGraph, target: str, bits: int, budget: floa
 
 
 def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
-                   evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
-                   **_) -> MethodResult:
+                   evaluations: int = 8, progress: Callable[[int, int], None] | None = None) -> MethodResult:
     """Uniform bits + uniform L1 pruning fitted to the budget, one candidate per bit width."""
     if ctx is None:
         raise UserError("--method uniform-l1 measures candidates: give --data")
@@ -130,22 +133,18 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
     return MethodResult(best.config, best.model, best.score, history)
 
 
-def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep: float = 0.5, **_) -> MethodResult:
+def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep: float = 0.5) -> MethodResult:
     """8-bit containers; 7-bit weight grids under ort-cpu (no u8 x s8 saturation without VNNI)."""
     return run_uniform(bg, ctx, target, bits=7 if target == "ort-cpu" else 8, keep=keep)
 
 
-def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, **_) -> MethodResult:
+def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str) -> MethodResult:
     """ORT's quantize_static on the fp32 model (activations and weights int8, QDQ)."""
     if ctx is None:
         raise UserError("--method ort-int8 calibrates activations: give --data")
-    from passes.quantize_activations import quantize_activations
-
     model = quantize_activations(bg.model, ctx.calib_batches)
-    from hirelc_onnx.evaluate.runner import predict
-
     score = ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)
-    ratio = bg.weight_bytes / max(sum(len(t.raw_data) for t in model.graph.initializer), 1)
+    ratio = bg.weight_bytes / max(initializer_nbytes(model), 1)
     return MethodResult(None, model, score, [{"kind": "real", "score": score, "ratio": ratio, "method": "ort-int8"}])
 
 
@@ -163,8 +162,8 @@ def random_config(bg: BlockGraph, target: str, rng: np.random.Generator) -> Comp
 
 
 def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
-               evaluations: int = 8, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-               **_) -> MethodResult:
+               evaluations: int = 8, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> MethodResult:
     """Random search with the same number of real evaluations as the RL methods."""
     if ctx is None:
         raise UserError("--method random measures candidates: give --data")
@@ -182,7 +181,3 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         if progress:
             progress(i + 1, evaluations)
     return MethodResult(best.config, best.model, best.score, history)
-
-
-BASELINES = {"uniform": run_uniform, "l1-int8": run_l1_int8, "ort-int8": run_ort_int8, "random": run_random,
-             "uniform-l1": run_uniform_l1}

@@ -43,7 +43,7 @@ def bits_ladder(target: str) -> tuple[int, ...]:
     storage packs 2-bit, 4-bit and 8-bit containers (3 bits costs what 4 does, 5-7 what 8 does);
     ort-cpu and qdq store every grid in 8 bits, so lowering below 8 saves nothing there. Under
     ort-cpu the top rung is 7 bits: ORT's u8 x s8 kernels saturate with full-range 8-bit weights
-    on x86 CPUs without VNNI (DESIGN.md), and 7-bit weights cannot.
+    on x86 CPUs without VNNI (docs/ARCHITECTURE.md, "Measured facts"), and 7-bit weights cannot.
     """
     return {"storage": (32, 8, 4, 2), "ort-cpu": (32, 7)}.get(target, (32, 8))
 

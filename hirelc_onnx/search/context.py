@@ -22,6 +22,7 @@ import onnx
 
 from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
 from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_accuracy, top1_agreement
 from hirelc_onnx.evaluate.runner import predict
@@ -127,14 +128,12 @@ class SearchContext:
         if self.bridge_error is not None or (seconds <= 0 if epochs is None else epochs == 0):
             return pruned, False
         budget = {"time_budget_s": seconds} if epochs is None else {"max_epochs": epochs, "time_budget_s": math.inf}
-        try:
+        try:  # torch, imported on the first fine-tune (a search without data or fine-tuning never pays it)
             from hirelc_onnx.bridge import finetune
         except ImportError as exc:  # torch missing: search without recovery, visibly
             self.bridge_error = f"fine-tuning unavailable: {exc}"
             log.warning(self.bridge_error)
             return pruned, False
-        from hirelc_onnx.errors import UserError
-
         specs = {k.weight: spec for k in self.bg.kernels.values()
                  if (spec := weight_spec(k, config.get(k.name))) is not None}
         try:

@@ -153,15 +153,15 @@ def _key(masks: list[np.ndarray]) -> bytes:
 
 
 def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
-                 max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
+                 time_limit: float | None = None, seed: int = 0,
                  evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
                  flops: float | None = None, params: float | None = None, bits: int | None = None,
-                 settings: GraphRLSettings | None = None, **_) -> MethodResult:
+                 settings: GraphRLSettings | None = None) -> MethodResult:
     """Graph-attention RL channel pruning under a resource constraint (see the module docstring).
 
     flops / params: fractions of the original MACs / kernel weights; budget: true-bytes ratio;
-    bits: weight bits of the emitted model (overrides `settings.bits`). max_drop
-    is checked by the report, not by the search: the method maximises accuracy within the limits.
+    bits: weight bits of the emitted model (overrides `settings.bits`). No max_drop: the method
+    maximises accuracy within the limits.
     """
     if ctx is None:
         raise UserError("--method graph-rl scores candidates on data: give --data")

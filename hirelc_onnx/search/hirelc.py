@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 class HiReLCSettings:
     """Every knob of HiReLC, with the defaults `hirelc-onnx compress --method hirelc` uses.
 
-    Any field can be passed to `run_hirelc` (and `hirelc_onnx.compress`) as a keyword option.
+    Pass one as `settings=` to `run_hirelc` (or `hirelc_onnx.compress`).
     """
 
     ensemble_size: int = 3
@@ -113,20 +113,19 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
                evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
                state_path: str | Path | None = None, resume: bool = False,
-               settings: HiReLCSettings | None = None, **options: Any) -> MethodResult:
+               settings: HiReLCSettings | None = None) -> MethodResult:
     """Search a config meeting `budget` (true-bytes ratio) with HiReLC; see the module docstring.
 
     max_drop: largest accepted drop of the validation score, in points (the final pick prefers
     measurements within it). time_limit: seconds; the best measurement so far is returned when
     the next round would overrun (at least one real evaluation is always made). state_path /
     resume: where the search state is written after each round, and whether to continue from it.
-    options: HiReLCSettings fields by name.
     """
     if ctx is None:
         raise UserError("--method hirelc measures candidates: give --data")
     if evaluations < 1:
         raise UserError(f"hirelc needs at least one real evaluation, got evaluations={evaluations}")
-    settings = _settings(settings or HiReLCSettings(), options)
+    settings = settings or HiReLCSettings()
     if budget is None:
         budget = settings.default_budget
         log.info("no budget given: searching for %gx", budget)
@@ -372,18 +371,6 @@ def _best(real: list[RealPoint], threshold: float | None) -> RealPoint:
 
 
 # --- settings and seeds --------------------------------------------------------------------------
-
-def _settings(settings: HiReLCSettings, options: dict[str, Any]) -> HiReLCSettings:
-    names = {f.name for f in fields(HiReLCSettings)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise UserError(f"hirelc: unknown option {unknown[0]!r}; settings are {', '.join(sorted(names))}")
-    if isinstance(options.get("reward"), dict):
-        options = {**options, "reward": RewardWeights(**options["reward"])}
-    if isinstance(options.get("agent"), dict):
-        options = {**options, "agent": AgentSettings(**options["agent"])}
-    return replace(settings, **options)
-
 
 def _agent_seed(seed: int, block: int | None = None) -> int:
     """Seed of an ensemble's first member (member i adds i): the high level's, or block `block`'s."""

@@ -1,6 +1,6 @@
 """Two-stage DRL compression (`--method two-stage`): an agent prunes, then another quantizes the pruned model.
 
-DESIGN.md, "The methods" 3; for over-parameterised models (VGG-style) where the aim is the
+docs/ARCHITECTURE.md, "The methods" 3; for over-parameterised models (VGG-style) where the aim is the
 smallest file. One loop, top to bottom:
 
 Stage 1, pruning
@@ -56,7 +56,7 @@ from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.specs import weight_spec
 from passes.quantize import quantize
 from passes.quantize_weights import encoding, stored_tensors
-from passes.storage import encoded_nbytes
+from passes.storage import encoded_nbytes, initializer_nbytes, tensor_nbytes
 from passes.sparse_weights import DELTA4_OPSET, SparseWeightsPass, choose_encoding, dense_nbytes, stored_initializer
 
 __all__ = ["TwoStageSettings", "run_two_stage"]
@@ -136,15 +136,6 @@ class _Best:
     config: CompressionConfig | None = None
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    """True bytes of one initializer: its serialized data (the report's measure)."""
-    return len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
-
-
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(_tensor_bytes(t) for t in model.graph.initializer)
-
-
 def _with(config: CompressionConfig, **per_kernel: Mapping[str, object]) -> CompressionConfig:
     """`config` with fields replaced per kernel: _with(c, bits={"conv": 4})."""
     kernels = dict(config.kernels)
@@ -181,7 +172,7 @@ class _Sizes:
         inits = {t.name: t for t in tuned.graph.initializer}
         weights = {k.weight for k in bg.kernels.values()}
         dense = apply_quantization(bg, tuned, _with(base, bits={n: 32 for n in bg.kernels}))
-        self.other = sum(_tensor_bytes(t) for t in dense.graph.initializer if t.name not in weights)
+        self.other = sum(tensor_nbytes(t) for t in dense.graph.initializer if t.name not in weights)
         self.opset = next(o.version for o in dense.opset_import if o.domain in ("", "ai.onnx"))
         self.bg, self.target = bg, base.target
         self.table: dict[str, dict[int, tuple[int, int]]] = {}
@@ -241,7 +232,7 @@ def _repair_size(sizes: _Sizes, config: CompressionConfig, goal_bytes: float) ->
 def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                   max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
                   evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
-                  settings: TwoStageSettings | None = None, **_) -> MethodResult:
+                  settings: TwoStageSettings | None = None) -> MethodResult:
     """Prune with an agent (channels, then learned element-wise masks), then quantize with another.
 
     budget: the true-bytes ratio stage 2 must reach (None: `settings.default_ratio`). evaluations:
@@ -249,6 +240,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     a short fine-tune, the method's costly signal). max_drop is checked on validation and a miss
     logged; the report measures it on the held-out split.
     """
+    # the torch bridge, imported when the method runs: the size tables and policies above need no torch
     from hirelc_onnx.bridge.convert import BridgeError
     from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
 
@@ -379,7 +371,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 def _stage_report(bg: BlockGraph, ctx: SearchContext, model: onnx.ModelProto, config: CompressionConfig,
                   val: float, sparse: dict[str, str]) -> dict:
     """Size and accuracy of one stage's emitted model (true bytes; test split for the report only)."""
-    nbytes = _initializer_bytes(model)
+    nbytes = initializer_nbytes(model)
     return {"ratio": bg.weight_bytes / max(nbytes, 1), "bytes": nbytes, "val_score": val,
             "test_score": ctx.test_score(model), "macs_fraction": model_cost(bg, config).macs_fraction,
             "sparse_storage": sparse}

@@ -13,16 +13,15 @@ from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.agents import AgentSettings
 from hirelc_onnx.search.context import SearchContext
-from hirelc_onnx.search.envs import RewardWeights
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, _settings, run_hirelc
+from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, run_hirelc
 from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
 MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet
-# tiny but complete: both levels, ensembles of two, every phase of the loop
-TINY = dict(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-            agent=AgentSettings(n_envs=2, n_steps=4))
+# tiny but complete: both levels, ensembles of two, every phase of the loop (run_hirelc(..., **TINY))
+TINY = {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
+                                   agent=AgentSettings(n_envs=2, n_steps=4))}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,6 @@ def bg(reference_models):
 def ctx(bg):
     """No fine-tuning: these tests check the search loop, not the bridge (tested on its own)."""
     return SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=0.0, seed=0)
-
-
-def test_settings_from_options():
-    s = _settings(HiReLCSettings(), {"voting": "soft", "reward": {"budget": 5.0}, "agent": {"n_envs": 1}})
-    assert s.voting == "soft" and s.reward == RewardWeights(budget=5.0) and s.agent.n_envs == 1
-    with pytest.raises(UserError, match="unknown option 'votes'"):
-        _settings(HiReLCSettings(), {"votes": "soft"})
 
 
 def test_normalise_is_log_min_max():

@@ -14,13 +14,13 @@ from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.two_stage import (
     TwoStageSettings,
     _emit,
-    _initializer_bytes,
     _onto_flops,
     _Policy,
     _repair_size,
     _Sizes,
     _with,
 )
+from passes.storage import initializer_nbytes
 
 TINY = TwoStageSettings(prune_episodes=2, probe_epochs=1, mask_epochs=1, quant_episodes=2, finetune_epochs=1,
                         batch_episodes=2)
@@ -93,7 +93,7 @@ def test_sizes_are_exactly_the_emitted_bytes(vgg):
     for bits in ([32] * len(names), [8] * len(names), [2, 4, 8, 4, 2, 4, 8, 32], list(rng.choice([2, 4, 8], 8))):
         config = _with(pruned_config, bits=dict(zip(names, map(int, bits))))
         emitted, sparse = _emit(vgg, stage1, config)
-        assert sizes.total(config) == _initializer_bytes(emitted)
+        assert sizes.total(config) == initializer_nbytes(emitted)
         assert sparse  # some kernels are stored sparsely at 20% density
 
 

@@ -1,0 +1,125 @@
+"""report.json's content: every figure measured on the emitted model, never taken from the search's estimates.
+
+Sizes are the emitted model's initializer bytes and file bytes; accuracy is its score on the held-out
+test split through ONNX Runtime; latency is timed side by side with the fp32 model in one process.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+
+from hirelc_onnx.apply import apply_config
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.runner import benchmark_side_by_side, predict
+from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
+from hirelc_onnx.search.baselines import MethodResult
+from hirelc_onnx.search.budget import bits_ladder
+from hirelc_onnx.search.context import SearchContext
+from passes.storage import initializer_nbytes
+
+__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions"]
+
+
+def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os.PathLike, result: MethodResult,
+                 ctx: SearchContext | None, *, method: str, target: str, budget: float | None,
+                 max_drop: float | None, seconds: float, latency_runs: int = 20) -> dict:
+    """Measure the emitted model and assemble the report (all figures from the emitted model)."""
+    emitted = result.model
+    file_bytes = len(emitted.SerializeToString())
+    original_file = Path(model_path).stat().st_size
+    true_bytes = initializer_nbytes(emitted)
+    size = {"original_weight_bytes": bg.weight_bytes, "weight_bytes": true_bytes,
+            "ratio": bg.weight_bytes / max(true_bytes, 1), "original_file_bytes": original_file,
+            "file_bytes": file_bytes, "file_ratio": original_file / max(file_bytes, 1)}
+    cost = model_cost(bg, result.config) if result.config is not None else None
+    if cost is not None:
+        size.update(predicted_weight_bytes=cost.total_bytes, macs_fraction=cost.macs_fraction,
+                    nominal_ratio_unweighted_bits_times_keep=cost.nominal_ratio)
+    report: dict[str, Any] = {
+        "method": method, "target": target, "budget": budget, "max_drop": max_drop,
+        "input": {"path": str(model_path), "kernels": len(bg.kernels), "params": bg.total_params,
+                  "macs": bg.total_macs, "blocks": len(bg.blocks)},
+        "size": size,
+        "goal": {"budget_met": None if budget is None else size["ratio"] >= budget - 1e-9},
+        "accuracy": None,
+        "kernels": per_kernel_rows(bg, result.config, emitted, cost),
+        "history": result.history,
+        "search": {"seconds": seconds, **result.extra},
+        "versions": versions(),
+    }
+    if ctx is not None:
+        fp32_test = ctx.test_score(bg.model)
+        comp_test = ctx.test_score(emitted)
+        report["accuracy"] = {
+            "metric": "top-1 accuracy" if ctx.labelled else "top-1 agreement with fp32",
+            "split": "test (held out, never seen by the search)", "n": len(ctx.splits.test),
+            "fp32": fp32_test, "compressed": comp_test, "drop_points": 100.0 * (fp32_test - comp_test),
+            "val_compressed": result.val_score, "fp32_val": ctx.fp32_val_score,
+            "evaluations": ctx.evaluations, "finetune_warning": ctx.bridge_error,
+            "finetune_budget": ({"epochs": ctx.finetune_epochs} if ctx.finetune_epochs is not None
+                                else {"seconds": ctx.finetune_seconds}),
+        }
+        if max_drop is not None:
+            report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
+        report["baselines"] = reference_points(bg, ctx, target)
+    report["latency"] = _latency(bg.model, emitted, latency_runs)
+    return report
+
+
+def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto,
+                    cost: ModelCost | None = None) -> list[dict]:
+    """What was done to every kernel, with its bytes before and after (`cost`: model_cost of `config`)."""
+    cost = cost or (model_cost(bg, config) if config else None)
+    shapes = {t.name: list(t.dims) for t in emitted.graph.initializer}
+    rows = []
+    for k in bg.kernel_list():
+        kc = config.get(k.name) if config else None
+        row = {"kernel": k.name, "op": k.op, "block": k.block, "shape": list(k.weight_shape),
+               "params": k.params, "macs": k.macs, "bytes_before": bg.initializer_bytes[k.weight],
+               "group": k.group}
+        if kc is not None:
+            row.update(bits=kc.bits, keep_ratio=kc.keep_ratio, qtype=kc.qtype, granularity=kc.granularity,
+                       bytes_after=cost.kernels[k.name].weight_bytes, params_after=cost.kernels[k.name].params)
+        if k.weight in shapes:
+            row["shape_after"] = shapes[k.weight]
+        rows.append(row)
+    return rows
+
+
+def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
+    """Uniform 8- and 4-bit weights without fine-tuning, on the validation split: the points every
+    search result is plotted against (cheap: one rewrite and one ORT pass each)."""
+    points = {}
+    for bits in sorted(b for b in bits_ladder(target) if 4 <= b < 32):
+        config = CompressionConfig.uniform(bg.kernels, target=target, bits=bits)
+        model = apply_config(bg, config, calib_batches=ctx.calib_batches)
+        points[f"uniform {bits}-bit, no fine-tuning"] = {
+            "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)}
+    return points
+
+
+def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int) -> dict:
+    """Median ORT latency of both models at batch 1 and 32, timed interleaved (an error says why not)."""
+    latency = {}
+    for batch in (1, 32):
+        try:
+            fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3)
+        except UserError as exc:
+            latency[f"batch{batch}"] = {"error": str(exc)}
+            continue
+        latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
+                                    "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
+    return latency
+
+
+def versions() -> dict:
+    """The software and machine the figures were measured on."""
+    return {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
