@@ -23,16 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from hirelc_onnx.cli import main as cli
+    from hirelc_onnx.errors import UserError
+    from hirelc_onnx.search.methods import get_method
 
+    try:
+        takes = get_method(args.method).options
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     print("building the ResNet-20 digits reference model (cached after the first run) ...", flush=True)
     model = build_reference_model("resnet20")
     print(f"model: {model}\n", flush=True)
     cli.main(["inspect", str(model), "--no-groups"], standalone_mode=False)
     print(f"\ncompressing at --budget {args.budget} with --method {args.method} ...", flush=True)
-    cli.main(["compress", str(model), "--budget", args.budget, "--data", "digits", "--method", args.method,
-              "--target", args.target, "--evaluations", str(args.evaluations),
-              "--finetune-seconds", str(args.finetune_seconds), "--out", args.out], standalone_mode=False)
+    command = ["compress", str(model), "--data", "digits", "--method", args.method, "--target", args.target,
+               "--out", args.out]
+    for option, value in (("budget", args.budget), ("evaluations", args.evaluations),
+                          ("finetune_seconds", args.finetune_seconds)):
+        if option in takes:  # the demo's defaults go only to a method that takes them
+            command += ["--" + option.replace("_", "-"), str(value)]
+    try:
+        cli.main(command)  # standalone: a user error is one line and an exit status, as on the command line
+    except SystemExit as exc:
+        if exc.code:
+            return int(exc.code) if isinstance(exc.code, int) else 1
     print(f"\nreport: {Path(args.out).resolve() / 'report.html'}  ({time.perf_counter() - start:.0f} s in all)")
     return 0
 
