@@ -2,12 +2,13 @@
 
 Orchestration only: check every option first (the method and its options: search/methods.py), load
 the model and the data, run the method, measure the emitted model (report/build.py) and write the
-outputs (report/outputs.py). The input file is never modified.
+outputs (report/outputs.py), holding --out (lock.py) throughout. The input file is never modified.
 """
 from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import check_fits, load_data
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
+from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
 from hirelc_onnx.report.outputs import check_out_dir, write_outputs
 from hirelc_onnx.search.budget import check_reachable, parse_budget
@@ -85,22 +87,24 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     if out_dir is not None:
         check_out_dir(Path(out_dir), Path(model_path))
 
-    original = load_model(model_path)
-    bg = build_block_graph(original)
-    if given.get("budget"):
-        check_reachable(bg, given["budget"], target)
-    ctx = None
-    if data is not None:
-        ctx = SearchContext(bg, split_dataset(_load_data(data, bg), seed), target, seed=seed, **finetune)
-    state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
-    own = {"seed": seed, "progress": progress, "state_path": state_path}
-    result = chosen.load()(bg, ctx, target, **given, **{k: v for k, v in own.items() if k in chosen.receives})
+    with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
+        original = load_model(model_path)
+        bg = build_block_graph(original)
+        if given.get("budget"):
+            check_reachable(bg, given["budget"], target)
+        ctx = None
+        if data is not None:
+            ctx = SearchContext(bg, split_dataset(_load_data(data, bg), seed), target, seed=seed, **finetune)
+        state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
+        own = {"seed": seed, "progress": progress, "state_path": state_path}
+        result = chosen.load()(bg, ctx, target, **given,
+                               **{k: v for k, v in own.items() if k in chosen.receives})
 
-    report = build_report(bg, original, model_path, result, ctx, method=method, target=target,
-                          budget=given.get("budget"), max_drop=given.get("max_drop"),
-                          seconds=time.perf_counter() - start, latency_runs=latency_runs)
-    if out_dir is not None:
-        write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
+        report = build_report(bg, original, model_path, result, ctx, method=method, target=target,
+                              budget=given.get("budget"), max_drop=given.get("max_drop"),
+                              seconds=time.perf_counter() - start, latency_runs=latency_runs)
+        if out_dir is not None:
+            write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)
 
 

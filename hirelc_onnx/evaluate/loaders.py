@@ -130,7 +130,8 @@ def load_npz(path: str | Path) -> Dataset:
         raise
     except ValueError as exc:
         if "allow_pickle" in str(exc):
-            raise DataError(f"{path} holds object arrays; x and y must be numeric") from exc
+            raise DataError(f"{path} holds pickled object arrays, which are refused (a pickle can run code); "
+                            "save x and y as numeric arrays") from exc
         raise DataError(f"cannot read {path} as .npz: {exc}") from exc
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from exc

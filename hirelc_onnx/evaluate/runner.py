@@ -27,7 +27,7 @@ from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
-from hirelc_onnx.graph.loader import load_model
+from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
 
 __all__ = [
     "ModelLike",
@@ -124,6 +124,7 @@ class OrtRunner:
             path = Path(model)
             if not path.is_file():
                 load_onnx(path)  # raises the precise reason
+            check_file_external_locations(path)  # ORT reads external data itself: refuse escapes first
             source = str(path)
         try:
             self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
@@ -360,25 +361,13 @@ def model_file_size(model: ModelLike) -> int:
     proto = load_onnx(p, load_external_data=False)
     locations = {
         e.value
-        for t in _all_tensors(proto.graph)
+        for t in all_tensors(proto.graph)
         if t.data_location == onnx.TensorProto.EXTERNAL
         for e in t.external_data
         if e.key == "location"
     }
     extra = sum((p.parent / loc).stat().st_size for loc in locations if (p.parent / loc).is_file())
     return p.stat().st_size + extra
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    """Initializers and tensor attributes, subgraphs included: where external data can live."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_tensors(sub)
 
 
 _MEMORY_SCRIPT = r"""

@@ -1,7 +1,13 @@
-"""Load an ONNX file with one-line errors for every way a user's file can be wrong."""
+"""Load an ONNX file with one-line errors for every way a user's file can be wrong.
+
+The one loader for a user's model: external-data locations are checked to stay inside the model's
+folder (symlinks followed) before any external byte is read, so a downloaded model cannot make the
+tool read another file of the user's.
+"""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -9,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from hirelc_onnx.errors import ModelLoadError
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
         raise ModelLoadError(f"{path} is not an ONNX model (no graph found; truncated or another format?)")
     if not model.opset_import:
         raise ModelLoadError(f"{path} has no opset_import; not a valid ONNX model")
+    check_external_locations(model, path)
     if load_external_data:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -53,3 +60,59 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
     log.debug("loaded %s (ir %d, opsets %s)", path, model.ir_version,
               {o.domain or "ai.onnx": o.version for o in model.opset_import})
     return model
+
+
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers (sparse ones too) and tensor attributes, subgraphs included: where external data can live."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_tensors(sub)
+
+
+def check_external_locations(model: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse (ModelLoadError) any external-data location that resolves outside the folder of `path`.
+
+    `../x`, absolute paths and symlinks leading out of the folder are all refused; nothing is read.
+    """
+    path = Path(path)
+    folder = path.parent.resolve()
+    for tensor in all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} keeps its data externally but names no location")
+        try:
+            target = (folder / location).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, NUL bytes
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has an unusable external-data location "
+                                 f"{location!r} ({exc}); refused") from None
+        if target == folder or not target.is_relative_to(folder):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                                 f"model's folder {folder}; refused (external data must stay beside the model)")
+
+
+def check_file_external_locations(path: str | Path) -> None:
+    """check_external_locations for a file another reader (ONNX Runtime) will open itself.
+
+    A file protobuf cannot parse is left to that reader, whose error the caller already reports.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX protobuf (e.g. an ORT-format file): nothing here to check
+        return
+    check_external_locations(model, path)

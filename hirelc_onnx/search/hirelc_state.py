@@ -19,6 +19,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
+from hirelc_onnx.graph.loader import load_model
 from hirelc_onnx.io import write_atomic
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
@@ -168,7 +169,7 @@ class HiReLCState:
         model_path = best_model_path(path)
         for p in self.real:
             if p.key == key and model_path.exists():
-                p.model = onnx.load(str(model_path))
+                p.model = load_model(model_path, check=False)
 
 
 def _identity(kernels: list[str], budget: float, target: str, seed: int) -> dict[str, Any]:
