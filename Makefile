@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency clean
+.PHONY: venv demo test test-fast bench bench-latency fuzz clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: $(STAMP)
 
 bench-latency: $(STAMP)
 	$(PY) -m bench.run --latency-only --out bench/latency
+
+# the long fuzz campaign (the quick part runs in make test): writes bench/fuzz/report.{md,json}
+FUZZ_CASES ?= 400
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.campaign --cases $(FUZZ_CASES) --seed 0 --out bench/fuzz
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

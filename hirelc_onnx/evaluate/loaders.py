@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
+import threading
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -24,6 +26,9 @@ __all__ = [
     "load_image_folder",
     "check_fits",
     "import_plugin",
+    "call_plugin",
+    "plugin_timeout",
+    "PLUGIN_TIMEOUT_ENV",
 ]
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 BUILTIN_DATASETS = {"digits": load_digits}
 _PLUGIN_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SPEC_HELP = "expected a .npz file, an image folder, 'digits' or package.module:func"
+PLUGIN_TIMEOUT_ENV = "HIRELC_PLUGIN_TIMEOUT"
+_DEFAULT_PLUGIN_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -243,7 +250,9 @@ def import_plugin(spec: str, what: str, error: type[Exception] = DataError) -> A
         raise error(f"{what} plugin must look like package.module:func, got {spec!r}")
     modname, attr = spec.split(":")
     try:
-        obj = importlib.import_module(modname)
+        obj = call_plugin(importlib.import_module, (modname,), spec, f"importing {what} plugin", error)
+    except error:
+        raise
     except ImportError as exc:
         raise error(f"cannot import {what} plugin module {modname!r}: {exc}") from exc
     except Exception as exc:  # the user's module failed while importing
@@ -256,12 +265,57 @@ def import_plugin(spec: str, what: str, error: type[Exception] = DataError) -> A
     return obj
 
 
+def plugin_timeout() -> float:
+    """Seconds a plugin may take to import or return: $HIRELC_PLUGIN_TIMEOUT, else 600."""
+    raw = os.environ.get(PLUGIN_TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return _DEFAULT_PLUGIN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DataError(f"{PLUGIN_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise DataError(f"{PLUGIN_TIMEOUT_ENV} must be positive, got {raw!r}")
+    return value
+
+
+def call_plugin(fn: Any, args: tuple, spec: str, what: str, error: type[Exception] = DataError) -> Any:
+    """`fn(*args)` for a user's plugin, bounded by plugin_timeout(): a plugin that hangs is an error.
+
+    The call runs in a daemon thread, so a hung plugin cannot keep the process alive after the
+    error; its exception (if any) is raised here, for the caller to word.
+    """
+    timeout = plugin_timeout()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"plugin {spec}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise error(f"{what} {spec!r} did not return within {timeout:g} s; "
+                    f"set {PLUGIN_TIMEOUT_ENV} to allow longer")
+    exc = box.get("error")
+    if isinstance(exc, SystemExit):
+        raise error(f"{what} {spec!r} called sys.exit({exc.code!r})")
+    if exc is not None:
+        raise exc
+    return box.get("value")
+
+
 def _load_plugin(spec: str) -> Dataset:
     fn = import_plugin(spec, "data")
     if not callable(fn):
         raise DataError(f"data plugin {spec!r} is not callable")
     try:
-        out = fn()
+        out = call_plugin(fn, (), spec, "data plugin")
+    except DataError:
+        raise
     except Exception as exc:  # the user's code: one line, traceback under -v
         log.debug("data plugin %s raised", spec, exc_info=True)
         raise DataError(f"data plugin {spec!r} failed: {type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from hirelc_onnx.errors import DataError, UserError
-from hirelc_onnx.evaluate.loaders import import_plugin
+from hirelc_onnx.evaluate.loaders import call_plugin, import_plugin
 
 __all__ = [
     "top1_accuracy",
@@ -142,7 +142,9 @@ def plugin_metric(spec: str, logits: np.ndarray, labels_or_ref: np.ndarray) -> f
     """Run a user metric and insist on a finite number, so reports never carry garbage."""
     fn = load_metric(spec)
     try:
-        value = fn(logits, labels_or_ref)
+        value = call_plugin(fn, (logits, labels_or_ref), spec, "metric plugin", UserError)
+    except UserError:
+        raise
     except Exception as exc:  # the user's code: report it in one line, traceback under -v
         log.debug("metric plugin %s raised", spec, exc_info=True)
         raise UserError(f"metric plugin {spec!r} failed: {type(exc).__name__}: {exc}") from exc

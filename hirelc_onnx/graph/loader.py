@@ -10,12 +10,16 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import math
+
 import onnx
+import onnx.helper
 from google.protobuf.message import DecodeError
 
 from hirelc_onnx.errors import ModelLoadError
 
-__all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations"]
+__all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations",
+           "check_tensor_payloads"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
             raise ModelLoadError(f"{path}: external weight file missing: {exc.filename}") from None
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot read external weights ({exc})") from None
+    check_tensor_payloads(model, path)
     if not check:
         return model
     try:
@@ -116,3 +121,59 @@ def check_file_external_locations(path: str | Path) -> None:
     except Exception:  # not ONNX protobuf (e.g. an ORT-format file): nothing here to check
         return
     check_external_locations(model, path)
+
+
+# element types narrower than a byte: raw_data holds ceil(n * bits / 8) bytes
+_SUB_BYTE_BITS = {name: bits for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2),
+                                                ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+                  if hasattr(onnx.TensorProto, name)}
+_SUB_BYTE = {getattr(onnx.TensorProto, name): bits for name, bits in _SUB_BYTE_BITS.items()}
+_COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+
+
+def _payload_problem(t: onnx.TensorProto) -> str | None:
+    """Why `t`'s stored data cannot be its dims of its element type, or None when it fits."""
+    try:
+        field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        itemsize = 0 if t.data_type == onnx.TensorProto.STRING else onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return f"has an unknown element type ({t.data_type})"
+    if any(d < 0 for d in t.dims):
+        return f"has negative dims {list(t.dims)}"
+    numel = math.prod(t.dims)
+    if t.HasField("raw_data"):
+        if t.data_type == onnx.TensorProto.STRING:
+            return "is a string tensor stored as raw bytes"
+        bits = _SUB_BYTE.get(t.data_type)
+        want = (numel * bits + 7) // 8 if bits else numel * itemsize
+        if len(t.raw_data) != want:
+            return (f"holds {len(t.raw_data)} bytes but dims {list(t.dims)} of "
+                    f"{onnx.helper.tensor_dtype_to_string(t.data_type)} need {want}")
+        return None
+    count = len(getattr(t, field))
+    if t.data_type in _SUB_BYTE:
+        return None if (numel == 0) == (count == 0) and count <= numel else \
+            f"holds {count} values, which cannot be dims {list(t.dims)}"
+    want = numel * (2 if t.data_type in _COMPLEX else 1)
+    if count != want:
+        return (f"holds {count} values but dims {list(t.dims)} of "
+                f"{onnx.helper.tensor_dtype_to_string(t.data_type)} need {want}")
+    return None
+
+
+def check_tensor_payloads(model: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse (ModelLoadError) an initializer or constant whose data disagrees with its dims or type.
+
+    The checker lets some of these through (a FLOAT initializer relabelled BFLOAT16, dims doubled),
+    and the passes would then fail deep inside with a traceback. Sizes are compared, nothing is copied;
+    tensors whose data is still external (not loaded) are skipped.
+    """
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        problem = _payload_problem(t)
+        if problem:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} {problem}; the file is damaged or mislabelled")
