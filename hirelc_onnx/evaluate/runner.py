@@ -224,9 +224,17 @@ class OrtRunner:
         feed = {}
         for inp in self.inputs:
             shape = shapes[inp.name]
+            elements = int(np.prod(shape, dtype=object))
+            if elements > _MAX_FEED_ELEMENTS:
+                raise UserError(f"{self.label}: input {inp.name!r} of shape {tuple(shape)} has {elements:.3g} elements "
+                                f"per batch, too many to feed (the limit is {_MAX_FEED_ELEMENTS:.3g}); are its dims right?")
             dtype = np.dtype(_ORT_DTYPES.get(inp.type, np.float32))
             feed[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
         return feed
+
+
+# a random feed larger than this (4 GiB of float32) means dims no real input has: refuse, don't allocate
+_MAX_FEED_ELEMENTS = 1 << 30
 
 
 def _cache_key(model: ModelLike, config: SessionConfig) -> tuple:

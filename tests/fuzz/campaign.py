@@ -63,7 +63,7 @@ def write_report(outcomes: list[Outcome], out: Path, seed: int, seconds: float) 
     summary = {
         "seed": seed, "cases": len(outcomes), "seconds": round(seconds, 1), "call_limit_s": CALL_LIMIT_S,
         "ok": totals["ok"], "error": totals["error"],
-        "tracebacks": totals["traceback"], "hangs": totals["hang"], "modified_inputs": totals["modified"],
+        "tracebacks": totals["traceback"] + totals["internal-error"], "hangs": totals["hang"], "modified_inputs": totals["modified"],
         "malformed_errors": totals["bad-error"], "invalid_outputs": totals["bad-output"],
         "slowest_s": max((o.seconds for o in outcomes), default=0.0),
     }
@@ -77,7 +77,7 @@ def write_report(outcomes: list[Outcome], out: Path, seed: int, seconds: float) 
         f"- cases: {len(outcomes)} ({summary['ok']} succeeded with a model ONNX Runtime loads, "
         f"{summary['error']} refused with one `error:` line) in {summary['seconds']} s; slowest call "
         f"{summary['slowest_s']:.1f} s",
-        f"- tracebacks: {summary['tracebacks']}", f"- hangs: {summary['hangs']}",
+        f"- tracebacks (backstop `internal error` lines included): {summary['tracebacks']}", f"- hangs: {summary['hangs']}",
         f"- modified inputs: {summary['modified_inputs']}",
         f"- malformed errors (not exactly one `error:` line): {summary['malformed_errors']}",
         f"- invalid emitted models: {summary['invalid_outputs']}", "",

@@ -376,6 +376,8 @@ def quick_cases(seed: int = 0) -> list[Case]:
         cases.append(onnx_case(len(cases), "tiny", mutation, tools[j % 3], random.Random(rng.randrange(2**32)), models))
         cases.append(onnx_case(len(cases), "squeezenet", mutation, tools[(j + 1) % 3],
                                random.Random(rng.randrange(2**32)), models))
+    # the absurd dims once through compress: its latency feed must be refused, not allocated
+    cases.append(onnx_case(len(cases), "tiny", "absurd-dims", "compress", random.Random(1), models))
     for j, kind in enumerate(DATA_MUTATIONS):
         cases.append(data_case(len(cases), kind, "evaluate", random.Random(rng.randrange(2**32))))
     opsets = _opsets()

@@ -19,13 +19,15 @@ __all__ = ["Outcome", "run_in_process", "run_subprocess", "CALL_LIMIT_S", "HANG_
 
 CALL_LIMIT_S = 60.0  # the stated limit: no call may run longer
 HANG_PLUGIN_TIMEOUT_S = "4"  # HIRELC_PLUGIN_TIMEOUT for fuzz runs: a hung plugin must be cut off by the product
-FAILURES = ("traceback", "bad-error", "hang", "modified", "bad-output")
+FAILURES = ("traceback", "internal-error", "bad-error", "hang", "modified", "bad-output")
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """verdict: 'ok' (exit 0, valid output), 'error' (one error: line) or one of FAILURES."""
+    """verdict: 'ok' (exit 0, valid output), 'error' (one error: line) or one of FAILURES.
+
+    An `error: internal error:` line (the CLI's backstop) is a failure: it stands for a traceback."""
 
     case: str
     tool: str
@@ -62,6 +64,8 @@ def _judge(case: Case, root: Path, code: int | None, stderr: str, before: dict[s
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     if len(errors) != 1:
         return out("bad-error", stderr[-2000:] or "(no stderr)")
+    if errors[0].startswith("error: internal error:"):  # the CLI's backstop caught a bug: a crash all the same
+        return out("internal-error", errors[0][:300])
     return out("error", errors[0][:300])
 
 
