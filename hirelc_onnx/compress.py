@@ -89,6 +89,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
 
     with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
         original = load_model(model_path)
+        _check_domains(original, model_path)
         bg = build_block_graph(original)
         if given.get("budget"):
             check_reachable(bg, given["budget"], target)
@@ -118,3 +119,15 @@ def _load_data(data: Any, bg: BlockGraph) -> Dataset:
     if len(ds) < 8:
         raise UserError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")
     return ds
+
+
+# operator domains ONNX Runtime runs without a custom-op library
+_ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+
+def _check_domains(model: onnx.ModelProto, path: Any) -> None:
+    """Refuse a model with ops ONNX Runtime cannot run: the emitted model must load in ORT."""
+    for node in model.graph.node:
+        if node.domain not in _ORT_DOMAINS:
+            raise UserError(f"{path}: op {node.op_type!r} ({node.name or 'unnamed'}) is from domain {node.domain!r}, "
+                            "which ONNX Runtime does not run; compress emits models ORT runs, so it is refused")
