@@ -186,12 +186,14 @@ def stored_initializer(model: onnx.ModelProto, name: str) -> str | None:
     """The initializer holding the stored values of tensor `name`: itself, or the integers its decode reads.
 
     Follows the decodes `passes.quantize_weights` writes back to their stored integers:
-    DequantizeLinear (input 0), Reshape / Transpose / Cast (input 0), codebook Mul (input 0) and
+    DequantizeLinear (input 0), Reshape / Transpose / Cast / Slice (input 0), the scale's Mul and
+    the zero point's Sub (input 0), 2-bit unpacking's BitwiseAnd and BitwiseXor (input 0) and
     Gather (the codes, input 1). None when `name` is computed from anything else.
     """
     inits = {t.name for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
-    follow = {"DequantizeLinear": 0, "Reshape": 0, "Transpose": 0, "Cast": 0, "Mul": 0, "Gather": 1}
+    follow = {"DequantizeLinear": 0, "Reshape": 0, "Transpose": 0, "Cast": 0, "Slice": 0, "Mul": 0, "Sub": 0,
+              "BitwiseAnd": 0, "BitwiseXor": 0, "Gather": 1}
     seen = set()
     while name not in inits:
         node = producers.get(name)

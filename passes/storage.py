@@ -1,16 +1,26 @@
 """Stored bytes: of one weight under an encoding (before writing it), and of a model's initializers (after).
 
-`encoded_nbytes` is what `quantize_weights` writes for one weight, counted by hand.
+`encoded_nbytes` is what `quantize_weights` writes for one weight, counted by hand (the storage
+decode by `passes.weight_encoding.storage_nbytes`, next to the rules that shape it).
 
 The budget's unit is the byte the serialized model really stores (docs/ARCHITECTURE.md, "Storage cost"), so
 this is not an estimate: for every spec and target it equals the sum of the initializer byte
 sizes the pass emits for that weight (tests compare the two on real models). Counted:
-  - integer data: ceil(n * container_bits / 8) (sub-byte types are packed, the last byte padded);
-  - scales: 4 bytes each (float32); zero points: packed like the data, when stored;
-  - a log2 codebook: 4 * (2^bits - 1); its per-channel scale: 4 * O;
-  - a per-group Reshape's int64 shape: 8 * ndim, for weights that are not 2-D.
-Node attributes (axis, block_size, perm, to) live in the graph, not in initializers, and are
-not counted.
+  - integer data: ceil(n * container_bits / 8) (2-bit values four to a uint8 byte, INT4 two to
+    a byte, the last byte padded);
+  - scales: 4 bytes each (float32); zero points: stored like the data, when stored (storage
+    per-tensor: one float32); storage's signed 2-bit decode: its offset (float32) and sign flip
+    (uint8);
+  - a log2 codebook: 4 * (2^bits - 1) (storage: 3-8 bits); its per-channel scale: 4 * O;
+  - storage's small decode operands (`passes.quantize_weights`, rules 3-4): per 2-bit packed
+    tensor the int64 shape it unpacks to (8 * rank) and, when its count is not a multiple of 4,
+    the Slice end (8); per weight the uint8 masks (4) and float32 unshift (16) when packed, the
+    int64 [-1] (8) when a packed count is padded, [0] (8) when a Slice starts at it; a per-group
+    spread's Expand shape (24), Reshape shape (16), Slice end (8) and axes (8); the final
+    Reshape's shape (8 * its rank);
+  - ort-cpu / qdq: a per-group Reshape's int64 shape: 8 * ndim, for weights that are not 2-D.
+Node attributes (axis, block_size, perm, to) live in the graph, not in initializers,
+and are not counted.
 
 `initializer_nbytes` counts a written model: the one byte counter of the project (the budget's
 denominator, the report's weight bytes, the sizes the searches compare).
@@ -23,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from passes.quantize import WeightQuantSpec
-from passes.quantize_weights import encoding
+from passes.weight_encoding import encoding, storage_nbytes
 
 __all__ = ["encoded_nbytes", "initializer_nbytes", "tensor_nbytes"]
 
@@ -40,7 +50,9 @@ def encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target:
     n = math.prod(shape)
     if spec is None:
         return 4 * n
-    enc = encoding(spec, target)
+    enc = encoding(spec, target, tuple(shape))
+    if target == "storage":
+        return storage_nbytes(tuple(shape), spec, enc)
     data = _packed(n, enc.container_bits)
     channels = shape[spec.axis] if spec.granularity != "per-tensor" else 1
     if enc.decode == "codebook":

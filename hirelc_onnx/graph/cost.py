@@ -14,6 +14,7 @@ import numpy as np
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import group_keep_counts, weight_spec
+from passes.weight_encoding import encoding, storage_layout
 from passes.storage import encoded_nbytes
 
 __all__ = ["KernelCost", "ModelCost", "model_cost", "weight_nbytes"]
@@ -83,7 +84,7 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
             continue
         kc = config.get(kernel.name)
         nbytes = weight_nbytes(kernel, kc, tuple(shape), stored, config.target)
-        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc))
+        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc), tuple(shape), config.target)
         total += nbytes
         kernel_bytes += nbytes
         full = math.prod(dims)
@@ -107,11 +108,51 @@ def weight_nbytes(kernel, kc, shape: tuple[int, ...], stored_bytes: int, target:
     return round(math.prod(shape) * stored_bytes / max(math.prod(kernel.weight_shape), 1))
 
 
-def _decode_overhead(weight: str, spec) -> int:
-    """Approximate serialized bytes of a quantized weight's decode nodes and scale headers
-    (measured on the onnx light zoo: 170-480 bytes a kernel, growing with the name length)."""
+def _decode_overhead(weight: str, spec, shape: tuple[int, ...], target: str) -> int:
+    """Approximate serialized bytes of a quantized weight's decode nodes and initializer headers.
+
+    ort-cpu / qdq (one DequantizeLinear): measured on the onnx light zoo, 170-480 bytes a kernel,
+    growing with the name length. storage: counted from the decode's shape (its nodes, its
+    short-named operands and the tensors named after the weight), with the bytes per item fitted
+    on the reference models' decodes at 2-8 bits (mean error about 10 bytes a kernel).
+    """
     if spec is None:
         return 0
-    if spec.granularity == "per-group" or spec.granularity == "log2":
-        return 8 * len(weight) + 120
-    return 4 * len(weight) + 60
+    if target != "storage":
+        if spec.granularity == "per-group" or spec.granularity == "log2":
+            return 8 * len(weight) + 120
+        return 4 * len(weight) + 60
+    nodes, operands, named = _storage_decode_items(spec, shape)
+    return max(0, 48 * nodes + 18 * operands + named * (17 + 2 * len(weight)) - 42)
+
+
+def _storage_decode_items(spec, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(nodes, short-named operands, tensors named after the weight) of a storage decode
+    (`passes.quantize_weights`, rules 1-4)."""
+    enc, layout = encoding(spec, "storage", shape), storage_layout(shape, spec)
+    nodes, operands, named = 1, 0, 2  # Mul by the scale; <W>_quantized, <W>_scale
+    tensors = [layout.view] + ([layout.params] if enc.zero_point and layout.params else [])
+    if enc.decode == "codebook":  # Cast -> Gather, <W>_codebook
+        nodes, named, tensors = nodes + 2, named + 1, tensors[1:]
+    padded = False
+    for dims in tensors:
+        if not enc.packed:
+            nodes += 1  # Cast
+            continue
+        nodes, operands = nodes + 4, operands + 1  # BitwiseAnd, Cast, Mul, Reshape; its shape
+        if math.prod(dims) % 4:
+            nodes, operands, padded = nodes + 2, operands + 1, True  # Reshape [-1], Slice; its end
+    if enc.packed:
+        operands += 2 + 2 * padded  # masks, unshift; [-1], [0]
+    if enc.zero_point:
+        nodes, named = nodes + 1, named + 1  # Sub; <W>_zero_point
+    elif enc.offset:
+        nodes, operands = nodes + 2, operands + 2  # BitwiseXor, Sub; their sign flip and offset
+    if layout.spread is not None:
+        nodes += 3 * (1 + (enc.zero_point and bool(layout.params)))
+        operands += 4 + (not padded)
+    if layout.final is not None:
+        nodes, operands = nodes + 1, operands + 1
+    if layout.perm is not None:
+        nodes += 1
+    return nodes, operands, named

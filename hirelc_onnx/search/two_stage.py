@@ -176,8 +176,10 @@ class _Sizes:
         self.opset = next(o.version for o in dense.opset_import if o.domain in ("", "ai.onnx"))
         self.bg, self.target = bg, base.target
         self.table: dict[str, dict[int, tuple[int, int]]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for name, k in bg.kernels.items():
             w = numpy_helper.to_array(inits[k.weight])
+            self.shapes[name] = w.shape
             self.table[name] = {bits: tuple(self._kernel_bytes(w, k, replace(base.get(name), bits=bits), base.target,
                                                                sparse, opset) for opset in (self.opset, DELTA4_OPSET))
                                 for bits in bits_ladder(base.target)}
@@ -190,13 +192,13 @@ class _Sizes:
         total = encoded_nbytes(w.shape, spec, target)
         if not sparse:
             return total
-        enc = encoding(spec, target)
+        enc = encoding(spec, target, w.shape)
         q = stored_tensors(quantize(w, spec), target).q.astype(onnx.helper.tensor_dtype_to_np_dtype(enc.container))
         return total - dense_nbytes(q) + choose_encoding(q, opset).nbytes
 
     def total(self, config: CompressionConfig) -> int:
-        specs = [s for n, k in self.bg.kernels.items() if (s := weight_spec(k, config.get(n)))]
-        opset = max([self.opset] + [encoding(s, self.target).opset for s in specs])
+        specs = {n: s for n, k in self.bg.kernels.items() if (s := weight_spec(k, config.get(n)))}
+        opset = max([self.opset] + [encoding(s, self.target, self.shapes[n]).opset for n, s in specs.items()])
         side = int(opset >= DELTA4_OPSET)
         return self.other + sum(row[config.get(name).bits][side] for name, row in self.table.items())
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, numpy_helper, parser
 
 from passes.quantize import WeightQuantSpec, fake_quantize, quantize, to_2d
-from passes.quantize_weights import QuantizeWeightsPass, WeightQuantError, quantize_weights
+from passes.quantize_weights import QuantizeWeightsPass, WeightQuantError, encoding, quantize_weights
 from passes.storage import encoded_nbytes
 
 # Every kernel kind the product compresses, with its output-channel axis and a group size that
@@ -40,8 +40,8 @@ WEIGHTS = {  # name: (shape, output axis, group size)
 }
 TARGETS = ("storage", "ort-cpu", "qdq")
 GRANULARITIES = ("per-tensor", "per-channel", "per-group", "log2")
-CONTAINER = {  # (container bits, signed) -> ONNX type
-    (2, True): TensorProto.INT2, (2, False): TensorProto.UINT2, (4, True): TensorProto.INT4,
+CONTAINER = {  # (container bits, signed) -> ONNX type; 2 bits are packed into uint8 (storage rule 3)
+    (2, True): TensorProto.UINT8, (2, False): TensorProto.UINT8, (4, True): TensorProto.INT4,
     (4, False): TensorProto.UINT4, (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
 }
 
@@ -80,21 +80,36 @@ def _with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onn
     return out
 
 
-def _expected_stored(w, spec, target):
-    """The stored integer layout, derived from the pass's documented rules (not its code)."""
+def _expected_stored(w, spec, target, packed=False):
+    """The stored integers in their layout, flattened in C order, derived from the pass's documented
+    rules (not its code)."""
     q = quantize(w, spec).q
+    signed = spec.symmetric or spec.granularity == "log2"
     if spec.granularity == "log2" and target != "storage" and spec.bits <= 4:
-        q = np.sign(q) * np.where(q == 0, 0, 2 ** np.maximum(np.abs(q) - 1, 0))  # rule 5
+        q = np.sign(q) * np.where(q == 0, 0, 2 ** np.maximum(np.abs(q) - 1, 0))  # rule 6
+    if packed and signed:
+        q = q & 3  # rule 1: a signed 2-bit grid is stored in two's complement
     if spec.granularity == "per-group" and w.ndim != 2:
         q = to_2d(q, spec.axis)  # rule 4
-    return q
+    return q.reshape(-1)
 
 
-def _container(spec, target):
+def _stored_values(stored: onnx.TensorProto, count: int) -> np.ndarray:
+    """The stored integers flattened; 2-bit packed bytes unpacked by rule 3 (little-endian fields)."""
+    array = numpy_helper.to_array(stored)
+    if stored.data_type == TensorProto.UINT8 and array.ndim == 2 and array.shape[1] == 1 and array.size < count:
+        array = (array.reshape(-1, 1) >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    return array.reshape(-1)[:count].astype(np.int32)
+
+
+def _containers(spec, target):
+    """The documented containers; a storage 2-bit grid is packed, or INT4 where that is smaller (rule 3)."""
     signed = spec.symmetric or spec.granularity == "log2"
     if target != "storage":
-        return CONTAINER[(8, signed)]
-    return CONTAINER[(2 if spec.bits == 2 else 4 if spec.bits <= 4 else 8, signed)]
+        return {CONTAINER[(8, signed)]}
+    if spec.bits == 2:
+        return {CONTAINER[(2, signed)], CONTAINER[(4, signed)]}
+    return {CONTAINER[(4 if spec.bits <= 4 else 8, signed)]}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -102,8 +117,24 @@ def _container(spec, target):
 @pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_emitted_model_matches_fake_quantized_reference(kernels, bits, symmetric, granularity, target):
+    _check_emitted(kernels, _specs(bits, symmetric, granularity), target)
+
+
+# group sizes that tile each weight's fan-in (the blocked storage decode of rule 4, no spread)
+TILING_GROUPS = {"Wconv": 12, "Wgroup": 36, "Wdepth": 3, "Wtrans": 8, "Wgemm1": 48, "Wgemm0": 4, "Wmm": 6}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_per_group_blocks_that_tile_the_fan_in(kernels, bits, symmetric, target):
+    specs = {n: WeightQuantSpec(bits, symmetric, "per-group", group_size=TILING_GROUPS[n], axis=a)
+             for n, (_, a, _) in WEIGHTS.items()}
+    _check_emitted(kernels, specs, target)
+
+
+def _check_emitted(kernels, specs, target):
     model, weights, feeds = kernels
-    specs = _specs(bits, symmetric, granularity)
     before = model.SerializeToString()
     out = quantize_weights(model, specs, target)
     assert model.SerializeToString() == before, "the input model was modified"
@@ -114,9 +145,10 @@ def test_emitted_model_matches_fake_quantized_reference(kernels, bits, symmetric
     for name, spec in specs.items():
         assert name not in inits
         stored = inits[f"{name}_quantized"]
-        assert stored.data_type == _container(spec, target), name
-        np.testing.assert_array_equal(numpy_helper.to_array(stored).astype(np.int32),
-                                      _expected_stored(weights[name], spec, target), err_msg=name)
+        assert stored.data_type in _containers(spec, target), name
+        packed = target == "storage" and stored.data_type == TensorProto.UINT8 and spec.bits == 2
+        np.testing.assert_array_equal(_stored_values(stored, weights[name].size),
+                                      _expected_stored(weights[name], spec, target, packed), err_msg=name)
 
     # 2. the decode reproduces fake_quantize bit for bit, and the outputs match the fp32 model
     #    whose weights are fake-quantized (both run at ORT_ENABLE_ALL)
@@ -136,8 +168,24 @@ def test_emitted_model_matches_fake_quantized_reference(kernels, bits, symmetric
     assert nbytes == sum(encoded_nbytes(w.shape, specs.get(n), target) for n, w in weights.items())
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
+def test_two_bit_storage_is_packed_where_smaller(symmetric, granularity):
+    """Rule 3: packing costs a few small operands, so a tiny weight keeps its 2-bit grid in INT4;
+    either way lowering 3 bits (INT4) to 2 never costs bytes, and a large weight takes ~n/4 bytes."""
+    for shape in [(4, 1, 3, 3), (8, 1, 3, 3), (16, 1, 3, 3), (16, 4, 3, 3), (64, 64, 3, 3), (10, 64), (7,), (3, 5)]:
+        two = WeightQuantSpec(2, symmetric, granularity, group_size=32)
+        assert encoded_nbytes(shape, two) <= encoded_nbytes(shape, WeightQuantSpec(3, symmetric, granularity, 32))
+    big = (64, 64, 3, 3)
+    assert encoding(two, "storage", big).container == TensorProto.UINT8
+    three = WeightQuantSpec(3, symmetric, granularity, group_size=32)
+    assert encoded_nbytes(big, three) - encoded_nbytes(big, two) > 0.24 * 64 * 64 * 9  # n/4 bytes saved
+    assert encoding(two, "storage", (4, 1, 3, 3)).container in (TensorProto.INT4, TensorProto.UINT4)
+
+
 @pytest.mark.parametrize("target,bits,opset", [
-    ("storage", 2, 25), ("storage", 3, 21), ("storage", 8, 17), ("qdq", 4, 17), ("ort-cpu", 2, 17),
+    ("storage", 2, 21),  # these small weights keep their 2-bit grids in INT4 (rule 3)
+    ("storage", 3, 21), ("storage", 8, 17), ("qdq", 4, 17), ("ort-cpu", 2, 17),
 ])
 def test_opset_is_raised_only_as_needed(kernels, target, bits, opset):
     model, _, _ = kernels
@@ -159,9 +207,9 @@ def test_blocked_decode_needs_opset_21_and_never_lowers(kernels):
     model, _, _ = kernels
     specs = _specs(8, True, "per-group")
     assert {o.domain: o.version for o in quantize_weights(model, specs, "qdq").opset_import}[""] == 21
-    newer = quantize_weights(model, {"Wconv": WeightQuantSpec(2, True, "per-tensor")}, "storage")
+    newer = quantize_weights(model, {"Wconv": WeightQuantSpec(4, True, "per-tensor")}, "storage")
     again = quantize_weights(newer, {"Wmm": WeightQuantSpec(8, True, "per-channel", axis=1)}, "qdq")
-    assert {o.domain: o.version for o in again.opset_import}[""] == 25
+    assert {o.domain: o.version for o in again.opset_import}[""] == 21
 
 
 def test_pass_follows_onnx_ir_machinery(kernels):
@@ -186,6 +234,7 @@ def test_storage_file_is_8x_smaller_for_4_bit_per_channel(tmp_path):
     onnx.save(model, fp32_path)
     onnx.save(quantize_weights(model, {"W": WeightQuantSpec(4, True, "per-channel")}, "storage"), q4_path)
     onnx.save(quantize_weights(model, {"W": WeightQuantSpec(2, True, "per-channel")}, "storage"), q2_path)
+    assert {o.domain: o.version for o in onnx.load(q2_path).opset_import}[""] == 18  # packed: BitwiseAnd
     ratio4 = fp32_path.stat().st_size / q4_path.stat().st_size
     ratio2 = fp32_path.stat().st_size / q2_path.stat().st_size
     assert 7.5 < ratio4 <= 8.0, ratio4
@@ -248,9 +297,12 @@ def test_unknown_target_is_refused(refusals):
 
 
 @pytest.mark.parametrize("spec,target", itertools.product(
-    [WeightQuantSpec(3, False, "per-group", group_size=5), WeightQuantSpec(6, True, "log2")], TARGETS))
+    [WeightQuantSpec(3, False, "per-group", group_size=5), WeightQuantSpec(6, True, "log2"),
+     WeightQuantSpec(2, False, "per-group", group_size=5), WeightQuantSpec(2, False, "per-channel"),
+     WeightQuantSpec(2, True, "per-tensor")], TARGETS))
 def test_encoded_nbytes_of_a_1d_weight(spec, target):
-    """Weights of rank != 2 take the Reshape path; the count must include its shape constant."""
+    """Weights of rank != 2 take the Reshape path, and 7 2-bit values pad their last byte (storage
+    rule 3); the count must include every shape and Slice constant."""
     model = parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
         vec (float[3,7] x) => (float[3,7] y) { y = Mul(x, W) }
@@ -261,3 +313,46 @@ def test_encoded_nbytes_of_a_1d_weight(spec, target):
     assert sum(len(t.raw_data) for t in out.graph.initializer) == encoded_nbytes((7,), spec, target)
     got = _session(out).run(None, {"x": np.ones((3, 7), np.float32)})[0]
     np.testing.assert_array_equal(got[0], fake_quantize(w, spec))
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
+    """The ops a default InferenceSession runs after its load-time optimisations."""
+    so = ort.SessionOptions()  # default graph optimization level, as a user gets it
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3  # the NCHWc note about saving an ORT_ENABLE_ALL model
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_default_session_folds_every_storage_decode(kernels, bits, symmetric, granularity, tmp_path):
+    """Rules 1-4: a default ORT session constant-folds the storage decodes at load, so the kernels
+    run on fp32 weights: the optimised graph is the fp32 model's, op for op."""
+    model, weights, _ = kernels
+    choices = [_specs(bits, symmetric, granularity)]
+    if granularity == "per-group":  # and the blocked decode of rule 4
+        choices.append({n: WeightQuantSpec(bits, symmetric, granularity, group_size=TILING_GROUPS[n], axis=a)
+                        for n, (_, a, _) in WEIGHTS.items()})
+    for specs in choices:
+        out = quantize_weights(model, specs, "storage")
+        fp32 = _with_weights(model, {n: fake_quantize(weights[n], s) for n, s in specs.items()})
+        ops = _optimized_ops(out, tmp_path)
+        assert ops == _optimized_ops(fp32, tmp_path)
+        decode_ops = {"DequantizeLinear", "Cast", "BitwiseAnd", "BitwiseXor", "Gather", "Sub", "Expand", "Slice"}
+        assert not decode_ops & set(ops)
+        types = {t.data_type for t in out.graph.initializer}
+        assert not types & {TensorProto.INT2, TensorProto.UINT2}  # OpenVINO refuses them (rule 3)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("bits", (2, 3, 8))
+@pytest.mark.parametrize("symmetric", (True, False), ids=("sym", "asym"))
+def test_sparse_storage_finds_the_stored_integers_of_every_decode(kernels, bits, symmetric, granularity):
+    """`passes.sparse_weights.stored_initializer` follows each storage decode back to <W>_quantized."""
+    from passes.sparse_weights import stored_initializer
+
+    model, _, _ = kernels
+    out = quantize_weights(model, _specs(bits, symmetric, granularity), "storage")
+    assert all(stored_initializer(out, name) == f"{name}_quantized" for name in WEIGHTS)
