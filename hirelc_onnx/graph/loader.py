@@ -7,10 +7,9 @@ tool read another file of the user's.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
-
-import math
 
 import onnx
 import onnx.helper
@@ -163,15 +162,13 @@ def _payload_problem(t: onnx.TensorProto) -> str | None:
 
 
 def check_tensor_payloads(model: onnx.ModelProto, path: str | Path) -> None:
-    """Refuse (ModelLoadError) an initializer or constant whose data disagrees with its dims or type.
+    """Refuse (ModelLoadError) a tensor (initializer, constant, subgraph's) whose data disagrees with its dims or type.
 
     The checker lets some of these through (a FLOAT initializer relabelled BFLOAT16, dims doubled),
     and the passes would then fail deep inside with a traceback. Sizes are compared, nothing is copied;
     tensors whose data is still external (not loaded) are skipped.
     """
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    for t in tensors:
+    for t in all_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         problem = _payload_problem(t)
