@@ -20,7 +20,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.graph.loader import load_model
-from hirelc_onnx.io import write_atomic
+from hirelc_onnx.io import write_json
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
 from hirelc_onnx.search.surrogate import ProxyObservation
@@ -119,7 +119,7 @@ class HiReLCState:
             "best_model": {"key": next((p.key for p in self.real if p.model is not None), None),
                            "path": best_model_path(path).name},
         }
-        write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
+        write_json(path, data, indent=1)
 
     @classmethod
     def load(cls, path: Path | None, bg: BlockGraph, budget: float, target: str, seed: int,
