@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -16,7 +15,8 @@ import onnxruntime
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import benchmark_side_by_side, predict
+from hirelc_onnx.evaluate.runner import (benchmark_latency, benchmark_side_by_side, fit_together, model_file_size,
+                                         predict)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
@@ -26,13 +26,13 @@ from passes.storage import initializer_nbytes
 __all__ = ["build_report", "per_kernel_rows", "reference_points", "versions"]
 
 
-def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os.PathLike, result: MethodResult,
+def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodResult,
                  ctx: SearchContext | None, *, method: str, target: str, budget: float | None,
                  max_drop: float | None, seconds: float, latency_runs: int = 20) -> dict:
     """Measure the emitted model and assemble the report (all figures from the emitted model)."""
     emitted = result.model
-    file_bytes = len(emitted.SerializeToString())
-    original_file = Path(model_path).stat().st_size
+    file_bytes = model_file_size(emitted)
+    original_file = model_file_size(model_path)  # with its external-data files
     true_bytes = initializer_nbytes(emitted)
     size = {"original_weight_bytes": bg.weight_bytes, "weight_bytes": true_bytes,
             "ratio": bg.weight_bytes / max(true_bytes, 1), "original_file_bytes": original_file,
@@ -105,16 +105,26 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
 
 
 def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int) -> dict:
-    """Median ORT latency of both models at batch 1 and 32, timed interleaved (an error says why not)."""
+    """Median ORT latency of both models at batch 1 and 32, timed interleaved (an error says why not).
+
+    Models too big for two sessions at once (`fit_together`) are timed one after the other instead,
+    and the entry says so ("interleaved": false).
+    """
     latency = {}
+    together = fit_together([fp32, emitted])
     for batch in (1, 32):
         try:
-            fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3)
+            if together:
+                fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3)
+            else:
+                fp, comp = (benchmark_latency(m, batch_size=batch, runs=runs, warmup=3) for m in (fp32, emitted))
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue
         latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
                                     "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
+        if not together:
+            latency[f"batch{batch}"]["interleaved"] = False
     return latency
 
 
