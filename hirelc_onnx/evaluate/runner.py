@@ -5,6 +5,7 @@ ORT's fusions change numerics (e.g. saturating U8S8 QLinearConv on AVX2 without 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ __all__ = [
     "model_file_size",
     "measure_peak_memory",
     "fit_together",
+    "release_freed_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,16 +302,43 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
         _cache.move_to_end(key)
         return _cache[key]
     cost = _session_cost(model)
+    evicted = False
     while _cache and (len(_cache) >= _CACHE_SIZE or sum(r.cost for r in _cache.values()) + cost > _CACHE_BYTES):
         _cache.popitem(last=False)  # dropped before the new session is built, so both never coexist
+        evicted = True
+    if evicted:
+        release_freed_memory()
     runner = OrtRunner(model, config, cost)
     _cache[key] = runner
+    if cost > FILE_SESSION_BYTES:
+        release_freed_memory()  # ORT's load-time copies (constant folding, prepacking) are freed by now
     return runner
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed to the C heap back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps big freed blocks of a session's load (folded constants, the weights before
+    prepacking) in the heap, so without this a process holding one big session at a time grows
+    as if it held several.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def clear_cache() -> None:
     """Drop cached sessions (frees their memory)."""
     _cache.clear()
+    release_freed_memory()
 
 
 def predict(model: ModelLike, x: np.ndarray, batch_size: int = 64, config: SessionConfig | None = None) -> np.ndarray:
