@@ -5,7 +5,6 @@ ORT's fusions change numerics (e.g. saturating U8S8 QLinearConv on AVX2 without 
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
 from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy, save_external
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
+from hirelc_onnx.memory import bound_heap, release_freed_memory
 
 __all__ = [
     "ModelLike",
@@ -45,7 +45,6 @@ __all__ = [
     "model_file_size",
     "measure_peak_memory",
     "fit_together",
-    "release_freed_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -301,6 +300,7 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
+    bound_heap()
     cost = _session_cost(model)
     evicted = False
     while _cache and (len(_cache) >= _CACHE_SIZE or sum(r.cost for r in _cache.values()) + cost > _CACHE_BYTES):
@@ -313,26 +313,6 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     if cost > FILE_SESSION_BYTES:
         release_freed_memory()  # ORT's load-time copies (constant folding, prepacking) are freed by now
     return runner
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed to the C heap back to the OS (glibc's malloc_trim; elsewhere nothing).
-
-    glibc keeps big freed blocks of a session's load (folded constants, the weights before
-    prepacking) in the heap, so without this a process holding one big session at a time grows
-    as if it held several.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 def clear_cache() -> None:

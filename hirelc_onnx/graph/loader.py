@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from hirelc_onnx.errors import ModelLoadError
-from hirelc_onnx.graph.external_data import PROTOBUF_LIMIT, light_copy
+from hirelc_onnx.memory import bound_heap
 
 __all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations",
            "check_tensor_payloads"]
@@ -35,6 +35,7 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
     is read. Every failure is a ModelLoadError whose message names the file and the problem.
     """
     path = Path(path)
+    bound_heap()  # each weight is read into a bytes object, then copied into the model: free it for real
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir():
@@ -52,12 +53,14 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
     if not model.opset_import:
         raise ModelLoadError(f"{path} has no opset_import; not a valid ONNX model")
     check_external_locations(model, path)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model.graph))
     shells = set() if weights else _unread_weights(model)
     if load_external_data:
         try:
             for tensor in all_tensors(model.graph):  # each external tensor read once, straight into place
                 if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in shells:
                     load_external_data_for_tensor(tensor, str(path.parent))
+                    tensor.ClearField("data_location")  # as if it had been inline (onnx sets DEFAULT)
         except FileNotFoundError as exc:
             raise ModelLoadError(f"{path}: external weight file missing: {exc.filename}") from None
         except Exception as exc:
@@ -65,8 +68,12 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
     check_tensor_payloads(model, path)
     if check:
         try:
-            checked = model if not shells else _without(model, shells)
-            onnx.checker.check_model(checked) if checked.ByteSize() < PROTOBUF_LIMIT else None
+            # the checker copies a ModelProto it is given twice (serialized, then parsed in C++): a
+            # big model is checked from its file instead (external weights are not read at all)
+            if external or model.ByteSize() > _CHECK_FROM_FILE_BYTES:
+                onnx.checker.check_model(str(path))
+            else:
+                onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
             raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from None
@@ -78,6 +85,8 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
               {o.domain or "ai.onnx": o.version for o in model.opset_import}, len(shells))
     return model
 
+
+_CHECK_FROM_FILE_BYTES = 64 << 20
 
 # ops whose second input is the weight the BlockGraph reads only the shape of
 _KERNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -104,17 +113,6 @@ def _unread_weights(model: onnx.ModelProto) -> set[str]:
                for node, idx in uses):
             chosen.add(t.name)
     return chosen
-
-
-def _without(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """`model` with the initializers `names` declared as typed graph inputs instead (for the checker)."""
-    out = light_copy(model)
-    for t in model.graph.initializer:
-        if t.name in names:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            out.graph.initializer.append(t)
-    return out
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
