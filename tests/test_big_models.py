@@ -169,3 +169,22 @@ def test_model_past_the_threshold_is_written_with_external_data(big, tmp_path):
     assert write_model(out / "model.onnx", model) is False  # under the default threshold: inline again
     assert not data.exists()  # and the stale data file is gone
     assert _loaded(out / "model.onnx") == model.SerializeToString()
+
+
+@pytest.mark.parametrize("bits,granularity", [(4, "per-channel"), (2, "per-channel"), (4, "per-group"), (3, "log2"),
+                                              (8, "per-tensor")])
+def test_folded_scratch_file_predicts_exactly_like_ort_folding(big, monkeypatch, tmp_path, bits, granularity):
+    """The decodes folded here (one weight at a time) give the bytes ORT's own folding gives: the
+    session of the scratch file predicts bit for bit what a session of the serialized model does."""
+    from hirelc_onnx.evaluate.folding import write_folded
+
+    bg = import_model(big.path)
+    config = CompressionConfig.uniform(bg.kernels, target="storage", bits=bits, granularity=granularity)
+    emitted = apply_config(bg, config)
+    header = onnx.load(str(write_folded(emitted, tmp_path)), load_external_data=False)
+    assert not {n.op_type for n in header.graph.node} & {"Cast", "BitwiseAnd", "Gather"}  # every decode folded
+    x = random_inputs(big, 8)
+    runner_mod.clear_cache()
+    from_bytes = runner_mod.OrtRunner(emitted).predict(x)
+    monkeypatch.setattr(runner_mod, "FILE_SESSION_BYTES", 0)
+    np.testing.assert_array_equal(runner_mod.OrtRunner(emitted).predict(x), from_bytes)

@@ -27,7 +27,8 @@ from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
-from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy, save_external
+from hirelc_onnx.evaluate.folding import write_folded
+from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
 from hirelc_onnx.memory import bound_heap, release_freed_memory
 
@@ -130,10 +131,7 @@ class OrtRunner:
             self.label = model.graph.name or "<in-memory model>"
             if model.ByteSize() > FILE_SESSION_BYTES:
                 scratch = tempfile.TemporaryDirectory(prefix="hirelc-session-")
-                source: Any = str(Path(scratch.name) / "model.onnx")
-                header = save_external(model, Path(scratch.name) / "model.data", "model.data")
-                Path(source).write_bytes(header.SerializeToString())
-                del header
+                source: Any = str(write_folded(model, scratch.name))
             else:
                 source = model.SerializeToString()
         else:

@@ -15,7 +15,7 @@ import os
 import onnx
 from onnx import TensorProto
 
-__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "is_shell", "decoded_nbytes"]
+__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "append_initializer", "is_shell", "decoded_nbytes"]
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # bytes: the most one serialized protobuf message may hold
 _ALIGN = 4096
@@ -50,23 +50,29 @@ def save_external(model: onnx.ModelProto, data_path: str | os.PathLike, location
     header = light_copy(model)
     with open(data_path, "wb") as fh:
         for t in model.graph.initializer:
-            if not t.HasField("raw_data") or len(t.raw_data) < inline_below:
-                header.graph.initializer.append(t)
-                continue
-            offset = -(-fh.tell() // _ALIGN) * _ALIGN
-            fh.seek(offset)
-            data = t.raw_data  # one tensor's bytes at a time
-            fh.write(data)
-            ref = header.graph.initializer.add()
-            ref.name, ref.data_type = t.name, t.data_type
-            ref.dims.extend(t.dims)
-            if t.doc_string:
-                ref.doc_string = t.doc_string
-            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
-                ref.external_data.add(key=key, value=str(value))
-            ref.data_location = TensorProto.EXTERNAL
-            del data
+            append_initializer(header, t, fh, location, inline_below)
     return header
+
+
+def append_initializer(header: onnx.ModelProto, tensor: TensorProto, fh, location: str,
+                       inline_below: int = 1024) -> None:
+    """`tensor` into `header`'s initializers: inline when under `inline_below` bytes (or not raw),
+    else its bytes appended page-aligned to the open data file `fh` and a reference to them."""
+    if not tensor.HasField("raw_data") or len(tensor.raw_data) < inline_below:
+        header.graph.initializer.append(tensor)
+        return
+    offset = -(-fh.tell() // _ALIGN) * _ALIGN
+    fh.seek(offset)
+    data = tensor.raw_data  # one tensor's bytes at a time
+    fh.write(data)
+    ref = header.graph.initializer.add()
+    ref.name, ref.data_type = tensor.name, tensor.data_type
+    ref.dims.extend(tensor.dims)
+    if tensor.doc_string:
+        ref.doc_string = tensor.doc_string
+    for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+        ref.external_data.add(key=key, value=str(value))
+    ref.data_location = TensorProto.EXTERNAL
 
 
 def is_shell(tensor: TensorProto) -> bool:
