@@ -46,6 +46,7 @@ __all__ = [
     "model_file_size",
     "measure_peak_memory",
     "fit_together",
+    "evict_big_sessions",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ _CACHE_SIZE = 8
 # sessions cached together hold at most this many decoded weight bytes (a big model's fp32 session
 # and its compressed one each hold every weight as float32): beyond it the oldest is dropped first
 _CACHE_BYTES = 512 << 20
-# a ModelProto with more initializer bytes than this is handed to ORT as a file with external data
-# (ORT maps it) rather than as serialized bytes (which ORT parses into two more copies)
+# a ModelProto this big (serialized, or its weights as float32) is handed to ORT as a file with
+# external data and its decodes folded (ORT maps it) rather than as serialized bytes (which ORT
+# parses into two more copies, then folds into two more)
 FILE_SESSION_BYTES = 64 << 20  # (always beyond PROTOBUF_LIMIT, which no bytes object can pass)
 _cache: OrderedDict[tuple, "OrtRunner"] = OrderedDict()
 
@@ -129,7 +131,7 @@ class OrtRunner:
         scratch = None
         if isinstance(model, onnx.ModelProto):
             self.label = model.graph.name or "<in-memory model>"
-            if model.ByteSize() > FILE_SESSION_BYTES:
+            if max(model.ByteSize(), decoded_nbytes(model)) > FILE_SESSION_BYTES:
                 scratch = tempfile.TemporaryDirectory(prefix="hirelc-session-")
                 source: Any = str(write_folded(model, scratch.name))
             else:
@@ -311,6 +313,19 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     if cost > FILE_SESSION_BYTES:
         release_freed_memory()  # ORT's load-time copies (constant folding, prepacking) are freed by now
     return runner
+
+
+def evict_big_sessions() -> None:
+    """Drop cached sessions of big models (weights over FILE_SESSION_BYTES as float32).
+
+    Called before rewriting a big model: the rewrite's copies would otherwise stack on a session
+    the next big one evicts anyway (the session cache holds one big model at a time).
+    """
+    big = [key for key, r in _cache.items() if r.cost > FILE_SESSION_BYTES]
+    for key in big:
+        del _cache[key]
+    if big:
+        release_freed_memory()
 
 
 def clear_cache() -> None:

@@ -15,8 +15,8 @@ import onnxruntime
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import (benchmark_latency, benchmark_side_by_side, fit_together, model_file_size,
-                                         predict)
+from hirelc_onnx.evaluate.runner import (benchmark_latency, benchmark_side_by_side, evict_big_sessions, fit_together,
+                                         model_file_size, predict)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
@@ -98,9 +98,11 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
     points = {}
     for bits in sorted(b for b in bits_ladder(target) if 4 <= b < 32):
         config = CompressionConfig.uniform(bg.kernels, target=target, bits=bits)
+        evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(bg, config, calib_batches=ctx.calib_batches)
         points[f"uniform {bits}-bit, no fine-tuning"] = {
             "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)}
+        del model
     return points
 
 
