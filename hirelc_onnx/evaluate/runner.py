@@ -28,7 +28,7 @@ from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
 from hirelc_onnx.evaluate.folding import write_folded
-from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy
+from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy, serialized_nbytes
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
 from hirelc_onnx.memory import bound_heap, release_freed_memory
 
@@ -131,7 +131,7 @@ class OrtRunner:
         scratch = None
         if isinstance(model, onnx.ModelProto):
             self.label = model.graph.name or "<in-memory model>"
-            if max(model.ByteSize(), decoded_nbytes(model)) > FILE_SESSION_BYTES:
+            if decoded_nbytes(model) > FILE_SESSION_BYTES or serialized_nbytes(model) > FILE_SESSION_BYTES:
                 scratch = tempfile.TemporaryDirectory(prefix="hirelc-session-")
                 source: Any = str(write_folded(model, scratch.name))
             else:
@@ -431,7 +431,7 @@ def benchmark_latency(
 def model_file_size(model: ModelLike) -> int:
     """Bytes on disk: the .onnx file plus its external-data files; a ModelProto's serialized size."""
     if isinstance(model, onnx.ModelProto):
-        return model.ByteSize()
+        return serialized_nbytes(model)
     p = Path(model)
     proto = load_onnx(p, load_external_data=False)
     locations = {

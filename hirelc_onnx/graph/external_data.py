@@ -15,7 +15,7 @@ import os
 import onnx
 from onnx import TensorProto
 
-__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "append_initializer", "is_shell", "decoded_nbytes"]
+__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "append_initializer", "serialized_nbytes", "serialized_nbytes", "is_shell", "decoded_nbytes"]
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # bytes: the most one serialized protobuf message may hold
 _ALIGN = 4096
@@ -24,9 +24,7 @@ _ALIGN = 4096
 def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` without its main graph's initializers (everything else copied): the structure."""
     out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(out, field, value)
+    _copy_all_but_graph(model, out)
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(out.graph, field, value)
@@ -73,6 +71,27 @@ def append_initializer(header: onnx.ModelProto, tensor: TensorProto, fh, locatio
     for key, value in (("location", location), ("offset", offset), ("length", len(data))):
         ref.external_data.add(key=key, value=str(value))
     ref.data_location = TensorProto.EXTERNAL
+
+
+def serialized_nbytes(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()` without its cost: protobuf's upb computes a size by serializing the whole
+    message (a transient copy of every weight); here only one tensor at a time is."""
+    graph = light_copy(model).graph
+    graph_size = graph.ByteSize() + sum(_field_nbytes(t.ByteSize()) for t in model.graph.initializer)
+    rest = onnx.ModelProto()
+    _copy_all_but_graph(model, rest)
+    return rest.ByteSize() + (_field_nbytes(graph_size) if model.HasField("graph") else 0)
+
+
+def _copy_all_but_graph(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+
+
+def _field_nbytes(size: int) -> int:
+    """Bytes of a length-delimited field (tag under 16: one byte) holding `size` bytes."""
+    return 1 + max(1, -(-size.bit_length() // 7)) + size
 
 
 def is_shell(tensor: TensorProto) -> bool:

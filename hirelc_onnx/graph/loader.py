@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from hirelc_onnx.errors import ModelLoadError
+from hirelc_onnx.graph.external_data import serialized_nbytes
 from hirelc_onnx.memory import bound_heap
 
 __all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations",
@@ -70,7 +71,7 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
         try:
             # the checker copies a ModelProto it is given twice (serialized, then parsed in C++): a
             # big model is checked from its file instead (external weights are not read at all)
-            if external or model.ByteSize() > _CHECK_FROM_FILE_BYTES:
+            if external or serialized_nbytes(model) > _CHECK_FROM_FILE_BYTES:
                 onnx.checker.check_model(str(path))
             else:
                 onnx.checker.check_model(model)

@@ -13,7 +13,7 @@ import onnx
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.graph.external_data import save_external
+from hirelc_onnx.graph.external_data import save_external, serialized_nbytes
 from hirelc_onnx.io import write_atomic, write_json
 from hirelc_onnx.report.html import render_html
 
@@ -63,7 +63,7 @@ def write_model(path: Path, model: onnx.ModelProto, external_over: int | None = 
     path = Path(path)
     limit = EXTERNAL_DATA_BYTES if external_over is None else external_over
     data_file = path.parent / f"{path.name}.data"
-    if model.ByteSize() <= limit:
+    if serialized_nbytes(model) <= limit:
         write_atomic(path, model.SerializeToString())
         data_file.unlink(missing_ok=True)
         return False
