@@ -306,7 +306,7 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     while _cache and (len(_cache) >= _CACHE_SIZE or sum(r.cost for r in _cache.values()) + cost > _CACHE_BYTES):
         _cache.popitem(last=False)  # dropped before the new session is built, so both never coexist
         evicted = True
-    if evicted:
+    if evicted or cost > FILE_SESSION_BYTES:  # and a big rewrite's garbage is gone before a big session
         release_freed_memory()
     runner = OrtRunner(model, config, cost)
     _cache[key] = runner
