@@ -188,3 +188,14 @@ def test_folded_scratch_file_predicts_exactly_like_ort_folding(big, monkeypatch,
     from_bytes = runner_mod.OrtRunner(emitted).predict(x)
     monkeypatch.setattr(runner_mod, "FILE_SESSION_BYTES", 0)
     np.testing.assert_array_equal(runner_mod.OrtRunner(emitted).predict(x), from_bytes)
+
+
+def test_serialized_nbytes_is_bytesize_without_serializing(big):
+    from hirelc_onnx.graph.external_data import serialized_nbytes
+
+    loaded = load_model(big.path)
+    header = onnx.load(str(big.path), load_external_data=False)
+    bg = import_model(big.path)
+    emitted = apply_config(bg, CompressionConfig.uniform(bg.kernels, target="storage", bits=2))
+    for model in (loaded, header, bg.model, emitted, onnx.ModelProto()):
+        assert serialized_nbytes(model) == model.ByteSize() == len(model.SerializeToString())
