@@ -12,6 +12,7 @@ DequantizeLinear ORT deliberately keeps for fusion) or with any other constant o
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def write_folded(model: onnx.ModelProto, folder: str | os.PathLike) -> Path:
             value = _evaluate(name, produced, inits, model.opset_import)
             append_initializer(header, numpy_helper.from_array(value, name), fh, data.name)
             del value
+            gc.collect()  # the reference evaluator's cycles hold the decode's float32 intermediates
     path.write_bytes(header.SerializeToString())
     return path
 
