@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from hirelc_onnx.commands.data_options import input_shape_option, parse_input_shapes
 from hirelc_onnx.commands.evaluate import fmt_bytes, session_options
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.runner import SessionConfig, benchmark_side_by_side, get_runner, measure_peak_memory, model_file_size
@@ -28,29 +29,13 @@ def _batch_sizes(value: str) -> list[int]:
     return sizes
 
 
-def _input_shapes(values: tuple[str, ...], input_names: list[str]) -> dict[str, tuple[int, ...]]:
-    """'name=1x3x224x224' per input, or a bare '1x3x224x224' for a single-input model."""
-    shapes = {}
-    for v in values:
-        name, _, dims = v.rpartition("=")
-        if not name:
-            if len(input_names) != 1:
-                raise UserError(f"the model has inputs {', '.join(input_names)}: write --input-shape NAME=DIMS")
-            name = input_names[0]
-        try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError as exc:
-            raise UserError(f"--input-shape must look like [name=]1x3x224x224, got {v!r}") from exc
-    return shapes
-
-
 @click.command("benchmark")
 @click.argument("model")
 @click.option("--against", help="Another model (e.g. the fp32 original) measured side by side.")
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,32.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model and batch size.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
-@click.option("--input-shape", "input_shape", multiple=True, help="[name=]1x3x224x224 for inputs with symbolic dims.")
+@input_shape_option("[name=]1x3x224x224 for inputs with symbolic dims (repeatable or comma-separated).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS measured in a subprocess.")
 @session_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -71,7 +56,7 @@ def benchmark(
     sizes = _batch_sizes(batch_sizes)
     models = [model] + ([against] if against else [])
     runners = [get_runner(m, config) for m in models]
-    shapes = _input_shapes(input_shape, [i.name for i in runners[0].inputs])
+    shapes = parse_input_shapes(input_shape, [i.name for i in runners[0].inputs])
     entries = [{"path": m, "file_size_bytes": model_file_size(m), "results": []} for m in models]
     for bs in sizes:
         stats = benchmark_side_by_side(models, bs, warmup, runs, config, shapes)
