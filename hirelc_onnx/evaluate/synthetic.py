@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DIM = 16
 """A symbolic non-batch dim (a sequence length, an image side) that --input-shape does not fix."""
 DEFAULT_SAMPLES = 320
-"""Samples synthesised: split like real data (calibration 32, fine-tune 160, validation 48, test 80)."""
-_MAX_ELEMENTS = 1 << 26  # per input over all samples (256 MiB of float32): fewer samples beyond it
+"""Samples synthesised (fewer for large inputs), split like real data: calibration 32, fine-tune 160,
+validation 48, test 80."""
+_MAX_ELEMENTS = 1 << 24  # per input over all samples (64 MiB of float32): fewer samples beyond it (an
+# ImageNet-size image gets 111), so a data-free search on a large input stays affordable
 _MIN_SAMPLES = 64
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
@@ -131,7 +133,7 @@ def synthesize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
     for p in plans:
         shape = (n,) + p.shape
         if p.values == "standard normal":
-            arrays[p.name] = rng.standard_normal(shape).astype(p.dtype)
+            arrays[p.name] = rng.standard_normal(shape, dtype=np.float32).astype(p.dtype, copy=False)
         elif p.dtype == "bool":
             arrays[p.name] = np.ones(shape, bool)
         elif p.values.startswith("ones"):
