@@ -22,6 +22,7 @@ from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, graph_inputs, load_data
 from hirelc_onnx.evaluate.synthetic import synthesize
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
+from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
 from hirelc_onnx.report.outputs import check_out_dir, write_outputs
@@ -115,9 +116,11 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         sample_shapes = _sample_shapes(bg, input_shape)
         if data is not None:
             ds = _load_data(data, bg, image)
+            bg = with_input_dims(bg, ds.sample_shapes)  # MACs at the data's sequence length / image size
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, **finetune)
         else:  # data-free: inputs from the graph, fidelity to fp32, no fine-tuning
             ds, _ = synthesize(bg.model, sample_shapes, seed=seed)
+            bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True)
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}

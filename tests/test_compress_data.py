@@ -234,3 +234,25 @@ def test_data_free_on_a_light_zoo_model():
     assert 0.0 <= acc["compressed"] <= 1.0 and acc["fp32"] == 1.0
     assert result.report["latency"] and all("fp32_ms" in row for row in result.report["latency"].values())
     ort.InferenceSession(result.model.SerializeToString())
+
+
+def test_kernel_macs_take_symbolic_dims_from_the_data(tmp_path):
+    """A MatMul over a symbolic sequence: the per-kernel table counts MACs at the data's length
+    (or --input-shape's without data); the emitted model keeps the symbolic dim."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+         helper.make_node("ReduceMean", ["h"], ["logits"], axes=[1], keepdims=0)],
+        "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "seq", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "seq.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).standard_normal((40, 5, 8)).astype(np.float32))
+    with_data = compress(path, method="uniform", data=str(tmp_path / "d.npz"), finetune_epochs=0, latency_runs=1)
+    assert with_data.report["kernels"][0]["macs"] == 5 * 8 * 16
+    free = compress(path, method="uniform", input_shape={"x": (1, 7, 8)}, latency_runs=1)
+    assert free.report["kernels"][0]["macs"] == 7 * 8 * 16
+    dims = free.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_param == "seq"
