@@ -80,7 +80,7 @@ class SearchContext:
         self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
         self.labelled = splits.val.classes is not None
         if splits.val.y is not None and not self.labelled:
-            log.info("labels of %s are %s, not class indices: they are for a metric only; the search scores "
+            log.warning("labels of %s are %s, not class indices: they are for a metric only; the search scores "
                      "fidelity to the fp32 model (label-free)", splits.val.name, splits.val.y.dtype)
         self.input_names = [spec.name for spec in specs]
         rng = np.random.default_rng(seed)
