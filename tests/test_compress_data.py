@@ -256,3 +256,17 @@ def test_kernel_macs_take_symbolic_dims_from_the_data(tmp_path):
     assert free.report["kernels"][0]["macs"] == 7 * 8 * 16
     dims = free.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_param == "seq"
+
+
+def test_two_input_graph_rl_proxy_and_importance_take_integer_inputs(two_input, tmp_path):
+    """graph-rl's torch proxy, group-Fisher channel ranking and final selection on int64 ids and mask."""
+    from hirelc_onnx.search.graph_rl import GraphRLSettings
+
+    arrays = _arrays(160)
+    np.savez(tmp_path / "d.npz", y=ort.InferenceSession(str(two_input)).run(None, arrays)[0].argmax(1), **arrays)
+    result = compress(two_input, method="graph-rl", data=str(tmp_path / "d.npz"), flops=0.7, evaluations=1,
+                      finetune_epochs=1, settings=GraphRLSettings(episodes=4, batch=2, hidden=8, heads=1,
+                                                                  fisher_samples=8), latency_runs=1)
+    assert result.report["search"]["channel_importance"] == "l1+group-fisher"  # the torch path, not the fallback
+    assert result.report["accuracy"]["finetune_warning"] is None
+    assert result.report["size"]["macs_fraction"] <= 0.7 + 1e-9
