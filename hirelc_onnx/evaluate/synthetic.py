@@ -35,7 +35,8 @@ DEFAULT_SAMPLES = 320
 validation 48, test 80."""
 _MAX_ELEMENTS = 1 << 24  # per input over all samples (64 MiB of float32): fewer samples beyond it (an
 # ImageNet-size image gets 111), so a data-free search on a large input stays affordable
-_MIN_SAMPLES = 64
+_MIN_SAMPLES = 16
+_MAX_SAMPLE_ELEMENTS = 1 << 23  # one sample larger than this (a 1600x1600 RGB image) is refused, not allocated
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
 
@@ -124,7 +125,13 @@ def synthesize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
                samples: int = DEFAULT_SAMPLES, seed: int = 0) -> tuple[Dataset, list[SyntheticPlan]]:
     """A seeded, unlabelled Dataset of inputs made from the graph (see the module docstring), and its plan."""
     plans = plan_inputs(model, input_shapes)
-    per_sample = max(int(np.prod(p.shape, dtype=np.int64)) for p in plans) or 1
+    sizes = {p.name: int(np.prod(p.shape, dtype=object)) for p in plans}
+    big = max(sizes, key=sizes.get)
+    if sizes[big] > _MAX_SAMPLE_ELEMENTS:
+        raise DataError(f"cannot synthesise input {big!r}: one sample of shape {_dims(plans, big)} has "
+                        f"{sizes[big]:.3g} elements (the limit is {_MAX_SAMPLE_ELEMENTS:.3g}); "
+                        f"give --data, or --input-shape {big}=1x... for its symbolic dims")
+    per_sample = max(sizes[big], 1)
     n = max(_MIN_SAMPLES, min(samples, _MAX_ELEMENTS // per_sample))
     if n < samples:
         log.info("synthesising %d samples instead of %d: one sample has %d elements", n, samples, per_sample)
@@ -145,3 +152,7 @@ def synthesize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
     preprocessing = {"kind": "synthesised from the graph (no --data)", "samples": n, "seed": seed,
                      "inputs": {p.name: {"shape": list(p.shape), "dtype": p.dtype, "values": p.values} for p in plans}}
     return Dataset(arrays, None, "synthetic", preprocessing), plans
+
+
+def _dims(plans: list[SyntheticPlan], name: str) -> str:
+    return "x".join(str(d) for d in next(p.shape for p in plans if p.name == name)) or "()"
