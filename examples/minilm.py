@@ -205,3 +205,22 @@ def _build_minilm() -> tuple[onnx.ModelProto, dict[str, Any]]:
 def minilm_l6(cache_dir: str | Path | None = None) -> Path:
     """Path to all-MiniLM-L6-v2 as ONNX (inputs input_ids, attention_mask; output embedding)."""
     return _cached_build(f"minilm_l6-v{MINILM_VERSION}", cache_dir, _build_minilm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m examples.minilm OUT.npz [--start A] [--stop B]`: tokenise corpus[A:B] to an npz."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m examples.minilm", description=write_sentences_npz.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--stop", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=SEQ_LEN)
+    args = parser.parse_args(argv)
+    sentences = sentence_corpus()[args.start : args.stop]
+    print(write_sentences_npz(args.out, sentences, args.max_length), len(sentences))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

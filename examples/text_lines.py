@@ -116,3 +116,20 @@ def write_lines_npz(path: str | Path, n: int = 1000, seed: int = 1) -> Path:
     with open(path, "wb") as fh:
         np.savez_compressed(fh, x=x, y=y)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m examples.text_lines OUT.npz [--n N] [--seed S]`: write a lines npz."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m examples.text_lines", description=write_lines_npz.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    print(write_lines_npz(args.out, args.n, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
