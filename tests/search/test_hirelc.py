@@ -84,7 +84,7 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     first = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, state_path=state_path, **TINY)
     state = json.loads(state_path.read_text())
     assert state["next_round"] == 1 and len(state["measurements"]) == 1
-    assert (tmp_path / "search_state.best.onnx").exists()
+    assert (tmp_path / "search_state.best.r0.onnx").exists() and (tmp_path / "search_state.agents.r1.pt").exists()
     measured_before = ctx.evaluations
     probes = []
     proxy = ctx.proxy
