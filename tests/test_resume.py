@@ -59,6 +59,14 @@ def _assert_nothing_half_written(out: Path) -> dict:
     return state
 
 
+def _replayed(state: dict) -> dict:
+    """What a search state holds that does not depend on the clock."""
+    measured = [{k: m[k] for k in ("round", "key", "score", "source", "predicted", "config")}
+                for m in state["measurements"]]
+    return {"measurements": measured, **{k: state[k] for k in ("next_round", "probes", "proxies", "current", "levels",
+                                                              "estimator", "finetune_lr", "sensitivity")}}
+
+
 @pytest.mark.slow
 def test_killed_searches_resume_to_the_uninterrupted_model(reference_models, tmp_path):
     model = reference_models("vgg")
@@ -88,6 +96,10 @@ def test_killed_searches_resume_to_the_uninterrupted_model(reference_models, tmp
 
     assert (out / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
     assert (out / "config.json").read_bytes() == (tmp_path / "whole" / "config.json").read_bytes()
+    # not only the winner: every round measured the same config with the same outcome, and the search
+    # ended in the same memory (the emitted model may come from a round before the first kill)
+    assert _replayed(json.loads((out / STATE).read_text())) == _replayed(
+        json.loads((tmp_path / "whole" / STATE).read_text()))
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads(res.stdout)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # swept by the resume

@@ -162,12 +162,13 @@ class Ensemble:
         self.base_weights = base_weights
         self.eval_env = make_env(base_weights)
         self.members: list[Member] = []
-        for i in range(size):
-            kind = kinds[i % len(kinds)]
-            algo, factors = MEMBER_KINDS[kind]
-            weights = base_weights.scaled(**factors)
-            envs = [Monitor(make_env(weights)) for _ in range(settings.n_envs)]
-            self.members.append(Member(kind, self._model(algo, envs, seed + i), envs))
+        with torch_threads(settings.threads):  # tiny nets: more threads only contend (4.7 s vs 0.09 s, loaded)
+            for i in range(size):
+                kind = kinds[i % len(kinds)]
+                algo, factors = MEMBER_KINDS[kind]
+                weights = base_weights.scaled(**factors)
+                envs = [Monitor(make_env(weights)) for _ in range(settings.n_envs)]
+                self.members.append(Member(kind, self._model(algo, envs, seed + i), envs))
 
     def _model(self, algo: type[BaseAlgorithm], envs: list[gym.Env], seed: int) -> BaseAlgorithm:
         s = self.settings
