@@ -29,17 +29,25 @@ STATE = "search_state.json"
 KILLED = -signal.SIGKILL
 
 
-def _run(argv: list[str], kill_at: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def _env(kill_at: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if kill_at is not None:
         env[ENV_VAR] = kill_at
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+    return env
+
+
+def _run(argv: list[str], kill_at: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=_env(kill_at), cwd=REPO)
+
+
+def _compress_argv(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "hirelc_onnx", "compress", str(model), *SEARCH, "--out", str(out), "--json", *extra]
 
 
 def _compress(model: Path, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    return _run(["-m", "hirelc_onnx", "compress", str(model), *SEARCH, "--out", str(out), "--json", *extra], kill_at)
+    return _run(_compress_argv(model, out, *extra), kill_at)
 
 
 def _assert_nothing_half_written(out: Path) -> dict:
@@ -70,10 +78,28 @@ def _replayed(state: dict) -> dict:
 @pytest.mark.slow
 def test_killed_searches_resume_to_the_uninterrupted_model(reference_models, tmp_path):
     model = reference_models("vgg")
-    whole = _compress(model, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr
-
+    # the uninterrupted run, alongside the killed ones (independent: the wall time of the longer)
+    with (tmp_path / "whole.log").open("w") as log:
+        whole = subprocess.Popen([sys.executable, *_compress_argv(model, tmp_path / "whole")], stdout=log,
+                                 stderr=subprocess.STDOUT, env=_env(None), cwd=REPO)
+    try:
+        _kill_and_resume(model, tmp_path / "killed")
+        assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        if whole.poll() is None:
+            whole.kill()
+            whole.wait()
     out = tmp_path / "killed"
+    assert (out / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
+    assert (out / "config.json").read_bytes() == (tmp_path / "whole" / "config.json").read_bytes()
+    # not only the winner: every round measured the same config with the same outcome, and the search
+    # ended in the same memory (the emitted model may come from a round before the first kill)
+    assert _replayed(json.loads((out / STATE).read_text())) == _replayed(
+        json.loads((tmp_path / "whole" / STATE).read_text()))
+
+
+def _kill_and_resume(model: Path, out: Path) -> None:
+    """Kill a search three times, resuming after each kill, and check --out after every step."""
     # 1. during the second round's RL: round 1 is saved, round 2 is lost
     res = _compress(model, out, kill_at="rl#2")
     assert res.returncode == KILLED, res.stderr
@@ -93,13 +119,6 @@ def test_killed_searches_resume_to_the_uninterrupted_model(reference_models, tmp
     # 4. resumed: nothing left to search; the outputs are written
     res = _compress(model, out, "--resume")
     assert res.returncode == 0, res.stderr
-
-    assert (out / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
-    assert (out / "config.json").read_bytes() == (tmp_path / "whole" / "config.json").read_bytes()
-    # not only the winner: every round measured the same config with the same outcome, and the search
-    # ended in the same memory (the emitted model may come from a round before the first kill)
-    assert _replayed(json.loads((out / STATE).read_text())) == _replayed(
-        json.loads((tmp_path / "whole" / STATE).read_text()))
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads(res.stdout)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # swept by the resume

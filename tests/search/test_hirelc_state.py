@@ -103,3 +103,22 @@ def test_a_missing_agents_file_resumes_with_fresh_agents(bg, tmp_path):
     agents_path(path, 2).unlink()
     loaded = HiReLCState.load(path, bg, 6.0, "storage", 3, SimpleNamespace(cost=lambda c: model_cost(bg, c)))
     assert loaded.agents is None and loaded.next_round == 2
+
+
+def test_a_save_killed_before_its_document_leaves_the_previous_state_whole(bg, tmp_path, monkeypatch):
+    path = tmp_path / "search_state.json"
+    state = _state(bg)
+    state.save(path, lambda config, cost: np.zeros(1))
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed")  # the process dies where the document would be written
+
+    state.next_round, state.agents = 3, b"round three"
+    monkeypatch.setattr("hirelc_onnx.search.hirelc_state.write_json", die)
+    with pytest.raises(SystemExit):
+        state.save(path, lambda config, cost: np.zeros(1))
+    monkeypatch.undo()
+    assert agents_path(path, 3).exists()  # the new round's companion, which no document names yet
+    loaded = HiReLCState.load(path, bg, 6.0, "storage", 3, SimpleNamespace(cost=lambda c: model_cost(bg, c)))
+    assert loaded.next_round == 2 and loaded.agents == b"saved ensembles"
+    assert loaded.real[0].model is not None
