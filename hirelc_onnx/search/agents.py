@@ -240,7 +240,10 @@ def load_ensembles(data: bytes, ensembles: Sequence[Ensemble]) -> None:
         raise ValueError(f"saved state holds {len(saved) if isinstance(saved, list) else '?'} ensembles, "
                          f"this search {len(ensembles)}")
     for ensemble, state in zip(ensembles, saved):
-        ensemble.load_state_dict(state)
+        try:
+            ensemble.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as exc:  # torch: RuntimeError on a shape mismatch
+            raise ValueError(f"saved ensemble state does not fit ({type(exc).__name__}: {exc})") from None
 
 
 @contextmanager

@@ -153,5 +153,9 @@ def test_load_ensembles_refuses_a_state_that_does_not_fit():
         load_ensembles(save_ensembles([ens]), [other])
     with pytest.raises(ValueError, match="ensembles"):
         load_ensembles(save_ensembles([ens]), [ens, other])
+    wider = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=("ppo", "a2c"),
+                     settings=AgentSettings(n_envs=2, net_arch=(8,)))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_ensembles(save_ensembles([ens]), [wider])
     with pytest.raises(ValueError, match="unreadable"):
         load_ensembles(b"not a torch file", [ens])
