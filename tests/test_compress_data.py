@@ -233,6 +233,7 @@ def test_data_free_on_a_light_zoo_model():
     assert acc["n"] == 27 and acc["sample_warning"]  # 111 ImageNet-size samples: fewer for a large input
     assert 0.0 <= acc["compressed"] <= 1.0 and acc["fp32"] == 1.0
     assert result.report["latency"] and all("fp32_ms" in row for row in result.report["latency"].values())
+    assert result.report["per_node"]["input"] == "synthesised inputs"  # fixed batch 1: one synthesised row
     ort.InferenceSession(result.model.SerializeToString())
 
 

@@ -104,6 +104,9 @@ def _per_node(fp32: onnx.ModelProto, emitted: onnx.ModelProto, ctx: SearchContex
     try:
         feed = ctx.calib_batches[0] if ctx is not None and ctx.calib_batches else \
             get_runner(fp32).random_feed(1, seed=0)
+        fixed = get_runner(fp32).fixed_batch
+        if fixed:  # a model exported for batch 1 takes exactly that many rows
+            feed = {k: v[:fixed] for k, v in feed.items()}
         rows = per_node_rows(emitted, feed, reference=fp32, runs=runs)
     except UserError as exc:
         return {"error": str(exc)}
