@@ -9,8 +9,9 @@ H*W). Ops that tie channel dimensions union their sources (union-find); a *group
 Rules, by op:
   1. Kernel producers start a source: Conv/ConvTranspose weight and bias, Gemm/MatMul columns.
      An embedding (Gather on a constant 2-D table, `embedding_table_input`) starts a source of
-     its hidden dimension (the table's axis 1), refused: vocabulary rows are never dropped and
-     the table's columns are not pruned.
+     its hidden dimension: the table's columns (axis 1) follow it, on the lookup's last axis.
+     Vocabulary rows (axis 0) are never dropped; the hidden dimension is pruned only where the
+     rules below prove it (a LayerNormalization over it, as in transformers, refuses it).
   2. Kernel consumers slice their input-channel axis: Conv (group 1) W axis 1, ConvTranspose W
      axis 0, Gemm W along K (with Flatten column blocks), MatMul B rows.
   3. Depthwise Conv (group == C, multiplier 1) and per-channel ops (BatchNormalization,
@@ -504,8 +505,7 @@ def _embedding(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
     hidden = int(a.constants[node.input[0]].dims[1])
     ids = a.shape(node.input[1])
     rank = len(ids) + 1 if ids is not None else 2
-    sid = a.new_source(node.name, node.output[0], hidden, node.name,
-                       f"embedding table of Gather '{node.name}' (its hidden dimension is not pruned)")
+    sid = a.new_source(node.name, node.output[0], hidden, node.name)
     a.sources[sid].uses.append(Use(node.name, 0, 1, 0))
     a.kernel_source[node.name] = sid
     a.maps[node.output[0]] = ChannelMap(rank - 1, rank, (Segment(sid, hidden),))

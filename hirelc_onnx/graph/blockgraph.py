@@ -27,7 +27,8 @@ class Kernel:
 
     An embedding (op "Gather": a lookup in a constant 2-D table [rows, hidden]) is a kernel whose
     weight is the table: out_axis 0, so per-channel means one scale per row and per-group blocks
-    run along a row; it has no MACs, and its hidden dimension is an unprunable group.
+    run along a row; it has no MACs. Its output channels are the hidden dimension (the table's
+    columns, `channel_axis` 1), pruned only where the channel analysis proves it.
     """
 
     name: str  # node name, unique after normalisation
@@ -44,6 +45,12 @@ class Kernel:
     group: int | None  # channel group of its output channels
     input_groups: tuple[int, ...]  # channel groups laid along its input channels
     block: int = -1
+
+    @property
+    def channel_axis(self) -> int:
+        """The weight axis holding the output channels pruning drops: out_axis, except an
+        embedding table's, whose channels are its hidden columns (rows are vocabulary)."""
+        return 1 if self.op == "Gather" else self.out_axis
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ def test_tables_are_kernels_with_per_row_axis_and_no_macs(bg):
     assert [k.op for k in bg.kernel_list()] == ["Gather", "Gather", "MatMul", "MatMul", "MatMul"]
 
 
-def test_hidden_dimension_is_not_prunable_and_rows_are_kept(bg):
+def test_hidden_dimension_under_layernorm_is_not_prunable_and_rows_are_kept(bg):
     tables = [k for k in bg.kernels.values() if k.op == "Gather"]
     group = bg.groups[tables[0].group]
     assert tables[1].group == group.id  # word + position embeddings are added: one hidden dimension
-    assert not group.prunable and "embedding table" in group.refusal
+    assert not group.prunable and "LayerNormalization" in group.refusal
     config = CompressionConfig({n: KernelConfig(keep_ratio=0.5) for n in bg.kernels})
     out = apply_config(bg, config)
     inits = {t.name: tuple(t.dims) for t in out.graph.initializer}
@@ -53,6 +53,43 @@ def test_hidden_dimension_is_not_prunable_and_rows_are_kept(bg):
     assert inits["W1"] == (HIDDEN, 64)  # the feed-forward inner dimension was pruned
     ids = token_ids(3)
     assert _session(out).run(None, {"ids": ids})[0].shape == (3, 10)
+
+
+def test_hidden_dimension_is_pruned_where_the_analysis_proves_it():
+    """Lookup -> MatMul: the table's columns and the MatMul's rows are one group; pruning it keeps
+    every vocabulary row and computes what the unpruned model computes with those channels masked."""
+    from tests.oracles import masked_model, run_ort
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["T", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "W"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 4])],
+        [numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "T"),
+         numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W2")])
+    bg = build_block_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    table = next(k for k in bg.kernels.values() if k.op == "Gather")
+    group = bg.groups[table.group]
+    assert group.prunable and group.length == 16
+    from hirelc_onnx.apply import choose_channels
+
+    config = CompressionConfig({table.name: KernelConfig(keep_ratio=0.5)})
+    keep = choose_channels(bg, config)
+    column_l1 = np.abs(numpy_helper.to_array(next(t for t in bg.model.graph.initializer if t.name == "T"))).sum(axis=0)
+    np.testing.assert_array_equal(keep[group.id], np.sort(np.argsort(-column_l1)[:8]))  # the table's strongest columns
+    out = apply_config(bg, config, checking=True)
+    assert {t.name: tuple(t.dims) for t in out.graph.initializer}["T"] == (50, 8)
+    ids = {"ids": rng.integers(0, 50, (3, 5)).astype(np.int64)}
+    np.testing.assert_allclose(run_ort(out, ids)[0], run_ort(masked_model(bg.model, bg.analysis, keep), ids)[0],
+                               rtol=1e-5, atol=1e-5)
+    assert model_cost(bg, config).total_bytes == initializer_nbytes(out)
+    from hirelc_onnx.search.features import WeightPerturbation
+
+    energy = (numpy_helper.to_array(next(t for t in bg.model.graph.initializer if t.name == "T")) ** 2).sum(axis=0)
+    dropped = np.setdiff1d(np.arange(16), keep[group.id])
+    assert WeightPerturbation(bg).prune(table.name, 0.5) == pytest.approx(energy[dropped].sum() / energy.sum())
 
 
 def _shared_table_model(axis: int = 0, readers: int = 2) -> onnx.ModelProto:
