@@ -265,11 +265,11 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     def proxy(model: onnx.ModelProto) -> tuple[float, float]:
         """(logit MSE, top-1 agreement) against the fp32 model on the cached proxy batch."""
-        logits = predict(model, ctx.proxy_x)
+        logits = predict(model, ctx.proxy_inputs)
         return logit_mse_proxy(logits, ctx.proxy_ref), top1_agreement(logits, ctx.proxy_ref)
 
     def val_score(model: onnx.ModelProto) -> float:
-        return ctx.score(predict(model, splits.val.x), splits.val)
+        return ctx.score(predict(model, splits.val), splits.val)
 
     # --- stage 1a: channel keep ratios, chosen by an agent rewarded on accuracy and FLOPs ---------
     policy = _Policy(np.zeros((len(prunable), len(s.keep_choices))), s.policy_lr, rng)
