@@ -174,7 +174,7 @@ def finetune(model: onnx.ModelProto, quant: QuantLike, train: Dataset, val: Data
     if isinstance(teacher, np.ndarray):
         if len(teacher) != len(train):
             raise BridgeError(f"teacher logits have {len(teacher)} rows, the train data {len(train)}")
-        if val.y is None:
+        if val.classes is None:
             raise BridgeError("unlabelled val data is scored against the teacher: pass the teacher model, not logits")
         data = Distillation(train, val, teacher.astype(np.float32), None)
     else:

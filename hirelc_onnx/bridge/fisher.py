@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hirelc_onnx.bridge.convert import BridgeError, bindings, latent, to_torch, torch_threads
+from hirelc_onnx.bridge.convert import BridgeError, bindings, latent, to_torch, torch_inputs, torch_threads
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.graph.blockgraph import BlockGraph
 
@@ -75,17 +75,18 @@ def fisher_sensitivity(bg: BlockGraph, data: Dataset, n_samples: int = 256, seed
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        x = torch.from_numpy(np.ascontiguousarray(data.x[rows], dtype=np.float32))
-        if data.y is not None:
-            labels, loss_kind = torch.from_numpy(data.y[rows].astype(np.int64)), "labels"
+        x = torch_inputs(data.inputs, rows)  # token ids and masks stay integers
+        classes = data.classes
+        if classes is not None:
+            labels, loss_kind = torch.from_numpy(classes[rows].astype(np.int64)), "labels"
         elif teacher_logits is not None:
             labels, loss_kind = torch.from_numpy(np.asarray(teacher_logits)[rows].argmax(1)), "teacher"
         else:
             with torch.no_grad():
-                labels, loss_kind = module(x).argmax(1), "self"
+                labels, loss_kind = module(*x).argmax(1), "self"
         sums = {name: torch.zeros_like(w) for name, w in weights.items()}
         for i in range(len(rows)):
-            loss = F.cross_entropy(module(x[i:i + 1]), labels[i:i + 1])
+            loss = F.cross_entropy(module(*(t[i:i + 1] for t in x)), labels[i:i + 1])
             grads = torch.autograd.grad(loss, list(weights.values()))
             for name, g in zip(weights, grads):
                 sums[name] += g * g

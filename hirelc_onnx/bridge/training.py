@@ -41,9 +41,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hirelc_onnx.bridge.convert import BridgeError
+from hirelc_onnx.bridge.convert import BridgeError, torch_inputs
 from hirelc_onnx.evaluate.data import Dataset
-from hirelc_onnx.evaluate.runner import ModelLike, predict
+from hirelc_onnx.evaluate.runner import Inputs, ModelLike, predict
+from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", "Validation", "validate",
            "Distillation", "TrainSettings", "TrainResult", "optimizer_factory", "distil"]
@@ -77,14 +78,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return _KD_LOSSES[kind](student, teacher, temperature)
 
 
-def logits(module: nn.Module, x: np.ndarray, batch_size: int) -> torch.Tensor:
-    """The module's outputs on `x`, computed `batch_size` rows at a time without gradients."""
-    x = np.asarray(x, np.float32)
+def logits(module: nn.Module, x: Inputs, batch_size: int) -> torch.Tensor:
+    """The module's outputs on `x` (one array, a mapping of input arrays in graph order, or a Dataset),
+    computed `batch_size` rows at a time without gradients; integer inputs stay integers."""
+    inputs = x.inputs if isinstance(x, Dataset) else x
+    tensors = torch_inputs(inputs)
+    n = len(tensors[0])
     with torch.no_grad():
-        return torch.cat([module(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+        return torch.cat([module(*(t[i:i + batch_size] for t in tensors)) for i in range(0, n, batch_size)])
 
 
-def teacher_logits(teacher: ModelLike, x: np.ndarray) -> np.ndarray:
+def teacher_logits(teacher: ModelLike, x: Inputs) -> np.ndarray:
     """The teacher's float32 outputs on `x` (ONNX Runtime: the fp32 model as it is deployed)."""
     return np.asarray(predict(teacher, x), dtype=np.float32)
 
@@ -104,9 +108,9 @@ class Validation(NamedTuple):
 
 def validate(module: nn.Module, val: Dataset, teacher_val: np.ndarray | None, batch_size: int) -> Validation:
     """Score `module` on `val`; unlabelled data is scored against the teacher's logits `teacher_val`."""
-    out = logits(module, val.x, batch_size)
-    if val.y is not None:
-        y = torch.from_numpy(val.y.astype(np.int64))
+    out = logits(module, val, batch_size)
+    if val.classes is not None:
+        y = torch.from_numpy(val.classes.astype(np.int64))
         loss = float(F.cross_entropy(out, y))
         return Validation(float((out.argmax(1) == y).float().mean()), -loss, loss)
     if teacher_val is None:
@@ -128,8 +132,8 @@ class Distillation:
     def from_teacher(cls, teacher: ModelLike, train: Dataset, val: Dataset) -> "Distillation":
         if len(train) == 0 or len(val) == 0:
             raise BridgeError("training needs non-empty train and val datasets")
-        return cls(train, val, teacher_logits(teacher, train.x),
-                   teacher_logits(teacher, val.x) if val.y is None else None)
+        return cls(train, val, teacher_logits(teacher, train),
+                   teacher_logits(teacher, val) if val.classes is None else None)
 
 
 @dataclass(frozen=True)
@@ -218,13 +222,14 @@ class _Steps:
     def __init__(self, module: nn.Module, data: Distillation, s: TrainSettings,
                  extra_loss: Callable[[], torch.Tensor] | None) -> None:
         self.module, self.s, self.extra_loss = module, s, extra_loss
-        self.x = torch.from_numpy(np.asarray(data.train.x, np.float32))
+        self.inputs = torch_inputs(data.train.inputs)
         self.teacher = torch.from_numpy(data.teacher_train)
-        self.y = None if data.train.y is None else torch.from_numpy(data.train.y.astype(np.int64))
+        classes = data.train.classes
+        self.y = None if classes is None else torch.from_numpy(classes.astype(np.int64))
         self.kd_weight = 1.0 if self.y is None else s.kd_weight
 
     def __call__(self, idx: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-        out = self.module(self.x[idx])
+        out = self.module(*(t[idx] for t in self.inputs))
         loss = self.kd_weight * kd_loss(out, self.teacher[idx], self.s.temperature)
         if self.kd_weight < 1.0:
             loss = loss + (1.0 - self.kd_weight) * F.cross_entropy(out, self.y[idx])
@@ -283,6 +288,8 @@ def distil(module: nn.Module, make_optimizer: OptimizerFactory, data: Distillati
                     group["lr"] = peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / (horizon * steps))))
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
             loss = step_on(idx, opt)
+            if step == 0:
+                kill_point("finetune")  # kill-and-resume tests: die mid-training
             if after_step is not None:
                 after_step(step)
             step += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -15,7 +16,8 @@ import onnxruntime
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import (benchmark_latency, benchmark_side_by_side, evict_big_sessions, fit_together,
+from hirelc_onnx.evaluate.per_node import per_node_rows
+from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
                                          model_file_size, predict)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
@@ -23,13 +25,17 @@ from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
 from passes.storage import initializer_nbytes
 
-__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions"]
+__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE"]
 
 
 def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodResult,
                  ctx: SearchContext | None, *, method: str, target: str, budget: float | None,
-                 max_drop: float | None, seconds: float, latency_runs: int = 20) -> dict:
-    """Measure the emitted model and assemble the report (all figures from the emitted model)."""
+                 max_drop: float | None, seconds: float, latency_runs: int = 20,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, data: dict | None = None) -> dict:
+    """Measure the emitted model and assemble the report (all figures from the emitted model).
+
+    input_shapes: one sample's dims per input (from the data, or --input-shape): they fill the
+    symbolic dims of the latency feeds. data: what compress read (source, preprocessing, labels)."""
     emitted = result.model
     file_bytes = model_file_size(emitted)
     original_file = model_file_size(model_path)  # with its external-data files
@@ -47,6 +53,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
                   "macs": bg.total_macs, "blocks": len(bg.blocks)},
         "size": size,
         "goal": {"budget_met": None if budget is None else size["ratio"] >= budget - 1e-9},
+        "data": data,
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
@@ -56,9 +63,14 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
     if ctx is not None:
         fp32_test = ctx.test_score(bg.model)
         comp_test = ctx.test_score(emitted)
+        n = len(ctx.splits.test)
         report["accuracy"] = {
-            "metric": "top-1 accuracy" if ctx.labelled else "top-1 agreement with fp32",
-            "split": "test (held out, never seen by the search)", "n": len(ctx.splits.test),
+            "metric": ("top-1 accuracy" if ctx.labelled else "top-1 agreement with fp32")
+                      + (" on synthesised inputs" if ctx.data_free else ""),
+            "split": "test (held out, never seen by the search)", "n": n,
+            "points_per_sample": 100.0 / max(n, 1), "sample_warning": sample_warning(n),
+            "task_accuracy_measured": ctx.labelled,
+            "data_free_note": DATA_FREE_NOTE if ctx.data_free else None,
             "fp32": fp32_test, "compressed": comp_test, "drop_points": 100.0 * (fp32_test - comp_test),
             "val_compressed": result.val_score, "fp32_val": ctx.fp32_val_score,
             "evaluations": ctx.evaluations, "finetune_warning": ctx.bridge_error,
@@ -68,8 +80,45 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         if max_drop is not None:
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
         report["baselines"] = reference_points(bg, ctx, target)
-    report["latency"] = _latency(bg.model, emitted, latency_runs)
+    report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
+    report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
     return report
+
+
+DATA_FREE_NOTE = ("no --data: task accuracy was NOT measured; inputs were synthesised from the graph and the "
+                  "score is fidelity to the fp32 model, with no fine-tuning. --data gives better results.")
+"""What the report and the printed summary say about a data-free run."""
+
+
+def sample_warning(n: int) -> str | None:
+    """A warning when one test sample is worth more than half a point (n < 200), else None."""
+    if n >= 200:
+        return None
+    return (f"the test score rests on {n} samples: one sample is worth {100.0 / max(n, 1):.2f} points; "
+            "differences of a few points are noise (give more data)")
+
+
+def _per_node(fp32: onnx.ModelProto, emitted: onnx.ModelProto, ctx: SearchContext | None, runs: int) -> dict:
+    """What ORT ran for each compressed kernel, its time and output SNR against fp32 (calibration rows,
+    synthesised ones in a data-free run, at the data's shapes); an error says why not.
+
+    Not for models too big for two sessions at once (`fit_together`): profiling holds both, each
+    built from serialized bytes with extra outputs (several copies of every weight).
+    """
+    if not fit_together([fp32, emitted]):
+        return {"error": "the model is too big to hold its fp32 and compressed sessions at once "
+                         "(run `hirelc-onnx benchmark --per-node` on the written model)"}
+    try:
+        feed = ctx.calib_batches[0] if ctx is not None and ctx.calib_batches else \
+            get_runner(fp32).random_feed(1, seed=0)
+        fixed = get_runner(fp32).fixed_batch
+        if fixed:  # a model exported for batch 1 takes exactly that many rows
+            feed = {k: v[:fixed] for k, v in feed.items()}
+        rows = per_node_rows(emitted, feed, reference=fp32, runs=runs)
+    except UserError as exc:
+        return {"error": str(exc)}
+    source = "random input" if ctx is None else "synthesised inputs" if ctx.data_free else "calibration rows"
+    return {"input": source, "rows": [r.as_dict() for r in rows]}
 
 
 def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto,
@@ -101,25 +150,30 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(bg, config, calib_batches=ctx.calib_batches)
         points[f"uniform {bits}-bit, no fine-tuning"] = {
-            "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)}
+            "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val), ctx.splits.val)}
         del model
     return points
 
 
-def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int) -> dict:
-    """Median ORT latency of both models at batch 1 and 32, timed interleaved (an error says why not).
+def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
+             input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """Median ORT latency of both models at batch 1 and 32 (a fixed-batch model: its batch), timed
+    interleaved; symbolic dims from `input_shapes` (one sample's dims). An error says why not.
 
     Models too big for two sessions at once (`fit_together`) are timed one after the other instead,
     and the entry says so ("interleaved": false).
     """
     latency = {}
     together = fit_together([fp32, emitted])
-    for batch in (1, 32):
+    fixed = get_runner(fp32).fixed_batch
+    for batch in (fixed,) if fixed else (1, 32):
         try:
             if together:
-                fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3)
+                fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3,
+                                                  sample_shapes=input_shapes)
             else:
-                fp, comp = (benchmark_latency(m, batch_size=batch, runs=runs, warmup=3) for m in (fp32, emitted))
+                fp, comp = (benchmark_side_by_side([m], batch_size=batch, runs=runs, warmup=3,
+                                                   sample_shapes=input_shapes)[0] for m in (fp32, emitted))
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue

@@ -98,6 +98,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _per_node_section(per_node: dict) -> str:
+    """What ONNX Runtime ran for each compressed kernel (see evaluate/per_node.py)."""
+    if "error" in per_node:
+        return f"<h2>What ONNX Runtime ran</h2><p>not measured: {html.escape(per_node['error'])}</p>"
+    if not per_node.get("rows"):
+        return ""
+    cols = ["kernel", "op_type", "executed", "ms", "fp32_ms", "snr_db", "slower_than_fp32", "note"]
+    return (f"<h2>What ONNX Runtime ran, per compressed kernel</h2><p>median kernel time from ORT's profile; "
+            f"SNR (dB) of the kernel's output against fp32 on {html.escape(per_node['input'])}</p>"
+            + _table(per_node["rows"], cols))
+
+
 def render_html(report: dict) -> str:
     """A standalone HTML page for `report` (the dict written to report.json)."""
     size, acc, lat = report["size"], report.get("accuracy"), report.get("latency", {})
@@ -107,7 +119,12 @@ def render_html(report: dict) -> str:
     if acc:
         summary += [{"figure": f"{acc['metric']} fp32 (test)", "value": acc["fp32"]},
                     {"figure": f"{acc['metric']} compressed (test)", "value": acc["compressed"]},
-                    {"figure": "drop (points)", "value": acc["drop_points"]}]
+                    {"figure": "drop (points)", "value": acc["drop_points"]},
+                    {"figure": "test samples the score rests on", "value": acc.get("n")}]
+    notes = [n for n in ((acc or {}).get("sample_warning"), (acc or {}).get("data_free_note")) if n]
+    data = report.get("data") or {}
+    if data.get("preprocessing"):
+        notes.append(f"data: {data.get('source') or 'synthesised'}; preprocessing {data['preprocessing']}")
     for key, v in lat.items():
         if "speedup" in v:
             summary.append({"figure": f"latency {key} fp32 / compressed (ms)",
@@ -121,6 +138,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <h1>hirelc-onnx: {html.escape(report['method'])} on {html.escape(report['input']['path'])}</h1>
 <p>target <b>{html.escape(report['target'])}</b>, budget {report.get('budget')}, goal {html.escape(str(report.get('goal')))}</p>
 {_table(summary, ['figure', 'value'])}
+{"".join(f"<p><b>{html.escape(str(n))}</b></p>" for n in notes)}
 {plots}
 <h2>Per kernel</h2>{_table(report.get('kernels', []), cols)}
+{_per_node_section(report.get('per_node') or {})}
 <p>{html.escape(str(report.get('versions')))}</p></body></html>"""

@@ -8,7 +8,10 @@ the fp32 reference outputs, and the three ways to judge a config:
                        ORT and compare with the fp32 logits (the cold-start accuracy signal);
   * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
                        quantize, and measure the score on the validation split through ORT.
-The score is top-1 accuracy with labels and top-1 agreement with the fp32 model without.
+The score is top-1 accuracy with class labels and top-1 agreement with the fp32 model without (labels
+that are not class indices -- strings, floats, boxes -- are for a metric only: the score is then
+label-free too). Inputs travel as one array per graph input, keyed by the input's name; token ids
+and masks stay integers. A data-free context (`data_free`) holds inputs synthesised from the graph.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
+from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs
 from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_accuracy, top1_agreement
 from hirelc_onnx.evaluate.runner import evict_big_sessions, predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
@@ -58,9 +62,15 @@ class SearchContext:
 
     def __init__(self, bg: BlockGraph, splits: Splits, target: str = "storage", *, proxy_size: int = 256,
                  finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64,
-                 finetune_epochs: int | None = None) -> None:
+                 finetune_epochs: int | None = None, data_free: bool = False) -> None:
         self.bg = bg
+        specs = graph_inputs(bg.model)
+        # every split keyed by the graph's input names (a single-input dataset's `x` renamed), cast to
+        # the inputs' dtypes: calibration feeds, the bridge and ORT all take them as they are
+        splits = Splits(*(check_fits(part, specs) for part in (splits.calib, splits.finetune, splits.val, splits.test)))
         self.splits = splits
+        self.data_free = data_free
+        """True when the data were synthesised from the graph (no --data): the score is fidelity only."""
         self.target = target
         self.seed = seed
         self.finetune_seconds = finetune_seconds
@@ -68,15 +78,18 @@ class SearchContext:
         # a run is repeatable (the clock makes results move with machine load)
         self.finetune_epochs = finetune_epochs
         self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
-        self.labelled = splits.val.y is not None
-        self.input_name = bg.model.graph.input[0].name
+        self.labelled = splits.val.classes is not None
+        if splits.val.y is not None and not self.labelled:
+            log.warning("labels of %s are %s, not class indices: they are for a metric only; the search scores "
+                     "fidelity to the fp32 model (label-free)", splits.val.name, splits.val.y.dtype)
+        self.input_names = [spec.name for spec in specs]
         rng = np.random.default_rng(seed)
         pool = splits.calib if len(splits.calib) else splits.finetune
         take = rng.choice(len(pool), min(proxy_size, len(pool)), replace=False)
-        self.proxy_x = pool.x[np.sort(take)]
-        self.calib_batches = [{self.input_name: pool.x[i: i + 32]} for i in range(0, min(len(pool), calib_size), 32)]
-        self.proxy_ref = predict(bg.model, self.proxy_x)
-        self.val_ref = predict(bg.model, splits.val.x)
+        self.proxy_inputs: dict[str, np.ndarray] = pool.rows(np.sort(take))
+        self.calib_batches = [pool.rows(slice(i, i + 32)) for i in range(0, min(len(pool), calib_size), 32)]
+        self.proxy_ref = predict(bg.model, self.proxy_inputs)
+        self.val_ref = predict(bg.model, splits.val)
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
         self.bridge_error: str | None = None
@@ -88,13 +101,13 @@ class SearchContext:
     def proxy(self, config: CompressionConfig) -> Proxy:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(self.bg, self._targeted(config))
-        logits = predict(model, self.proxy_x)
+        logits = predict(model, self.proxy_inputs)
         return Proxy(logit_mse_proxy(logits, self.proxy_ref), top1_agreement(logits, self.proxy_ref))
 
     def score(self, logits: np.ndarray, ds: Dataset) -> float:
-        if ds.y is not None:
-            return top1_accuracy(logits, ds.y)
-        ref = self.val_ref if ds is self.splits.val else predict(self.bg.model, ds.x)
+        if ds.classes is not None:
+            return top1_accuracy(logits, ds.classes)
+        ref = self.val_ref if ds is self.splits.val else predict(self.bg.model, ds)
         return top1_agreement(logits, ref)
 
     def measure(self, config: CompressionConfig, keep=None, finetune_seconds: float | None = None) -> Measurement:
@@ -110,14 +123,19 @@ class SearchContext:
         tuned, finetuned = self._finetune(pruned, config, seconds)
         calib = self.calib_batches if config.target in ("ort-cpu", "qdq") else None
         model = apply_quantization(self.bg, tuned, config, calib)
-        logits = predict(model, self.splits.val.x)
+        logits = predict(model, self.splits.val)
         self.evaluations += 1
         return Measurement(config, self.score(logits, self.splits.val), self.cost(config), model, finetuned,
                            time.perf_counter() - start)
 
     def test_score(self, model: onnx.ModelProto) -> float:
         """Score on the held-out test split (the final report only)."""
-        return self.score(predict(model, self.splits.test.x), self.splits.test)
+        return self.score(predict(model, self.splits.test), self.splits.test)
+
+    @property
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sample's dims per input, from the data: what fills a symbolic dim when timing the model."""
+        return self.splits.val.sample_shapes
 
     # --- helpers -----------------------------------------------------------------------
     def _targeted(self, config: CompressionConfig) -> CompressionConfig:

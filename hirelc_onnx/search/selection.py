@@ -24,11 +24,13 @@ class Selection:
 
     def __init__(self, ctx: SearchContext) -> None:
         parts = [ctx.splits.val] + [ctx.splits.calib] * (len(ctx.splits.calib) > 0)
-        self.labelled = all(p.y is not None for p in parts)
+        self.labelled = all(p.classes is not None for p in parts)
         if not self.labelled:
             parts = [ctx.splits.val]
-        self.x = np.concatenate([p.x for p in parts])
-        self.y = np.concatenate([p.y for p in parts]).astype(int) if self.labelled else None
+        # one array per graph input (token ids and masks as they are), rows of every part in turn
+        self.x = {name: np.concatenate([p.inputs[name] for p in parts]) for name in parts[0].inputs}
+        self.y = np.concatenate([p.classes for p in parts]).astype(int) if self.labelled else None
+        self.rows = sum(len(p) for p in parts)
         self.ref = None if self.labelled else ctx.val_ref
 
     def __call__(self, model: onnx.ModelProto) -> tuple[float, float]:
@@ -47,4 +49,4 @@ class Selection:
         if not measured:
             return None
         top = max(score for _, score, _ in measured)
-        return min((c for c in measured if c[1] >= top - 1.0 / len(self.x) - 1e-9), key=lambda c: c[2])[0]
+        return min((c for c in measured if c[1] >= top - 1.0 / self.rows - 1e-9), key=lambda c: c[2])[0]
