@@ -199,3 +199,11 @@ def test_serialized_nbytes_is_bytesize_without_serializing(big):
     emitted = apply_config(bg, CompressionConfig.uniform(bg.kernels, target="storage", bits=2))
     for model in (loaded, header, bg.model, emitted, onnx.ModelProto()):
         assert serialized_nbytes(model) == model.ByteSize() == len(model.SerializeToString())
+
+
+def test_a_killed_external_data_write_leaves_a_temporary_the_lock_sweeps(tmp_path):
+    from hirelc_onnx.io import remove_temporaries, temporary_beside
+
+    tmp = temporary_beside(tmp_path / EXTERNAL_DATA_FILE)  # what write_model fills before its rename
+    assert tmp.name.startswith(f".{EXTERNAL_DATA_FILE}.")
+    assert remove_temporaries(tmp_path) == [tmp] and not tmp.exists()

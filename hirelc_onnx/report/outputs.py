@@ -6,7 +6,6 @@ model.onnx plus model.onnx.data beside it, which every ONNX reader follows.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -14,7 +13,7 @@ import onnx
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.external_data import save_external, serialized_nbytes
-from hirelc_onnx.io import write_atomic, write_json
+from hirelc_onnx.io import temporary_beside, write_atomic, write_json
 from hirelc_onnx.report.html import render_html
 
 __all__ = ["OUTPUT_FILES", "EXTERNAL_DATA_FILE", "EXTERNAL_DATA_BYTES", "check_out_dir", "write_outputs",
@@ -67,9 +66,7 @@ def write_model(path: Path, model: onnx.ModelProto, external_over: int | None = 
         write_atomic(path, model.SerializeToString())
         data_file.unlink(missing_ok=True)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_data = tempfile.mkstemp(prefix=f".{data_file.name}.", dir=path.parent)
-    os.close(fd)
+    tmp_data = temporary_beside(data_file)  # swept by the lock if this process dies before the rename
     try:
         header = save_external(model, tmp_data, data_file.name)
         umask = os.umask(0)
