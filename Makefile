@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory fuzz clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: $(STAMP)
 
 bench-latency: $(STAMP)
 	$(PY) -m bench.run --latency-only --out bench/latency
+
+# peak RSS of inspect (1B params, sparse) and compress (100M params) on generated models with
+# external data: writes bench/memory.md and bench/memory.json (a few minutes; ~5 GB of temp space)
+bench-memory: $(STAMP)
+	$(PY) -m bench.memory --out bench
 
 # the long fuzz campaign (the quick part runs in make test): writes bench/fuzz/report.{md,json}
 FUZZ_CASES ?= 400

@@ -36,9 +36,12 @@ def choose_channels(bg: BlockGraph, config: CompressionConfig) -> dict[int, np.n
 
 def apply_pruning(bg: BlockGraph, config: CompressionConfig, keep: Mapping[int, Sequence[int]] | None = None,
                   checking: bool = False) -> onnx.ModelProto:
-    """The fp32 model with channels pruned (a copy; fine-tuning works on this graph)."""
+    """The fp32 model with channels pruned (a copy; fine-tuning works on this graph). When nothing is
+    pruned it is `bg.model` itself, not a copy of every weight: callers never modify it."""
     config.validate(bg.kernels)
     keep = choose_channels(bg, config) if keep is None else keep
+    if not keep and not checking:
+        return bg.model
     return run_passes(bg.model, [functools.partial(prune_channels, keep=keep, analysis=bg.analysis)], checking)
 
 

@@ -110,7 +110,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
         original = load_model(model_path)
         _check_domains(original, model_path)
-        bg = build_block_graph(original)
+        bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
+        del original
         if given.get("budget"):
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
@@ -127,7 +128,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
-        report = build_report(bg, original, model_path, result, ctx, method=method, target=target,
+        report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},

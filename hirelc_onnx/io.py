@@ -12,11 +12,21 @@ import numpy as np
 
 from hirelc_onnx.kill_points import kill_point
 
-__all__ = ["write_atomic", "write_json", "json_default", "remove_temporaries"]
+__all__ = ["write_atomic", "write_json", "json_default", "remove_temporaries", "temporary_beside"]
 
 _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(_TEMP_SUFFIX) + "$")
 """`.<name>.<mkstemp's 8 random characters>.tmp`: the temporary copy `write_atomic` renames into place."""
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty hidden file next to `path`, named as `remove_temporaries` sweeps (for writers that
+    fill it themselves and rename it into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -34,9 +34,12 @@ _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUni
                  "Bernoulli", "Dropout"}
 
 
-def normalize(model: onnx.ModelProto, fold: bool = True, fold_batchnorm: bool = True) -> onnx.ModelProto:
-    """Return a normalised copy of `model` (the input is not modified)."""
-    model = _copy(model)
+def normalize(model: onnx.ModelProto, fold: bool = True, fold_batchnorm: bool = True,
+              inplace: bool = False) -> onnx.ModelProto:
+    """Return a normalised copy of `model` (the input is not modified), or with `inplace`, normalise
+    `model` itself (no second copy of the weights; it may still be replaced by BatchNorm folding,
+    so use the returned model)."""
+    model = model if inplace else _copy(model)
     _drop_initializer_inputs(model)
     if fold:
         _fold_constants(model)

@@ -73,7 +73,7 @@ def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: s
     """Show the blocks, kernels, parameters, MACs, bytes and channel groups of MODEL."""
     if sensitivity and not data:
         raise UserError("--sensitivity needs --data (the Fisher information is an expectation over inputs)")
-    bg = import_model(model)
+    bg = import_model(model, weights=sensitivity)  # the tables need shapes only: big weights stay on disk
     info = describe(bg)
     if sensitivity:
         info["sensitivity"] = _sensitivity(bg, data, samples, seed)

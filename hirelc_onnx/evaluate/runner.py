@@ -27,7 +27,10 @@ from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import InputSpec, check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
+from hirelc_onnx.evaluate.folding import write_folded
+from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy, serialized_nbytes
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
+from hirelc_onnx.memory import bound_heap, release_freed_memory
 
 __all__ = [
     "ModelLike",
@@ -42,6 +45,8 @@ __all__ = [
     "benchmark_side_by_side",
     "model_file_size",
     "measure_peak_memory",
+    "fit_together",
+    "evict_big_sessions",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,13 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 _CACHE_SIZE = 8
+# sessions cached together hold at most this many decoded weight bytes (a big model's fp32 session
+# and its compressed one each hold every weight as float32): beyond it the oldest is dropped first
+_CACHE_BYTES = 512 << 20
+# a ModelProto this big (serialized, or its weights as float32) is handed to ORT as a file with
+# external data and its decodes folded (ORT maps it) rather than as serialized bytes (which ORT
+# parses into two more copies, then folds into two more)
+FILE_SESSION_BYTES = 64 << 20  # (always beyond PROTOBUF_LIMIT, which no bytes object can pass)
 _cache: OrderedDict[tuple, "OrtRunner"] = OrderedDict()
 
 
@@ -114,13 +126,18 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
 class OrtRunner:
     """One ORT session plus what callers need to feed it: input name, shape, dtype, classes."""
 
-    def __init__(self, model: ModelLike, config: SessionConfig | None = None):
+    def __init__(self, model: ModelLike, config: SessionConfig | None = None, cost: int | None = None):
         self.config = config or SessionConfig()
         so = self.config.session_options()
         providers = list(self.config.providers)
+        scratch = None
         if isinstance(model, onnx.ModelProto):
             self.label = model.graph.name or "<in-memory model>"
-            source: Any = model.SerializeToString()
+            if decoded_nbytes(model) > FILE_SESSION_BYTES or serialized_nbytes(model) > FILE_SESSION_BYTES:
+                scratch = tempfile.TemporaryDirectory(prefix="hirelc-session-")
+                source: Any = str(write_folded(model, scratch.name))
+            else:
+                source = model.SerializeToString()
         else:
             self.label = str(model)
             path = Path(model)
@@ -134,6 +151,10 @@ class OrtRunner:
             if not isinstance(model, onnx.ModelProto):
                 load_onnx(model, load_external_data=False)  # a file problem gets its precise message
             raise ModelLoadError(f"ONNX Runtime cannot load {self.label}: {_one_line(exc)}") from exc
+        finally:
+            if scratch is not None:  # ORT has read or mapped the data: the scratch copy can go
+                scratch.cleanup()
+        self.cost = _session_cost(model) if cost is None else cost  # decoded weight bytes it holds
         self.inputs = self.session.get_inputs()
         self.outputs = self.session.get_outputs()
         first = self.inputs[0]
@@ -270,9 +291,33 @@ class OrtRunner:
 _MAX_FEED_ELEMENTS = 1 << 30
 
 
+def _digest(model: onnx.ModelProto) -> str:
+    """sha256 of the model's structure and of each initializer in turn (no whole-model bytes object,
+    which a model over 2 GiB cannot even have)."""
+    h = hashlib.sha256(light_copy(model).SerializeToString())
+    for t in model.graph.initializer:
+        h.update(t.SerializeToString())
+    return h.hexdigest()
+
+
+def _session_cost(model: ModelLike) -> int:
+    """Decoded weight bytes a session of `model` holds (`decoded_nbytes`); 0 for a file onnx cannot parse."""
+    if isinstance(model, onnx.ModelProto):
+        return decoded_nbytes(model)
+    try:
+        return decoded_nbytes(onnx.load(str(model), load_external_data=False))
+    except Exception:  # an ORT-format file or garbage: its own loader reports it
+        return 0
+
+
+def fit_together(models: Sequence[ModelLike]) -> bool:
+    """Whether sessions of all `models` fit the session cache's byte budget at once."""
+    return sum(_session_cost(m) for m in models) <= _CACHE_BYTES
+
+
 def _cache_key(model: ModelLike, config: SessionConfig) -> tuple:
     if isinstance(model, onnx.ModelProto):
-        return ("bytes", hashlib.sha256(model.SerializeToString()).hexdigest(), config)
+        return ("bytes", _digest(model), config)
     p = Path(model).resolve()
     try:
         st = p.stat()
@@ -288,16 +333,38 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
-    runner = OrtRunner(model, config)
+    bound_heap()
+    cost = _session_cost(model)
+    evicted = False
+    while _cache and (len(_cache) >= _CACHE_SIZE or sum(r.cost for r in _cache.values()) + cost > _CACHE_BYTES):
+        _cache.popitem(last=False)  # dropped before the new session is built, so both never coexist
+        evicted = True
+    if evicted or cost > FILE_SESSION_BYTES:  # and a big rewrite's garbage is gone before a big session
+        release_freed_memory()
+    runner = OrtRunner(model, config, cost)
     _cache[key] = runner
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    if cost > FILE_SESSION_BYTES:
+        release_freed_memory()  # ORT's load-time copies (constant folding, prepacking) are freed by now
     return runner
+
+
+def evict_big_sessions() -> None:
+    """Drop cached sessions of big models (weights over FILE_SESSION_BYTES as float32).
+
+    Called before rewriting a big model: the rewrite's copies would otherwise stack on a session
+    the next big one evicts anyway (the session cache holds one big model at a time).
+    """
+    big = [key for key, r in _cache.items() if r.cost > FILE_SESSION_BYTES]
+    for key in big:
+        del _cache[key]
+    if big:
+        release_freed_memory()
 
 
 def clear_cache() -> None:
     """Drop cached sessions (frees their memory)."""
     _cache.clear()
+    release_freed_memory()
 
 
 def predict(model: ModelLike, x: Inputs, batch_size: int = 64, config: SessionConfig | None = None) -> np.ndarray:
@@ -402,7 +469,7 @@ def benchmark_latency(
 def model_file_size(model: ModelLike) -> int:
     """Bytes on disk: the .onnx file plus its external-data files; a ModelProto's serialized size."""
     if isinstance(model, onnx.ModelProto):
-        return model.ByteSize()
+        return serialized_nbytes(model)
     p = Path(model)
     proto = load_onnx(p, load_external_data=False)
     locations = {

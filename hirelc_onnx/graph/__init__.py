@@ -7,6 +7,9 @@ __all__ = ["Block", "BlockGraph", "Kernel", "ModelCost", "build_block_graph", "l
            "import_model"]
 
 
-def import_model(path) -> BlockGraph:
-    """Load an ONNX file and build its BlockGraph (the entry point most callers want)."""
-    return build_block_graph(load_model(path))
+def import_model(path, weights: bool = True) -> BlockGraph:
+    """Load an ONNX file and build its BlockGraph (the entry point most callers want).
+
+    weights=False leaves big external kernel weights unread (`load_model`): shapes and sizes only.
+    """
+    return build_block_graph(load_model(path, weights=weights), inplace=True)

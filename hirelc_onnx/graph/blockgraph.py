@@ -133,9 +133,13 @@ def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> 
     return len(w_shape) - 1, rows * k_in * n_out, k_in, n_out
 
 
-def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> BlockGraph:
-    """Normalise `model` (unless already done) and build its BlockGraph."""
-    norm = model if normalized else normalize(model)
+def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False, inplace: bool = False) -> BlockGraph:
+    """Normalise `model` (unless already done) and build its BlockGraph.
+
+    inplace: normalise `model` itself rather than a copy (the caller gives it up): a big model's
+    weights are then held once.
+    """
+    norm = model if normalized else normalize(model, inplace=inplace)
     analysis = analyze_channels(norm)
     shapes = tensor_shapes(norm)
     inits = {t.name: t for t in norm.graph.initializer}

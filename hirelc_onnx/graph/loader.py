@@ -14,8 +14,11 @@ from pathlib import Path
 import onnx
 import onnx.helper
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from hirelc_onnx.errors import ModelLoadError
+from hirelc_onnx.graph.external_data import serialized_nbytes
+from hirelc_onnx.memory import bound_heap
 
 __all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_external_locations",
            "check_tensor_payloads"]
@@ -23,12 +26,17 @@ __all__ = ["load_model", "all_tensors", "check_external_locations", "check_file_
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | Path, load_external_data: bool = True, check: bool = True) -> onnx.ModelProto:
+def load_model(path: str | Path, load_external_data: bool = True, check: bool = True,
+               weights: bool = True) -> onnx.ModelProto:
     """Read `path` (external-data files next to it too) and check it is a usable ONNX model.
 
-    Every failure is a ModelLoadError whose message names the file and the problem.
+    weights=False leaves the big kernel weights kept in external data unread: they become shells
+    (dims and type, no bytes, `graph.external_data.is_shell`), enough for shapes, params, MACs
+    and bytes (inspect) but not for running or rewriting the model. Every other external tensor
+    is read. Every failure is a ModelLoadError whose message names the file and the problem.
     """
     path = Path(path)
+    bound_heap()  # each weight is read into a bytes object, then copied into the model: free it for real
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir():
@@ -46,24 +54,66 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
     if not model.opset_import:
         raise ModelLoadError(f"{path} has no opset_import; not a valid ONNX model")
     check_external_locations(model, path)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model.graph))
+    shells = set() if weights else _unread_weights(model)
     if load_external_data:
         try:
-            onnx.load_external_data_for_model(model, str(path.parent))
+            for tensor in all_tensors(model.graph):  # each external tensor read once, straight into place
+                if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in shells:
+                    load_external_data_for_tensor(tensor, str(path.parent))
+                    tensor.ClearField("data_location")  # as if it had been inline (onnx sets DEFAULT)
         except FileNotFoundError as exc:
             raise ModelLoadError(f"{path}: external weight file missing: {exc.filename}") from None
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot read external weights ({exc})") from None
     check_tensor_payloads(model, path)
-    if not check:
-        return model
-    try:
-        onnx.checker.check_model(model) if model.ByteSize() < (2 << 30) - 1 else None
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from None
-    log.debug("loaded %s (ir %d, opsets %s)", path, model.ir_version,
-              {o.domain or "ai.onnx": o.version for o in model.opset_import})
+    if check:
+        try:
+            # the checker copies a ModelProto it is given twice (serialized, then parsed in C++): a
+            # big model is checked from its file instead (external weights are not read at all)
+            if external or serialized_nbytes(model) > _CHECK_FROM_FILE_BYTES:
+                onnx.checker.check_model(str(path))
+            else:
+                onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+            raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from None
+    if load_external_data:
+        for tensor in model.graph.initializer:
+            if tensor.name in shells:
+                del tensor.external_data[:]  # a shell: no reader can follow it to a file
+    log.debug("loaded %s (ir %d, opsets %s, %d weights unread)", path, model.ir_version,
+              {o.domain or "ai.onnx": o.version for o in model.opset_import}, len(shells))
     return model
+
+
+_CHECK_FROM_FILE_BYTES = 64 << 20
+
+# ops whose second input is the weight the BlockGraph reads only the shape of
+_KERNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_SHELL_MIN_BYTES = 64 << 10
+
+
+def _unread_weights(model: onnx.ModelProto) -> set[str]:
+    """Names of external initializers of at least 64 KiB used only as a kernel's weight input, by
+    kernels no BatchNormalization follows (folding one reads the weight): left unread."""
+    graph = model.graph
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for idx, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, idx))
+    outputs = {o.name for o in graph.output}
+    chosen = set()
+    for t in graph.initializer:
+        uses = consumers.get(t.name, [])
+        if (t.data_location != onnx.TensorProto.EXTERNAL or t.name in outputs or not uses
+                or 4 * math.prod(t.dims) < _SHELL_MIN_BYTES):
+            continue
+        if all(node.op_type in _KERNEL_OPS and node.domain in ("", "ai.onnx") and idx == 1
+               and not any(c.op_type == "BatchNormalization" for out in node.output for c, _ in consumers.get(out, []))
+               for node, idx in uses):
+            chosen.add(t.name)
+    return chosen
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

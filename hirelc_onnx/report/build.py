@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -18,7 +17,8 @@ from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.per_node import per_node_rows
-from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner, predict
+from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
+                                         model_file_size, predict)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
@@ -28,7 +28,7 @@ from passes.storage import initializer_nbytes
 __all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE"]
 
 
-def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os.PathLike, result: MethodResult,
+def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodResult,
                  ctx: SearchContext | None, *, method: str, target: str, budget: float | None,
                  max_drop: float | None, seconds: float, latency_runs: int = 20,
                  input_shapes: Mapping[str, Sequence[int]] | None = None, data: dict | None = None) -> dict:
@@ -37,8 +37,8 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os
     input_shapes: one sample's dims per input (from the data, or --input-shape): they fill the
     symbolic dims of the latency feeds. data: what compress read (source, preprocessing, labels)."""
     emitted = result.model
-    file_bytes = len(emitted.SerializeToString())
-    original_file = Path(model_path).stat().st_size
+    file_bytes = model_file_size(emitted)
+    original_file = model_file_size(model_path)  # with its external-data files
     true_bytes = initializer_nbytes(emitted)
     size = {"original_weight_bytes": bg.weight_bytes, "weight_bytes": true_bytes,
             "ratio": bg.weight_bytes / max(true_bytes, 1), "original_file_bytes": original_file,
@@ -100,7 +100,14 @@ def sample_warning(n: int) -> str | None:
 
 def _per_node(fp32: onnx.ModelProto, emitted: onnx.ModelProto, ctx: SearchContext | None, runs: int) -> dict:
     """What ORT ran for each compressed kernel, its time and output SNR against fp32 (calibration rows,
-    synthesised ones in a data-free run, at the data's shapes); an error says why not."""
+    synthesised ones in a data-free run, at the data's shapes); an error says why not.
+
+    Not for models too big for two sessions at once (`fit_together`): profiling holds both, each
+    built from serialized bytes with extra outputs (several copies of every weight).
+    """
+    if not fit_together([fp32, emitted]):
+        return {"error": "the model is too big to hold its fp32 and compressed sessions at once "
+                         "(run `hirelc-onnx benchmark --per-node` on the written model)"}
     try:
         feed = ctx.calib_batches[0] if ctx is not None and ctx.calib_batches else \
             get_runner(fp32).random_feed(1, seed=0)
@@ -140,27 +147,40 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
     points = {}
     for bits in sorted(b for b in bits_ladder(target) if 4 <= b < 32):
         config = CompressionConfig.uniform(bg.kernels, target=target, bits=bits)
+        evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(bg, config, calib_batches=ctx.calib_batches)
         points[f"uniform {bits}-bit, no fine-tuning"] = {
             "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val), ctx.splits.val)}
+        del model
     return points
 
 
 def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
              input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Median ORT latency of both models at batch 1 and 32 (a fixed-batch model: its batch), timed
-    interleaved; symbolic dims from `input_shapes` (one sample's dims). An error says why not."""
+    interleaved; symbolic dims from `input_shapes` (one sample's dims). An error says why not.
+
+    Models too big for two sessions at once (`fit_together`) are timed one after the other instead,
+    and the entry says so ("interleaved": false).
+    """
     latency = {}
+    together = fit_together([fp32, emitted])
     fixed = get_runner(fp32).fixed_batch
     for batch in (fixed,) if fixed else (1, 32):
         try:
-            fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3,
-                                              sample_shapes=input_shapes)
+            if together:
+                fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3,
+                                                  sample_shapes=input_shapes)
+            else:
+                fp, comp = (benchmark_side_by_side([m], batch_size=batch, runs=runs, warmup=3,
+                                                   sample_shapes=input_shapes)[0] for m in (fp32, emitted))
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue
         latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
                                     "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
+        if not together:
+            latency[f"batch{batch}"]["interleaved"] = False
     return latency
 
 

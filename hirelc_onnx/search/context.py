@@ -29,7 +29,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
 from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs
 from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_accuracy, top1_agreement
-from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.evaluate.runner import evict_big_sessions, predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.specs import weight_spec
@@ -99,6 +99,7 @@ class SearchContext:
         return model_cost(self.bg, self._targeted(config))
 
     def proxy(self, config: CompressionConfig) -> Proxy:
+        evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(self.bg, self._targeted(config))
         logits = predict(model, self.proxy_inputs)
         return Proxy(logit_mse_proxy(logits, self.proxy_ref), top1_agreement(logits, self.proxy_ref))
@@ -116,6 +117,7 @@ class SearchContext:
         """
         start = time.perf_counter()
         config = self._targeted(config)
+        evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         pruned = apply_pruning(self.bg, config, keep)
         seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
         tuned, finetuned = self._finetune(pruned, config, seconds)

@@ -39,3 +39,21 @@ def test_quick_bench_writes_table(tmp_path, reference_models):
     # the table prints the speedups the JSON holds, for both methods
     speedups = " | ".join(f"{pruning[f'{n}_b1']:.2f}x / {pruning[f'{n}_b32']:.2f}x" for n in ("l1", "graph-rl"))
     assert speedups in text
+
+
+@pytest.mark.slow
+def test_memory_bench_measures_both_cases(tmp_path):
+    """`make bench-memory` at toy sizes: both commands run in a child, the table holds their peaks."""
+    from bench.memory import main as memory_main
+
+    memory_main(["--out", str(tmp_path), "--compress-d", "64", "--compress-layers", "1", "--inspect-d", "64",
+                 "--inspect-layers", "2", "--samples", "16"])
+    data = json.loads((tmp_path / "memory.json").read_text())
+    cases = {r["case"].split()[0]: r for r in data["rows"]}
+    assert set(cases) == {"inspect", "compress"}
+    for r in cases.values():
+        assert r["peak_bytes"] >= r["peak_rss_bytes"] > 50e6  # a Python process with onnx and ORT loaded
+        assert r["peak_over_fp32"] == pytest.approx(r["peak_bytes"] / r["fp32_bytes"])
+        assert f"| {r['case']} |" in (tmp_path / "memory.md").read_text()
+    assert cases["compress"]["output_bytes"] > 0
+    assert data["machine"]["cores"] >= 1

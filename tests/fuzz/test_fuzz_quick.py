@@ -40,7 +40,7 @@ def test_unexpected_exception_is_one_line(monkeypatch):
     from hirelc_onnx.cli import main
     from hirelc_onnx.commands import inspect as inspect_cmd
 
-    def boom(path):
+    def boom(path, **_):
         raise ZeroDivisionError("simulated bug")
 
     monkeypatch.setattr(inspect_cmd, "import_model", boom)
