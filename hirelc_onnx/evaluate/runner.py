@@ -27,6 +27,7 @@ from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
+from hirelc_onnx.evaluate.output_kinds import classify, fidelity_of
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "get_runner",
     "clear_cache",
     "predict",
+    "predict_outputs",
     "evaluate",
     "benchmark_latency",
     "benchmark_side_by_side",
@@ -164,6 +166,11 @@ class OrtRunner:
 
     def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """First-output logits for every row of `x`; a fixed-batch model gets padded batches."""
+        return self.predict_outputs(x, batch_size, [self.output_name])[0]
+
+    def predict_outputs(self, x: np.ndarray, batch_size: int = 64, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Every output (or those `names`) for every row of `x`, one array per output."""
+        names = [o.name for o in self.outputs] if names is None else list(names)
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         x = np.asarray(x)
@@ -178,11 +185,11 @@ class OrtRunner:
             if fixed and n < fixed:
                 xb = np.concatenate([xb, np.zeros((fixed - n,) + xb.shape[1:], xb.dtype)])
             try:
-                out = self.session.run([self.output_name], {self.input_name: xb})[0]
+                out = self.session.run(names, {self.input_name: xb})
             except Exception as exc:  # ORT's pybind errors share no base class below Exception
                 raise DataError(f"ONNX Runtime failed running {self.label} on rows {i}..{i + n - 1}: {_one_line(exc)}") from exc
-            outs.append(out[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in out])
+        return [np.concatenate(parts) for parts in zip(*outs)]
 
     def feed_shapes(self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
         """Concrete shapes for every input: batch dims filled, other symbolic dims from `input_shapes`."""
@@ -272,6 +279,12 @@ def predict(model: ModelLike, x: np.ndarray, batch_size: int = 64, config: Sessi
     return get_runner(model, config).predict(x, batch_size)
 
 
+def predict_outputs(model: ModelLike, x: np.ndarray, batch_size: int = 64,
+                    config: SessionConfig | None = None) -> list[np.ndarray]:
+    """Every output of `model` on `x`, one array per graph output, batch by batch."""
+    return get_runner(model, config).predict_outputs(x, batch_size)
+
+
 def evaluate(
     model: ModelLike,
     dataset: Dataset,
@@ -299,7 +312,8 @@ def evaluate(
         else:
             ref_runner = get_runner(reference, config)
             ref_logits = ref_runner.predict(ref_runner.fit(dataset).x, batch_size)
-        out.update(fidelity(logits, ref_logits))
+        kind = classify(None, ref_logits)  # per-position scores and maps are compared as their kind is
+        out.update(fidelity(logits, ref_logits) if kind == "class-scores" else fidelity_of(logits, ref_logits, kind))
         if ds.y is not None:
             out["reference_accuracy"] = top1_accuracy(ref_logits, ds.y)
     for spec in metrics:
