@@ -233,7 +233,7 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
             for name, (owner, attr, w) in _weights(module, weights).items():
                 w.mul_(masks[name])
                 parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-        score = validate(module, val, data.teacher_val, _EVAL_BATCH).score
+        score = validate(module, data, _EVAL_BATCH).score
         density = _density(module, weights)
         out = write_back(model, module)
     kept = sum(int(m.sum()) for m in masks.values()) / total
