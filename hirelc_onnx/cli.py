@@ -72,3 +72,7 @@ def main(verbose: bool) -> None:
 
 for command in (inspect, evaluate, benchmark, compress):
     main.add_command(command)
+
+
+if __name__ == "__main__":  # `python -m hirelc_onnx.cli` runs the CLI too, never silently nothing
+    main()

@@ -6,12 +6,16 @@ import logging
 from typing import Any
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from hirelc_onnx.commands.evaluate import fmt_bytes, session_options
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import SessionConfig, benchmark_side_by_side, get_runner, measure_peak_memory, model_file_size
+from hirelc_onnx.evaluate.loaders import load_data
+from hirelc_onnx.evaluate.per_node import NodeRow, per_node_rows
+from hirelc_onnx.evaluate.runner import (OrtRunner, SessionConfig, benchmark_side_by_side, get_runner, load_onnx, measure_peak_memory,
+                                         model_file_size)
 
 __all__ = ["benchmark"]
 
@@ -52,6 +56,10 @@ def _input_shapes(values: tuple[str, ...], input_names: list[str]) -> dict[str, 
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
 @click.option("--input-shape", "input_shape", multiple=True, help="[name=]1x3x224x224 for inputs with symbolic dims.")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS measured in a subprocess.")
+@click.option("--per-node", is_flag=True,
+              help="Per compressed kernel: the op ORT ran after its optimisations, its time (ORT profile) and, "
+                   "with --against, its output SNR against that model (random input at the first batch size).")
+@click.option("--data", "data_spec", help="--per-node: data for the SNR (first 64 rows; default random input).")
 @session_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def benchmark(
@@ -62,6 +70,8 @@ def benchmark(
     warmup: int,
     input_shape: tuple[str, ...],
     memory: bool,
+    per_node: bool,
+    data_spec: str | None,
     threads: int,
     opt_level: str,
     as_json: bool,
@@ -86,10 +96,44 @@ def benchmark(
         report["speedup"] = {
             str(a["batch_size"]): a["median_ms"] / m["median_ms"] for m, a in zip(entries[0]["results"], entries[1]["results"])
         }
+    rows: list[NodeRow] = []
+    if per_node:
+        feed = _per_node_feed(runners[0], data_spec, sizes[0], shapes)
+        rows = per_node_rows(load_onnx(model), feed, load_onnx(against) if against else None, runs=runs, threads=threads)
+        report["per_node"] = [r.as_dict() for r in rows]
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     _print_table(report, memory)
+    if per_node:
+        _print_per_node(rows, against is not None)
+
+
+def _per_node_feed(runner: OrtRunner, data_spec: str | None, batch: int,
+                   shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Real rows when --data is given (the SNR of random input says little about a calibrated model)."""
+    if data_spec is None:
+        return runner.random_feed(batch, shapes, seed=0)
+    ds = runner.fit(load_data(data_spec, runner.input_shape))
+    return {runner.input_name: ds.x[:64]}
+
+
+def _print_per_node(rows: list[NodeRow], against: bool) -> None:
+    console = Console()
+    if not rows:
+        console.print("per node: no compressed kernel in the model (no quantized op, no in-graph weight decode)")
+        return
+    table = Table(title="Compressed kernels: what ONNX Runtime ran (after its graph optimisations)")
+    columns = ["kernel", "op", "ORT ran", "ms"] + (["fp32 ms", "SNR dB", ""] if against else [])
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("ms", "fp32 ms", "SNR dB") else "left")
+    for r in rows:
+        row = [r.kernel, r.op_type, r.executed, "-" if r.ms is None else f"{r.ms:.3f}"]
+        if against:
+            snr = r.note or "-" if r.snr_db is None else f"{r.snr_db:.1f}"
+            row += ["-" if r.fp32_ms is None else f"{r.fp32_ms:.3f}", snr, "slower than fp32" if r.slower else ""]
+        table.add_row(*row)
+    console.print(table)
 
 
 def _print_table(report: dict[str, Any], memory: bool) -> None:

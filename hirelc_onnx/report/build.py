@@ -16,7 +16,8 @@ import onnxruntime
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import benchmark_side_by_side, predict
+from hirelc_onnx.evaluate.per_node import per_node_rows
+from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner, predict
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
@@ -69,7 +70,20 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
         report["baselines"] = reference_points(bg, ctx, target)
     report["latency"] = _latency(bg.model, emitted, latency_runs)
+    report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
     return report
+
+
+def _per_node(fp32: onnx.ModelProto, emitted: onnx.ModelProto, ctx: SearchContext | None, runs: int) -> dict:
+    """What ORT ran for each compressed kernel, its time and output SNR against fp32 (calibration rows
+    when there is data, random input otherwise); an error says why not."""
+    try:
+        feed = ctx.calib_batches[0] if ctx is not None and ctx.calib_batches else \
+            get_runner(fp32).random_feed(1, seed=0)
+        rows = per_node_rows(emitted, feed, reference=fp32, runs=runs)
+    except UserError as exc:
+        return {"error": str(exc)}
+    return {"input": "calibration rows" if ctx is not None else "random input", "rows": [r.as_dict() for r in rows]}
 
 
 def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto,

@@ -98,6 +98,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _per_node_section(per_node: dict) -> str:
+    """What ONNX Runtime ran for each compressed kernel (see evaluate/per_node.py)."""
+    if "error" in per_node:
+        return f"<h2>What ONNX Runtime ran</h2><p>not measured: {html.escape(per_node['error'])}</p>"
+    if not per_node.get("rows"):
+        return ""
+    cols = ["kernel", "op_type", "executed", "ms", "fp32_ms", "snr_db", "slower_than_fp32", "note"]
+    return (f"<h2>What ONNX Runtime ran, per compressed kernel</h2><p>median kernel time from ORT's profile; "
+            f"SNR (dB) of the kernel's output against fp32 on {html.escape(per_node['input'])}</p>"
+            + _table(per_node["rows"], cols))
+
+
 def render_html(report: dict) -> str:
     """A standalone HTML page for `report` (the dict written to report.json)."""
     size, acc, lat = report["size"], report.get("accuracy"), report.get("latency", {})
@@ -123,4 +135,5 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 {_table(summary, ['figure', 'value'])}
 {plots}
 <h2>Per kernel</h2>{_table(report.get('kernels', []), cols)}
+{_per_node_section(report.get('per_node') or {})}
 <p>{html.escape(str(report.get('versions')))}</p></body></html>"""
