@@ -19,6 +19,7 @@ from hirelc_onnx.config import TARGETS, CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import check_fits, load_data
+from hirelc_onnx.evaluate.objective import METRIC_MODES
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
@@ -50,10 +51,15 @@ class CompressResult:
 
 def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any = None, target: str = "storage",
              seed: int = 0, out_dir: str | os.PathLike | None = None, latency_runs: int = 20,
-             progress: Callable[[int, int], None] | None = None, **options: Any) -> CompressResult:
+             progress: Callable[[int, int], None] | None = None, output_kind: str | dict | None = None,
+             metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     data: a --data spec or a Dataset; needed by every method that measures or calibrates.
+    output_kind: what the outputs hold, overriding their classification (evaluate/output_kinds.py):
+      one kind for all ("embedding") or per output ("name=kind,..." or a dict).
+    metric: a task metric `package.module:func(outputs, labels) -> float` the search optimises and
+      the report gives on the test split (higher is better; metric_mode "min" for a loss).
     options: the chosen method's own, each taken by the methods in its row of search/methods.py
     METHODS (a value of None counts as not given; one the method would ignore is a UserError):
       budget: true-bytes ratio such as '6x' (None: the method's own default choice); max_drop: largest
@@ -74,6 +80,13 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if data is None and chosen.needs_data:
         raise UserError(f"--method {method} needs --data (a .npz, an image folder, 'digits' or a plugin)")
+    if metric_mode not in METRIC_MODES:
+        raise UserError(f"--metric-mode must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
+    scoring = {"output_kind": output_kind, "metric": metric, "metric_mode": metric_mode}
+    for name, value in scoring.items():
+        if data is None and value not in (None, "max"):
+            raise UserError(f"--{name.replace('_', '-')} only matters with --data (it says how candidates are "
+                            "scored): give --data, or drop it")
     finetune = {name: given.pop(name) for name in sorted(FINETUNE_OPTIONS & set(given))}
     if finetune and data is None:
         raise UserError(f"{flag(next(iter(finetune)))} only matters with --data (it sets how each measured "
@@ -95,7 +108,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             check_reachable(bg, given["budget"], target)
         ctx = None
         if data is not None:
-            ctx = SearchContext(bg, split_dataset(_load_data(data, bg), seed), target, seed=seed, **finetune)
+            ctx = SearchContext(bg, split_dataset(_load_data(data, bg), seed), target, seed=seed, **finetune,
+                                **scoring)
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
         result = chosen.load()(bg, ctx, target, **given,

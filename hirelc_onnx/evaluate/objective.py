@@ -136,11 +136,11 @@ class Objective:
 
     def loss(self, outputs: Any, ref: Any, labels: Any) -> float:
         """A smooth figure to break ties between close scores, lower is better: cross-entropy on the
-        labelled output, else the worst output's proxy damage against fp32."""
+        labelled output, else the worst output's divergence from fp32 (KL for class scores)."""
         outs = self._check(outputs)
         if self.label_output is not None and labels is not None:
             return cross_entropy(outs[self.label_output], labels)
-        return self.proxy(outs, ref)[0]
+        return max((KINDS[k].loss or KINDS[k].damage)(o, r) for k, o, r in zip(self.kinds, outs, self._check(ref)))
 
     # --- helpers -------------------------------------------------------------------------------------
     def _check(self, outputs: Any) -> list[np.ndarray]:

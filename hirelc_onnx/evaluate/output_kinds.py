@@ -52,6 +52,8 @@ class OutputKind:
     damage_name: str
     damage: Compare
     """The proxy's damage against the fp32 output: 0.0 when identical, lower is better."""
+    loss: Compare | None = None
+    """A smooth divergence from fp32 that breaks ties between close scores (None: the damage)."""
     extras: Mapping[str, Compare] = field(default_factory=dict)
     """Further figures the report gives for outputs of this kind."""
 
@@ -64,15 +66,15 @@ class OutputKind:
 
 KINDS: dict[str, OutputKind] = {k.name: k for k in (
     OutputKind("class-scores", "class scores (N, C)", "top1_agreement", top1_agreement,
-               "normalised_logit_mse", logit_mse_proxy,
+               "normalised_logit_mse", logit_mse_proxy, kl_divergence,
                {"top5_containment": top5_containment, "kl_divergence": kl_divergence,
                 "cosine_similarity": cosine_similarity}),
     OutputKind("sequence-scores", "per-position class scores (N, T, C)", "per_position_agreement",
                per_position_agreement, "per_position_kl", per_position_kl),
     OutputKind("dense-map", "dense maps (N, C, H, W)", "cosine_similarity", cosine_similarity,
-               "normalised_mse", logit_mse_proxy, {"snr_db": snr_db}),
+               "normalised_mse", logit_mse_proxy, None, {"snr_db": snr_db}),
     OutputKind("embedding", "embeddings / regression", "cosine_similarity", cosine_similarity,
-               "normalised_mse", logit_mse_proxy, {"snr_db": snr_db}),
+               "normalised_mse", logit_mse_proxy, None, {"snr_db": snr_db}),
 )}
 KIND_NAMES = tuple(KINDS)
 

@@ -143,7 +143,7 @@ def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str) -> Meth
     if ctx is None:
         raise UserError("--method ort-int8 calibrates activations: give --data")
     model = quantize_activations(bg.model, ctx.calib_batches)
-    score = ctx.score(predict(model, ctx.splits.val.x), ctx.splits.val)
+    score = ctx.score_model(model, ctx.splits.val)
     ratio = bg.weight_bytes / max(initializer_nbytes(model), 1)
     return MethodResult(None, model, score, [{"kind": "real", "score": score, "ratio": ratio, "method": "ort-int8"}])
 

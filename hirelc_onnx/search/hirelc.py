@@ -43,6 +43,7 @@ import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.io import write_atomic
 from hirelc_onnx.search.agents import AgentSettings, Ensemble
@@ -313,7 +314,7 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
     obs = state.proxies[key] = _proxy(ctx, config)
     cost = ctx.cost(config)
     state.history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
-                          "score": ctx.fp32_val_score * obs.agreement, "agreement": obs.agreement,
+                          "score": expected_score(ctx.fp32_val_score, obs.agreement), "agreement": obs.agreement,
                           "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
                           "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= state.budget - 1e-9})
 

@@ -46,8 +46,6 @@ from onnx import numpy_helper
 from hirelc_onnx.apply import apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_agreement
-from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.baselines import MethodResult
@@ -262,12 +260,13 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     history: list[dict] = []
 
     def proxy(model: onnx.ModelProto) -> tuple[float, float]:
-        """(logit MSE, top-1 agreement) against the fp32 model on the cached proxy batch."""
-        logits = predict(model, ctx.proxy_x)
-        return logit_mse_proxy(logits, ctx.proxy_ref), top1_agreement(logits, ctx.proxy_ref)
+        """(damage, agreement) against the fp32 model on the cached proxy batch (logit MSE, top-1
+        agreement for class scores; see output_kinds for the other kinds)."""
+        p = ctx.proxy_of(model)
+        return p.logit_mse, p.agreement
 
     def val_score(model: onnx.ModelProto) -> float:
-        return ctx.score(predict(model, splits.val.x), splits.val)
+        return ctx.score_model(model, splits.val)
 
     # --- stage 1a: channel keep ratios, chosen by an agent rewarded on accuracy and FLOPs ---------
     policy = _Policy(np.zeros((len(prunable), len(s.keep_choices))), s.policy_lr, rng)
