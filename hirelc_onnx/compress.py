@@ -20,6 +20,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import check_fits, load_data
 from hirelc_onnx.evaluate.objective import METRIC_MODES
+from hirelc_onnx.evaluate.output_kinds import classify
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
@@ -82,6 +83,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise UserError(f"--method {method} needs --data (a .npz, an image folder, 'digits' or a plugin)")
     if metric_mode not in METRIC_MODES:
         raise UserError(f"--metric-mode must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
+    if metric_mode != "max" and metric is None:
+        raise UserError("--metric-mode only matters with --metric: give --metric, or drop it")
     scoring = {"output_kind": output_kind, "metric": metric, "metric_mode": metric_mode}
     for name, value in scoring.items():
         if data is None and value not in (None, "max"):
@@ -129,6 +132,8 @@ def _load_data(data: Any, bg: BlockGraph) -> Dataset:
     ds = data if isinstance(data, Dataset) else load_data(str(data), input_shape=tuple(shape))
     out_shape = bg.model.graph.output[0].type.tensor_type.shape.dim
     classes = out_shape[-1].dim_value if out_shape and out_shape[-1].HasField("dim_value") else None
+    if classify([d.dim_value if d.HasField("dim_value") else None for d in out_shape]) != "class-scores":
+        classes = None  # labels of other outputs are not class indices: they go to the metric only
     ds = check_fits(ds, shape, None, classes)
     if len(ds) < 8:
         raise UserError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")

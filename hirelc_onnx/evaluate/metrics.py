@@ -174,19 +174,16 @@ def per_position_kl(logits: np.ndarray, ref: np.ndarray) -> float:
     return float(max(0.0, (np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean()))
 
 
-SNR_CAP_DB = 300.0
-"""snr_db of identical outputs (no error energy): a finite figure a JSON report can hold."""
-
-
 def snr_db(outputs: np.ndarray, ref: np.ndarray) -> float:
-    """Signal-to-noise ratio 10 log10(sum ref^2 / sum (ref - out)^2) in dB, capped at SNR_CAP_DB."""
+    """Signal-to-noise ratio 20 log10(|ref| / |ref - out|) in dB, as ONNX Runtime's qdq_loss_debug
+    computes it (the formula `per_node` uses too); norms floored at float eps, so identical outputs
+    give a large finite figure."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
     a, b = _as_flat(outputs), _as_flat(ref)
     if a.shape != b.shape:
         raise DataError(f"outputs and reference outputs differ in shape: {a.shape} vs {b.shape}")
-    signal, noise = float((b ** 2).sum()), float(((a - b) ** 2).sum())
-    if noise <= signal * 10 ** (-SNR_CAP_DB / 10):
-        return SNR_CAP_DB
-    return float(10 * math.log10(max(signal, np.finfo(np.float64).tiny) / noise))
+    return float(compute_signal_to_quantization_noice_ratio(b, a))
 
 
 def load_metric(spec: str) -> MetricFn:

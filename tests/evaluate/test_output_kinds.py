@@ -7,7 +7,6 @@ from scipy.special import rel_entr, softmax
 
 from hirelc_onnx.errors import DataError, UserError
 from hirelc_onnx.evaluate.metrics import (
-    SNR_CAP_DB,
     cosine_similarity,
     per_position_agreement,
     per_position_kl,
@@ -82,7 +81,7 @@ def test_snr_and_cosine_by_hand():
     ref = np.array([[3.0, 4.0], [0.0, 2.0]])
     cand = np.array([[3.0, 3.0], [0.0, 2.0]])
     assert snr_db(cand, ref) == pytest.approx(10 * np.log10(29 / 1))
-    assert snr_db(ref, ref) == SNR_CAP_DB
+    assert snr_db(ref, ref) > 250  # no error: the eps floor, a finite figure a JSON report can hold
     cos0 = (9 + 12) / (5 * np.sqrt(18))
     assert cosine_similarity(cand, ref) == pytest.approx((cos0 + 1) / 2)
     maps = RNG.normal(size=(3, 2, 4, 4))
