@@ -79,6 +79,7 @@ def test_a_metric_plugin_drives_the_search_and_the_report(saved, tmp_path, metho
     assert len(split.val) in plugins.CALLS and len(test) in plugins.CALLS  # the search and the report used it
     real = [h for h in report["history"] if h.get("kind", "real") == "real" and "score" in h]
     assert real and all(0.0 <= h["score"] <= 1.0 for h in real)  # shown as error rates
+    assert "<td>class-scores</td>" in (out / "report.html").read_text()  # the report says what each output held
 
 
 @pytest.mark.parametrize("args, expect", [

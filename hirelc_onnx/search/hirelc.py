@@ -279,7 +279,8 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
     try:
         from hirelc_onnx.bridge.fisher import fisher_sensitivity
 
-        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed)
+        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed,
+                                    kind=ctx.objective.kinds[0], use_labels=ctx.objective.label_output == 0)
         return (_normalise(fisher.per_kernel), _normalise(fisher.per_block),
                 f"fisher ({settings.fisher_samples} samples)")
     except Exception as exc:  # noqa: BLE001 - any bridge failure means: use the probes

@@ -92,8 +92,11 @@ class MaskedProxy:
             sub.register_forward_hook(functools.partial(self._hook, i))
         with torch.no_grad():
             self.ref = _numpy_outputs(self.module(self.x))
-        self.objective = objective or Objective([o.name for o in bg.model.graph.output],
-                                                tuple(classify(None, r) for r in self.ref))
+        if objective is None:  # no run's objective: every output by its kind, labels given to it are class indices
+            kinds = tuple(classify(None, r) for r in self.ref)
+            objective = Objective(tuple(o.name for o in bg.model.graph.output), kinds,
+                                  0 if kinds[0] == "class-scores" else None)
+        self.objective = objective
 
     def _positions(self, cmap: ChannelMap, cols: list[int | None]) -> torch.Tensor | None:
         if self.masks is None or all(c is None for c in cols):

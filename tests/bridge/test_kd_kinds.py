@@ -89,3 +89,15 @@ def test_two_output_model_distils_both_and_trains_on_labels():
     strings = Dataset(s.finetune.x, np.array(["seven"] * len(s.finetune)), "strings")
     data = Distillation.from_teacher(model, strings, unlabelled)
     assert data.label_output is None  # labels that are not class indices go to the metric only
+
+
+def test_fisher_follows_the_output_kind():
+    """Per-position pseudo-labels for sequences (the digit labels are not theirs); no Fisher for embeddings."""
+    from hirelc_onnx.bridge.fisher import fisher_sensitivity
+
+    s = digits()
+    seq = fisher_sensitivity(build_block_graph(sequence_model()), s.calib, n_samples=8)
+    assert seq.loss == "self" and sum(seq.per_kernel.values()) == pytest.approx(1.0)
+    assert all(v > 0 for v in seq.raw.values())
+    with pytest.raises(BridgeError, match="needs class scores; the first output holds embedding"):
+        fisher_sensitivity(build_block_graph(embedding_model()), s.calib, n_samples=8)
