@@ -281,7 +281,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
         t0 = time.perf_counter()
         try:
             probe = masked_finetune(apply_pruning(bg, config), splits.finetune, splits.val, teacher,
-                                    epochs=s.probe_epochs, seed=seed)
+                                    epochs=s.probe_epochs, seed=seed, kinds=ctx.objective.kinds)
         except BridgeError as exc:
             raise UserError(f"--method two-stage needs the torch bridge for fine-tuning and masks: {exc}") from exc
         ctx.evaluations += 1
@@ -301,11 +301,11 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     # --- stage 1b: fine-tune, learn element-wise masks, fine-tune holding the zeros -----------------
     tuned = masked_finetune(apply_pruning(bg, pruned_config), splits.finetune, splits.val, teacher,
-                            epochs=s.finetune_epochs, seed=seed).model
+                            epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds).model
     masks = learn_masks(tuned, weights, splits.finetune, splits.val, teacher,
-                        MaskSettings(density=s.density, epochs=s.mask_epochs, seed=seed))
+                        MaskSettings(density=s.density, epochs=s.mask_epochs, seed=seed), kinds=ctx.objective.kinds)
     stage1 = masked_finetune(masks.model, splits.finetune, splits.val, teacher, sparse=weights,
-                             epochs=s.finetune_epochs, seed=seed)
+                             epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
     ctx.evaluations += 1
     stage1_model, stage1_sparse = _emit(bg, stage1.model, pruned_config)
     stage1_report = _stage_report(bg, ctx, stage1_model, pruned_config, val_score(stage1_model), stage1_sparse)
@@ -347,7 +347,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     # --- fine-tune with masks held and weights fake-quantized as stored; emit ----------------------
     specs = {k.weight: spec for n, k in bg.kernels.items() if (spec := weight_spec(k, final_config.get(n)))}
     qat = masked_finetune(stage1.model, splits.finetune, splits.val, teacher, sparse=weights, quant=specs,
-                          epochs=s.finetune_epochs, seed=seed)
+                          epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
     ctx.evaluations += 1
     model, stage2_sparse = _emit(bg, qat.model, final_config,
                                  ctx.calib_batches if target in ("ort-cpu", "qdq") else None)
