@@ -9,7 +9,8 @@ from hirelc_onnx.commands.compress import compress as compress_command
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
-GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json"}  # compress's own, every method
+GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",
+           "output_kind", "metric", "metric_mode"}  # compress's own, every method
 
 
 @pytest.mark.parametrize("name", list(METHODS))
