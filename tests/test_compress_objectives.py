@@ -54,7 +54,9 @@ def test_two_outputs_score_the_worst_relative_to_fp32(saved):
     relative_accuracy = top1_accuracy(ours[0], test.y) / top1_accuracy(ref[0], test.y)
     expected = min(relative_accuracy, cosine_similarity(ours[1], ref[1]))
     assert acc["compressed"] == pytest.approx(expected) and acc["metric"].startswith("worst of 2 outputs")
-    assert acc["outputs"][1]["snr_db"] > 0 and "accuracy" in acc["outputs"][0]
+    assert acc["outputs"][1]["snr_db"] > 0
+    assert acc["outputs"][0]["accuracy"] == pytest.approx(top1_accuracy(ours[0], test.y))
+    assert acc["outputs"][0]["fp32_accuracy"] == pytest.approx(top1_accuracy(ref[0], test.y))
 
 
 @pytest.mark.parametrize("method, options", [("uniform", ["--bits", "3"]),

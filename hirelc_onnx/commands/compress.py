@@ -33,9 +33,10 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
                   f"{-acc['drop_points']:+.2f} pts")
         outputs = acc.get("outputs") or []
         if len(outputs) > 1 or any(o["kind"] != "class-scores" for o in outputs):
-            for o in outputs:  # which kind each output was scored as, and its score against fp32
-                name = next(iter(k for k in o if k not in ("name", "kind", "shape")))
-                t.add_row(f"output {o['name']} ({o['kind']}): {name}", "1.0000", f"{o[name]:.4f}", "")
+            for o in outputs:  # which kind each output was scored as, and its score (accuracy, else against fp32)
+                name = "accuracy" if "accuracy" in o else next(k for k in o if k not in ("name", "kind", "shape"))
+                fp32 = o["fp32_accuracy"] if name == "accuracy" else 1.0
+                t.add_row(f"output {o['name']} ({o['kind']}): {name}", f"{fp32:.4f}", f"{o[name]:.4f}", "")
     for key, v in lat.items():
         if "speedup" in v:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",

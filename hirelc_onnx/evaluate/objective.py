@@ -123,7 +123,7 @@ class Objective:
             row: dict[str, Any] = {"name": name, "kind": kind, "shape": list(out.shape[1:])}
             row.update(KINDS[kind].fidelity(out, r))
             if i == self.label_output and labels is not None:
-                row["accuracy"] = top1_accuracy(out, labels)
+                row.update(accuracy=top1_accuracy(out, labels), fp32_accuracy=top1_accuracy(r, labels))
             rows.append(row)
         return rows
 
