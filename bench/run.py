@@ -24,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 
 log = logging.getLogger("bench")
 
@@ -131,6 +133,7 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 rows.append({"model": model_name, "method": method, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             rep = result.report
+            ov = openvino_agreement(result.model, data)
             acc = rep.get("accuracy") or {}
             lat = rep.get("latency", {})
             rows.append({
@@ -140,6 +143,7 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 "speedup_b1": lat.get("batch1", {}).get("speedup"), "speedup_b32": lat.get("batch32", {}).get("speedup"),
                 "evaluations": acc.get("evaluations"), "seconds": time.perf_counter() - t0,
                 "macs_fraction": rep["size"].get("macs_fraction"), "stages": rep["search"].get("stages"),
+                "openvino_agreement": ov,
             })
             print(_row_md(rows[-1]), flush=True)
     return rows
@@ -233,16 +237,37 @@ def run_pass_latency(models, runs: int) -> list[dict]:
     return rows
 
 
+def openvino_agreement(model, data) -> float | str | None:
+    """Top-1 agreement of OpenVINO's CPU plugin with ORT (the deployed session) on 256 rows of the
+    model's data: every model the bench emits must run in a second runtime. None without the extra."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    from hirelc_onnx.evaluate.data import load_digits
+    from hirelc_onnx.evaluate.runner import predict
+
+    x = (load_digits() if data == "digits" else data).x[:256]
+    try:
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU")
+        theirs = np.asarray(compiled({model.graph.input[0].name: x})[compiled.output(0)])
+    except Exception as exc:  # a model OpenVINO refuses is a finding of the bench, not its end
+        return f"refused: {' '.join(str(exc).split())[:80]}"
+    return float(np.mean(theirs.argmax(-1) == predict(model, x).argmax(-1)))
+
+
 def _fmt(v, spec=".3f"):
     return "" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def _row_md(r: dict) -> str:
     if "error" in r:
-        return f"| {r['model']} | {r['method']} | error: {r['error'][:80]} |||||||||"
+        return f"| {r['model']} | {r['method']} | error: {r['error'][:80]} ||||||||||"
     return (f"| {r['model']} | {r['method']} | {r['target']} | {_fmt(r['ratio'], '.2f')}x | {_fmt(r['file_ratio'], '.2f')}x "
             f"| {_fmt(r['score'], '.4f')} | {_fmt(r['drop_points'], '+.2f')} | {_fmt(r['speedup_b1'], '.2f')}x "
-            f"| {_fmt(r['speedup_b32'], '.2f')}x | {_fmt(r['evaluations'], 'd')} | {_fmt(r['seconds'], '.0f')} |")
+            f"| {_fmt(r['speedup_b32'], '.2f')}x | {_fmt(r['evaluations'], 'd')} | {_fmt(r['seconds'], '.0f')} "
+            f"| {_fmt(r.get('openvino_agreement'), '.3f')} |")
 
 
 def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: dict,
@@ -264,16 +289,18 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
         "Ratios: true stored bytes (fp32 weights / emitted initializers) and file size. Score: held-out top-1",
         "accuracy (digits) or top-1 agreement with fp32 (EfficientNet on photo crops), measured through ORT on",
         "the emitted model. Speedup: fp32 median latency / emitted median latency, timed interleaved.",
+        "OpenVINO: top-1 agreement of OpenVINO's CPU plugin with ORT on the same emitted model (256 rows).",
         "",
-        "| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds "
+        "| OpenVINO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp32_rows = {}
     for r in rows:
         if r.get("fp32") is not None and r["model"] not in fp32_rows:
             fp32_rows[r["model"]] = r["fp32"]
     for model, score in fp32_rows.items():
-        lines.append(f"| {model} | fp32 | - | 1.00x | 1.00x | {score:.4f} | +0.00 | 1.00x | 1.00x | - | - |")
+        lines.append(f"| {model} | fp32 | - | 1.00x | 1.00x | {score:.4f} | +0.00 | 1.00x | 1.00x | - | - | - |")
     lines += [_row_md(r) for r in rows]
     if pruning:
         lines += [""] + pruning_table(pruning, meta["pruning_spec"])
@@ -318,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluations = args.evaluations or (2 if args.quick else 4)
     finetune = args.finetune_seconds if args.finetune_seconds is not None else (2.0 if args.quick else 10.0)
     start = time.perf_counter()
-    print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds |")
+    print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds "
+          "| OpenVINO |")
     only = args.latency_only or args.pruning_only
     rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs)
     spec = QUICK_PRUNING if args.quick else PRUNING

@@ -2,7 +2,8 @@
 
 `fcntl.flock` on `.hirelc.lock` inside the folder: the kernel releases it when the holder exits or is
 killed, so a crashed run never leaves a stale lock to clean up. The file holds the holder's pid (for
-the refusal message) and is removed when the lock is released normally.
+the refusal message) and is removed when the lock is released normally. Once held, the folder is this
+run's alone, so the hidden temporaries a killed run left half-written (io.write_atomic) are removed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.io import remove_temporaries
 
 try:
     import fcntl
@@ -32,7 +34,8 @@ def hold_out_dir(out_dir: str | os.PathLike) -> Iterator[None]:
     """Hold `out_dir` (created if missing) for the block; OutDirInUseError if another process holds it.
 
     A folder this call created and that is still empty afterwards is removed again, so a run that
-    fails before writing anything leaves nothing behind.
+    fails before writing anything leaves nothing behind. Temporaries of killed writers are removed
+    once the lock is held.
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
@@ -42,6 +45,8 @@ def hold_out_dir(out_dir: str | os.PathLike) -> Iterator[None]:
     except OSError as exc:
         raise UserError(f"cannot use --out {out_dir}: {exc.strerror or exc}") from None
     try:
+        if fd is not None:
+            remove_temporaries(out_dir)
         yield
     finally:
         if fd is not None:

@@ -15,18 +15,20 @@ import pytest
 def reference_models() -> Callable[[str], Path]:
     """`get(name) -> Path` of a trained, exported reference model, built at most once.
 
-    Names: "resnet20", "vgg", "mobilenetv2", "vit" (digits, 1x8x8 input) and "efficientnet_lite0"
-    (ImageNet, 3x224x224). Models live in the on-disk cache ($HIRELC_CACHE or <repo>/.cache), whose
-    file lock makes concurrent pytest-xdist workers wait for one build instead of racing.
+    Names: "resnet20", "vgg", "mobilenetv2", "vit" (digits, 1x8x8 input), "efficientnet_lite0"
+    (ImageNet, 3x224x224), "minilm_l6" (sentence embeddings; inputs input_ids, attention_mask) and
+    "text_recognizer" (CTC, 1x32x160 lines -> (40, 37) scores). Models live in the on-disk cache
+    ($HIRELC_CACHE or <repo>/.cache), whose file lock makes concurrent pytest-xdist workers wait
+    for one build instead of racing.
     Treat the returned file as read-only: copy it before rewriting.
     """
-    from examples.reference_models import build_reference_model, efficientnet_lite0
+    from examples.reference_models import reference_model_path
 
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = efficientnet_lite0() if name == "efficientnet_lite0" else build_reference_model(name)
+            built[name] = reference_model_path(name)
         return built[name]
 
     return get

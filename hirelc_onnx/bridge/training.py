@@ -55,6 +55,7 @@ from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.objective import class_labels
 from hirelc_onnx.evaluate.output_kinds import KIND_NAMES, classify
 from hirelc_onnx.evaluate.runner import ModelLike, predict_outputs
+from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", "Validation", "validate",
            "Distillation", "TrainSettings", "TrainResult", "optimizer_factory", "distil"]
@@ -361,6 +362,8 @@ def distil(module: nn.Module, make_optimizer: OptimizerFactory, data: Distillati
                     group["lr"] = peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / (horizon * steps))))
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
             loss = step_on(idx, opt)
+            if step == 0:
+                kill_point("finetune")  # kill-and-resume tests: die mid-training
             if after_step is not None:
                 after_step(step)
             step += 1

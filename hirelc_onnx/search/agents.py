@@ -9,12 +9,22 @@ Voting rules (`vote`), per action dimension:
                    (highest probability on its own choice) among those in the tie
   majority-reward  the same, ties going to the member with the best recent episode return
   soft             the value with the highest summed probability over members
+
+Replay: a round's learning depends only on the members' weights, optimizer states and step
+counters (`Ensemble.state_dict`, saved between rounds by HiReLC) and on the global random streams
+stable-baselines3 draws from (torch's for actions, numpy's for minibatches), which the caller seeds
+per round (`seeded_streams`); every `learn` starts fresh episodes from the problem's current config.
+So a search resumed from a saved round boundary learns exactly what the uninterrupted one did.
 """
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -27,7 +37,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from hirelc_onnx.bridge.convert import torch_threads  # onnx2torch itself is imported only on conversion
 from hirelc_onnx.search.envs import RewardWeights
 
-__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble"]
+__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble", "seeded_streams",
+           "save_ensembles", "load_ensembles"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +123,26 @@ class Member:
             dist = policy.get_distribution(tensor)
         return [c.probs[0].cpu().numpy() for c in dist.distribution]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the member's next `learn` and vote depend on: weights, optimizer state, counters, recent returns."""
+        m = self.model
+        return {"kind": self.kind, "policy": m.policy.state_dict(), "optimizer": m.policy.optimizer.state_dict(),
+                "num_timesteps": int(m.num_timesteps), "n_updates": int(m._n_updates),
+                "episode_returns": [[float(r) for r in env.get_episode_rewards()[-RECENT_EPISODES:]]
+                                    for env in self.envs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s result (a member of the same kind and shapes)."""
+        if state["kind"] != self.kind or len(state["episode_returns"]) != len(self.envs):
+            raise ValueError(f"saved member {state['kind']!r} with {len(state['episode_returns'])} environments "
+                             f"does not fit {self.kind!r} with {len(self.envs)}")
+        m = self.model
+        m.policy.load_state_dict(state["policy"])
+        m.policy.optimizer.load_state_dict(state["optimizer"])
+        m.num_timesteps, m._n_updates = state["num_timesteps"], state["n_updates"]
+        for env, returns in zip(self.envs, state["episode_returns"]):
+            env.episode_returns = list(returns)
+
 
 class Ensemble:
     """`size` members built from `kinds` (cycled), each on `make_env(weights)`; `act` votes."""
@@ -131,12 +162,13 @@ class Ensemble:
         self.base_weights = base_weights
         self.eval_env = make_env(base_weights)
         self.members: list[Member] = []
-        for i in range(size):
-            kind = kinds[i % len(kinds)]
-            algo, factors = MEMBER_KINDS[kind]
-            weights = base_weights.scaled(**factors)
-            envs = [Monitor(make_env(weights)) for _ in range(settings.n_envs)]
-            self.members.append(Member(kind, self._model(algo, envs, seed + i), envs))
+        with torch_threads(settings.threads):  # tiny nets: more threads only contend (4.7 s vs 0.09 s, loaded)
+            for i in range(size):
+                kind = kinds[i % len(kinds)]
+                algo, factors = MEMBER_KINDS[kind]
+                weights = base_weights.scaled(**factors)
+                envs = [Monitor(make_env(weights)) for _ in range(settings.n_envs)]
+                self.members.append(Member(kind, self._model(algo, envs, seed + i), envs))
 
     def _model(self, algo: type[BaseAlgorithm], envs: list[gym.Env], seed: int) -> BaseAlgorithm:
         s = self.settings
@@ -148,9 +180,14 @@ class Ensemble:
         return algo("MlpPolicy", venv, **common)
 
     def learn(self, steps: int) -> None:
-        """Continue every member's training for `steps` environment steps (learning carries over rounds)."""
+        """Continue every member's training for `steps` environment steps (learning carries over rounds).
+
+        Each call starts fresh episodes from the problem's current config: an episode left open by
+        the previous call refined a config the round boundary has since replaced.
+        """
         with torch_threads(self.settings.threads):
             for m in self.members:
+                m.model._last_obs = None  # stable-baselines3 resets the environments when it has no observation
                 m.model.learn(total_timesteps=steps, reset_num_timesteps=False)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -170,3 +207,57 @@ class Ensemble:
     def recent_returns(self) -> dict[str, float]:
         """Each member's recent mean return, keyed "index:kind" (for logs and reports)."""
         return {f"{i}:{m.kind}": m.recent_return() for i, m in enumerate(self.members)}
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Every member's `Member.state_dict`."""
+        return [m.state_dict() for m in self.members]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        if len(state) != len(self.members):
+            raise ValueError(f"saved ensemble has {len(state)} members, this one {len(self.members)}")
+        for member, saved in zip(self.members, state):
+            member.load_state_dict(saved)
+
+
+def save_ensembles(ensembles: Sequence[Ensemble]) -> bytes:
+    """The ensembles' states as one torch file's bytes (tensors and plain values only)."""
+    buffer = io.BytesIO()
+    torch.save([e.state_dict() for e in ensembles], buffer)
+    return buffer.getvalue()
+
+
+def load_ensembles(data: bytes, ensembles: Sequence[Ensemble]) -> None:
+    """Restore `save_ensembles`'s bytes into ensembles built alike (same order, kinds and shapes).
+
+    Read with `weights_only=True`: tensors and plain containers only, never pickled code.
+    ValueError when the saved states do not fit.
+    """
+    try:
+        saved = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises assorted types on a damaged file
+        raise ValueError(f"unreadable ensemble state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, list) or len(saved) != len(ensembles):
+        raise ValueError(f"saved state holds {len(saved) if isinstance(saved, list) else '?'} ensembles, "
+                         f"this search {len(ensembles)}")
+    for ensemble, state in zip(ensembles, saved):
+        try:
+            ensemble.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as exc:  # torch: RuntimeError on a shape mismatch
+            raise ValueError(f"saved ensemble state does not fit ({type(exc).__name__}: {exc})") from None
+
+
+@contextmanager
+def seeded_streams(entropy: Sequence[int]) -> Iterator[None]:
+    """Seed the global random streams stable-baselines3 draws from (python, numpy, torch) from `entropy`
+    for the block, and put back the caller's states afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seeds = np.random.SeedSequence(list(entropy)).generate_state(3, np.uint32)
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]))
+    torch.manual_seed(int(seeds[2]))
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])

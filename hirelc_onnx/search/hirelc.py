@@ -24,8 +24,15 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       the voted config; already measured? The best unmeasured pool config by
                       surrogate mean + kappa * spread (active learning) is measured instead
   6. state            the loop's memory (`hirelc_state.HiReLCState`: round, probes, measurements,
-                      proxy results, working config, levels) is written atomically as JSON, so
-                      `resume=True` continues with the next round
+                      proxy results, working config, levels, the estimator's calibration, the
+                      fine-tuning rate, the ensembles' weights and optimizer states) is written
+                      atomically, so `resume=True` continues with the next round
+
+Resuming replays: everything a round depends on is either in the state or derived from
+(seed, round) -- the round's numpy Generator and the global streams the RL learners draw from
+(`agents.seeded_streams`) -- so a run killed at any point and resumed emits the model the
+uninterrupted run emits, byte for byte, when fine-tuning is bounded by epochs (`finetune_epochs`;
+a clock-bounded fine-tune is not repeatable even uninterrupted).
 
 The result is the best REAL measurement that meets the budget (and `max_drop` when given);
 the surrogate and the proxy shape rewards only.
@@ -45,14 +52,14 @@ from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.io import write_atomic
-from hirelc_onnx.search.agents import AgentSettings, Ensemble
+from hirelc_onnx.kill_points import kill_point
+from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
 from hirelc_onnx.search.features import WeightPerturbation, config_key
-from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint, best_model_path
+from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
 
 __all__ = ["HiReLCSettings", "run_hirelc"]
@@ -156,6 +163,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
+        estimator.load_state(state.estimator)
+        if ctx.finetune_lr is None:  # later fine-tunes start from the rate the first one settled on
+            ctx.finetune_lr = state.finetune_lr
 
     # --- the ensembles: one for the block levels, one per block ----------------------------------
     ensemble = dict(size=settings.ensemble_size, kinds=settings.member_kinds, voting=settings.voting,
@@ -164,6 +174,12 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                     seed=_agent_seed(seed), **ensemble)
     low = [Ensemble(lambda w, b=b: BlockEnv(problem, b, w, settings.episode_steps), settings.reward,
                     seed=_agent_seed(seed, b), **ensemble) for b in range(len(bg.blocks))]
+    if state.agents is not None:  # what they learnt in the rounds done
+        try:
+            load_ensembles(state.agents, [high, *low])
+        except ValueError as exc:
+            raise UserError(f"cannot resume from {state_path}: the saved agents do not fit this search's settings "
+                            f"({exc}); delete it (or drop --resume) to start afresh") from None
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
     measured = {p.key for p in state.real}
@@ -183,22 +199,25 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
             accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real])
             problem.begin_round()
-            # 2. high level: budget levels per block, voted by the ensemble, shifted by sensitivity;
-            #    adopted when they beat the current levels on the base-weights reward
-            high.learn(settings.high_steps)
-            levels = high.rollout().levels
-            adopted = {"levels": bool(problem.level_reward(levels) >= problem.level_reward(problem.block_levels))}
-            if adopted["levels"]:
-                problem.set_levels(levels)
-            # 3. low level: each block's ensemble refines its kernels under its level (adopted likewise)
-            adopted["blocks"] = []
-            for b, ens in enumerate(low):
-                ens.learn(settings.low_steps)
-                kernels = ens.rollout().kernels
-                before = {n: problem.current[n] for n in kernels}
-                if problem.block_reward(b, kernels) >= problem.block_reward(b, before):
-                    problem.current.update(kernels)
-                    adopted["blocks"].append(b)
+            # the RL learners' random draws come from streams seeded by (seed, round): replayable on resume
+            with seeded_streams([seed, rnd]):
+                # 2. high level: budget levels per block, voted by the ensemble, shifted by sensitivity;
+                #    adopted when they beat the current levels on the base-weights reward
+                high.learn(settings.high_steps)
+                kill_point("rl")  # kill-and-resume tests: die mid-round
+                levels = high.rollout().levels
+                adopted = {"levels": bool(problem.level_reward(levels) >= problem.level_reward(problem.block_levels))}
+                if adopted["levels"]:
+                    problem.set_levels(levels)
+                # 3. low level: each block's ensemble refines its kernels under its level (adopted likewise)
+                adopted["blocks"] = []
+                for b, ens in enumerate(low):
+                    ens.learn(settings.low_steps)
+                    kernels = ens.rollout().kernels
+                    before = {n: problem.current[n] for n in kernels}
+                    if problem.block_reward(b, kernels) >= problem.block_reward(b, before):
+                        problem.current.update(kernels)
+                        adopted["blocks"].append(b)
             timing["rl"] = time.perf_counter() - round_start
         voted = problem.config(problem.current)
         # 4. proxy check of the voted config and the best of the pool (cached by config hash)
@@ -215,7 +234,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         timing["measure"] = m.seconds
         point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
                           predicted)
-        _keep_best(point, m, state.real, threshold, state_path)
+        _keep_best(point, m, state.real, threshold)
         state.real.append(point)
         measured.add(point.key)
         state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
@@ -228,7 +247,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                  state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
         # 6. state: everything needed to continue with the next round
         state.current, state.levels = problem.config(problem.current), problem.block_levels.tolist()
+        state.estimator, state.finetune_lr = estimator.state(), ctx.finetune_lr
         if state_path is not None:
+            state.agents = save_ensembles([high, *low])
             state.save(state_path, accuracy.features)
         if progress:
             progress(state.next_round, evaluations)
@@ -350,17 +371,14 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     return "random", fit(random_config(bg, problem.target, rng))
 
 
-def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None,
-               state_path: Path | None) -> None:
-    """Hold the emitted model of the best measurement only (and save it next to the state)."""
+def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None) -> None:
+    """Hold the emitted model of the best measurement only (the state saves it beside itself)."""
     current = _best(real, threshold) if real else None
     if current is not None and _rank(current, threshold) >= _rank(point, threshold):
         return
     for p in real:
         p.model = None
     point.model = m.model
-    if state_path is not None:
-        write_atomic(best_model_path(state_path), m.model.SerializeToString())
 
 
 def _rank(p: RealPoint, threshold: float | None) -> tuple:
@@ -383,4 +401,5 @@ def _rng_record(seed: int, blocks: int) -> dict[str, Any]:
     """How the loop seeds its random streams, as the state records it."""
     return {"seed": seed, "high_agents": _agent_seed(seed),
             "block_agents": [_agent_seed(seed, b) for b in range(blocks)],
-            "member_offset": "+ member index", "round_stream": "numpy.random.default_rng([seed, round])"}
+            "member_offset": "+ member index", "round_stream": "numpy.random.default_rng([seed, round])",
+            "learner_streams": "agents.seeded_streams([seed, round]) around each round's RL"}

@@ -1,13 +1,22 @@
 """HiReLC's memory between rounds (`HiReLCState`): what `run_hirelc` has learnt so far, saved after every
-round so that `resume=True` continues with the next one.
+round so that `resume=True` continues with the next one exactly as the uninterrupted run would have.
 
-On disk it is one JSON document, written atomically, beside the emitted model of the best
-measurement (`<state>.best.onnx`), so a resumed run need not measure that one again. A state only
-resumes the run it was written for: same kernels, budget, target and seed, same STATE_VERSION.
+On disk it is one JSON document and two companion files, each written atomically:
+  <state>.json            rounds done, probes, proxy results, measurements, history, working config
+                          and levels, the proxy estimator's calibration, the fine-tuning learning rate
+  <state>.agents.r<N>.pt  the ensembles' weights, optimizer states and counters after round N
+                          (agents.save_ensembles; read back with torch's weights_only loader)
+  <state>.best.r<N>.onnx  the emitted model of the best measurement (made in round N), so a resumed
+                          run need not measure it again
+The companions are written first, under names no earlier round used, then the JSON that names them
+(the commit point), then older companions are removed: a run killed at any instant leaves a JSON
+whose companions exist and belong to it. A state only resumes the run it was written for: same
+kernels, budget, target and seed, same STATE_VERSION.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,14 +29,16 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.graph.loader import load_model
-from hirelc_onnx.io import write_json
+from hirelc_onnx.io import write_atomic, write_json
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
 from hirelc_onnx.search.surrogate import ProxyObservation
 
-__all__ = ["STATE_VERSION", "PROBE", "RealPoint", "HiReLCState", "best_model_path"]
+__all__ = ["STATE_VERSION", "PROBE", "RealPoint", "HiReLCState", "best_model_path", "agents_path"]
 
-STATE_VERSION = 2  # 2: probes at 4 bits
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 3  # 2: probes at 4 bits; 3: ensembles, estimator and fine-tuning rate saved (resume replays)
 # The single-kernel proxy probe. 4 bits, not 2: at 2 bits the most sensitive kernels saturate the
 # logits (EfficientNet-Lite0: their 2-bit / 4-bit damage ratio is 2-8, against 20-100 for the rest),
 # which flattens the very differences the estimator needs; 4 bits is also where the decisions lie.
@@ -67,8 +78,8 @@ class HiReLCState:
     """Everything `run_hirelc` carries from one round to the next.
 
     The first four fields say whose state it is; `rng` records how the loop seeds its random
-    streams (for inspection, never read back). The working config and block levels are None until
-    the first round is saved.
+    streams (for inspection, never read back). The working config, block levels, estimator
+    calibration and agents are None until the first round is saved.
     """
 
     kernels: list[str]
@@ -91,14 +102,29 @@ class HiReLCState:
     """The working config the agents refine (SearchProblem.current)."""
     levels: list[int] | None = None
     """The budget level of each block (SearchProblem.block_levels)."""
+    estimator: dict[str, float] | None = None
+    """The proxy estimator's calibration (ProxyEstimator.state()): each round's refit starts from it."""
+    finetune_lr: float | None = None
+    """The learning rate the first fine-tune settled on (SearchContext.finetune_lr): later ones start there."""
+    agents: bytes | None = field(default=None, repr=False)
+    """The ensembles' learning so far (agents.save_ensembles), kept in the `agents_path` companion."""
 
     def save(self, path: Path, features: Callable[[CompressionConfig, ModelCost], np.ndarray]) -> None:
-        """Write the state as one JSON document, atomically.
+        """Write the companions, then the JSON document naming them, then remove older companions.
 
         features: the surrogate's feature function. Its training rows are kept too (features as
         computed at save time), for inspection; on resume the surrogate is retrained from the
         measurements' configs, since the features depend on the estimator's calibration.
         """
+        best = next((p for p in self.real if p.model is not None), None)
+        best_file = None if best is None else best_model_path(path, best.round)
+        # the best made this round is written (a killed attempt at this round may have left another);
+        # an older best is already on disk unless its file was lost
+        if best is not None and (best.round >= self.next_round - 1 or not best_file.exists()):
+            write_atomic(best_file, best.model.SerializeToString())
+        agents_file = None if self.agents is None else agents_path(path, self.next_round)
+        if agents_file is not None:
+            write_atomic(agents_file, self.agents)
         data = {
             **_identity(self.kernels, self.budget, self.target, self.seed),
             "next_round": self.next_round,
@@ -116,10 +142,14 @@ class HiReLCState:
             "sensitivity": {"source": self.sensitivity_source, "kernel": self.kernel_sensitivity,
                             "block": {str(b): s for b, s in self.block_sensitivity.items()}},
             "round_seconds": self.round_seconds,
-            "best_model": {"key": next((p.key for p in self.real if p.model is not None), None),
-                           "path": best_model_path(path).name},
+            "estimator": self.estimator,
+            "finetune_lr": self.finetune_lr,
+            "best_model": {"key": None if best is None else best.key,
+                           "path": None if best_file is None else best_file.name},
+            "agents": None if agents_file is None else agents_file.name,
         }
         write_json(path, data, indent=1)
+        _remove_companions(path, keep={best_file, agents_file})
 
     @classmethod
     def load(cls, path: Path | None, bg: BlockGraph, budget: float, target: str, seed: int,
@@ -141,7 +171,14 @@ class HiReLCState:
                 raise UserError(f"cannot resume from {path}: it was written for {key}={data.get(key)!r}, this run "
                                 f"has {value!r}; delete it (or drop --resume) to start afresh")
         state = cls.from_json(data, ctx.cost)
-        state.restore_best_model(path, data["best_model"]["key"])
+        state.restore_best_model(path, data["best_model"])
+        if data["agents"] is not None:
+            agents_file = path.with_name(data["agents"])
+            if agents_file.is_file():
+                state.agents = agents_file.read_bytes()
+            else:
+                log.warning("the ensembles' saved state %s is missing: they start afresh, so this resumed run "
+                            "will differ from an uninterrupted one", agents_file)
         return state
 
     @classmethod
@@ -162,13 +199,18 @@ class HiReLCState:
             real=[RealPoint.from_json(r, cost) for r in data["measurements"]],
             history=data["history"], round_seconds=data["round_seconds"],
             current=None if data["current"] is None else CompressionConfig.from_dict(data["current"]),
-            levels=data["levels"])
+            levels=data["levels"], estimator=data["estimator"], finetune_lr=data["finetune_lr"])
 
-    def restore_best_model(self, path: Path, key: str | None) -> None:
-        """Reattach the saved emitted model of the best measurement, so a resumed run need not re-measure it."""
-        model_path = best_model_path(path)
+    def restore_best_model(self, path: Path, best: dict[str, str | None]) -> None:
+        """Reattach the saved emitted model of the best measurement, so a resumed run need not re-measure it.
+
+        best: the document's "best_model" entry (the measurement's key, the companion's file name).
+        """
+        if best["path"] is None:
+            return
+        model_path = path.with_name(best["path"])
         for p in self.real:
-            if p.key == key and model_path.exists():
+            if p.key == best["key"] and model_path.is_file():
                 p.model = load_model(model_path, check=False)
 
 
@@ -178,6 +220,19 @@ def _identity(kernels: list[str], budget: float, target: str, seed: int) -> dict
             "seed": seed}
 
 
-def best_model_path(state_path: Path) -> Path:
-    """Where the emitted model of the best measurement is kept, beside the state."""
-    return state_path.with_name(state_path.stem + ".best.onnx")
+def best_model_path(state_path: Path, round_: int) -> Path:
+    """Where the emitted model of the best measurement, made in round `round_`, is kept beside the state."""
+    return state_path.with_name(f"{state_path.stem}.best.r{round_}.onnx")
+
+
+def agents_path(state_path: Path, next_round: int) -> Path:
+    """Where the ensembles' state is kept once round `next_round - 1` is done, beside the state."""
+    return state_path.with_name(f"{state_path.stem}.agents.r{next_round}.pt")
+
+
+def _remove_companions(state_path: Path, keep: set[Path | None]) -> None:
+    """Remove the companion files of earlier saves (those the document just written does not name)."""
+    for pattern in (f"{state_path.stem}.best.r*.onnx", f"{state_path.stem}.agents.r*.pt"):
+        for old in state_path.parent.glob(pattern):
+            if old not in keep:
+                old.unlink(missing_ok=True)

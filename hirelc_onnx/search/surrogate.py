@@ -125,7 +125,12 @@ class ProxyEstimator:
         self.decay = _fit_decay(observations, self.decay)
 
     def state(self) -> dict:
+        """The calibration (what `calibrate` refits and starts its next fit from)."""
         return {"scale_q": self.scale_q, "scale_p": self.scale_p, "decay": self.decay}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a calibration `state()` returned."""
+        self.scale_q, self.scale_p, self.decay = float(state["scale_q"]), float(state["scale_p"]), float(state["decay"])
 
 
 def _fit_decay(observations: list[ProxyObservation], default: float) -> float:

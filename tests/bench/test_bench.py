@@ -20,6 +20,8 @@ def test_quick_bench_writes_table(tmp_path, reference_models):
     rows = {r["method"]: r for r in data["rows"]}
     assert rows["uniform4"]["ratio"] > 7.0  # 4-bit weights, measured on the emitted model
     assert abs(rows["ort-int8"]["drop_points"]) <= 0.5
+    # every emitted model runs in OpenVINO too, agreeing with ORT
+    assert all(isinstance(r["openvino_agreement"], float) and r["openvino_agreement"] >= 0.99 for r in data["rows"])
     assert {r["batch"] for r in data["latency"]} == {1, 32}
     for r in data["latency"]:  # speedups are the ratios of the medians the same row measured
         assert r["pruned_speedup"] == pytest.approx(r["fp32_ms"] / r["pruned50_ms"])

@@ -151,3 +151,17 @@ def test_objective_metric_plugin_and_min_mode(monkeypatch):
 def test_expected_score_moves_the_right_way():
     assert expected_score(0.9, 0.5) == pytest.approx(0.45)
     assert expected_score(-2.0, 0.5) == pytest.approx(-3.0)  # a loss grows as agreement falls
+
+
+def test_the_ctc_plugin_is_an_objective_with_string_labels():
+    """examples/ctc_metric.py through the Objective: string labels go to the metric, not to accuracy."""
+    from examples.text_lines import ALPHABET
+
+    a = ALPHABET.index("a") + 1
+    ref = np.zeros((3, 4, len(ALPHABET) + 1))
+    ref[:, [0, 2], a] = 3.0  # "a", blank, "a", blank at every line: decodes "aa"
+    ref[:, [1, 3], 0] = 3.0
+    obj = Objective.build(["scores"], [None], ref, np.array(["aa"] * 3), metric="examples.ctc_metric:char_accuracy")
+    assert obj.kinds == ("sequence-scores",) and obj.label_output is None
+    assert obj.score(ref, ref, np.array(["aa"] * 3)) == 1.0
+    assert obj.score(ref, ref, np.array(["ab"] * 3)) == pytest.approx(0.5)  # one substitution in two characters

@@ -1,5 +1,6 @@
-"""Ensembles and voting: each rule on hand-made distributions, and an ensemble that must beat random
-actions on a toy environment whose optimum is known."""
+"""Ensembles and voting: each rule on hand-made distributions, an ensemble that must beat random
+actions on a toy environment whose optimum is known, and an ensemble restored from its saved state
+that learns on exactly as the original does (what a resumed HiReLC search relies on)."""
 from __future__ import annotations
 
 import gymnasium as gym
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_checker import check_env
 
-from hirelc_onnx.search.agents import AgentSettings, Ensemble, vote
+import torch
+
+from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams, vote
 from hirelc_onnx.search.envs import RewardWeights
 
 TARGET = np.array([3, 0, 4, 1])
@@ -101,3 +104,58 @@ def test_ensemble_beats_random_actions_on_toy_env():
     assert voted_reward > random_reward + 3.0  # random: about -6.8; the optimum is 0
     assert voted_reward >= -1.0  # at most one coordinate off by one
     assert all(np.isfinite(r) for r in ens.recent_returns().values())
+
+
+def _weights(ens: Ensemble) -> list[torch.Tensor]:
+    return [t.clone() for m in ens.members for t in m.model.policy.state_dict().values()]
+
+
+def test_a_restored_ensemble_learns_on_exactly_like_the_original():
+    settings = AgentSettings(n_envs=2, n_steps=4)
+    kinds = ("ppo", "a2c")  # both learners (Adam and RMSprop states)
+    original = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=kinds, seed=3, settings=settings)
+    with seeded_streams([3, 0]):
+        original.learn(16)
+    saved = save_ensembles([original])
+    # a fresh process would build the ensemble anew (other seed: nothing may come from construction)
+    restored = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=kinds, seed=99, settings=settings)
+    load_ensembles(saved, [restored])
+    assert restored.recent_returns() == original.recent_returns()
+    for ens in (original, restored):
+        with seeded_streams([3, 1]):
+            ens.learn(16)
+    before = _weights(original)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(restored)))
+    with seeded_streams([3, 2]):  # and the round's stream matters: another one learns otherwise
+        original.learn(16)
+    with seeded_streams([3, 5]):
+        restored.learn(16)
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(original), _weights(restored)))
+
+
+def test_seeded_streams_give_back_the_callers_states():
+    torch.manual_seed(1)
+    np.random.seed(1)
+    expected = torch.rand(1), np.random.rand()
+    torch.manual_seed(1)
+    np.random.seed(1)
+    with seeded_streams([7, 0]):
+        inside = torch.rand(1), np.random.rand()
+    assert (torch.rand(1), np.random.rand()) == expected
+    with seeded_streams([7, 0]):
+        assert (torch.rand(1), np.random.rand()) == inside
+
+
+def test_load_ensembles_refuses_a_state_that_does_not_fit():
+    ens = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=("ppo", "a2c"), settings=AgentSettings(n_envs=2))
+    other = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=("a2c", "ppo"), settings=AgentSettings(n_envs=2))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_ensembles(save_ensembles([ens]), [other])
+    with pytest.raises(ValueError, match="ensembles"):
+        load_ensembles(save_ensembles([ens]), [ens, other])
+    wider = Ensemble(TargetEnv, RewardWeights(), size=2, kinds=("ppo", "a2c"),
+                     settings=AgentSettings(n_envs=2, net_arch=(8,)))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_ensembles(save_ensembles([ens]), [wider])
+    with pytest.raises(ValueError, match="unreadable"):
+        load_ensembles(b"not a torch file", [ens])

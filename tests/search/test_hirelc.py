@@ -1,6 +1,6 @@
 """The HiReLC loop on the ResNet-20 digits reference: the budget is met in true bytes, every real
 evaluation is in the history, the time limit and max_drop are honoured, and a resumed search continues
-where the state says without measuring anything twice."""
+where the state says without measuring anything twice, replaying what the uninterrupted search does."""
 from __future__ import annotations
 
 import json
@@ -84,7 +84,7 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     first = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, state_path=state_path, **TINY)
     state = json.loads(state_path.read_text())
     assert state["next_round"] == 1 and len(state["measurements"]) == 1
-    assert (tmp_path / "search_state.best.onnx").exists()
+    assert (tmp_path / "search_state.best.r0.onnx").exists() and (tmp_path / "search_state.agents.r1.pt").exists()
     measured_before = ctx.evaluations
     probes = []
     proxy = ctx.proxy
@@ -103,6 +103,16 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     keys = [m["key"] for m in state["measurements"]]
     assert len(set(keys)) == 3  # nothing measured twice
     assert config_key(resumed.config) in keys
+    # a replay: the rounds after the resume chose, predicted and measured what an uninterrupted run does
+    whole = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, **TINY)
+    assert _rounds(resumed) == _rounds(whole)
+    assert resumed.config == whole.config and resumed.model.SerializeToString() == whole.model.SerializeToString()
+
+
+def _rounds(result) -> list[tuple]:
+    """Each real evaluation as the search saw it, timings aside."""
+    return [(h["round"], h["source"], h["score"], h["ratio"], h["predicted"], h["levels"], h["adopted"])
+            for h in result.history if h["kind"] == "real"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,34 @@
+"""Named points where the kill-and-resume tests make a run die (`SIGKILL`, as a crash or an OOM kill would).
+
+Off unless the environment sets `HIRELC_TEST_KILL_AT=<point>` or `<point>#<n>`: the process kills
+itself the n-th time (default: the first) it reaches that point. The points:
+
+  rl                 a HiReLC round's RL, between the high level's and the low level's learning
+  finetune           a fine-tune, after its first training step
+  write:<file name>  `io.write_atomic`, halfway through writing that file's temporary copy
+
+A point costs one dictionary lookup when the variable is unset. Used by tests/test_resume.py only.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["ENV_VAR", "kill_point"]
+
+ENV_VAR = "HIRELC_TEST_KILL_AT"
+
+_reached: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Die here (SIGKILL, no cleanup) when HIRELC_TEST_KILL_AT names this point and this is its n-th visit."""
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return
+    point, _, nth = spec.partition("#")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == (int(nth) if nth else 1):
+        os.kill(os.getpid(), signal.SIGKILL)

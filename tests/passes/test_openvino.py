@@ -1,0 +1,84 @@
+"""Every weight encoding we emit loads in OpenVINO and computes what ONNX Runtime computes.
+
+"Quantized ONNX for edge runtimes" means more than ORT: sub-4-bit integers are packed into uint8
+and unpacked in-graph, INT4 uses opset 21, qdq and ort-cpu use plain Q/DQ. OpenVINO (an optional
+test dependency, the `openvino` extra) is the second runtime these tests hold each encoding to.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from hirelc_onnx.apply import apply_config
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.evaluate.data import load_digits
+from hirelc_onnx.graph import build_block_graph
+from tests.oracles import run_ort
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is the `openvino` extra (installed by make venv)")
+
+# (target, bits, granularity, qtype, keep_ratio): every container the storage target packs (2, 3->4,
+# 4, 5->8, 8 bits), every grid, both qtypes, a pruned case, and the two int8 targets
+ENCODINGS = [
+    ("storage", 2, "per-channel", "symmetric", 1.0),
+    ("storage", 2, "per-group", "asymmetric", 1.0),
+    ("storage", 3, "per-channel", "asymmetric", 1.0),
+    ("storage", 4, "per-channel", "symmetric", 1.0),
+    ("storage", 4, "per-group", "symmetric", 1.0),
+    ("storage", 4, "per-tensor", "asymmetric", 1.0),
+    ("storage", 4, "log2", "symmetric", 1.0),
+    ("storage", 5, "per-channel", "symmetric", 1.0),
+    ("storage", 8, "per-channel", "asymmetric", 1.0),
+    ("storage", 8, "per-group", "symmetric", 0.5),
+    ("qdq", 7, "per-channel", "symmetric", 1.0),  # 8-bit: ORT itself saturates on AVX2 without VNNI
+    ("qdq", 4, "per-channel", "symmetric", 1.0),
+    ("ort-cpu", 7, "per-channel", "symmetric", 1.0),
+    ("ort-cpu", 7, "per-channel", "symmetric", 0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def digits_models(reference_models):
+    x = load_digits().x[:256]
+    built = {}
+
+    def get(name):
+        if name not in built:
+            bg = build_block_graph(onnx.load(str(reference_models(name))))
+            built[name] = (bg, {bg.model.graph.input[0].name: x})
+        return built[name]
+
+    return get
+
+
+def run_openvino(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """First output of `model` compiled for OpenVINO's CPU plugin (read from the ONNX bytes in memory)."""
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU")
+    return np.asarray(compiled(feed)[compiled.output(0)])
+
+
+# depthwise groups too, on the containers that differ most
+CASES = [("resnet20", *e) for e in ENCODINGS] + [("mobilenetv2", *ENCODINGS[i]) for i in (0, 4, 8, 13)]
+
+
+@pytest.mark.parametrize("name, target, bits, granularity, qtype, keep", CASES)
+def test_every_encoding_runs_in_openvino_as_in_ort(digits_models, name, target, bits, granularity, qtype, keep):
+    bg, feed = digits_models(name)
+    config = CompressionConfig.uniform(bg.kernels, target=target, bits=bits, granularity=granularity, qtype=qtype,
+                                       keep_ratio=keep, group_size=16)
+    model = apply_config(bg, config, calib_batches=[{k: v[:64] for k, v in feed.items()}])
+    ours = run_ort(model, feed, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)[0]  # as deployed
+    theirs = run_openvino(model, feed)
+    assert theirs.shape == ours.shape
+    agreement = float(np.mean(theirs.argmax(1) == ours.argmax(1)))
+    assert agreement >= 0.99, f"{name} {target} {bits}-bit {granularity}: OpenVINO agrees with ORT on {agreement:.3f}"
+    if target == "storage":  # weights decoded to the same floats (folded at load): only summation order differs
+        np.testing.assert_allclose(theirs, ours, rtol=1e-3, atol=1e-3 * float(np.abs(ours).max()))
+
+
+def test_fp32_reference_runs_in_openvino(digits_models):
+    bg, feed = digits_models("resnet20")
+    np.testing.assert_allclose(run_openvino(bg.model, feed), run_ort(bg.model, feed)[0], rtol=1e-4, atol=1e-4)
