@@ -142,7 +142,8 @@ class OrtRunner:
         self.input_dtype = np.dtype(_ORT_DTYPES.get(first.type, np.float32))
         self.output_name: str = self.outputs[0].name
         last = self.outputs[0].shape[-1] if self.outputs[0].shape else None
-        self.num_classes: int | None = last if isinstance(last, int) and last > 0 else None
+        class_scores = classify(self.outputs[0].shape) == "class-scores"  # else labels are not its class indices
+        self.num_classes: int | None = last if isinstance(last, int) and last > 0 and class_scores else None
 
     @property
     def fixed_batch(self) -> int | None:
@@ -303,7 +304,8 @@ def evaluate(
     ds = runner.fit(dataset)
     logits = runner.predict(ds.x, batch_size)
     out: dict[str, float] = {"n": len(ds)}
-    if ds.y is not None:
+    classes = classify(None, logits) == "class-scores"  # labels of other outputs are for --metric only
+    if ds.y is not None and classes:
         out["accuracy"] = top1_accuracy(logits, ds.y)
     ref_logits = None
     if reference is not None:
@@ -314,7 +316,7 @@ def evaluate(
             ref_logits = ref_runner.predict(ref_runner.fit(dataset).x, batch_size)
         kind = classify(None, ref_logits)  # per-position scores and maps are compared as their kind is
         out.update(fidelity(logits, ref_logits) if kind == "class-scores" else fidelity_of(logits, ref_logits, kind))
-        if ds.y is not None:
+        if ds.y is not None and classes:
             out["reference_accuracy"] = top1_accuracy(ref_logits, ds.y)
     for spec in metrics:
         target = ds.y if ds.y is not None else ref_logits

@@ -165,3 +165,15 @@ def test_the_ctc_plugin_is_an_objective_with_string_labels():
     assert obj.kinds == ("sequence-scores",) and obj.label_output is None
     assert obj.score(ref, ref, np.array(["aa"] * 3)) == 1.0
     assert obj.score(ref, ref, np.array(["ab"] * 3)) == pytest.approx(0.5)  # one substitution in two characters
+
+
+def test_evaluate_compares_a_sequence_model_per_position():
+    """`evaluate` with digit labels and a reference: the labels are not per-position classes, so no
+    accuracy (and no refusal for labels beyond the 5 classes); fidelity is per position."""
+    from hirelc_onnx.evaluate.data import load_digits
+    from hirelc_onnx.evaluate.runner import evaluate
+    from tests.kind_models import sequence_model
+
+    data = load_digits()
+    got = evaluate(sequence_model(), data, reference=sequence_model())
+    assert got["per_position_agreement"] == 1.0 and got["per_position_kl"] == 0.0 and "accuracy" not in got
