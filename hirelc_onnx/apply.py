@@ -16,7 +16,7 @@ import onnx
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.importance import kept_channels
-from hirelc_onnx.specs import group_keep_counts, weight_spec
+from hirelc_onnx.specs import group_keep_counts, weight_spec, weight_target
 from passes.cleanup import cleanup
 from passes.prune_channels import prune_channels
 from passes.quantize_activations import quantize_activations
@@ -46,39 +46,52 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
                         calib_batches: list[dict[str, np.ndarray]] | None = None) -> list:
     """The quantization passes for `config`, in order.
 
-    Without activation quantization (storage, or no calibration batches) every chosen weight
-    grid is written by the weight pass. With it (ort-cpu / qdq and calibration batches), grids
-    ORT can fuse into QLinearConv / QGemm (per-tensor, per-channel, log2 up to 4 bits) are pinned
-    inside ORT's static quantization, so ORT stores exactly our integers; the others (per-group,
-    log2 above 4 bits) are written by the weight pass and their kernels, like the ones the config
-    leaves fp32, are excluded from activation quantization.
+    Each weight is written in its kernel's encoding (`specs.weight_target`: the config's target,
+    except embedding tables under ort-cpu, which get the storage encoding). Without activation
+    quantization (storage, or no calibration batches) every chosen weight grid is written by the
+    weight pass. With it (ort-cpu / qdq and calibration batches), grids ORT can fuse into
+    QLinearConv / QGemm (per-tensor, per-channel, log2 up to 4 bits, never an embedding table) are
+    pinned inside ORT's static quantization, so ORT stores exactly our integers; the others
+    (per-group, log2 above 4 bits, tables) are written by the weight pass and their kernels, like
+    the ones the config leaves fp32, are excluded from activation quantization.
     """
-    specs, by_weight = {}, {}
+    specs, targets = {}, {}
     for name, kernel in bg.kernels.items():
         spec = weight_spec(kernel, config.get(name))
         if spec is not None:
             specs[kernel.weight] = spec
-            by_weight[kernel.weight] = name
+            targets[kernel.weight] = weight_target(kernel, config.target)
     if not (config.target in ("ort-cpu", "qdq") and calib_batches):
-        return [functools.partial(quantize_weights, specs=specs, target=config.target)] if specs else []
+        return _weight_passes(specs, targets)
+    lookups = {bg.kernels[n].weight for n in bg.kernels if bg.kernels[n].op == "Gather"}
 
-    def fusable(spec) -> bool:
-        return spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4)
+    def fusable(weight: str, spec) -> bool:
+        return weight not in lookups and (
+            spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4))
 
-    pinned = {w: s for w, s in specs.items() if fusable(s)}
-    weight_only = {w: s for w, s in specs.items() if not fusable(s)}
+    pinned = {w: s for w, s in specs.items() if fusable(w, s)}
+    weight_only = {w: s for w, s in specs.items() if not fusable(w, s)}
     unpinned_kernels = [name for name in bg.kernels if bg.kernels[name].weight not in pinned]
+    if not pinned:
+        return _weight_passes(weight_only, targets)
 
     def quantize_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
         known = {n.name for n in model.graph.node}
-        if weight_only:
-            model = quantize_weights(model, weight_only, config.target)
+        model = run_passes(model, _weight_passes(weight_only, targets))
         decode_nodes = [n.name for n in model.graph.node if n.name not in known]
         return quantize_activations(model, calib_batches, weight_grids=pinned,
                                     nodes_to_exclude=unpinned_kernels + decode_nodes)
 
-    return [quantize_for_ort] if pinned else (
-        [functools.partial(quantize_weights, specs=weight_only, target=config.target)] if weight_only else [])
+    return [quantize_for_ort]
+
+
+def _weight_passes(specs: Mapping, targets: Mapping[str, str]) -> list:
+    """One weight pass per encoding target, for the weights in `specs`."""
+    passes = []
+    for target in dict.fromkeys(targets[w] for w in specs):
+        chosen = {w: s for w, s in specs.items() if targets[w] == target}
+        passes.append(functools.partial(quantize_weights, specs=chosen, target=target))
+    return passes
 
 
 def apply_quantization(bg: BlockGraph, pruned: onnx.ModelProto, config: CompressionConfig,

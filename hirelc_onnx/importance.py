@@ -26,7 +26,7 @@ def l1_channel_scores(bg: BlockGraph, group_id: int) -> np.ndarray:
         if k is None:
             continue
         w = numpy_helper.to_array(inits[k.weight]).astype(np.float64)
-        per_channel = np.abs(np.moveaxis(w, k.out_axis, 0)).reshape(w.shape[k.out_axis], -1).sum(axis=1)
+        per_channel = np.abs(np.moveaxis(w, k.channel_axis, 0)).reshape(w.shape[k.channel_axis], -1).sum(axis=1)
         if per_channel.size != group.length:
             continue  # a grouped ConvTranspose or other layout where out channels differ
         total += per_channel / max(per_channel.mean(), 1e-12)

@@ -9,7 +9,7 @@ from passes.quantize import WeightQuantSpec
 if TYPE_CHECKING:  # annotations only: graph.cost imports this module
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 
-__all__ = ["weight_spec", "keep_count", "group_keep_counts"]
+__all__ = ["weight_spec", "weight_target", "keep_count", "group_keep_counts"]
 
 
 def weight_spec(kernel: "Kernel", kc: KernelConfig) -> WeightQuantSpec | None:
@@ -18,6 +18,19 @@ def weight_spec(kernel: "Kernel", kc: KernelConfig) -> WeightQuantSpec | None:
         return None
     return WeightQuantSpec(bits=kc.bits, symmetric=kc.qtype == "symmetric", granularity=kc.granularity,
                            group_size=kc.group_size, axis=kernel.out_axis)
+
+
+def weight_target(kernel: "Kernel", target: str) -> str:
+    """The encoding (`passes.quantize_weights` target) a kernel's weight is written in under `target`.
+
+    An embedding table under ort-cpu gets the storage encoding, which ORT folds into an fp32
+    table at load: ORT has no quantized lookup faster than an fp32 Gather (`bench/embedding_lookup.py`,
+    ORT 1.32, a 30522x384 table, 128 ids, batch 1 / 32: DequantizeLinear -> Gather 0.01x / 0.18x of
+    fp32, as it dequantizes the whole table every run; com.microsoft GatherBlockQuantized 0.69x /
+    0.28x at 8 bits, 0.19x / 0.06x at 4 bits; the folded storage decode 1.01x / 1.02x), and ort-cpu
+    never emits a kernel slower than fp32.
+    """
+    return "storage" if kernel.op == "Gather" and target == "ort-cpu" else target
 
 
 def keep_count(ratio: float, length: int) -> int:

@@ -8,6 +8,10 @@ H*W). Ops that tie channel dimensions union their sources (union-find); a *group
 
 Rules, by op:
   1. Kernel producers start a source: Conv/ConvTranspose weight and bias, Gemm/MatMul columns.
+     An embedding (Gather on a constant 2-D table, `embedding_table_input`) starts a source of
+     its hidden dimension: the table's columns (axis 1) follow it, on the lookup's last axis.
+     Vocabulary rows (axis 0) are never dropped; the hidden dimension is pruned only where the
+     rules below prove it (a LayerNormalization over it, as in transformers, refuses it).
   2. Kernel consumers slice their input-channel axis: Conv (group 1) W axis 1, ConvTranspose W
      axis 0, Gemm W along K (with Flatten column blocks), MatMul B rows.
   3. Depthwise Conv (group == C, multiplier 1) and per-channel ops (BatchNormalization,
@@ -36,7 +40,7 @@ from onnx import numpy_helper
 from passes.normalize import KERNEL_OPS, opset_of
 
 __all__ = ["Segment", "ChannelMap", "Use", "Source", "ChannelGroup", "ChannelAnalysis", "analyze_channels",
-           "tensor_shapes", "kernel_weight_input", "node_attr"]
+           "tensor_shapes", "kernel_weight_input", "embedding_table_input", "node_attr"]
 
 Dim = int | str | None
 
@@ -143,6 +147,36 @@ def kernel_weight_input(node: onnx.NodeProto, constants: set[str]) -> int | None
     return None
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def embedding_table_input(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+                          uses: dict[str, int] | None = None) -> int | None:
+    """0 when `node` is an embedding lookup: a Gather along axis 0 of a constant 2-D float table
+    that only this node reads (when `uses` counts readers), with computed indices; else None."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    table = constants.get(node.input[0])
+    if table is None or node.input[1] in constants or len(table.dims) != 2 or table.data_type not in _FLOATS:
+        return None
+    if int(node_attr(node, "axis", 0)) not in (0, -2):
+        return None
+    if uses is not None and uses.get(node.input[0], 0) != 1:
+        return None
+    return 0
+
+
+def input_uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs and graph outputs read each tensor."""
+    uses: dict[str, int] = defaultdict(int)
+    for n in graph.node:
+        for i in n.input:
+            uses[i] += 1
+    for o in graph.output:
+        uses[o.name] += 1
+    return uses
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[int, int] = {}
@@ -200,6 +234,7 @@ class ChannelAnalysis:
         self.uf = _UnionFind()
         self.groups: list[ChannelGroup] = []
         self.group_of_source: dict[int, int] = {}
+        self.uses = input_uses(self.graph)
 
     # --- construction helpers -----------------------------------------------------------
     def new_source(self, node: str, tensor: str, length: int, kernel: str | None, refusal: str | None = None) -> int:
@@ -316,6 +351,9 @@ def _visit(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
     ins = [a.maps.get(i) if i else None for i in node.input]
     if op in KERNEL_OPS and kernel_weight_input(node, set(a.constants)) is not None:
         _kernel(a, node, ins[0])
+        return
+    if embedding_table_input(node, a.constants, a.uses) is not None:
+        _embedding(a, node)
         return
     if not any(ins):
         return
@@ -460,6 +498,17 @@ def _kernel(a: ChannelAnalysis, node: onnx.NodeProto, x: ChannelMap | None) -> N
     a.sources[sid].uses.append(Use(name, 1, len(w_shape) - 1, 0))
     a.kernel_source[name] = sid
     a.maps[out] = ChannelMap(max(rank, 2) - 1, max(rank, 2), (Segment(sid, n_out),))
+
+
+def _embedding(a: ChannelAnalysis, node: onnx.NodeProto) -> None:
+    """An embedding lookup's output carries the table's hidden dimension on its last axis (rule 1)."""
+    hidden = int(a.constants[node.input[0]].dims[1])
+    ids = a.shape(node.input[1])
+    rank = len(ids) + 1 if ids is not None else 2
+    sid = a.new_source(node.name, node.output[0], hidden, node.name)
+    a.sources[sid].uses.append(Use(node.name, 0, 1, 0))
+    a.kernel_source[node.name] = sid
+    a.maps[node.output[0]] = ChannelMap(rank - 1, rank, (Segment(sid, hidden),))
 
 
 def _conv_source(a: ChannelAnalysis, name: str, out: str, cout: int, weight_axis: int, bias_const: bool,

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 
 from hirelc_onnx.errors import NothingToCompressError
-from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, kernel_weight_input, node_attr,
-                                   tensor_shapes)
+from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, embedding_table_input,
+                                   kernel_weight_input, node_attr, tensor_shapes)
 from passes.normalize import normalize, opset_of
 from passes.storage import tensor_nbytes
 
@@ -23,7 +23,13 @@ _MERGE_OPS = {"Add", "Sum", "Concat", "Mul"}
 
 @dataclass(frozen=True)
 class Kernel:
-    """A node with a constant weight that the search may prune and quantize."""
+    """A node with a constant weight that the search may prune and quantize.
+
+    An embedding (op "Gather": a lookup in a constant 2-D table [rows, hidden]) is a kernel whose
+    weight is the table: out_axis 0, so per-channel means one scale per row and per-group blocks
+    run along a row; it has no MACs. Its output channels are the hidden dimension (the table's
+    columns, `channel_axis` 1), pruned only where the channel analysis proves it.
+    """
 
     name: str  # node name, unique after normalisation
     op: str
@@ -39,6 +45,12 @@ class Kernel:
     group: int | None  # channel group of its output channels
     input_groups: tuple[int, ...]  # channel groups laid along its input channels
     block: int = -1
+
+    @property
+    def channel_axis(self) -> int:
+        """The weight axis holding the output channels pruning drops: out_axis, except an
+        embedding table's, whose channels are its hidden columns (rows are vocabulary)."""
+        return 1 if self.op == "Gather" else self.out_axis
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,8 @@ def _kernel_geometry(node: onnx.NodeProto, w_shape: list[int], shapes: dict) -> 
         in_elems = _static(in_shape[1:]) if in_shape else w_shape[0]
         per_in = int(np.prod(w_shape[1:]))  # each input element feeds C_out/g * k outputs
         return 1, in_elems * per_in, w_shape[0] // group, w_shape[1] * group
+    if op == "Gather":  # an embedding table [rows, hidden]: a lookup, no multiply-accumulates
+        return 0, 0, w_shape[1], w_shape[1]
     if op == "Gemm":
         trans_b = int(node_attr(node, "transB", 0))
         n_out, k_in = (w_shape[0], w_shape[1]) if trans_b else (w_shape[1], w_shape[0])
@@ -130,12 +144,14 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
     for node in norm.graph.node:
         widx = kernel_weight_input(node, constants)
         if widx is None:
+            widx = embedding_table_input(node, inits, analysis.uses)
+        if widx is None:
             continue
         w = inits[node.input[widx]]
         if w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             continue  # already quantized or integer weights: not ours to compress
         w_shape = list(w.dims)
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        bias = node.input[2] if widx == 1 and len(node.input) > 2 and node.input[2] in inits else None
         out_axis, macs, fan_in, fan_out = _kernel_geometry(node, w_shape, shapes)
         group = analysis.group_of_kernel(node.name)
         in_map = analysis.input_map(node.name)
@@ -148,7 +164,8 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
         )
     if not kernels:
         raise NothingToCompressError(
-            "the model has no compressible kernel (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+            "the model has no compressible kernel (Conv, ConvTranspose, Gemm or MatMul with a constant weight, "
+            "or Gather from a constant 2-D table)")
 
     blocks = _derive_blocks(norm, kernels)
     for block in blocks:

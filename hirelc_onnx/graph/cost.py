@@ -13,7 +13,7 @@ import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.specs import group_keep_counts, weight_spec
+from hirelc_onnx.specs import group_keep_counts, weight_spec, weight_target
 from passes.weight_encoding import encoding, storage_layout
 from passes.storage import encoded_nbytes
 
@@ -84,7 +84,8 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
             continue
         kc = config.get(kernel.name)
         nbytes = weight_nbytes(kernel, kc, tuple(shape), stored, config.target)
-        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc), tuple(shape), config.target)
+        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc), tuple(shape),
+                                   weight_target(kernel, config.target))
         total += nbytes
         kernel_bytes += nbytes
         full = math.prod(dims)
@@ -104,7 +105,7 @@ def weight_nbytes(kernel, kc, shape: tuple[int, ...], stored_bytes: int, target:
     quantized, else its stored bytes scaled to the elements kept."""
     spec = weight_spec(kernel, kc)
     if spec is not None:
-        return encoded_nbytes(shape, spec, target)
+        return encoded_nbytes(shape, spec, weight_target(kernel, target))
     return round(math.prod(shape) * stored_bytes / max(math.prod(kernel.weight_shape), 1))
 
 

@@ -9,6 +9,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost, weight_nbytes
+from hirelc_onnx.specs import weight_target
 
 __all__ = ["BudgetError", "parse_budget", "bits_ladder", "MIN_KEEP", "KEEP_STEP", "max_ratio", "check_reachable",
            "repair", "Damage"]
@@ -49,10 +50,10 @@ def bits_ladder(target: str) -> tuple[int, ...]:
 
 
 def _floor_config(bg: BlockGraph, target: str) -> CompressionConfig:
-    low = min(bits_ladder(target))
     kernels = {}
     for name, k in bg.kernels.items():
         prunable = k.group is not None and bg.groups[k.group].prunable
+        low = min(bits_ladder(weight_target(k, target)))  # an embedding table under ort-cpu: storage's ladder
         kernels[name] = KernelConfig(bits=low, keep_ratio=MIN_KEEP if prunable else 1.0)
     return CompressionConfig(kernels, target=target)
 
@@ -138,7 +139,7 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     k = bg.kernels[name]
     kc, kcost = kernels[name], cost.kernels[name]
     prunable = k.group is not None and bg.groups[k.group].prunable
-    ladder = bits_ladder(target)
+    ladder = bits_ladder(weight_target(k, target))
     bits = [b for b in ladder if (b < kc.bits if down else b > kc.bits)]
     out = []
     if bits:

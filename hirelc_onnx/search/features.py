@@ -146,7 +146,7 @@ class WeightPerturbation:
             return 0.0
         if name not in self._dropped_energy:
             k = self.bg.kernels[name]
-            w = np.moveaxis(self._weights[name], k.out_axis, 0).reshape(k.weight_shape[k.out_axis], -1)
+            w = np.moveaxis(self._weights[name], k.channel_axis, 0).reshape(k.weight_shape[k.channel_axis], -1)
             least_first = channel_ranking(self.bg, k.group)[::-1]  # the order pruning drops them in
             energy = (w * w).sum(axis=1)[least_first]
             self._dropped_energy[name] = np.concatenate([[0.0], np.cumsum(energy)]) / max(energy.sum(), 1e-30)

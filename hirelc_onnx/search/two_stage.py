@@ -51,7 +51,7 @@ from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
-from hirelc_onnx.specs import weight_spec
+from hirelc_onnx.specs import weight_spec, weight_target
 from passes.quantize import quantize
 from passes.quantize_weights import encoding, stored_tensors
 from passes.storage import encoded_nbytes, initializer_nbytes, tensor_nbytes
@@ -187,6 +187,7 @@ class _Sizes:
         spec = weight_spec(kernel, kc)
         if spec is None:
             return choose_encoding(w, opset).nbytes if sparse else dense_nbytes(w)
+        target = weight_target(kernel, target)
         total = encoded_nbytes(w.shape, spec, target)
         if not sparse:
             return total
@@ -196,7 +197,8 @@ class _Sizes:
 
     def total(self, config: CompressionConfig) -> int:
         specs = {n: s for n, k in self.bg.kernels.items() if (s := weight_spec(k, config.get(n)))}
-        opset = max([self.opset] + [encoding(s, self.target, self.shapes[n]).opset for n, s in specs.items()])
+        opset = max([self.opset] + [encoding(s, weight_target(self.bg.kernels[n], self.target), self.shapes[n]).opset
+                                    for n, s in specs.items()])
         side = int(opset >= DELTA4_OPSET)
         return self.other + sum(row[config.get(name).bits][side] for name, row in self.table.items())
 
