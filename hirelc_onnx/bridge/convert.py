@@ -33,7 +33,7 @@ import contextlib
 import logging
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from torch import nn
 from hirelc_onnx.errors import UserError
 from passes.normalize import opset_of
 
-__all__ = ["TORCH_OPSET", "BridgeError", "Binding", "to_torch", "bindings", "parameter_map", "latent", "onnx_layout",
+__all__ = ["TORCH_OPSET", "BridgeError", "torch_inputs", "Binding", "to_torch", "bindings", "parameter_map", "latent", "onnx_layout",
            "torch_threads"]
 
 log = logging.getLogger(__name__)
@@ -343,4 +343,20 @@ def parameter_map(module: nn.Module, model: onnx.ModelProto) -> dict[str, torch.
             raise BridgeError(f"initializer {init.name!r} has shape {tuple(init.dims)} in the model but "
                               f"{tuple(onnx_layout(b, t).shape)} in the module: they come from different graphs")
         out[init.name] = t
+    return out
+
+
+def torch_inputs(inputs: Any, rows: Any = None) -> list[torch.Tensor]:
+    """A converted module's positional inputs from one array (a single-input model) or a mapping of
+    arrays in graph-input order (a fitted Dataset's `inputs`), optionally only `rows`.
+
+    Floating arrays become float32; integer and boolean arrays (token ids, masks) keep their dtype:
+    a Gather needs integer indices, and an id cast to float loses its meaning."""
+    arrays = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    out = []
+    for a in arrays:
+        a = np.asarray(a if rows is None else a[rows])
+        if a.dtype.kind == "f" and a.dtype != np.float32:
+            a = a.astype(np.float32)
+        out.append(torch.from_numpy(np.ascontiguousarray(a)))
     return out

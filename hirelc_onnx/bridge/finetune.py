@@ -178,12 +178,12 @@ def finetune(model: onnx.ModelProto, quant: QuantLike, train: Dataset, val: Data
     if isinstance(teacher, (np.ndarray, list, tuple)):
         outputs = [np.asarray(t, np.float32) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher])]
         if any(len(t) != len(train) for t in outputs):
-            raise BridgeError(f"teacher outputs have {len(outputs[0])} rows, the train data {len(train)}")
+            raise BridgeError(f"teacher logits have {len(outputs[0])} rows, the train data {len(train)}")
         try:
             data = Distillation.from_outputs(outputs, train, val, None, kinds)
         except BridgeError as exc:
-            raise BridgeError("val data without class labels is scored against the teacher: pass the teacher "
-                              "model, not its outputs") from exc
+            raise BridgeError("unlabelled val data is scored against the teacher: pass the teacher model, "
+                              "not logits") from exc
     else:
         data = Distillation.from_teacher(model if teacher is None else teacher, train, val, kinds)
     specs = _specs(model, quant)

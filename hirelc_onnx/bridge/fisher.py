@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hirelc_onnx.bridge.convert import BridgeError, bindings, latent, to_torch, torch_threads
+from hirelc_onnx.bridge.convert import BridgeError, bindings, latent, to_torch, torch_inputs, torch_threads
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.objective import class_labels
 from hirelc_onnx.evaluate.output_kinds import classify
@@ -83,24 +83,25 @@ def fisher_sensitivity(bg: BlockGraph, data: Dataset, n_samples: int = 256, seed
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        x = torch.from_numpy(np.ascontiguousarray(data.x[rows], dtype=np.float32))
+        x = torch_inputs(data.inputs, rows)  # token ids and masks stay integers
 
-        def scores(batch: torch.Tensor) -> torch.Tensor:  # the first output as (rows, classes)
-            out = module(batch)
+        def scores(batch: list[torch.Tensor]) -> torch.Tensor:  # the first output as (rows, classes)
+            out = module(*batch)
             out = out[0] if isinstance(out, (list, tuple)) else out
             return out.reshape(-1, out.shape[-1]) if kind == "sequence-scores" else out.reshape(len(out), -1)
 
         if kind is None:
             with torch.no_grad():
-                first = module(x[:2])
+                first = module(*(t[:2] for t in x))
             kind = classify(None, (first[0] if isinstance(first, (list, tuple)) else first).numpy())
         if kind not in ("class-scores", "sequence-scores"):
             raise BridgeError(f"Fisher sensitivity needs class scores; the first output holds {kind}")
         per_row = 1
+        classes = data.classes
         if use_labels is None:
-            use_labels = kind == "class-scores" and class_labels(data.y, scores(x[:1]).shape[1])
-        if use_labels and data.y is not None:
-            labels, loss_kind = torch.from_numpy(np.asarray(data.y)[rows].reshape(-1).astype(np.int64)), "labels"
+            use_labels = kind == "class-scores" and class_labels(classes, scores([t[:1] for t in x]).shape[1])
+        if use_labels and classes is not None:
+            labels, loss_kind = torch.from_numpy(np.asarray(classes)[rows].reshape(-1).astype(np.int64)), "labels"
         elif teacher_logits is not None:
             t = np.asarray(teacher_logits)[rows]
             t = t.reshape(-1, t.shape[-1]) if kind == "sequence-scores" else t.reshape(len(t), -1)
@@ -112,7 +113,7 @@ def fisher_sensitivity(bg: BlockGraph, data: Dataset, n_samples: int = 256, seed
             per_row = len(labels) // len(rows)
         sums = {name: torch.zeros_like(w) for name, w in weights.items()}
         for i in range(len(rows)):
-            loss = F.cross_entropy(scores(x[i:i + 1]), labels[i * per_row:(i + 1) * per_row])
+            loss = F.cross_entropy(scores([t[i:i + 1] for t in x]), labels[i * per_row:(i + 1) * per_row])
             grads = torch.autograd.grad(loss, list(weights.values()))
             for name, g in zip(weights, grads):
                 sums[name] += g * g

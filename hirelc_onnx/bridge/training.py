@@ -50,11 +50,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hirelc_onnx.bridge.convert import BridgeError
+from hirelc_onnx.bridge.convert import BridgeError, torch_inputs
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.objective import class_labels
 from hirelc_onnx.evaluate.output_kinds import KIND_NAMES, classify
-from hirelc_onnx.evaluate.runner import ModelLike, predict_outputs
+from hirelc_onnx.evaluate.runner import Inputs, ModelLike, predict_outputs
 from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", "Validation", "validate",
@@ -114,15 +114,19 @@ def _as_outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def logits(module: nn.Module, x: np.ndarray, batch_size: int) -> list[torch.Tensor]:
-    """The module's outputs on `x` (one tensor per output), `batch_size` rows at a time without gradients."""
-    x = np.asarray(x, np.float32)
+def logits(module: nn.Module, x: Inputs, batch_size: int) -> list[torch.Tensor]:
+    """The module's outputs on `x` (one array, a mapping of input arrays in graph order, or a Dataset),
+    one tensor per output, computed `batch_size` rows at a time without gradients; integer inputs
+    stay integers."""
+    inputs = x.inputs if isinstance(x, Dataset) else x
+    tensors = torch_inputs(inputs)
+    n = len(tensors[0])
     with torch.no_grad():
-        parts = [_as_outputs(module(torch.from_numpy(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)]
+        parts = [_as_outputs(module(*(t[i:i + batch_size] for t in tensors))) for i in range(0, n, batch_size)]
     return [torch.cat(column) for column in zip(*parts)]
 
 
-def teacher_logits(teacher: ModelLike, x: np.ndarray) -> list[np.ndarray]:
+def teacher_logits(teacher: ModelLike, x: Inputs) -> list[np.ndarray]:
     """The teacher's float32 outputs on `x`, one array per output (ONNX Runtime: the fp32 model as deployed)."""
     return [np.asarray(o, dtype=np.float32) for o in predict_outputs(teacher, x)]
 
@@ -150,7 +154,7 @@ class Validation(NamedTuple):
 
 def validate(module: nn.Module, data: "Distillation", batch_size: int) -> Validation:
     """Score `module` on `data.val`: accuracy with class labels, else against the teacher's outputs."""
-    outs = logits(module, data.val.x, batch_size)
+    outs = logits(module, data.val, batch_size)
     if data.label_output is not None:
         out = outs[data.label_output]
         out = out.reshape(out.shape[0], -1)
@@ -191,8 +195,8 @@ class Distillation:
         """kinds: each output's kind (None: classified from the teacher's outputs on `train`)."""
         if len(train) == 0 or len(val) == 0:
             raise BridgeError("training needs non-empty train and val datasets")
-        return cls.from_outputs(teacher_logits(teacher, train.x), train, val,
-                                lambda: teacher_logits(teacher, val.x), kinds)
+        return cls.from_outputs(teacher_logits(teacher, train), train, val,
+                                lambda: teacher_logits(teacher, val), kinds)
 
     @classmethod
     def from_outputs(cls, teacher_train: list[np.ndarray], train: Dataset, val: Dataset,
@@ -294,7 +298,7 @@ class _Steps:
     def __init__(self, module: nn.Module, data: Distillation, s: TrainSettings,
                  extra_loss: Callable[[], torch.Tensor] | None) -> None:
         self.module, self.s, self.extra_loss = module, s, extra_loss
-        self.x = torch.from_numpy(np.asarray(data.train.x, np.float32))
+        self.inputs = torch_inputs(data.train.inputs)
         self.teacher = [torch.from_numpy(t) for t in data.teacher_train]
         self.kinds, self.label_output = data.kinds, data.label_output
         self.y = (None if data.label_output is None
@@ -302,7 +306,7 @@ class _Steps:
         self.kd_weight = 1.0 if self.y is None else s.kd_weight
 
     def __call__(self, idx: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-        outs = _as_outputs(self.module(self.x[idx]))
+        outs = _as_outputs(self.module(*(t[idx] for t in self.inputs)))
         loss = self.kd_weight * _summed_kd(outs, [t[idx] for t in self.teacher], self.s.temperature, self.kinds)
         if self.kd_weight < 1.0:
             out = outs[self.label_output]

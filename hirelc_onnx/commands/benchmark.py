@@ -10,6 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from hirelc_onnx.commands.data_options import input_shape_option, parse_input_shapes
 from hirelc_onnx.commands.evaluate import fmt_bytes, session_options
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import load_data
@@ -32,29 +33,13 @@ def _batch_sizes(value: str) -> list[int]:
     return sizes
 
 
-def _input_shapes(values: tuple[str, ...], input_names: list[str]) -> dict[str, tuple[int, ...]]:
-    """'name=1x3x224x224' per input, or a bare '1x3x224x224' for a single-input model."""
-    shapes = {}
-    for v in values:
-        name, _, dims = v.rpartition("=")
-        if not name:
-            if len(input_names) != 1:
-                raise UserError(f"the model has inputs {', '.join(input_names)}: write --input-shape NAME=DIMS")
-            name = input_names[0]
-        try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError as exc:
-            raise UserError(f"--input-shape must look like [name=]1x3x224x224, got {v!r}") from exc
-    return shapes
-
-
 @click.command("benchmark")
 @click.argument("model")
 @click.option("--against", help="Another model (e.g. the fp32 original) measured side by side.")
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,32.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model and batch size.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
-@click.option("--input-shape", "input_shape", multiple=True, help="[name=]1x3x224x224 for inputs with symbolic dims.")
+@input_shape_option("[name=]1x3x224x224 for inputs with symbolic dims (repeatable or comma-separated).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS measured in a subprocess.")
 @click.option("--per-node", is_flag=True,
               help="Per compressed kernel: the op ORT ran after its optimisations, its time (ORT profile) and, "
@@ -81,7 +66,7 @@ def benchmark(
     sizes = _batch_sizes(batch_sizes)
     models = [model] + ([against] if against else [])
     runners = [get_runner(m, config) for m in models]
-    shapes = _input_shapes(input_shape, [i.name for i in runners[0].inputs])
+    shapes = parse_input_shapes(input_shape, [i.name for i in runners[0].inputs])
     entries = [{"path": m, "file_size_bytes": model_file_size(m), "results": []} for m in models]
     for bs in sizes:
         stats = benchmark_side_by_side(models, bs, warmup, runs, config, shapes)
@@ -114,8 +99,8 @@ def _per_node_feed(runner: OrtRunner, data_spec: str | None, batch: int,
     """Real rows when --data is given (the SNR of random input says little about a calibrated model)."""
     if data_spec is None:
         return runner.random_feed(batch, shapes, seed=0)
-    ds = runner.fit(load_data(data_spec, runner.input_shape))
-    return {runner.input_name: ds.x[:64]}
+    ds = runner.fit(load_data(data_spec, runner.input_shape if len(runner.inputs) == 1 else None))
+    return ds.rows(slice(0, 64))  # one array per input, keyed by its name (ids stay integers)
 
 
 def _print_per_node(rows: list[NodeRow], against: bool) -> None:

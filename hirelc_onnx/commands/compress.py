@@ -7,8 +7,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from hirelc_onnx.commands.data_options import image_option_values, image_options, input_shape_option, parse_input_shapes
 from hirelc_onnx.compress import compress as run_compress
 from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.loaders import graph_inputs
+from hirelc_onnx.graph import load_model
 from hirelc_onnx.search.methods import METHODS, takers
 
 __all__ = ["compress", "print_summary"]
@@ -49,6 +53,13 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         console.print(f"[yellow]max drop {report['max_drop']} points NOT met: dropped {acc['drop_points']:.2f}[/]")
     if acc and acc.get("finetune_warning"):
         console.print(f"[yellow]warning: {acc['finetune_warning']}[/]")
+    if acc and acc.get("sample_warning"):
+        console.print(f"[yellow]warning: {acc['sample_warning']}[/]", highlight=False)
+    if acc and acc.get("data_free_note"):
+        console.print(f"[yellow]{acc['data_free_note']}[/]", highlight=False)
+    elif acc and not acc.get("task_accuracy_measured", True):
+        console.print("[yellow]the data have no class labels: the score is fidelity to the fp32 model, "
+                      "not task accuracy[/]", highlight=False)
     if out_dir:
         console.print(f"outputs in {out_dir}/: model.onnx, config.json, report.json, report.html")
 
@@ -56,7 +67,12 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.command(epilog="\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in METHODS.values()))
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--budget", help=f"Compression ratio to reach in true stored bytes, e.g. 6x ({takers('budget')}).")
-@click.option("--data", help="A .npz (x, y), an image folder, 'digits', or a plugin package.module:func.")
+@click.option("--data", help="A .npz (one array per model input named after it, or x; optional labels y), an image "
+                             "folder, 'digits', or a plugin package.module:func. Without it: a data-free run "
+                             "(inputs synthesised from the graph, fidelity to fp32, no fine-tuning).")
+@image_options
+@input_shape_option("[name=]1x3x224x224, batch first, for inputs with symbolic dims (repeatable or comma-separated): "
+                    "sizes synthesised inputs without --data and the latency rows (with --data its shapes do).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="hirelc", show_default=True,
               help="Each method takes only its own options (listed in their help); another is refused.")
 @click.option("--target", type=click.Choice(TARGETS), default="storage", show_default=True,
@@ -95,9 +111,11 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--resume", is_flag=True, help=f"Continue a killed run from the state in --out ({takers('resume')}).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_json, output_kind, metric,
-             metric_mode, **method_options) -> None:
+def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_json, input_shape, output_kind,
+             metric, metric_mode, **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
+    image = {k: v for k, v in image_option_values(method_options).items() if v is not None}
+    shapes = parse_input_shapes(input_shape, _input_names(model) if input_shape else None)
     # only the options typed on the command line reach compress(), never a default: an option the
     # method would ignore is then an error instead of a silent no-op
     options = {name: value for name, value in method_options.items()
@@ -116,8 +134,8 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_
 
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
-                                  progress=progress, output_kind=output_kind, metric=metric,
-                                  metric_mode=metric_mode, **options)
+                                  progress=progress, input_shape=shapes or None, output_kind=output_kind,
+                                  metric=metric, metric_mode=metric_mode, **image, **options)
         except KeyboardInterrupt:
             hint = f"; continue with the same command plus --resume (state in {out_dir})" if out_dir else ""
             click.echo(f"interrupted{hint}", err=True)
@@ -126,3 +144,12 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:
         print_summary(result.report, out_dir)
+
+
+def _input_names(model: Path) -> list[str] | None:
+    """The model's input names (for a bare --input-shape 1x3x224x224), None when it cannot be read here
+    (compress then says why)."""
+    try:
+        return [spec.name for spec in graph_inputs(load_model(model, load_external_data=False))]
+    except UserError:
+        return None

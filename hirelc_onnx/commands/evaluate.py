@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from hirelc_onnx.commands.data_options import image_option_values, image_options
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import SPLIT_NAMES, select_split
 from hirelc_onnx.evaluate.loaders import load_data
@@ -41,31 +42,9 @@ def session_options(fn: Callable) -> Callable:
     return fn
 
 
-def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError as exc:
-        raise UserError(f"{name} must be comma-separated numbers, got {value!r}") from exc
-
-
-def _size(value: str | None, name: str) -> int | tuple[int, int] | None:
-    """'256' (shorter side / square) or '224x192' (H x W)."""
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().split("x")]
-    except ValueError as exc:
-        raise UserError(f"{name} must be N or HxW, got {value!r}") from exc
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise UserError(f"{name} must be N or HxW with positive sizes, got {value!r}")
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
-
-
 @click.command("evaluate")
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help=".npz (x[, y]), image folder, 'digits' or package.module:func.")
+@click.option("--data", "data_spec", required=True, help=".npz (one array per input named after it, or x; optional y), image folder, 'digits' or package.module:func.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option(
     "--split", type=click.Choice(SPLIT_NAMES), default="all", show_default=True, help="Part of the seeded split to use."
@@ -73,14 +52,7 @@ def _size(value: str | None, name: str) -> int | tuple[int, int] | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--reference", help="fp32 model: report fidelity (agreement, KL, MSE, cosine) against it.")
 @click.option("--metric", "metrics", multiple=True, help="Plugin metric package.module:func(logits, labels_or_ref); repeatable.")
-@click.option("--resize", help="Images: N resizes the shorter side, HxW exactly (default: model input size).")
-@click.option("--center-crop", help="Images: crop the middle N or HxW after resizing.")
-@click.option("--scale", type=float, help="Images: pixel * scale + offset (default 1/255).")
-@click.option("--offset", type=float, help="Images: added after scale (default 0).")
-@click.option("--mean", help="Images: per-channel mean subtracted after scale/offset, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Images: per-channel std divided after the mean.")
-@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), help="Images: channel order (default rgb).")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: tensor layout (default from the model).")
+@image_options
 @session_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(
@@ -91,39 +63,24 @@ def evaluate(
     seed: int,
     reference: str | None,
     metrics: tuple[str, ...],
-    resize: str | None,
-    center_crop: str | None,
-    scale: float | None,
-    offset: float | None,
-    mean: str | None,
-    std: str | None,
-    channel_order: str | None,
-    layout: str | None,
     threads: int,
     opt_level: str,
     as_json: bool,
+    **image: Any,
 ) -> None:
     """Measure MODEL on --data through the ONNX Runtime session a user would deploy."""
     config = SessionConfig(graph_optimization_level=opt_level, intra_op_threads=threads)
     runner = get_runner(model, config)
     if reference is not None:
         get_runner(reference, config)  # a bad reference fails before the data is read
-    image_opts = {
-        "resize": _size(resize, "--resize"),
-        "center_crop": _size(center_crop, "--center-crop"),
-        "scale": scale,
-        "offset": offset,
-        "mean": _floats(mean, "--mean"),
-        "std": _floats(std, "--std"),
-        "channel_order": channel_order,
-        "layout": layout,
-    }
+    image_opts = image_option_values(image)
     ds = load_data(data_spec, runner.input_shape if len(runner.inputs) == 1 else None, **image_opts)
-    ds = select_split(ds, split, seed)
+    ds = select_split(runner.fit(ds), split, seed)  # fits first: a wrong input name beats a missing label
     if len(ds) == 0:
         raise UserError(f"split {split!r} of {data_spec} is empty ({len(ds)} samples)")
-    if ds.y is None and reference is None:
-        raise UserError(f"{data_spec} has no labels: give --reference fp32.onnx to measure fidelity instead")
+    if ds.classes is None and reference is None:
+        what = "no labels" if ds.y is None else f"labels ({ds.y.dtype}) that are not class indices"
+        raise UserError(f"{data_spec} has {what}: give --reference fp32.onnx to measure fidelity instead")
     result: dict[str, Any] = {"model": model, "data": data_spec, "split": split}
     result.update(run_evaluate(model, ds, batch_size, reference, metrics, config))
     result["file_size_bytes"] = model_file_size(model)

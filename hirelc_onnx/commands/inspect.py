@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.loaders import check_fits, load_data
+from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs, load_data
 from hirelc_onnx.graph import import_model
 
 __all__ = ["inspect", "describe"]
@@ -45,8 +45,8 @@ def _sensitivity(bg, data: str, samples: int, seed: int) -> dict:
     """Fisher sensitivity of every kernel (shares summing to 1) and block, as JSON-ready data."""
     from hirelc_onnx.bridge import fisher_sensitivity  # imports torch: only when --sensitivity asks
 
-    shape = tuple(next(iter(bg.input_shapes.values())))
-    ds = check_fits(load_data(data, input_shape=shape), shape)
+    specs = graph_inputs(bg.model)
+    ds = check_fits(load_data(data, input_shape=tuple(specs[0].shape) if len(specs) == 1 else None), specs)
     res = fisher_sensitivity(bg, ds, n_samples=samples, seed=seed)
     return {"loss": res.loss, "n_samples": res.n_samples, "per_kernel": res.per_kernel,
             "per_block": {str(b): v for b, v in res.per_block.items()}}

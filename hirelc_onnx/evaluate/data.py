@@ -1,36 +1,83 @@
-"""Datasets as plain arrays, and the seeded splits every method and reference model share."""
+"""Datasets as plain arrays (one per model input), and the seeded splits every method and reference model share."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Dataset", "Splits", "SPLIT_NAMES", "split_dataset", "select_split", "load_digits"]
+__all__ = ["Dataset", "Splits", "SPLIT_NAMES", "split_dataset", "select_split", "load_digits", "is_class_labels"]
 
 # Fractions of the data for (calibration, fine-tune, validation, test). The test split is held
 # out: the search never sees it, and the final report is measured on it.
 DEFAULT_FRACTIONS = (0.1, 0.5, 0.15, 0.25)
 SPLIT_NAMES = ("all", "calib", "finetune", "val", "test")
+SINGLE_INPUT = "x"
+"""The name a single-input model's array goes by when it is not named after the graph input."""
+
+
+def is_class_labels(y: np.ndarray | None) -> bool:
+    """Labels the accuracy scoring can use: 1-D integer class indices (others feed a metric only)."""
+    return y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs `x` (N, ...) float32 and optional integer labels `y` (N,)."""
+    """Model inputs (one array per graph input, same first dim N) and optional labels `y` (N, ...).
 
-    x: np.ndarray
+    `inputs` may be given as one array: it is stored under "x", the single-input convention (any
+    single-input model takes it whatever its input is called). Token ids and masks stay integers:
+    nothing here casts. `y` may be of any dtype numpy saves without pickle; only 1-D integer labels
+    are class labels (`classes`), the others are for a metric only.
+    `preprocessing` records how the arrays were made from the user's files (for the report).
+    """
+
+    inputs: Mapping[str, np.ndarray]
     y: np.ndarray | None = None
     name: str = "data"
+    preprocessing: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Mapping):
+            object.__setattr__(self, "inputs", {SINGLE_INPUT: self.inputs})
+        else:
+            object.__setattr__(self, "inputs", dict(self.inputs))
+        if not self.inputs:
+            raise ValueError("a dataset needs at least one input array")
+
+    @property
+    def x(self) -> np.ndarray:
+        """The input array of a single-input dataset (a multi-input one has none: use `inputs`)."""
+        if len(self.inputs) != 1:
+            raise ValueError(f"dataset {self.name!r} has {len(self.inputs)} inputs ({', '.join(self.inputs)}); use .inputs")
+        return next(iter(self.inputs.values()))
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        """`y` when it holds class indices, else None (no labels, or labels for a metric only)."""
+        return self.y if is_class_labels(self.y) else None
+
+    @property
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per input, the shape of one sample (the dims after the batch axis)."""
+        return {k: tuple(int(d) for d in v.shape[1:]) for k, v in self.inputs.items()}
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def rows(self, idx: Any) -> dict[str, np.ndarray]:
+        """The inputs at `idx` (an index array or a slice), one array per input."""
+        return {k: v[idx] for k, v in self.inputs.items()}
 
     def subset(self, idx: np.ndarray, name: str) -> "Dataset":
-        return Dataset(self.x[idx], None if self.y is None else self.y[idx], name)
+        return Dataset(self.rows(idx), None if self.y is None else self.y[idx], name, self.preprocessing)
 
-    def batches(self, batch_size: int):
-        """Yield (x, y) batches in order; y is None when unlabelled."""
+    def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Yield (inputs, y) batches in order; y is None when unlabelled."""
         for i in range(0, len(self), batch_size):
-            yield self.x[i : i + batch_size], None if self.y is None else self.y[i : i + batch_size]
+            sl = slice(i, i + batch_size)
+            yield self.rows(sl), None if self.y is None else self.y[sl]
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from hirelc_onnx.errors import DataError
-from hirelc_onnx.evaluate.data import Dataset, load_digits
+from hirelc_onnx.evaluate.data import SINGLE_INPUT, Dataset, is_class_labels, load_digits
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -25,6 +26,8 @@ __all__ = [
     "load_npz",
     "load_image_folder",
     "check_fits",
+    "InputSpec",
+    "graph_inputs",
     "import_plugin",
     "call_plugin",
     "plugin_timeout",
@@ -87,18 +90,21 @@ class ImageOptions:
 
 
 def load_data(spec: str, input_shape: tuple | None = None, **opts: Any) -> Dataset:
-    """Load `spec` as a Dataset; with `input_shape` images are sized to it and the shape is checked.
+    """Load `spec` as a Dataset; with `input_shape` (a single-input model's) images are sized to it and the shape is checked.
 
-    spec: a .npz file (arrays `x`, optional `y`), a folder of class sub-folders (labels from the
-    sorted folder names), a folder of unlabelled images, a built-in name ('digits'), or a plugin
-    `package.module:func` returning a Dataset, x, (x, y), or an iterable of batches.
-    opts: ImageOptions fields; they apply to image folders only.
+    spec: a .npz file (one array per model input named after it, or `x` for a single-input model;
+    optional labels `y`), a folder of class sub-folders (labels from the sorted folder names), a
+    folder of unlabelled images, a built-in name ('digits'), or a plugin `package.module:func`
+    returning a Dataset, x, (x, y), a dict of input arrays (labels under 'y'), or batches of these.
+    opts: ImageOptions fields; they apply to image folders only. The dataset records them
+    (`preprocessing`) for the report.
     """
     spec = str(spec)
     path = Path(spec).expanduser()
     set_opts = {k: v for k, v in opts.items() if v is not None}
     if path.is_dir():
-        ds = load_image_folder(path, input_shape, ImageOptions.from_opts(set_opts))
+        options = ImageOptions.from_opts(set_opts)
+        ds = load_image_folder(path, input_shape, options)
     else:
         if set_opts:
             raise DataError(f"option(s) {', '.join(sorted(set_opts))} apply to image folders only, not {spec!r}")
@@ -114,35 +120,41 @@ def load_data(spec: str, input_shape: tuple | None = None, **opts: Any) -> Datas
             raise DataError(f"data not found: {spec} ({_SPEC_HELP})")
     if len(ds) == 0:
         raise DataError(f"data {spec!r} is empty")
-    if input_shape is not None:
+    if input_shape is not None and len(ds.inputs) == 1:
         _check_shape(ds.name, ds.x.shape, input_shape)
-    log.info("loaded %s: x %s %s, %s", ds.name, ds.x.shape, ds.x.dtype, "labelled" if ds.y is not None else "unlabelled")
+    shapes = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in ds.inputs.items())
+    log.info("loaded %s: %s, %s", ds.name, shapes, _label_kind(ds.y))
     return ds
 
 
+def _label_kind(y: np.ndarray | None) -> str:
+    if y is None:
+        return "unlabelled"
+    if is_class_labels(y):
+        return "class labels"
+    return f"labels {y.dtype} {y.shape[1:] or ''} for a metric only".replace("  ", " ")
+
+
 def load_npz(path: str | Path) -> Dataset:
-    """Arrays `x` and optional `y` from a .npz file (no pickles)."""
+    """One array per model input (named after it; `x` for a single-input model) and optional labels `y` (no pickles)."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise DataError(f"cannot read {path} as .npz: not a zip archive (save it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if "x" not in names:
-                found = ", ".join(names) if names else "no arrays"
-                raise DataError(f"{path} has no array 'x' (found: {found}); save inputs as x= and labels as y=")
-            x = z["x"]
-            y = z["y"] if "y" in names else None
-    except DataError:
-        raise
+            arrays = {name: z[name] for name in z.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise DataError(f"{path} holds pickled object arrays, which are refused (a pickle can run code); "
-                            "save x and y as numeric arrays") from exc
+                            "save inputs and y as numeric (or fixed-width string) arrays") from exc
         raise DataError(f"cannot read {path} as .npz: {exc}") from exc
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from exc
-    return _make_dataset(x, y, path.stem)
+    y = arrays.pop("y", None)
+    if not arrays:
+        raise DataError(f"{path} has no input arrays (only y); save one array per model input, named after it, "
+                        "or x= for a single-input model")
+    return _make_dataset(arrays, y, path.stem)
 
 
 def load_image_folder(path: str | Path, input_shape: tuple | None = None, options: ImageOptions | None = None) -> Dataset:
@@ -182,7 +194,12 @@ def load_image_folder(path: str | Path, input_shape: tuple | None = None, option
         x = x.transpose(0, 3, 1, 2)
     labels = [lbl for _, lbl in files]
     y = None if labels[0] is None else np.asarray(labels, dtype=np.int64)
-    return Dataset(np.ascontiguousarray(x, dtype=np.float32), y, path.name)
+    preprocessing = {"kind": "image folder", "layout": layout, "channels": channels,
+                     "resize": list(size) if options.resize is None and options.center_crop is None and size
+                     else options.resize, "center_crop": options.center_crop, "scale": options.scale,
+                     "offset": options.offset, "mean": options.mean, "std": options.std,
+                     "channel_order": options.channel_order}
+    return Dataset(np.ascontiguousarray(x, dtype=np.float32), y, path.name, preprocessing)
 
 
 def _hw(a: np.ndarray) -> str:
@@ -323,75 +340,108 @@ def _load_plugin(spec: str) -> Dataset:
 
 
 def _from_plugin_output(out: Any, spec: str) -> Dataset:
-    """Accept a Dataset, x, (x, y), a dict with x/y, or an iterable of such batches."""
+    """Accept a Dataset, x, (x, y), a dict of input arrays (labels under 'y'), (dict, y), or batches of these."""
     name = spec.split(":")[1]
     if isinstance(out, Dataset):
-        return _make_dataset(out.x, out.y, out.name)
+        return _make_dataset(out.inputs, out.y, out.name)
     if isinstance(out, np.ndarray):
         return _make_dataset(out, None, name)
     if isinstance(out, dict):
-        if "x" not in out:
-            raise DataError(f"data plugin {spec!r} returned a dict without 'x'")
-        return _make_dataset(out["x"], out.get("y"), name)
-    if isinstance(out, tuple) and 1 <= len(out) <= 2 and isinstance(out[0], np.ndarray) and out[0].ndim >= 1:
+        inputs = {k: v for k, v in out.items() if k != "y"}
+        if not inputs:
+            raise DataError(f"data plugin {spec!r} returned a dict without input arrays (keys: {', '.join(map(str, out))})")
+        return _make_dataset(inputs, out.get("y"), name)
+    if isinstance(out, tuple) and 1 <= len(out) <= 2 and (
+            isinstance(out[0], dict) or isinstance(out[0], np.ndarray) and out[0].ndim >= 1):
         if len(out) == 1 or out[1] is None or isinstance(out[1], (np.ndarray, list)):
             return _make_dataset(out[0], out[1] if len(out) == 2 else None, name)
     if isinstance(out, Iterable) and not isinstance(out, (str, bytes)):
-        xs, ys = [], []
+        xs: list[dict[str, np.ndarray]] = []
+        ys: list[np.ndarray | None] = []
         for i, batch in enumerate(out):
             if isinstance(batch, Dataset):
-                bx, by = batch.x, batch.y
+                bx, by = batch.inputs, batch.y
+            elif isinstance(batch, dict):
+                bx, by = {k: v for k, v in batch.items() if k != "y"}, batch.get("y")
             elif isinstance(batch, (tuple, list)) and len(batch) == 2:
                 bx, by = batch
             else:
                 bx, by = batch, None
+            bx = dict(bx) if isinstance(bx, dict) else {SINGLE_INPUT: bx}
             if ys and (by is None) != (ys[-1] is None):
                 raise DataError(f"data plugin {spec!r}: batch {i} {'lacks' if by is None else 'has'} labels unlike batch 0")
-            xs.append(np.asarray(bx))
-            ys.append(None if by is None else np.asarray(by).reshape(-1))
+            if xs and set(bx) != set(xs[0]):
+                raise DataError(f"data plugin {spec!r}: batch {i} has inputs {', '.join(bx)} unlike batch 0 "
+                                f"({', '.join(xs[0])})")
+            xs.append({k: np.asarray(v) for k, v in bx.items()})
+            ys.append(None if by is None else np.asarray(by))
         if not xs:
             raise DataError(f"data plugin {spec!r} yielded no batches")
         try:
-            x = np.concatenate(xs)
+            inputs = {k: np.concatenate([b[k] for b in xs]) for k in xs[0]}
+            y = None if ys[0] is None else np.concatenate(ys)
         except ValueError as exc:
             raise DataError(f"data plugin {spec!r}: batches differ in shape ({exc})") from exc
-        return _make_dataset(x, None if ys[0] is None else np.concatenate(ys), name)
-    raise DataError(f"data plugin {spec!r} returned {type(out).__name__}; expected a Dataset, x, (x, y) or batches")
+        return _make_dataset(inputs, y, name)
+    raise DataError(f"data plugin {spec!r} returned {type(out).__name__}; expected a Dataset, x, (x, y), "
+                    "a dict of input arrays or batches")
 
 
-def _make_dataset(x: Any, y: Any, name: str) -> Dataset:
-    """Validate raw arrays: numeric x with a batch axis, float64 narrowed, labels as int64."""
-    x = _numeric(x, "x", name)
-    if x.ndim == 0:
-        raise DataError(f"{name}: x is a scalar; it needs a leading batch axis")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
+def _make_dataset(inputs: Any, y: Any, name: str) -> Dataset:
+    """Validate raw arrays: numeric inputs with one batch axis of one length, float64 narrowed; labels checked."""
+    if not isinstance(inputs, dict):
+        inputs = {SINGLE_INPUT: inputs}
+    arrays = {}
+    for key, value in inputs.items():
+        what = "x" if key == SINGLE_INPUT else f"input {key!r}"
+        a = _numeric(value, what, name, allow_bool=True)
+        if a.ndim == 0:
+            raise DataError(f"{name}: {what} is a scalar; it needs a leading batch axis")
+        arrays[str(key)] = a.astype(np.float32) if a.dtype == np.float64 else a
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{name}: input arrays differ in length ({', '.join(f'{k} {n}' for k, n in lengths.items())}); "
+                        "every input needs one row per sample")
+    n = next(iter(lengths.values()))
     if y is not None:
-        y = _labels(y, len(x), name)
-    return Dataset(x, y, name)
+        y = _labels(y, n, name)
+    return Dataset(arrays, y, name)
 
 
-def _numeric(a: Any, what: str, name: str) -> np.ndarray:
+def _numeric(a: Any, what: str, name: str, allow_bool: bool = False) -> np.ndarray:
     try:
         arr = np.asarray(a)
     except ValueError as exc:  # ragged nested lists
         raise DataError(f"{name}: {what} is not a rectangular array ({exc})") from exc
+    if arr.dtype == np.bool_ and allow_bool:
+        return arr
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise DataError(f"{name}: {what} has dtype {arr.dtype}; it must be numeric (integers or floats)")
     return arr
 
 
 def _labels(y: Any, n: int, name: str) -> np.ndarray:
-    y = _numeric(y, "y", name)
-    if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
-        raise DataError(f"{name}: labels y must be 1-D class indices, got shape {y.shape}")
-    y = y.reshape(-1)
+    """Labels of any dtype numpy saves without pickle, one row per sample.
+
+    Integer (and integer-valued float) 1-D labels are class indices, as int64; anything else
+    (fractional floats, strings, boxes) is kept as it is, for a metric only."""
+    try:
+        y = np.asarray(y)
+    except ValueError as exc:
+        raise DataError(f"{name}: labels y are not a rectangular array ({exc})") from exc
+    if y.dtype == object or y.dtype.kind == "V":
+        raise DataError(f"{name}: labels y have dtype {y.dtype}; give numbers or fixed-width strings")
+    if y.ndim == 0:
+        raise DataError(f"{name}: labels y are a scalar; they need one row per sample")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
     if len(y) != n:
         raise DataError(f"{name}: {n} inputs but {len(y)} labels")
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DataError(f"{name}: labels y must be integer class indices, got non-integer values")
-    return y.astype(np.int64)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    return y
 
 
 def _fmt_shape(shape: Sequence) -> str:
@@ -401,47 +451,145 @@ def _fmt_shape(shape: Sequence) -> str:
     return "(" + ", ".join(dims) + ")"
 
 
-def _check_shape(name: str, got: Sequence[int], want: Sequence) -> None:
+def _fits_shape(got: Sequence[int], want: Sequence) -> bool:
     """Equal rank and every fixed non-batch model dim equal; symbolic dims (str/None/<=0) match anything."""
-    fits = len(want) == len(got) and all(
+    return len(want) == len(got) and all(
         not (isinstance(w, int) and w > 0) or w == g for w, g in zip(list(want)[1:], list(got)[1:])
     )
-    if not fits:
+
+
+def _check_shape(name: str, got: Sequence[int], want: Sequence) -> None:
+    if not _fits_shape(got, want):
         raise DataError(
             f"data {name!r} does not fit the model: expected input shape {_fmt_shape(want)}, "
             f"got {_fmt_shape((None,) + tuple(got[1:]))}"
         )
 
 
-def check_fits(
-    ds: Dataset, model_input_shape: Sequence, model_input_dtype: Any = None, num_classes: int | None = None
-) -> Dataset:
-    """Raise DataError unless `ds` fits the model; return it with x cast to the model's dtype.
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input as data must feed it: name, dims (ints fixed; str/None/<=0 symbolic) and numpy dtype."""
 
-    model_input_shape: the model's input dims; ints are fixed, str/None/<=0 are symbolic. The
-        batch axis is free (a fixed batch is handled by the runner).
-    model_input_dtype: numpy dtype-like (None means float32). float64 narrows to float32 and
-        integers widen silently; floats into an integer input are refused.
-    num_classes: when given, labels must lie in [0, num_classes).
+    name: str
+    shape: tuple
+    dtype: np.dtype
+
+
+_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+                  onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT8: np.int8,
+                  onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
+                  onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32,
+                  onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.INT64: np.int64,
+                  onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.BOOL: np.bool_}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller feeds (graph inputs that are not initializers), in graph order."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(i.name, dims, np.dtype(_ONNX_TO_NUMPY.get(tt.elem_type, np.float32))))
+    return specs
+
+
+def _match_inputs(ds: Dataset, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """The dataset's arrays keyed by the graph's input names, in graph order (a single input may go by `x`)."""
+    have = ds.inputs
+    if len(specs) == 1:
+        want = specs[0].name
+        if want in have:
+            key = want
+        elif SINGLE_INPUT in have:
+            key = SINGLE_INPUT
+        else:
+            raise DataError(f"data {ds.name!r} has no array 'x' (or {want!r}, the model's input name) "
+                            f"(found: {', '.join(have)}); save the inputs as x= and labels as y=")
+        ignored = sorted(set(have) - {key})
+        if ignored:
+            log.warning("%s: array(s) %s are no model input; ignored", ds.name, ", ".join(ignored))
+        return {want: have[key]}
+    missing = [s.name for s in specs if s.name not in have]
+    if missing:
+        raise DataError(f"data {ds.name!r} has no array {missing[0]!r} for the model input of that name "
+                        f"(found: {', '.join(have)}; the model takes {', '.join(s.name for s in specs)}); "
+                        "save one array per input, named after it")
+    ignored = sorted(set(have) - {s.name for s in specs})
+    if ignored:
+        log.warning("%s: array(s) %s are no model input; ignored", ds.name, ", ".join(ignored))
+    return {s.name: have[s.name] for s in specs}
+
+
+def _cast_input(a: np.ndarray, spec: InputSpec, name: str, what: str) -> np.ndarray:
+    """`a` as the input's dtype: floats narrow, integers widen or narrow when their values fit; floats into
+    integers (token ids, masks) are refused, never rounded."""
+    want = spec.dtype
+    if a.dtype == want:
+        return a
+    if want.kind == "f":
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"data {name!r}: {what} is {a.dtype} but the model takes {want}")
+        if a.dtype.kind != "f":
+            log.info("casting %s %s from %s to %s", name, what, a.dtype, want)
+        return a.astype(want)
+    if want.kind in "iub" and a.dtype.kind in "iub":
+        if a.size and want.kind != "b":
+            info = np.iinfo(want)
+            lo, hi = int(a.min()), int(a.max())
+            if lo < info.min or hi > info.max:
+                raise DataError(f"data {name!r}: {what} holds values in [{lo}, {hi}], outside the model's {want}")
+        elif a.size and want.kind == "b" and not np.isin(a, (0, 1)).all():
+            raise DataError(f"data {name!r}: {what} is {a.dtype} with values other than 0/1 but the model takes bool")
+        return a.astype(want)
+    kind = "integer" if want.kind in "iu" else "boolean"
+    raise DataError(f"data {name!r}: {what} is {a.dtype} but the model takes {want}; give {kind} data")
+
+
+def check_fits(
+    ds: Dataset, model_inputs: Sequence, model_input_dtype: Any = None, num_classes: int | None = None
+) -> Dataset:
+    """Raise DataError unless `ds` fits the model; return it keyed by the model's input names, cast to their dtypes.
+
+    model_inputs: the model's InputSpecs (graph_inputs / OrtRunner.input_specs), or, for a
+        single-input model, its dims (ints fixed, str/None/<=0 symbolic) with `model_input_dtype`
+        (None: float32). The batch axis is free (a fixed batch is handled by the runner).
+        float64 narrows to float32, integers go into float inputs; floats into an integer input
+        are refused.
+    num_classes: when given, class labels must lie in [0, num_classes).
     """
-    x = _numeric(ds.x, "x", ds.name)
-    _check_shape(ds.name, x.shape, model_input_shape)
-    want = np.dtype(np.float32 if model_input_dtype is None else model_input_dtype)
-    if x.dtype != want:
-        if np.issubdtype(want, np.integer) and not np.issubdtype(x.dtype, np.integer):
-            raise DataError(f"data {ds.name!r} is {x.dtype} but the model takes {want}; give integer data")
-        if np.issubdtype(x.dtype, np.integer) and np.issubdtype(want, np.floating):
-            log.info("casting %s input %s to %s", ds.name, x.dtype, want)
-        x = x.astype(want)
+    if model_inputs and all(isinstance(s, InputSpec) for s in model_inputs):
+        specs = list(model_inputs)
+    else:
+        specs = [InputSpec(next(iter(ds.inputs)) if len(ds.inputs) == 1 else SINGLE_INPUT, tuple(model_inputs),
+                           np.dtype(np.float32 if model_input_dtype is None else model_input_dtype))]
+    matched = _match_inputs(ds, specs)
+    arrays = {}
+    for spec in specs:
+        what = "x" if len(specs) == 1 else f"input {spec.name!r}"
+        a = _numeric(matched[spec.name], what, ds.name, allow_bool=spec.dtype.kind == "b")
+        if len(specs) == 1:
+            _check_shape(ds.name, a.shape, spec.shape)
+        elif not _fits_shape(a.shape, spec.shape):
+            raise DataError(f"data {ds.name!r} does not fit the model: input {spec.name!r} expects shape "
+                            f"{_fmt_shape(spec.shape)}, got {_fmt_shape((None,) + tuple(a.shape[1:]))}")
+        arrays[spec.name] = _cast_input(a, spec, ds.name, what)
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"data {ds.name!r}: input arrays differ in length "
+                        f"({', '.join(f'{k} {n}' for k, n in lengths.items())})")
     y = ds.y
     if y is not None:
-        y = _labels(y, len(x), ds.name)
-        if num_classes is not None and len(y):
+        y = _labels(y, len(next(iter(arrays.values()))), ds.name)
+        if num_classes is not None and len(y) and is_class_labels(y):
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
                 raise DataError(
                     f"data {ds.name!r} has labels in [{lo}, {hi}] but the model has {num_classes} outputs (0..{num_classes - 1})"
                 )
-    if x is ds.x and y is ds.y:
+    same = list(arrays) == list(ds.inputs) and all(arrays[k] is ds.inputs[k] for k in arrays)
+    if same and y is ds.y:
         return ds
-    return Dataset(x, y, ds.name)
+    return Dataset(arrays, y, ds.name, ds.preprocessing)

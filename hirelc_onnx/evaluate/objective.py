@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hirelc_onnx.errors import DataError, UserError
+from hirelc_onnx.evaluate.data import is_class_labels
 from hirelc_onnx.evaluate.metrics import call_metric, cross_entropy, load_metric, top1_accuracy
 from hirelc_onnx.evaluate.output_kinds import KINDS, resolve_kinds
 
@@ -29,10 +30,8 @@ METRIC_MODES = ("max", "min")
 
 def class_labels(labels: Any, classes: int | None) -> bool:
     """True when `labels` are class indices (integers, one per sample) in [0, classes)."""
-    if labels is None:
-        return False
-    y = np.asarray(labels)
-    if y.dtype.kind not in "iu" or not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)) or y.size == 0:
+    y = None if labels is None else np.asarray(labels)
+    if not is_class_labels(y) or y.size == 0:
         return False
     return classes is None or (int(y.min()) >= 0 and int(y.max()) < classes)
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset
-from hirelc_onnx.evaluate.loaders import check_fits
+from hirelc_onnx.evaluate.loaders import InputSpec, check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
 from hirelc_onnx.evaluate.output_kinds import classify, fidelity_of
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
@@ -49,6 +49,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+Inputs = Union[np.ndarray, Mapping[str, np.ndarray], Dataset]
+"""What prediction takes: one array (a single-input model), one array per input name, or a Dataset."""
 
 _OPT_LEVELS = {
     "disabled": "ORT_DISABLE_ALL",
@@ -140,6 +142,8 @@ class OrtRunner:
         self.input_name: str = first.name
         self.input_shape: tuple = tuple(first.shape)
         self.input_dtype = np.dtype(_ORT_DTYPES.get(first.type, np.float32))
+        self.input_specs: list[InputSpec] = [
+            InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_DTYPES.get(i.type, np.float32))) for i in self.inputs]
         self.output_name: str = self.outputs[0].name
         last = self.outputs[0].shape[-1] if self.outputs[0].shape else None
         class_scores = classify(self.outputs[0].shape) == "class-scores"  # else labels are not its class indices
@@ -152,11 +156,26 @@ class OrtRunner:
         return d if isinstance(d, int) and d > 0 else None
 
     def fit(self, ds: Dataset) -> Dataset:
-        """The dataset checked against (and cast to) this model's single input; DataError if not."""
-        if len(self.inputs) != 1:
-            names = ", ".join(i.name for i in self.inputs)
-            raise DataError(f"{self.label} has {len(self.inputs)} inputs ({names}); evaluation feeds single-input models")
-        return check_fits(ds, self.input_shape, self.input_dtype, self.num_classes)
+        """The dataset checked against (and cast to) this model's inputs, keyed by their names; DataError if not."""
+        return check_fits(ds, self.input_specs, None, self.num_classes)
+
+    def feed_arrays(self, inputs: Inputs) -> dict[str, np.ndarray]:
+        """`inputs` keyed by this model's input names, in its order, dtypes untouched (ids stay integers).
+
+        One array, or a mapping holding one array, feeds a single-input model whatever its key."""
+        if isinstance(inputs, Dataset):
+            inputs = inputs.inputs
+        names = [i.name for i in self.inputs]
+        if not isinstance(inputs, Mapping):
+            if len(names) != 1:
+                raise DataError(f"{self.label} has {len(names)} inputs ({', '.join(names)}); give one array per input")
+            return {names[0]: np.asarray(inputs)}
+        if len(names) == 1 and len(inputs) == 1:
+            return {names[0]: np.asarray(next(iter(inputs.values())))}
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise DataError(f"{self.label}: no array for input {missing[0]!r} (given: {', '.join(inputs)})")
+        return {n: np.asarray(inputs[n]) for n in names}
 
     def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """All outputs for one feed; ORT failures become a one-line DataError."""
@@ -165,36 +184,40 @@ class OrtRunner:
         except Exception as exc:  # ORT's pybind errors share no base class below Exception
             raise DataError(f"ONNX Runtime failed running {self.label}: {_one_line(exc)}") from exc
 
-    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """First-output logits for every row of `x`; a fixed-batch model gets padded batches."""
+    def predict(self, x: Inputs, batch_size: int = 64) -> np.ndarray:
+        """First-output logits for every row of `x` (see feed_arrays); a fixed-batch model gets padded batches."""
         return self.predict_outputs(x, batch_size, [self.output_name])[0]
 
-    def predict_outputs(self, x: np.ndarray, batch_size: int = 64, names: Sequence[str] | None = None) -> list[np.ndarray]:
+    def predict_outputs(self, x: Inputs, batch_size: int = 64, names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Every output (or those `names`) for every row of `x`, one array per output."""
         names = [o.name for o in self.outputs] if names is None else list(names)
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
-        x = np.asarray(x)
-        if len(x) == 0:
+        feed = self.feed_arrays(x)
+        total = len(next(iter(feed.values())))
+        if total == 0:
             raise DataError("no inputs to predict")
         fixed = self.fixed_batch
         bs = fixed or batch_size
         outs = []
-        for i in range(0, len(x), bs):
-            xb = x[i : i + bs]
-            n = len(xb)
+        for i in range(0, total, bs):
+            batch = {k: v[i : i + bs] for k, v in feed.items()}
+            n = len(next(iter(batch.values())))
             if fixed and n < fixed:
-                xb = np.concatenate([xb, np.zeros((fixed - n,) + xb.shape[1:], xb.dtype)])
+                batch = {k: np.concatenate([v, np.repeat(v[-1:], fixed - n, axis=0)]) for k, v in batch.items()}
             try:
-                out = self.session.run(names, {self.input_name: xb})
+                out = self.session.run(names, batch)
             except Exception as exc:  # ORT's pybind errors share no base class below Exception
                 raise DataError(f"ONNX Runtime failed running {self.label} on rows {i}..{i + n - 1}: {_one_line(exc)}") from exc
             outs.append([o[:n] for o in out])
         return [np.concatenate(parts) for parts in zip(*outs)]
 
-    def feed_shapes(self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
-        """Concrete shapes for every input: batch dims filled, other symbolic dims from `input_shapes`."""
+    def feed_shapes(self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                    sample_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes for every input: batch dims filled, other symbolic dims from `input_shapes`
+        (full shapes, used as given) or `sample_shapes` (one sample's dims, e.g. the data's)."""
         input_shapes = input_shapes or {}
+        sample_shapes = sample_shapes or {}
         unknown = sorted(set(input_shapes) - {i.name for i in self.inputs})
         if unknown:
             names = ", ".join(i.name for i in self.inputs)
@@ -203,6 +226,15 @@ class OrtRunner:
         for inp in self.inputs:
             if inp.name in input_shapes:
                 shapes[inp.name] = tuple(int(d) for d in input_shapes[inp.name])
+                continue
+            sample = sample_shapes.get(inp.name)
+            if sample is not None and len(sample) == len(inp.shape) - 1:
+                first = inp.shape[0] if inp.shape else None
+                if isinstance(first, int) and first > 0 and first != batch_size:
+                    raise DataError(
+                        f"{self.label} has a fixed batch size of {first} (input {inp.name!r}); measure it at batch size {first}"
+                    )
+                shapes[inp.name] = (batch_size,) + tuple(int(d) for d in sample)
                 continue
             dims = []
             for axis, d in enumerate(inp.shape):
@@ -224,11 +256,12 @@ class OrtRunner:
         return shapes
 
     def random_feed(
-        self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
+        self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+        sample_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Standard-normal floats (zeros for integer inputs, which are often indices) of the feed shapes."""
         rng = np.random.default_rng(seed)
-        shapes = self.feed_shapes(batch_size, input_shapes)
+        shapes = self.feed_shapes(batch_size, input_shapes, sample_shapes)
         feed = {}
         for inp in self.inputs:
             shape = shapes[inp.name]
@@ -275,12 +308,12 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def predict(model: ModelLike, x: np.ndarray, batch_size: int = 64, config: SessionConfig | None = None) -> np.ndarray:
-    """Logits (first output) of `model` on `x`, batch by batch."""
+def predict(model: ModelLike, x: Inputs, batch_size: int = 64, config: SessionConfig | None = None) -> np.ndarray:
+    """Logits (first output) of `model` on `x` (one array, one per input name, or a Dataset), batch by batch."""
     return get_runner(model, config).predict(x, batch_size)
 
 
-def predict_outputs(model: ModelLike, x: np.ndarray, batch_size: int = 64,
+def predict_outputs(model: ModelLike, x: Inputs, batch_size: int = 64,
                     config: SessionConfig | None = None) -> list[np.ndarray]:
     """Every output of `model` on `x`, one array per graph output, batch by batch."""
     return get_runner(model, config).predict_outputs(x, batch_size)
@@ -302,22 +335,23 @@ def evaluate(
     """
     runner = get_runner(model, config)
     ds = runner.fit(dataset)
-    logits = runner.predict(ds.x, batch_size)
+    logits = runner.predict(ds, batch_size)
     out: dict[str, float] = {"n": len(ds)}
-    classes = classify(None, logits) == "class-scores"  # labels of other outputs are for --metric only
-    if ds.y is not None and classes:
-        out["accuracy"] = top1_accuracy(logits, ds.y)
+    kind_ok = classify(None, logits) == "class-scores"  # labels of other outputs are for --metric only
+    classes = ds.classes if kind_ok else None
+    if classes is not None:
+        out["accuracy"] = top1_accuracy(logits, classes)
     ref_logits = None
     if reference is not None:
         if isinstance(reference, np.ndarray):
             ref_logits = reference
         else:
             ref_runner = get_runner(reference, config)
-            ref_logits = ref_runner.predict(ref_runner.fit(dataset).x, batch_size)
+            ref_logits = ref_runner.predict(ref_runner.fit(dataset), batch_size)
         kind = classify(None, ref_logits)  # per-position scores and maps are compared as their kind is
         out.update(fidelity(logits, ref_logits) if kind == "class-scores" else fidelity_of(logits, ref_logits, kind))
-        if ds.y is not None and classes:
-            out["reference_accuracy"] = top1_accuracy(ref_logits, ds.y)
+        if classes is not None:
+            out["reference_accuracy"] = top1_accuracy(ref_logits, classes)
     for spec in metrics:
         target = ds.y if ds.y is not None else ref_logits
         if target is None:
@@ -347,12 +381,16 @@ def benchmark_side_by_side(
     runs: int = 30,
     config: SessionConfig | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    sample_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, float]]:
-    """Latency of several models, runs interleaved so machine-load drift hits them all alike."""
+    """Latency of several models, runs interleaved so machine-load drift hits them all alike.
+
+    input_shapes: full shapes of inputs with symbolic dims; sample_shapes: one sample's dims per
+    input (the data's), the batch axis filled with `batch_size`."""
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise UserError(f"need runs >= 1, warmup >= 0 and batch size >= 1 (got {runs}, {warmup}, {batch_size})")
     runners = [get_runner(m, config) for m in models]
-    feeds = [r.random_feed(batch_size, input_shapes) for r in runners]
+    feeds = [r.random_feed(batch_size, input_shapes, sample_shapes=sample_shapes) for r in runners]
     for r, f in zip(runners, feeds):
         for _ in range(max(1, warmup)):
             r.run(f)  # first run checks the feed and surfaces errors in one line

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -10,10 +11,10 @@ import onnx
 from hirelc_onnx.errors import NothingToCompressError
 from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, embedding_table_input,
                                    kernel_weight_input, node_attr, tensor_shapes)
-from passes.normalize import normalize, opset_of
+from passes.normalize import infer_shapes, normalize, opset_of
 from passes.storage import tensor_nbytes
 
-__all__ = ["Kernel", "Block", "BlockGraph", "build_block_graph", "MAX_BLOCK_KERNELS"]
+__all__ = ["Kernel", "Block", "BlockGraph", "build_block_graph", "with_input_dims", "MAX_BLOCK_KERNELS"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,27 @@ def build_block_graph(model: onnx.ModelProto, *, normalized: bool = False) -> Bl
         initializer_bytes={t.name: tensor_nbytes(t) for t in norm.graph.initializer},
         structure_bytes=_structure_bytes(norm),
     )
+
+
+def with_input_dims(bg: BlockGraph, sample_shapes: Mapping[str, Sequence[int]]) -> BlockGraph:
+    """`bg` with every kernel's MACs counted at one sample's input dims (the data's, or --input-shape)
+    where the model leaves them symbolic; `bg.model` itself keeps its symbolic dims."""
+    todo = {name: tuple(int(d) for d in dims) for name, dims in sample_shapes.items()
+            if name in bg.input_shapes and len(dims) == len(bg.input_shapes[name]) - 1
+            and any(not (isinstance(d, int) and d > 0) for d in bg.input_shapes[name][1:])}
+    if not todo:
+        return bg
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(bg.model)
+    for inp in fixed.graph.input:
+        if inp.name in todo:
+            for d, value in zip(list(inp.type.tensor_type.shape.dim)[1:], todo[inp.name]):
+                d.dim_value = value
+    shapes = tensor_shapes(infer_shapes(fixed))
+    nodes = {n.name: n for n in bg.model.graph.node}
+    kernels = {name: replace(k, macs=int(_kernel_geometry(nodes[name], list(k.weight_shape), shapes)[1]))
+               for name, k in bg.kernels.items()}
+    return replace(bg, kernels=kernels)
 
 
 def _structure_bytes(model: onnx.ModelProto) -> int:

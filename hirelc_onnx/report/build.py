@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,17 @@ from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
 from passes.storage import initializer_nbytes
 
-__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions"]
+__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE"]
 
 
 def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os.PathLike, result: MethodResult,
                  ctx: SearchContext | None, *, method: str, target: str, budget: float | None,
-                 max_drop: float | None, seconds: float, latency_runs: int = 20) -> dict:
-    """Measure the emitted model and assemble the report (all figures from the emitted model)."""
+                 max_drop: float | None, seconds: float, latency_runs: int = 20,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, data: dict | None = None) -> dict:
+    """Measure the emitted model and assemble the report (all figures from the emitted model).
+
+    input_shapes: one sample's dims per input (from the data, or --input-shape): they fill the
+    symbolic dims of the latency feeds. data: what compress read (source, preprocessing, labels)."""
     emitted = result.model
     file_bytes = len(emitted.SerializeToString())
     original_file = Path(model_path).stat().st_size
@@ -48,6 +53,7 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os
                   "macs": bg.total_macs, "blocks": len(bg.blocks)},
         "size": size,
         "goal": {"budget_met": None if budget is None else size["ratio"] >= budget - 1e-9},
+        "data": data,
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
@@ -56,16 +62,21 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os
     }
     if ctx is not None:
         test, objective = ctx.splits.test, ctx.objective
-        ref, outputs = ctx.reference(test), predict_outputs(emitted, test.x)
+        ref, outputs = ctx.reference(test), predict_outputs(emitted, test)
         fp32_test, comp_test = ctx.score(ref, test), ctx.score(outputs, test)
+
         def shown(score: float | None) -> float | None:  # a --metric-mode min metric: shown as itself, searched negated
             return score if score is None else objective.value(score)
 
         report["history"] = [{**h, "score": shown(h["score"])} if isinstance(h.get("score"), (int, float)) else h
                              for h in result.history]
+        n = len(test)
         report["accuracy"] = {
-            "metric": objective.name(test.y is not None),
-            "split": "test (held out, never seen by the search)", "n": len(test),
+            "metric": objective.name(test.classes is not None) + (" on synthesised inputs" if ctx.data_free else ""),
+            "split": "test (held out, never seen by the search)", "n": n,
+            "points_per_sample": 100.0 / max(n, 1), "sample_warning": sample_warning(n),
+            "task_accuracy_measured": objective.uses_labels and test.y is not None and not ctx.data_free,
+            "data_free_note": DATA_FREE_NOTE if ctx.data_free else None,
             "fp32": shown(fp32_test), "compressed": shown(comp_test),
             # points of the metric's own units (x100) it got worse by, whichever way it is better
             "drop_points": 100.0 * (fp32_test - comp_test),
@@ -78,21 +89,38 @@ def build_report(bg: BlockGraph, original: onnx.ModelProto, model_path: str | os
         if max_drop is not None:
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
         report["baselines"] = reference_points(bg, ctx, target)
-    report["latency"] = _latency(bg.model, emitted, latency_runs)
+    report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
     report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
     return report
 
 
+DATA_FREE_NOTE = ("no --data: task accuracy was NOT measured; inputs were synthesised from the graph and the "
+                  "score is fidelity to the fp32 model, with no fine-tuning. --data gives better results.")
+"""What the report and the printed summary say about a data-free run."""
+
+
+def sample_warning(n: int) -> str | None:
+    """A warning when one test sample is worth more than half a point (n < 200), else None."""
+    if n >= 200:
+        return None
+    return (f"the test score rests on {n} samples: one sample is worth {100.0 / max(n, 1):.2f} points; "
+            "differences of a few points are noise (give more data)")
+
+
 def _per_node(fp32: onnx.ModelProto, emitted: onnx.ModelProto, ctx: SearchContext | None, runs: int) -> dict:
-    """What ORT ran for each compressed kernel, its time and output SNR against fp32 (calibration rows
-    when there is data, random input otherwise); an error says why not."""
+    """What ORT ran for each compressed kernel, its time and output SNR against fp32 (calibration rows,
+    synthesised ones in a data-free run, at the data's shapes); an error says why not."""
     try:
         feed = ctx.calib_batches[0] if ctx is not None and ctx.calib_batches else \
             get_runner(fp32).random_feed(1, seed=0)
+        fixed = get_runner(fp32).fixed_batch
+        if fixed:  # a model exported for batch 1 takes exactly that many rows
+            feed = {k: v[:fixed] for k, v in feed.items()}
         rows = per_node_rows(emitted, feed, reference=fp32, runs=runs)
     except UserError as exc:
         return {"error": str(exc)}
-    return {"input": "calibration rows" if ctx is not None else "random input", "rows": [r.as_dict() for r in rows]}
+    source = "random input" if ctx is None else "synthesised inputs" if ctx.data_free else "calibration rows"
+    return {"input": source, "rows": [r.as_dict() for r in rows]}
 
 
 def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: onnx.ModelProto,
@@ -127,12 +155,16 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
     return points
 
 
-def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int) -> dict:
-    """Median ORT latency of both models at batch 1 and 32, timed interleaved (an error says why not)."""
+def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
+             input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """Median ORT latency of both models at batch 1 and 32 (a fixed-batch model: its batch), timed
+    interleaved; symbolic dims from `input_shapes` (one sample's dims). An error says why not."""
     latency = {}
-    for batch in (1, 32):
+    fixed = get_runner(fp32).fixed_batch
+    for batch in (fixed,) if fixed else (1, 32):
         try:
-            fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3)
+            fp, comp = benchmark_side_by_side([fp32, emitted], batch_size=batch, runs=runs, warmup=3,
+                                              sample_shapes=input_shapes)
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue

@@ -119,7 +119,12 @@ def render_html(report: dict) -> str:
     if acc:
         summary += [{"figure": f"{acc['metric']} fp32 (test)", "value": acc["fp32"]},
                     {"figure": f"{acc['metric']} compressed (test)", "value": acc["compressed"]},
-                    {"figure": "drop (points)", "value": acc["drop_points"]}]
+                    {"figure": "drop (points)", "value": acc["drop_points"]},
+                    {"figure": "test samples the score rests on", "value": acc.get("n")}]
+    notes = [n for n in ((acc or {}).get("sample_warning"), (acc or {}).get("data_free_note")) if n]
+    data = report.get("data") or {}
+    if data.get("preprocessing"):
+        notes.append(f"data: {data.get('source') or 'synthesised'}; preprocessing {data['preprocessing']}")
     for key, v in lat.items():
         if "speedup" in v:
             summary.append({"figure": f"latency {key} fp32 / compressed (ms)",
@@ -137,6 +142,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <p>target <b>{html.escape(report['target'])}</b>, budget {report.get('budget')}, goal {html.escape(str(report.get('goal')))}</p>
 {_table(summary, ['figure', 'value'])}
 {outputs_html}
+{"".join(f"<p><b>{html.escape(str(n))}</b></p>" for n in notes)}
 {plots}
 <h2>Per kernel</h2>{_table(report.get('kernels', []), cols)}
 {_per_node_section(report.get('per_node') or {})}

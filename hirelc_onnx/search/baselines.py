@@ -24,7 +24,6 @@ import onnx
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair

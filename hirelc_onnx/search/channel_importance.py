@@ -56,7 +56,8 @@ def channel_rankings(bg: BlockGraph, ctx: SearchContext, obs: GraphObservation, 
         data = ctx.splits.finetune
         rows = np.sort(np.random.default_rng(seed).choice(len(data), min(samples, len(data)), replace=False))
         try:
-            fisher = scorer.channel_importance(data.x[rows], None if data.y is None else data.y[rows])
+            classes = data.classes
+            fisher = scorer.channel_importance(data.rows(rows), None if classes is None else classes[rows])
             return {"l1+group-fisher": [scaled_ranks(a) + scaled_ranks(b) for a, b in zip(l1, fisher)],
                     "group-fisher": fisher}
         except RuntimeError as exc:  # a converted op without a backward: rank by magnitude instead

@@ -10,7 +10,10 @@ the fp32 reference outputs, and the three ways to judge a config:
                        quantize, and measure the score on the validation split through ORT.
 The score is the run's `Objective` (evaluate/objective.py): the user's --metric when given, else
 top-1 accuracy with class labels, else each output kind's agreement with the fp32 model (the worst
-output's, relative to fp32, for a multi-output model).
+output's, relative to fp32, for a multi-output model). Labels that are not class indices of a
+class-score output -- strings, floats, boxes -- are for a metric only: the score is then label-free
+too. Inputs travel as one array per graph input, keyed by the input's name; token ids and masks
+stay integers. A data-free context (`data_free`) holds inputs synthesised from the graph.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
+from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs
 from hirelc_onnx.evaluate.objective import Objective
 from hirelc_onnx.evaluate.runner import predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
@@ -60,11 +64,17 @@ class SearchContext:
 
     def __init__(self, bg: BlockGraph, splits: Splits, target: str = "storage", *, proxy_size: int = 256,
                  finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64,
-                 finetune_epochs: int | None = None, output_kind: str | dict | None = None,
+                 finetune_epochs: int | None = None, data_free: bool = False, output_kind: str | dict | None = None,
                  metric: str | None = None, metric_mode: str = "max") -> None:
         """output_kind / metric / metric_mode: how outputs are scored (evaluate/objective.py: Objective.build)."""
         self.bg = bg
+        specs = graph_inputs(bg.model)
+        # every split keyed by the graph's input names (a single-input dataset's `x` renamed), cast to
+        # the inputs' dtypes: calibration feeds, the bridge and ORT all take them as they are
+        splits = Splits(*(check_fits(part, specs) for part in (splits.calib, splits.finetune, splits.val, splits.test)))
         self.splits = splits
+        self.data_free = data_free
+        """True when the data were synthesised from the graph (no --data): the score is fidelity only."""
         self.target = target
         self.seed = seed
         self.finetune_seconds = finetune_seconds
@@ -72,15 +82,18 @@ class SearchContext:
         # a run is repeatable (the clock makes results move with machine load)
         self.finetune_epochs = finetune_epochs
         self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
-        self.labelled = splits.val.y is not None
-        self.input_name = bg.model.graph.input[0].name
+        self.labelled = splits.val.classes is not None
+        if splits.val.y is not None and not self.labelled and metric is None:
+            log.warning("labels of %s are %s, not class indices: they are for a metric only; the search scores "
+                     "fidelity to the fp32 model (label-free)", splits.val.name, splits.val.y.dtype)
+        self.input_names = [spec.name for spec in specs]
         rng = np.random.default_rng(seed)
         pool = splits.calib if len(splits.calib) else splits.finetune
         take = rng.choice(len(pool), min(proxy_size, len(pool)), replace=False)
-        self.proxy_x = pool.x[np.sort(take)]
-        self.calib_batches = [{self.input_name: pool.x[i: i + 32]} for i in range(0, min(len(pool), calib_size), 32)]
-        self.proxy_ref = predict_outputs(bg.model, self.proxy_x)
-        self.val_ref = predict_outputs(bg.model, splits.val.x)
+        self.proxy_inputs: dict[str, np.ndarray] = pool.rows(np.sort(take))
+        self.calib_batches = [pool.rows(slice(i, i + 32)) for i in range(0, min(len(pool), calib_size), 32)]
+        self.proxy_ref = predict_outputs(bg.model, self.proxy_inputs)
+        self.val_ref = predict_outputs(bg.model, splits.val)
         graph_outputs = bg.model.graph.output
         shapes = [[d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
                   for o in graph_outputs]
@@ -100,7 +113,7 @@ class SearchContext:
 
     def proxy_of(self, model: onnx.ModelProto) -> Proxy:
         """The proxy figures of an already rewritten model on the proxy batch."""
-        return Proxy(*self.objective.proxy(predict_outputs(model, self.proxy_x), self.proxy_ref))
+        return Proxy(*self.objective.proxy(predict_outputs(model, self.proxy_inputs), self.proxy_ref))
 
     def score(self, outputs: np.ndarray | list[np.ndarray], ds: Dataset) -> float:
         """The objective of `outputs` (one array, or one per graph output) on `ds`'s rows."""
@@ -108,12 +121,12 @@ class SearchContext:
 
     def score_model(self, model: onnx.ModelProto, ds: Dataset) -> float:
         """`model`'s objective on `ds` through ORT."""
-        return self.score(predict_outputs(model, ds.x), ds)
+        return self.score(predict_outputs(model, ds), ds)
 
     def reference(self, ds: Dataset) -> list[np.ndarray]:
         """The fp32 model's outputs on `ds` (computed once per split)."""
         if id(ds) not in self._refs:
-            self._refs[id(ds)] = (ds, predict_outputs(self.bg.model, ds.x))
+            self._refs[id(ds)] = (ds, predict_outputs(self.bg.model, ds))
         return self._refs[id(ds)][1]
 
     def measure(self, config: CompressionConfig, keep=None, finetune_seconds: float | None = None) -> Measurement:
@@ -135,6 +148,11 @@ class SearchContext:
     def test_score(self, model: onnx.ModelProto) -> float:
         """Score on the held-out test split (the final report only)."""
         return self.score_model(model, self.splits.test)
+
+    @property
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sample's dims per input, from the data: what fills a symbolic dim when timing the model."""
+        return self.splits.val.sample_shapes
 
     # --- helpers -----------------------------------------------------------------------
     def _targeted(self, config: CompressionConfig) -> CompressionConfig:

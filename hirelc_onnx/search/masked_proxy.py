@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -59,13 +60,13 @@ class MaskedProxy:
     was 0.94 for the recalibrated score and 0.66 for the raw one.
     """
 
-    def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray, recalibrate: bool = True,
-                 objective: Objective | None = None) -> None:
+    def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray | Mapping[str, np.ndarray],
+                 recalibrate: bool = True, objective: Objective | None = None) -> None:
         """objective: how outputs are compared (the context's); None: every output by its classified kind."""
-        from hirelc_onnx.bridge.convert import to_torch
+        from hirelc_onnx.bridge.convert import to_torch, torch_inputs
 
         self.module = to_torch(bg.model)
-        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.x = torch_inputs(x)  # the proxy batch, one tensor per graph input (ids stay integers)
         self.recalibrate = recalibrate
         self.lengths = obs.lengths.astype(int)
         self.column = {gid: j for j, gid in enumerate(obs.groups)}
@@ -91,7 +92,7 @@ class MaskedProxy:
         for i, (sub, *_) in enumerate(self.hooked):
             sub.register_forward_hook(functools.partial(self._hook, i))
         with torch.no_grad():
-            self.ref = _numpy_outputs(self.module(self.x))
+            self.ref = _numpy_outputs(self.module(*self.x))
         if objective is None:  # no run's objective: every output by its kind, labels given to it are class indices
             kinds = tuple(classify(None, r) for r in self.ref)
             objective = Objective(tuple(o.name for o in bg.model.graph.output), kinds,
@@ -124,7 +125,7 @@ class MaskedProxy:
         keep = self._positions(cmap, cols)
         return output if keep is None else output * keep.view(shape)
 
-    def channel_importance(self, x: np.ndarray, labels: np.ndarray | None = None,
+    def channel_importance(self, x: np.ndarray | Mapping[str, np.ndarray], labels: np.ndarray | None = None,
                            chunk: int = 64) -> list[np.ndarray]:
         """Group Fisher importance of every decided channel (one array per decided group).
 
@@ -135,23 +136,28 @@ class MaskedProxy:
         from removing the channel, on one scale across groups. Loss: cross-entropy with `labels`,
         else with the fp32 model's own argmax. Computed unpruned and without recalibration.
         """
+        from hirelc_onnx.bridge.convert import torch_inputs
+
         sums = [np.zeros(n) for n in self.lengths]
+        inputs = torch_inputs(x)
+        n_rows = len(inputs[0])
         recalibrate, self.recalibrate = self.recalibrate, False
         try:
-            for start in range(0, len(x), chunk):
-                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + chunk])).requires_grad_(True)
+            for start in range(0, n_rows, chunk):
+                xb = [t[start:start + chunk] for t in inputs]
+                xb = [t.requires_grad_(True) if t.is_floating_point() else t for t in xb]
                 self._taps = []
-                out = self.module(xb)
+                out = self.module(*xb)
                 taps, self._taps = self._taps, None
                 if not taps:
                     break
                 loss = self._fisher_loss(out, None if labels is None else labels[start:start + chunk])
                 grads = torch.autograd.grad(loss, [out for _, out in taps])
-                for col, ps in enumerate(self._per_sample(taps, grads, len(xb))):
+                for col, ps in enumerate(self._per_sample(taps, grads, len(xb[0]))):
                     sums[col] += (ps ** 2).sum(axis=0)
         finally:
             self._taps, self.recalibrate = None, recalibrate
-        return [s / max(len(x), 1) for s in sums]
+        return [s / max(n_rows, 1) for s in sums]
 
     def _per_sample(self, taps: list[tuple[int, torch.Tensor]], grads, batch: int) -> list[np.ndarray]:
         """(batch, channels) dL_n/dm_c per decided group: activation * gradient summed over every
@@ -187,7 +193,7 @@ class MaskedProxy:
         self.masks = masks
         try:
             with torch.no_grad():
-                outs = _numpy_outputs(self.module(self.x))
+                outs = _numpy_outputs(self.module(*self.x))
         finally:
             self.masks = None
         damage, agreement = self.objective.proxy(outs, self.ref)
@@ -201,7 +207,7 @@ def proxy_score(bg: BlockGraph, ctx: SearchContext, config: CompressionConfig,
     The fallback when the model cannot go through the torch bridge: exact, slower, and without
     recalibration (see MaskedProxy for why that ranks collapsed candidates poorly).
     """
-    outs = predict_outputs(apply_pruning(bg, config, keep), ctx.proxy_x, config=_PROXY_SESSION)
+    outs = predict_outputs(apply_pruning(bg, config, keep), ctx.proxy_inputs, config=_PROXY_SESSION)
     damage, agreement = ctx.objective.proxy(outs, ctx.proxy_ref)
     return -damage, damage, agreement
 
@@ -215,7 +221,7 @@ def proxy_scorer(bg: BlockGraph, ctx: SearchContext, obs: GraphObservation,
                  space: PruningSpace) -> Callable[[list[np.ndarray]], tuple[float, float, float]]:
     """The recalibrated torch proxy, or the ORT proxy when the model cannot go through the bridge."""
     try:
-        return MaskedProxy(bg, obs, ctx.proxy_x, objective=ctx.objective)
+        return MaskedProxy(bg, obs, ctx.proxy_inputs, objective=ctx.objective)
     except (UserError, RuntimeError) as exc:  # RuntimeError: a torch forward failed (a batch-1-only Reshape)
         log.warning("graph-rl: proxy without recalibration through ORT (%s)", exc)
 

@@ -1,7 +1,7 @@
 """Every compression method in one table: what runs it, whether it needs data, which options it takes.
 
 `compress` looks a method up here and nowhere else. Each run function takes the BlockGraph, the
-SearchContext (None without data) and the target, then exactly the keyword options listed in its
+SearchContext (on synthesised inputs without data) and the target, then exactly the keyword options listed in its
 row (`options`, less the fine-tuning ones the context spends) plus the values compress hands every
 method that wants them (`receives`); tests/search/test_methods.py holds each signature to its row.
 An option a method would ignore is refused before any work (`check_options`), so `--resume` with
@@ -36,7 +36,8 @@ class Method:
     """Where the run function lives, "module:function": imported when the method is chosen (hirelc and
     graph-rl pull in torch and stable-baselines3, which `hirelc-onnx --help` should not pay for)."""
     needs_data: bool
-    """It measures or calibrates candidates, so --data is required."""
+    """It needs real data (--data). Without it, the others run data-free: on inputs synthesised from
+    the graph (evaluate/synthetic.py), scored by fidelity to fp32, without fine-tuning."""
     options: frozenset[str]
     """The options a user may give it (compress() keywords; --kebab-case on the command line)."""
     summary: str
@@ -52,7 +53,7 @@ class Method:
 _SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS})
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", True,
+    Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
            _SEARCH | {"max_drop", "time_limit", "resume", "settings"},
            "hierarchical RL ensembles pick bits / keep / qtype / granularity per kernel (default)",
            frozenset({"seed", "progress", "state_path"})),

@@ -23,12 +23,14 @@ class Selection:
 
     def __init__(self, ctx: SearchContext) -> None:
         parts = [ctx.splits.val] + [ctx.splits.calib] * (len(ctx.splits.calib) > 0)
-        self.labelled = all(p.y is not None for p in parts)
+        self.labelled = all(p.y is not None for p in parts)  # class indices, or labels for --metric
         if not self.labelled:
             parts = [ctx.splits.val]
         self.objective = ctx.objective
-        self.x = np.concatenate([p.x for p in parts])
+        # one array per graph input (token ids and masks as they are), rows of every part in turn
+        self.x = {name: np.concatenate([p.inputs[name] for p in parts]) for name in parts[0].inputs}
         self.y = np.concatenate([p.y for p in parts]) if self.labelled else None
+        self.rows = sum(len(p) for p in parts)
         refs = [ctx.reference(p) for p in parts]
         self.ref = [np.concatenate(column) for column in zip(*refs)]
 
@@ -46,4 +48,4 @@ class Selection:
         if not measured:
             return None
         top = max(score for _, score, _ in measured)
-        return min((c for c in measured if c[1] >= top - 1.0 / len(self.x) - 1e-9), key=lambda c: c[2])[0]
+        return min((c for c in measured if c[1] >= top - 1.0 / self.rows - 1e-9), key=lambda c: c[2])[0]

@@ -47,8 +47,10 @@ def test_npz_without_labels(tmp_path):
 
 
 def test_npz_without_x(tmp_path):
+    """Arrays not named x nor after the model's single input: the fit says which it found."""
     np.savez(tmp_path / "bad.npz", images=np.zeros((3, 4)), labels=np.zeros(3))
-    _raises(lambda: load_data(str(tmp_path / "bad.npz")), "has no array 'x'", "images", "labels")
+    ds = load_data(str(tmp_path / "bad.npz"))
+    _raises(lambda: check_fits(ds, [None, 4]), "has no array 'x'", "images", "labels")
 
 
 def test_npz_non_numeric(tmp_path):
@@ -102,7 +104,8 @@ def test_labels_out_of_range_names_the_outputs():
     neg = Dataset(np.zeros((2, 4), np.float32), np.array([-1, 0]), "neg")
     _raises(lambda: check_fits(neg, [None, 4], np.float32, num_classes=10), "labels in [-1, 0]")
     frac = Dataset(np.zeros((2, 4), np.float32), np.array([0.5, 1.0]), "frac")
-    _raises(lambda: check_fits(frac, [None, 4], np.float32), "integer class indices")
+    kept = check_fits(frac, [None, 4], np.float32, num_classes=10)  # regression targets: for a metric only
+    assert kept.classes is None and kept.y.dtype == np.float64
     assert check_fits(Dataset(np.zeros((2, 4), np.float32), np.array([0.0, 9.0])), [None, 4], None, 10).y.dtype == np.int64
 
 
@@ -199,6 +202,14 @@ def mixed_batches():
     yield X[:2], Y[:2]
     yield X[2:]
 
+def as_dict():
+    return {"input_ids": np.arange(8).reshape(4, 2), "attention_mask": np.ones((4, 2), np.int64),
+            "y": np.array(["a", "b", "a", "b"])}
+
+def dict_batches():
+    for i in range(0, 4, 3):
+        yield {"input_ids": np.arange(8).reshape(4, 2)[i:i + 3], "attention_mask": np.ones((4, 2), np.int32)[i:i + 3]}
+
 def broken():
     raise RuntimeError("database offline")
 
@@ -223,6 +234,21 @@ def test_plugin_forms(plugin, func, labelled):
         np.testing.assert_array_equal(ds.y, [0, 1, 0, 1])
     else:
         assert ds.y is None
+
+
+@pytest.mark.parametrize("func", ["as_dict", "dict_batches"])
+def test_plugin_returns_one_array_per_input(plugin, func):
+    """A dict of input arrays (labels under y, of any dtype); ids stay integers through the fit."""
+    from hirelc_onnx.evaluate.loaders import InputSpec
+
+    ds = load_data(f"{plugin}:{func}")
+    specs = [InputSpec("input_ids", ("N", 2), np.dtype(np.int64)), InputSpec("attention_mask", ("N", 2), np.dtype(np.int64))]
+    fitted = check_fits(ds, specs)
+    assert list(fitted.inputs) == ["input_ids", "attention_mask"] and len(fitted) == 4
+    assert fitted.inputs["input_ids"].dtype == np.int64 and fitted.inputs["attention_mask"].dtype == np.int64
+    np.testing.assert_array_equal(fitted.inputs["input_ids"], np.arange(8).reshape(4, 2))
+    if func == "as_dict":
+        assert fitted.y.dtype.kind == "U" and fitted.classes is None
 
 
 def test_plugin_errors(plugin):

@@ -199,17 +199,21 @@ def test_benchmark_symbolic_dims_need_a_shape(tmp_path):
     assert benchmark_latency(path, runs=1, input_shapes={"x": (2, 5, 4)})["runs"] == 1
 
 
-def test_multi_input_model_refused_for_evaluation(tmp_path, digits):
+def test_multi_input_model_takes_one_array_per_input(tmp_path, digits):
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])],
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Flatten", ["s"], ["y"], axis=1)],
         "two",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, 8, 8]) for n in ("a", "b")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
     )
     path = tmp_path / "two.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    with pytest.raises(DataError, match="has 2 inputs"):
-        evaluate(path, digits)
+    with pytest.raises(DataError, match="has no array 'a'"):
+        evaluate(path, digits)  # one array named x cannot feed inputs a and b
+    a, b = digits.x[:10], digits.x[10:20]
+    out = evaluate(path, Dataset({"b": b, "a": a}, np.arange(10) % 64, "ab"))
+    expected = (a + b).reshape(10, -1).argmax(1)
+    assert out["n"] == 10 and out["accuracy"] == float(np.mean(expected == np.arange(10) % 64))
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,13 @@ import inspect
 import pytest
 
 from hirelc_onnx.commands.compress import compress as compress_command
+from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
-GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",
-           "output_kind", "metric", "metric_mode"}  # compress's own, every method
+GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",  # compress's own, every method
+           "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
+           "output_kind", "metric", "metric_mode"}  # scoring options: how outputs are scored
 
 
 @pytest.mark.parametrize("name", list(METHODS))
