@@ -11,3 +11,9 @@ def error_rate(outputs, labels) -> float:
     """Fraction of rows whose arg-max class is not the label: a loss (--metric-mode min)."""
     CALLS.append(len(labels))
     return float(np.mean(np.asarray(outputs).argmax(1) != np.asarray(labels)))
+
+
+def positions_read(outputs, labels) -> float:
+    """Per-position scores read as digit strings: the fraction of characters equal to the label's."""
+    read = np.asarray(outputs).argmax(-1)
+    return float(np.mean([[str(d) == c for d, c in zip(row, text)] for row, text in zip(read, labels)]))

@@ -96,3 +96,22 @@ def test_scoring_options_are_checked_in_one_line(saved, args, expect):
     res = CliRunner().invoke(main, ["compress", str(path), "--method", "uniform", *args])
     assert res.exit_code != 0 and expect in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_string_labels_reach_only_the_metric(saved):
+    """Labels that are strings (what the fp32 model reads at each position) go to the metric; fine-tuning
+    distils from fp32. By construction the metric equals per-position agreement with fp32."""
+    from hirelc_onnx.evaluate.data import Dataset
+
+    model = sequence_model()
+    path = saved(model, "seq")
+    digits = load_digits()
+    texts = np.array(["".join(map(str, row)) for row in predict_outputs(model, digits.x)[0].argmax(-1)])
+    data = Dataset(digits.x, texts, "read digits")
+    result = compress(path, data=data, method="uniform", bits=2, finetune_epochs=1, latency_runs=2,
+                      metric="tests.metric_plugins:positions_read")
+    acc = result.report["accuracy"]
+    test = split_dataset(data, 0).test
+    ours, ref = predict_outputs(result.model, test.x)[0], predict_outputs(path, test.x)[0]
+    assert acc["fp32"] == 1.0 and acc["compressed"] == pytest.approx(per_position_agreement(ours, ref))
+    assert acc["task_accuracy_measured"] and acc["finetune_warning"] is None
