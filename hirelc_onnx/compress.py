@@ -20,6 +20,8 @@ from hirelc_onnx.config import TARGETS, CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, graph_inputs, load_data
+from hirelc_onnx.evaluate.objective import METRIC_MODES
+from hirelc_onnx.evaluate.output_kinds import classify
 from hirelc_onnx.evaluate.synthetic import synthesize
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.graph.blockgraph import with_input_dims
@@ -57,7 +59,8 @@ class CompressResult:
 def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any = None, target: str = "storage",
              seed: int = 0, out_dir: str | os.PathLike | None = None, latency_runs: int = 20,
              progress: Callable[[int, int], None] | None = None,
-             input_shape: Mapping[str, Sequence[int]] | None = None, **options: Any) -> CompressResult:
+             input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
+             metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     data: a --data spec or a Dataset. Without it the run is data-free: inputs are synthesised from
@@ -69,6 +72,10 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     Image options (DATA_OPTIONS: resize, center_crop, scale, offset, mean, std, channels,
     channel_order, layout; see evaluate/loaders.py ImageOptions) apply to an image-folder --data,
     exactly as `evaluate` applies them; the report records them.
+    output_kind: what the outputs hold, overriding their classification (evaluate/output_kinds.py):
+      one kind for all ("embedding") or per output ("name=kind,..." or a dict).
+    metric: a task metric `package.module:func(outputs, labels) -> float` the search optimises and
+      the report gives on the test split (higher is better; metric_mode "min" for a loss); needs --data.
     options: the chosen method's own, each taken by the methods in its row of search/methods.py
     METHODS (a value of None counts as not given; one the method would ignore is a UserError):
       budget: true-bytes ratio such as '6x' (None: the method's own default choice); max_drop: largest
@@ -94,6 +101,14 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         free = ", ".join(m.name for m in METHODS.values() if not m.needs_data)
         raise UserError(f"--method {method} needs --data (a .npz, an image folder, 'digits' or a plugin); "
                         f"without data these run: {free}")
+    if metric_mode not in METRIC_MODES:
+        raise UserError(f"--metric-mode must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
+    if metric_mode != "max" and metric is None:
+        raise UserError("--metric-mode only matters with --metric: give --metric, or drop it")
+    if metric is not None and data is None:
+        raise UserError("--metric only matters with --data (it scores the model's outputs against the data's "
+                        "labels): give --data, or drop it")
+    scoring = {"output_kind": output_kind, "metric": metric, "metric_mode": metric_mode}
     finetune = {name: given.pop(name) for name in sorted(FINETUNE_OPTIONS & set(given))}
     if finetune and data is None:
         raise UserError(f"{flag(next(iter(finetune)))} only matters with --data (it sets how each measured "
@@ -118,11 +133,12 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         if data is not None:
             ds = _load_data(data, bg, image)
             bg = with_input_dims(bg, ds.sample_shapes)  # MACs at the data's sequence length / image size
-            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, **finetune)
+            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, **finetune, **scoring)
         else:  # data-free: inputs from the graph, fidelity to fp32, no fine-tuning
             ds, _ = synthesize(bg.model, sample_shapes, seed=seed)
             bg = with_input_dims(bg, ds.sample_shapes)
-            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True)
+            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
+                                output_kind=output_kind)
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
         result = chosen.load()(bg, ctx, target, **given,
@@ -150,6 +166,8 @@ def _load_data(data: Any, bg: BlockGraph, image: Mapping[str, Any]) -> Dataset:
         ds = load_data(str(data), input_shape=single, **image)
     out_shape = bg.model.graph.output[0].type.tensor_type.shape.dim
     classes = out_shape[-1].dim_value if out_shape and out_shape[-1].HasField("dim_value") else None
+    if classify([d.dim_value if d.HasField("dim_value") else None for d in out_shape]) != "class-scores":
+        classes = None  # labels of other outputs are not class indices: they go to the metric only
     ds = check_fits(ds, specs, None, classes)
     if len(ds) < 8:
         raise UserError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")
@@ -182,7 +200,7 @@ def _data_record(data: Any, ds: Dataset) -> dict:
     elif ds.classes is not None:
         labels = "class indices"
     else:
-        labels = f"{ds.y.dtype} (not class indices: for a metric only; scored as fidelity to fp32)"
+        labels = f"{ds.y.dtype} (not class indices: they reach only --metric; without one, fidelity to fp32 is scored)"
     return {"source": str(data) if isinstance(data, (str, os.PathLike)) else ds.name,
             "data_free": False, "samples": len(ds), "labels": labels,
             "inputs": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in ds.inputs.items()},

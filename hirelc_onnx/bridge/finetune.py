@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
@@ -152,15 +152,19 @@ def _specs(model: onnx.ModelProto, quant: QuantLike) -> dict[str, WeightQuantSpe
 
 
 def finetune(model: onnx.ModelProto, quant: QuantLike, train: Dataset, val: Dataset, *,
-             teacher: ModelLike | np.ndarray | None = None, settings: FinetuneSettings | None = None,
+             teacher: ModelLike | np.ndarray | Sequence[np.ndarray] | None = None,
+             settings: FinetuneSettings | None = None, kinds: Sequence[str] | None = None,
              **overrides: Any) -> FinetuneResult:
     """Fine-tune `model` (fp32, possibly pruned) under fake quantization of `quant`; best val epoch kept.
 
     quant: a CompressionConfig (kernel names of `model`), {weight initializer: WeightQuantSpec},
         or None to fine-tune in fp32.
-    teacher: the fp32 model to distil (usually the unpruned original), or its logits on `train`
-        already computed; None distils the input model's own fp32 outputs. `val` without labels
-        is scored against the teacher's val logits, so it needs a teacher model (or None).
+    teacher: the fp32 model to distil (usually the unpruned original), or its outputs on `train`
+        already computed (an array, or a list with one per output); None distils the input model's
+        own fp32 outputs. `val` without class labels is scored against the teacher's val outputs,
+        so it needs a teacher model (or None).
+    kinds: each output's kind (`evaluate/output_kinds.py`), which picks its distillation loss;
+        None classifies the teacher's outputs.
     settings / overrides: a FinetuneSettings, and keyword overrides of its fields
         (e.g. `time_budget_s=30, seed=1`).
     """
@@ -171,14 +175,17 @@ def finetune(model: onnx.ModelProto, quant: QuantLike, train: Dataset, val: Data
     s = replace(settings or FinetuneSettings(), **overrides)
     if len(train) == 0 or len(val) == 0:
         raise BridgeError("fine-tuning needs non-empty train and val datasets")
-    if isinstance(teacher, np.ndarray):
-        if len(teacher) != len(train):
-            raise BridgeError(f"teacher logits have {len(teacher)} rows, the train data {len(train)}")
-        if val.classes is None:
-            raise BridgeError("unlabelled val data is scored against the teacher: pass the teacher model, not logits")
-        data = Distillation(train, val, teacher.astype(np.float32), None)
+    if isinstance(teacher, (np.ndarray, list, tuple)):
+        outputs = [np.asarray(t, np.float32) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher])]
+        if any(len(t) != len(train) for t in outputs):
+            raise BridgeError(f"teacher logits have {len(outputs[0])} rows, the train data {len(train)}")
+        try:
+            data = Distillation.from_outputs(outputs, train, val, None, kinds)
+        except BridgeError as exc:
+            raise BridgeError("unlabelled val data is scored against the teacher: pass the teacher model, "
+                              "not logits") from exc
     else:
-        data = Distillation.from_teacher(model if teacher is None else teacher, train, val)
+        data = Distillation.from_teacher(model if teacher is None else teacher, train, val, kinds)
     specs = _specs(model, quant)
     with torch_threads(s.threads or _auto_threads(model)):
         module = apply_fake_quant(to_torch(model), specs)

@@ -192,15 +192,17 @@ def _keep_masks(gates: Mapping[str, _HardConcreteGate], density: float, min_laye
 
 
 def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, val: Dataset,
-                teacher: onnx.ModelProto, settings: MaskSettings = MaskSettings()) -> SparseResult:
+                teacher: onnx.ModelProto, settings: MaskSettings = MaskSettings(), *,
+                kinds: Sequence[str] | None = None) -> SparseResult:
     """Learn which entries of `weights` (ONNX initializer names) to zero; return the model with them zeroed.
 
-    teacher: the fp32 model to distil (usually the unpruned original). See the module docstring.
+    teacher: the fp32 model to distil (usually the unpruned original). kinds: each output's kind
+    (None: classified from the teacher's outputs). See the module docstring.
     """
     t0 = time.perf_counter()
     if not 0.0 < settings.density <= 1.0:
         raise BridgeError(f"mask density must be in (0, 1], got {settings.density}")
-    data = Distillation.from_teacher(teacher, train, val)
+    data = Distillation.from_teacher(teacher, train, val, kinds)
     plan = TrainSettings(max_epochs=settings.epochs, lr=settings.lr, time_budget_s=settings.time_budget_s,
                          batch_size=settings.batch_size, eval_batch_size=_EVAL_BATCH, temperature=settings.temperature,
                          kd_weight=settings.kd_weight, seed=settings.seed, decay=False, keep_best=False)
@@ -233,7 +235,7 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
             for name, (owner, attr, w) in _weights(module, weights).items():
                 w.mul_(masks[name])
                 parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-        score = validate(module, val, data.teacher_val, _EVAL_BATCH).score
+        score = validate(module, data, _EVAL_BATCH).score
         density = _density(module, weights)
         out = write_back(model, module)
     kept = sum(int(m.sum()) for m in masks.values()) / total
@@ -245,14 +247,15 @@ def masked_finetune(model: onnx.ModelProto, train: Dataset, val: Dataset, teache
                     sparse: Sequence[str] = (), quant: Mapping[str, WeightQuantSpec] | None = None,
                     epochs: int = 10, time_budget_s: float = 30.0, lr: float = 1e-3, batch_size: int = 64,
                     temperature: float = 4.0, kd_weight: float = 0.7, seed: int = 0,
-                    threads: int = 1) -> SparseResult:
+                    threads: int = 1, kinds: Sequence[str] | None = None) -> SparseResult:
     """Distillation fine-tuning that keeps every zero of the `sparse` weights and fake-quantizes `quant`.
 
     sparse: ONNX weight names whose zero entries are pruned (held at zero); quant: weight name ->
-    the spec the quantization pass will use. The best validation epoch is kept.
+    the spec the quantization pass will use; kinds: each output's kind (None: classified from the
+    teacher's outputs). The best validation epoch is kept.
     """
     t0 = time.perf_counter()
-    data = Distillation.from_teacher(teacher, train, val)
+    data = Distillation.from_teacher(teacher, train, val, kinds)
     plan = TrainSettings(max_epochs=epochs, lr=lr, time_budget_s=time_budget_s, batch_size=batch_size,
                          eval_batch_size=_EVAL_BATCH, temperature=temperature, kd_weight=kd_weight, seed=seed,
                          decay=False, keep_best=True)

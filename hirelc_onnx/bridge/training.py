@@ -3,15 +3,24 @@
 `finetune` (fake-quantized weights) and `sparsity` (hard-concrete gates, fixed 0/1 masks) differ
 only in what they wrap around the weights; the loss, the loop and the scoring are here:
 
-    loss = kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
-           + (1 - kd_weight) * cross-entropy(student, labels)      (KL only when unlabelled)
-           + extra_loss()                                         (e.g. the L0 penalty of the gates)
+    loss = kd_weight * sum over outputs of kd_loss(student, teacher, kind of the output)
+           + (1 - kd_weight) * cross-entropy(labelled output, labels)   (distillation only without class labels)
+           + extra_loss()                                              (e.g. the L0 penalty of the gates)
+
+kd_loss per output kind (`evaluate/output_kinds.py` decides the kinds): class scores,
+T^2 KL(softmax(teacher / T) || softmax(student / T)); per-position scores, the same KL over the last
+axis, averaged over positions; dense maps, MSE divided by the teacher's mean square; embeddings,
+that plus the mean cosine distance. A multi-output module (onnx2torch returns a tuple) distils on
+every output. Labels count only when they are class indices of a class-score output
+(`Distillation.label_output`); any other labels (strings, boxes) are for the user's metric, and
+training then distils from the fp32 teacher alone.
 
 The module runs in eval mode throughout (BatchNorm and Dropout compute what the ONNX graph
 computes; only the weights change). After every epoch the validation split is scored (`validate`):
-labelled, accuracy with ties broken by lower cross-entropy; unlabelled, -KL(teacher || model) at
-T = 1 (rather than top-1 agreement with the teacher, which is flat once the model agrees with it
-on every row, while the KL still tells two candidates apart).
+with class labels, accuracy with ties broken by lower cross-entropy; without, minus the summed
+distillation loss at T = 1 (for class scores -KL(teacher || model), rather than top-1 agreement with
+the teacher, which is flat once the model agrees with it on every row, while the KL still tells two
+candidates apart).
 With `keep_best` the best epoch's weights are restored at the end (epoch 0, the starting weights,
 is the first candidate, so the result is never worse on validation than the input).
 
@@ -43,7 +52,9 @@ from torch.nn import functional as F
 
 from hirelc_onnx.bridge.convert import BridgeError, torch_inputs
 from hirelc_onnx.evaluate.data import Dataset
-from hirelc_onnx.evaluate.runner import Inputs, ModelLike, predict
+from hirelc_onnx.evaluate.objective import class_labels
+from hirelc_onnx.evaluate.output_kinds import KIND_NAMES, classify
+from hirelc_onnx.evaluate.runner import Inputs, ModelLike, predict_outputs
 from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", "Validation", "validate",
@@ -51,8 +62,8 @@ __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", 
 
 log = logging.getLogger(__name__)
 
-OUTPUT_KINDS = ("class-scores",)
-"""What a model's output holds, which decides how a student imitates it; class scores (logits) only today."""
+OUTPUT_KINDS = KIND_NAMES
+"""What a model's output holds, which decides how a student imitates it (`evaluate/output_kinds.py`)."""
 OPTIMIZERS = ("adam", "sgd")
 PROBE_TRIES = 4
 DIVERGED = 2.0  # a validation loss above this multiple of the best counts as divergence
@@ -66,35 +77,70 @@ def _class_scores_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: 
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-_KD_LOSSES = {"class-scores": _class_scores_kd}
+def _sequence_scores_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    c = student.shape[-1]
+    return _class_scores_kd(student.reshape(-1, c), teacher.reshape(-1, c), temperature)
+
+
+def _normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student, teacher) / teacher.detach().pow(2).mean().clamp_min(1e-12)
+
+
+def _dense_map_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _normalised_mse(student, teacher)
+
+
+def _embedding_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    n = student.shape[0]
+    cos = F.cosine_similarity(student.reshape(n, -1), teacher.reshape(n, -1), dim=1, eps=1e-12)
+    return _normalised_mse(student, teacher) + (1.0 - cos).mean()
+
+
+_KD_LOSSES = {"class-scores": _class_scores_kd, "sequence-scores": _sequence_scores_kd,
+              "dense-map": _dense_map_kd, "embedding": _embedding_kd}
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
             kind: str = "class-scores") -> torch.Tensor:
-    """The distillation loss for outputs of `kind`; class scores: T^2 KL(softmax(teacher/T) || softmax(student/T)),
-    mean over the batch."""
+    """The distillation loss for outputs of `kind` (see the module docstring); 0 when student == teacher.
+    Class scores: T^2 KL(softmax(teacher/T) || softmax(student/T)), mean over the batch."""
     if kind not in _KD_LOSSES:
         raise BridgeError(f"no distillation loss for outputs of kind {kind!r}; known: {OUTPUT_KINDS}")
     return _KD_LOSSES[kind](student, teacher, temperature)
 
 
-def logits(module: nn.Module, x: Inputs, batch_size: int) -> torch.Tensor:
+def _as_outputs(out) -> list[torch.Tensor]:
+    """A module's result as a list of output tensors (onnx2torch returns a tuple for several)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def logits(module: nn.Module, x: Inputs, batch_size: int) -> list[torch.Tensor]:
     """The module's outputs on `x` (one array, a mapping of input arrays in graph order, or a Dataset),
-    computed `batch_size` rows at a time without gradients; integer inputs stay integers."""
+    one tensor per output, computed `batch_size` rows at a time without gradients; integer inputs
+    stay integers."""
     inputs = x.inputs if isinstance(x, Dataset) else x
     tensors = torch_inputs(inputs)
     n = len(tensors[0])
     with torch.no_grad():
-        return torch.cat([module(*(t[i:i + batch_size] for t in tensors)) for i in range(0, n, batch_size)])
+        parts = [_as_outputs(module(*(t[i:i + batch_size] for t in tensors))) for i in range(0, n, batch_size)]
+    return [torch.cat(column) for column in zip(*parts)]
 
 
-def teacher_logits(teacher: ModelLike, x: Inputs) -> np.ndarray:
-    """The teacher's float32 outputs on `x` (ONNX Runtime: the fp32 model as it is deployed)."""
-    return np.asarray(predict(teacher, x), dtype=np.float32)
+def teacher_logits(teacher: ModelLike, x: Inputs) -> list[np.ndarray]:
+    """The teacher's float32 outputs on `x`, one array per output (ONNX Runtime: the fp32 model as deployed)."""
+    return [np.asarray(o, dtype=np.float32) for o in predict_outputs(teacher, x)]
+
+
+def _summed_kd(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], temperature: float,
+               kinds: Sequence[str]) -> torch.Tensor:
+    if len(student) != len(teacher):
+        raise BridgeError(f"the student has {len(student)} outputs, the teacher {len(teacher)}")
+    return sum(kd_loss(s, t, temperature, k) for s, t, k in zip(student, teacher, kinds))
 
 
 class Validation(NamedTuple):
-    """One validation pass. Labelled: (accuracy, -CE, CE); unlabelled: (-KL, -KL, KL) to the teacher."""
+    """One validation pass. Class labels: (accuracy, -CE, CE); otherwise (-L, -L, L), L the summed
+    distillation loss to the teacher at T = 1 (-KL for class scores)."""
 
     score: float
     tie_break: float
@@ -106,34 +152,64 @@ class Validation(NamedTuple):
         return self.score, self.tie_break
 
 
-def validate(module: nn.Module, val: Dataset, teacher_val: np.ndarray | None, batch_size: int) -> Validation:
-    """Score `module` on `val`; unlabelled data is scored against the teacher's logits `teacher_val`."""
-    out = logits(module, val, batch_size)
-    if val.classes is not None:
-        y = torch.from_numpy(val.classes.astype(np.int64))
+def validate(module: nn.Module, data: "Distillation", batch_size: int) -> Validation:
+    """Score `module` on `data.val`: accuracy with class labels, else against the teacher's outputs."""
+    outs = logits(module, data.val, batch_size)
+    if data.label_output is not None:
+        out = outs[data.label_output]
+        out = out.reshape(out.shape[0], -1)
+        y = torch.from_numpy(np.asarray(data.val.y).reshape(-1).astype(np.int64))
         loss = float(F.cross_entropy(out, y))
         return Validation(float((out.argmax(1) == y).float().mean()), -loss, loss)
-    if teacher_val is None:
-        raise BridgeError("unlabelled validation data needs the teacher's logits")
-    kl = float(kd_loss(out, torch.from_numpy(teacher_val), 1.0))
-    return Validation(-kl, -kl, kl)
+    if data.teacher_val is None:
+        raise BridgeError("validation without class labels needs the teacher's outputs")
+    loss = float(_summed_kd(outs, [torch.from_numpy(t) for t in data.teacher_val], 1.0, data.kinds))
+    return Validation(-loss, -loss, loss)
+
+
+def _label_output(kinds: Sequence[str], teacher: Sequence[np.ndarray], *labels) -> int | None:
+    """The first class-score output when every labels array holds its class indices, else None."""
+    for i, kind in enumerate(kinds):
+        if kind == "class-scores":
+            classes = teacher[i].reshape(len(teacher[i]), -1).shape[1]
+            return i if all(class_labels(y, classes) for y in labels) else None
+    return None
 
 
 @dataclass(frozen=True)
 class Distillation:
-    """What a run learns from: the data and the teacher's logits on it (on `val` only when unlabelled)."""
+    """What a run learns from: the data, the teacher's outputs on it (one array per output; on `val`
+    only when it is scored against the teacher), each output's kind, and the output the labels
+    are class indices of (None: labels, if any, are not used in training)."""
 
     train: Dataset
     val: Dataset
-    teacher_train: np.ndarray
-    teacher_val: np.ndarray | None
+    teacher_train: list[np.ndarray]
+    teacher_val: list[np.ndarray] | None
+    kinds: tuple[str, ...] = ("class-scores",)
+    label_output: int | None = None
 
     @classmethod
-    def from_teacher(cls, teacher: ModelLike, train: Dataset, val: Dataset) -> "Distillation":
+    def from_teacher(cls, teacher: ModelLike, train: Dataset, val: Dataset,
+                     kinds: Sequence[str] | None = None) -> "Distillation":
+        """kinds: each output's kind (None: classified from the teacher's outputs on `train`)."""
         if len(train) == 0 or len(val) == 0:
             raise BridgeError("training needs non-empty train and val datasets")
-        return cls(train, val, teacher_logits(teacher, train),
-                   teacher_logits(teacher, val) if val.classes is None else None)
+        return cls.from_outputs(teacher_logits(teacher, train), train, val,
+                                lambda: teacher_logits(teacher, val), kinds)
+
+    @classmethod
+    def from_outputs(cls, teacher_train: list[np.ndarray], train: Dataset, val: Dataset,
+                     teacher_val: Callable[[], list[np.ndarray]] | None, kinds: Sequence[str] | None = None
+                     ) -> "Distillation":
+        """From the teacher's outputs on `train`; `teacher_val()` gives them on `val` when needed."""
+        kinds = tuple(kinds) if kinds is not None else tuple(classify(None, t) for t in teacher_train)
+        if len(kinds) != len(teacher_train):
+            raise BridgeError(f"{len(kinds)} output kinds for {len(teacher_train)} teacher outputs")
+        label_output = _label_output(kinds, teacher_train, train.y, val.y)
+        if label_output is None and teacher_val is None:
+            raise BridgeError("validation without class labels needs the teacher's outputs on val")
+        return cls(train, val, teacher_train, teacher_val() if label_output is None else None, kinds, label_output)
 
 
 @dataclass(frozen=True)
@@ -223,16 +299,18 @@ class _Steps:
                  extra_loss: Callable[[], torch.Tensor] | None) -> None:
         self.module, self.s, self.extra_loss = module, s, extra_loss
         self.inputs = torch_inputs(data.train.inputs)
-        self.teacher = torch.from_numpy(data.teacher_train)
-        classes = data.train.classes
-        self.y = None if classes is None else torch.from_numpy(classes.astype(np.int64))
+        self.teacher = [torch.from_numpy(t) for t in data.teacher_train]
+        self.kinds, self.label_output = data.kinds, data.label_output
+        self.y = (None if data.label_output is None
+                  else torch.from_numpy(np.asarray(data.train.y).reshape(-1).astype(np.int64)))
         self.kd_weight = 1.0 if self.y is None else s.kd_weight
 
     def __call__(self, idx: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-        out = self.module(*(t[idx] for t in self.inputs))
-        loss = self.kd_weight * kd_loss(out, self.teacher[idx], self.s.temperature)
+        outs = _as_outputs(self.module(*(t[idx] for t in self.inputs)))
+        loss = self.kd_weight * _summed_kd(outs, [t[idx] for t in self.teacher], self.s.temperature, self.kinds)
         if self.kd_weight < 1.0:
-            loss = loss + (1.0 - self.kd_weight) * F.cross_entropy(out, self.y[idx])
+            out = outs[self.label_output]
+            loss = loss + (1.0 - self.kd_weight) * F.cross_entropy(out.reshape(out.shape[0], -1), self.y[idx])
         if self.extra_loss is not None:
             loss = loss + self.extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -260,7 +338,7 @@ def distil(module: nn.Module, make_optimizer: OptimizerFactory, data: Distillati
     step_on = _Steps(module, data, s, extra_loss)
 
     def check() -> Validation:
-        return validate(module, data.val, data.teacher_val, eval_batch)
+        return validate(module, data, eval_batch)
 
     # epoch 0: the starting weights are the first candidate
     best = check()

@@ -35,6 +35,12 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
     if acc:
         t.add_row(f"{acc['metric']} (test, n={acc['n']})", f"{acc['fp32']:.4f}", f"{acc['compressed']:.4f}",
                   f"{-acc['drop_points']:+.2f} pts")
+        outputs = acc.get("outputs") or []
+        if len(outputs) > 1 or any(o["kind"] != "class-scores" for o in outputs):
+            for o in outputs:  # which kind each output was scored as, and its score (accuracy, else against fp32)
+                name = "accuracy" if "accuracy" in o else next(k for k in o if k not in ("name", "kind", "shape"))
+                fp32 = o["fp32_accuracy"] if name == "accuracy" else 1.0
+                t.add_row(f"output {o['name']} ({o['kind']}): {name}", f"{fp32:.4f}", f"{o[name]:.4f}", "")
     for key, v in lat.items():
         if "speedup" in v:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",
@@ -96,11 +102,17 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
               help="graph-rl: keep at most this fraction of the original MACs (0.5 when no limit is given).")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original kernel parameters.")
+@click.option("--output-kind", help="What the outputs hold, overriding their classification: one kind for all, "
+              "or name=kind,... (class-scores, sequence-scores, dense-map, embedding).")
+@click.option("--metric", help="A task metric package.module:func(outputs, labels) -> float to optimise and report "
+              "(higher is better; see --metric-mode).")
+@click.option("--metric-mode", type=click.Choice(["max", "min"]), default="max", show_default=True,
+              help="max: --metric is a score; min: it is a loss.")
 @click.option("--resume", is_flag=True, help=f"Continue a killed run from the state in --out ({takers('resume')}).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_json, input_shape,
-             **method_options) -> None:
+def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_json, input_shape, output_kind,
+             metric, metric_mode, **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
     image = {k: v for k, v in image_option_values(method_options).items() if v is not None}
     shapes = parse_input_shapes(input_shape, _input_names(model) if input_shape else None)
@@ -122,7 +134,8 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_
 
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
-                                  progress=progress, input_shape=shapes or None, **image, **options)
+                                  progress=progress, input_shape=shapes or None, output_kind=output_kind,
+                                  metric=metric, metric_mode=metric_mode, **image, **options)
         except KeyboardInterrupt:
             hint = f"; continue with the same command plus --resume (state in {out_dir})" if out_dir else ""
             click.echo(f"interrupted{hint}", err=True)

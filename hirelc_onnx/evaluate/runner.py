@@ -29,6 +29,7 @@ from hirelc_onnx.evaluate.loaders import InputSpec, check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
 from hirelc_onnx.evaluate.folding import write_folded
 from hirelc_onnx.graph.external_data import decoded_nbytes, light_copy, serialized_nbytes
+from hirelc_onnx.evaluate.output_kinds import classify, fidelity_of
 from hirelc_onnx.graph.loader import all_tensors, check_file_external_locations, load_model
 from hirelc_onnx.memory import bound_heap, release_freed_memory
 
@@ -40,6 +41,7 @@ __all__ = [
     "get_runner",
     "clear_cache",
     "predict",
+    "predict_outputs",
     "evaluate",
     "benchmark_latency",
     "benchmark_side_by_side",
@@ -165,7 +167,8 @@ class OrtRunner:
             InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_DTYPES.get(i.type, np.float32))) for i in self.inputs]
         self.output_name: str = self.outputs[0].name
         last = self.outputs[0].shape[-1] if self.outputs[0].shape else None
-        self.num_classes: int | None = last if isinstance(last, int) and last > 0 else None
+        class_scores = classify(self.outputs[0].shape) == "class-scores"  # else labels are not its class indices
+        self.num_classes: int | None = last if isinstance(last, int) and last > 0 and class_scores else None
 
     @property
     def fixed_batch(self) -> int | None:
@@ -204,6 +207,11 @@ class OrtRunner:
 
     def predict(self, x: Inputs, batch_size: int = 64) -> np.ndarray:
         """First-output logits for every row of `x` (see feed_arrays); a fixed-batch model gets padded batches."""
+        return self.predict_outputs(x, batch_size, [self.output_name])[0]
+
+    def predict_outputs(self, x: Inputs, batch_size: int = 64, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Every output (or those `names`) for every row of `x`, one array per output."""
+        names = [o.name for o in self.outputs] if names is None else list(names)
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         feed = self.feed_arrays(x)
@@ -219,11 +227,11 @@ class OrtRunner:
             if fixed and n < fixed:
                 batch = {k: np.concatenate([v, np.repeat(v[-1:], fixed - n, axis=0)]) for k, v in batch.items()}
             try:
-                out = self.session.run([self.output_name], batch)[0]
+                out = self.session.run(names, batch)
             except Exception as exc:  # ORT's pybind errors share no base class below Exception
                 raise DataError(f"ONNX Runtime failed running {self.label} on rows {i}..{i + n - 1}: {_one_line(exc)}") from exc
-            outs.append(out[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in out])
+        return [np.concatenate(parts) for parts in zip(*outs)]
 
     def feed_shapes(self, batch_size: int, input_shapes: Mapping[str, Sequence[int]] | None = None,
                     sample_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
@@ -372,6 +380,12 @@ def predict(model: ModelLike, x: Inputs, batch_size: int = 64, config: SessionCo
     return get_runner(model, config).predict(x, batch_size)
 
 
+def predict_outputs(model: ModelLike, x: Inputs, batch_size: int = 64,
+                    config: SessionConfig | None = None) -> list[np.ndarray]:
+    """Every output of `model` on `x`, one array per graph output, batch by batch."""
+    return get_runner(model, config).predict_outputs(x, batch_size)
+
+
 def evaluate(
     model: ModelLike,
     dataset: Dataset,
@@ -390,7 +404,8 @@ def evaluate(
     ds = runner.fit(dataset)
     logits = runner.predict(ds, batch_size)
     out: dict[str, float] = {"n": len(ds)}
-    classes = ds.classes
+    kind_ok = classify(None, logits) == "class-scores"  # labels of other outputs are for --metric only
+    classes = ds.classes if kind_ok else None
     if classes is not None:
         out["accuracy"] = top1_accuracy(logits, classes)
     ref_logits = None
@@ -400,7 +415,8 @@ def evaluate(
         else:
             ref_runner = get_runner(reference, config)
             ref_logits = ref_runner.predict(ref_runner.fit(dataset), batch_size)
-        out.update(fidelity(logits, ref_logits))
+        kind = classify(None, ref_logits)  # per-position scores and maps are compared as their kind is
+        out.update(fidelity(logits, ref_logits) if kind == "class-scores" else fidelity_of(logits, ref_logits, kind))
         if classes is not None:
             out["reference_accuracy"] = top1_accuracy(ref_logits, classes)
     for spec in metrics:

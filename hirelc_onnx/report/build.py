@@ -18,7 +18,7 @@ from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.per_node import per_node_rows
 from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
-                                         model_file_size, predict)
+                                         model_file_size, predict_outputs)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
@@ -61,18 +61,27 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "versions": versions(),
     }
     if ctx is not None:
-        fp32_test = ctx.test_score(bg.model)
-        comp_test = ctx.test_score(emitted)
-        n = len(ctx.splits.test)
+        test, objective = ctx.splits.test, ctx.objective
+        ref, outputs = ctx.reference(test), predict_outputs(emitted, test)
+        fp32_test, comp_test = ctx.score(ref, test), ctx.score(outputs, test)
+
+        def shown(score: float | None) -> float | None:  # a --metric-mode min metric: shown as itself, searched negated
+            return score if score is None else objective.value(score)
+
+        report["history"] = [{**h, "score": shown(h["score"])} if isinstance(h.get("score"), (int, float)) else h
+                             for h in result.history]
+        n = len(test)
         report["accuracy"] = {
-            "metric": ("top-1 accuracy" if ctx.labelled else "top-1 agreement with fp32")
-                      + (" on synthesised inputs" if ctx.data_free else ""),
+            "metric": objective.name(test.classes is not None) + (" on synthesised inputs" if ctx.data_free else ""),
             "split": "test (held out, never seen by the search)", "n": n,
             "points_per_sample": 100.0 / max(n, 1), "sample_warning": sample_warning(n),
-            "task_accuracy_measured": ctx.labelled,
+            "task_accuracy_measured": objective.uses_labels and test.y is not None and not ctx.data_free,
             "data_free_note": DATA_FREE_NOTE if ctx.data_free else None,
-            "fp32": fp32_test, "compressed": comp_test, "drop_points": 100.0 * (fp32_test - comp_test),
-            "val_compressed": result.val_score, "fp32_val": ctx.fp32_val_score,
+            "fp32": shown(fp32_test), "compressed": shown(comp_test),
+            # points of the metric's own units (x100) it got worse by, whichever way it is better
+            "drop_points": 100.0 * (fp32_test - comp_test),
+            "val_compressed": shown(result.val_score), "fp32_val": shown(ctx.fp32_val_score),
+            "outputs": objective.per_output(outputs, ref, test.y),
             "evaluations": ctx.evaluations, "finetune_warning": ctx.bridge_error,
             "finetune_budget": ({"epochs": ctx.finetune_epochs} if ctx.finetune_epochs is not None
                                 else {"seconds": ctx.finetune_seconds}),
@@ -150,7 +159,7 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         model = apply_config(bg, config, calib_batches=ctx.calib_batches)
         points[f"uniform {bits}-bit, no fine-tuning"] = {
-            "ratio": model_cost(bg, config).ratio, "score": ctx.score(predict(model, ctx.splits.val), ctx.splits.val)}
+            "ratio": model_cost(bg, config).ratio, "score": ctx.objective.value(ctx.score_model(model, ctx.splits.val))}
         del model
     return points
 

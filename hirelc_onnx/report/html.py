@@ -129,6 +129,9 @@ def render_html(report: dict) -> str:
         if "speedup" in v:
             summary.append({"figure": f"latency {key} fp32 / compressed (ms)",
                             "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({v['speedup']:.2f}x)"})
+    outputs = (acc or {}).get("outputs") or []
+    cols_out = ["name", "kind"] + sorted({k for o in outputs for k in o} - {"name", "kind", "shape"})
+    outputs_html = (f"<h2>Outputs (test split, each against fp32)</h2>{_table(outputs, cols_out)}" if outputs else "")
     plots = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'/>" for t, b in _plots(report))
     cols = ["kernel", "op", "block", "shape", "shape_after", "bits", "keep_ratio", "qtype", "granularity",
             "bytes_before", "bytes_after"]
@@ -138,6 +141,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <h1>hirelc-onnx: {html.escape(report['method'])} on {html.escape(report['input']['path'])}</h1>
 <p>target <b>{html.escape(report['target'])}</b>, budget {report.get('budget')}, goal {html.escape(str(report.get('goal')))}</p>
 {_table(summary, ['figure', 'value'])}
+{outputs_html}
 {"".join(f"<p><b>{html.escape(str(n))}</b></p>" for n in notes)}
 {plots}
 <h2>Per kernel</h2>{_table(report.get('kernels', []), cols)}

@@ -24,7 +24,6 @@ import onnx
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
@@ -143,7 +142,7 @@ def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str) -> Meth
     if ctx is None:
         raise UserError("--method ort-int8 calibrates activations: give --data")
     model = quantize_activations(bg.model, ctx.calib_batches)
-    score = ctx.score(predict(model, ctx.splits.val), ctx.splits.val)
+    score = ctx.score_model(model, ctx.splits.val)
     ratio = bg.weight_bytes / max(initializer_nbytes(model), 1)
     return MethodResult(None, model, score, [{"kind": "real", "score": score, "ratio": ratio, "method": "ort-int8"}])
 

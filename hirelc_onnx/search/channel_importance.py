@@ -36,7 +36,8 @@ def kernel_fisher(bg: BlockGraph, ctx: SearchContext, samples: int, seed: int) -
         log.info("graph-rl: no Fisher feature (%s)", exc)
         return None
     try:
-        return fisher_sensitivity(bg, ctx.splits.finetune, samples, seed).per_kernel
+        return fisher_sensitivity(bg, ctx.splits.finetune, samples, seed, kind=ctx.objective.kinds[0],
+                                  use_labels=ctx.objective.label_output == 0).per_kernel
     except (UserError, RuntimeError) as exc:  # RuntimeError: e.g. a graph exported for batch 1 only
         log.warning("graph-rl: no Fisher feature: %s", exc)
         return None

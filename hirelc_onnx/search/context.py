@@ -5,13 +5,15 @@ A method sees configs and numbers, never ONNX protos. The context owns the model
 the fp32 reference outputs, and the three ways to judge a config:
   * cost(config)    -- true stored bytes and MACs, from the cost model (no rewrite);
   * proxy(config)   -- apply the config without fine-tuning, run the cached proxy batch through
-                       ORT and compare with the fp32 logits (the cold-start accuracy signal);
+                       ORT and compare every output with fp32's (the cold-start accuracy signal);
   * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
                        quantize, and measure the score on the validation split through ORT.
-The score is top-1 accuracy with class labels and top-1 agreement with the fp32 model without (labels
-that are not class indices -- strings, floats, boxes -- are for a metric only: the score is then
-label-free too). Inputs travel as one array per graph input, keyed by the input's name; token ids
-and masks stay integers. A data-free context (`data_free`) holds inputs synthesised from the graph.
+The score is the run's `Objective` (evaluate/objective.py): the user's --metric when given, else
+top-1 accuracy with class labels, else each output kind's agreement with the fp32 model (the worst
+output's, relative to fp32, for a multi-output model). Labels that are not class indices of a
+class-score output -- strings, floats, boxes -- are for a metric only: the score is then label-free
+too. Inputs travel as one array per graph input, keyed by the input's name; token ids and masks
+stay integers. A data-free context (`data_free`) holds inputs synthesised from the graph.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
 from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs
-from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_accuracy, top1_agreement
-from hirelc_onnx.evaluate.runner import evict_big_sessions, predict
+from hirelc_onnx.evaluate.objective import Objective
+from hirelc_onnx.evaluate.runner import evict_big_sessions, predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.specs import weight_spec
@@ -41,8 +43,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Proxy:
-    logit_mse: float  # normalised by the variance of the fp32 logits (0 = identical)
-    agreement: float  # top-1 agreement with fp32 on the proxy batch
+    logit_mse: float  # the worst output's damage vs fp32 (0 = identical): logit MSE / variance, per-position KL, ...
+    agreement: float  # the worst output's label-free score vs fp32 in [0, 1] (top-1 agreement, cosine, ...)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Measurement:
     """A config applied for real: fine-tuned (when possible), quantized, scored through ORT."""
 
     config: CompressionConfig
-    score: float  # validation accuracy (labels) or top-1 agreement with fp32
+    score: float  # the objective on the validation split (higher is better)
     cost: ModelCost
     model: onnx.ModelProto = field(repr=False)
     finetuned: bool
@@ -62,7 +64,9 @@ class SearchContext:
 
     def __init__(self, bg: BlockGraph, splits: Splits, target: str = "storage", *, proxy_size: int = 256,
                  finetune_seconds: float = 20.0, seed: int = 0, calib_size: int = 64,
-                 finetune_epochs: int | None = None, data_free: bool = False) -> None:
+                 finetune_epochs: int | None = None, data_free: bool = False, output_kind: str | dict | None = None,
+                 metric: str | None = None, metric_mode: str = "max") -> None:
+        """output_kind / metric / metric_mode: how outputs are scored (evaluate/objective.py: Objective.build)."""
         self.bg = bg
         specs = graph_inputs(bg.model)
         # every split keyed by the graph's input names (a single-input dataset's `x` renamed), cast to
@@ -79,7 +83,7 @@ class SearchContext:
         self.finetune_epochs = finetune_epochs
         self.finetune_lr: float | None = None  # the rate the first fine-tune settled on (see _finetune)
         self.labelled = splits.val.classes is not None
-        if splits.val.y is not None and not self.labelled:
+        if splits.val.y is not None and not self.labelled and metric is None:
             log.warning("labels of %s are %s, not class indices: they are for a metric only; the search scores "
                      "fidelity to the fp32 model (label-free)", splits.val.name, splits.val.y.dtype)
         self.input_names = [spec.name for spec in specs]
@@ -88,8 +92,14 @@ class SearchContext:
         take = rng.choice(len(pool), min(proxy_size, len(pool)), replace=False)
         self.proxy_inputs: dict[str, np.ndarray] = pool.rows(np.sort(take))
         self.calib_batches = [pool.rows(slice(i, i + 32)) for i in range(0, min(len(pool), calib_size), 32)]
-        self.proxy_ref = predict(bg.model, self.proxy_inputs)
-        self.val_ref = predict(bg.model, splits.val)
+        self.proxy_ref = predict_outputs(bg.model, self.proxy_inputs)
+        self.val_ref = predict_outputs(bg.model, splits.val)
+        graph_outputs = bg.model.graph.output
+        shapes = [[d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+                  for o in graph_outputs]
+        self.objective = Objective.build([o.name for o in graph_outputs], shapes, self.val_ref, splits.val.y,
+                                         output_kind=output_kind, metric=metric, metric_mode=metric_mode)
+        self._refs = {id(splits.val): (splits.val, self.val_ref)}  # fp32 outputs per scored split
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
         self.bridge_error: str | None = None
@@ -100,15 +110,25 @@ class SearchContext:
 
     def proxy(self, config: CompressionConfig) -> Proxy:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
-        model = apply_config(self.bg, self._targeted(config))
-        logits = predict(model, self.proxy_inputs)
-        return Proxy(logit_mse_proxy(logits, self.proxy_ref), top1_agreement(logits, self.proxy_ref))
+        return self.proxy_of(apply_config(self.bg, self._targeted(config)))
 
-    def score(self, logits: np.ndarray, ds: Dataset) -> float:
-        if ds.classes is not None:
-            return top1_accuracy(logits, ds.classes)
-        ref = self.val_ref if ds is self.splits.val else predict(self.bg.model, ds)
-        return top1_agreement(logits, ref)
+    def proxy_of(self, model: onnx.ModelProto) -> Proxy:
+        """The proxy figures of an already rewritten model on the proxy batch."""
+        return Proxy(*self.objective.proxy(predict_outputs(model, self.proxy_inputs), self.proxy_ref))
+
+    def score(self, outputs: np.ndarray | list[np.ndarray], ds: Dataset) -> float:
+        """The objective of `outputs` (one array, or one per graph output) on `ds`'s rows."""
+        return self.objective.score(outputs, self.reference(ds), ds.y)
+
+    def score_model(self, model: onnx.ModelProto, ds: Dataset) -> float:
+        """`model`'s objective on `ds` through ORT."""
+        return self.score(predict_outputs(model, ds), ds)
+
+    def reference(self, ds: Dataset) -> list[np.ndarray]:
+        """The fp32 model's outputs on `ds` (computed once per split)."""
+        if id(ds) not in self._refs:
+            self._refs[id(ds)] = (ds, predict_outputs(self.bg.model, ds))
+        return self._refs[id(ds)][1]
 
     def measure(self, config: CompressionConfig, keep=None, finetune_seconds: float | None = None) -> Measurement:
         """Apply `config` for real and score it on the validation split.
@@ -123,14 +143,13 @@ class SearchContext:
         tuned, finetuned = self._finetune(pruned, config, seconds)
         calib = self.calib_batches if config.target in ("ort-cpu", "qdq") else None
         model = apply_quantization(self.bg, tuned, config, calib)
-        logits = predict(model, self.splits.val)
+        score = self.score_model(model, self.splits.val)
         self.evaluations += 1
-        return Measurement(config, self.score(logits, self.splits.val), self.cost(config), model, finetuned,
-                           time.perf_counter() - start)
+        return Measurement(config, score, self.cost(config), model, finetuned, time.perf_counter() - start)
 
     def test_score(self, model: onnx.ModelProto) -> float:
         """Score on the held-out test split (the final report only)."""
-        return self.score(predict(model, self.splits.test), self.splits.test)
+        return self.score_model(model, self.splits.test)
 
     @property
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -161,7 +180,7 @@ class SearchContext:
             # first one's probe settled on, so they spend their seconds training, not probing again
             lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr}
             result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
-                              seed=self.seed, **budget, **lr)
+                              seed=self.seed, kinds=self.objective.kinds, **budget, **lr)
         except UserError as exc:
             self.bridge_error = str(exc)
             log.warning("fine-tuning disabled: %s", exc)

@@ -361,7 +361,7 @@ class SearchProblem:
 
     # --- observations -------------------------------------------------------------------------
     def _globals(self, ev: Evaluation) -> list[float]:
-        return [math.log(ev.cost.ratio / self.budget) / math.log(self.budget), ev.accuracy / max(self.fp32_score, 1e-9)]
+        return [math.log(ev.cost.ratio / self.budget) / math.log(self.budget), ev.accuracy / max(abs(self.fp32_score), 1e-9)]
 
     def block_observation(self, block: int, block_kernels: dict[str, KernelConfig], ev: Evaluation,
                           progress: float) -> np.ndarray:

@@ -59,6 +59,7 @@ import torch
 
 from hirelc_onnx.bridge.convert import torch_threads
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.search.baselines import MethodResult, candidate_record
 from hirelc_onnx.search.budget import bits_ladder
@@ -226,7 +227,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
                     score, mse, agreement = scorer(masks)
                     scored[key] = {"masks": masks, "score": score}
                     history.append({"kind": "proxy", "method": "graph-rl", "episode": update * s.batch + i,
-                                    "score": ctx.fp32_val_score * agreement,  # accuracy scale, as HiReLC's
+                                    "score": expected_score(ctx.fp32_val_score, agreement),  # score scale, as HiReLC's
                                     "proxy_score": score, "logit_mse": mse, "agreement": agreement,
                                     "macs_fraction": cost.macs_fraction, "ratio": cost.ratio,
                                     "sampled_feasible": bool(np.all(violations[i] <= 1e-9)),

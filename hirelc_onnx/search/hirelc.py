@@ -50,6 +50,7 @@ import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.kill_points import kill_point
 from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
@@ -299,7 +300,8 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
     try:
         from hirelc_onnx.bridge.fisher import fisher_sensitivity
 
-        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed)
+        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed,
+                                    kind=ctx.objective.kinds[0], use_labels=ctx.objective.label_output == 0)
         return (_normalise(fisher.per_kernel), _normalise(fisher.per_block),
                 f"fisher ({settings.fisher_samples} samples)")
     except Exception as exc:  # noqa: BLE001 - any bridge failure means: use the probes
@@ -334,7 +336,7 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
     obs = state.proxies[key] = _proxy(ctx, config)
     cost = ctx.cost(config)
     state.history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
-                          "score": ctx.fp32_val_score * obs.agreement, "agreement": obs.agreement,
+                          "score": expected_score(ctx.fp32_val_score, obs.agreement), "agreement": obs.agreement,
                           "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
                           "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= state.budget - 1e-9})
 

@@ -1,8 +1,9 @@
 """The graph-RL proxy: how good a keep mask looks before any fine-tuning, cheap enough to score every
 episode.
 
-The score is -(logit MSE vs fp32)/(fp32 logit variance) of the pruned fp32 model on the context's
-proxy batch. `MaskedProxy` computes it in one torch forward pass with the pruned channels zeroed
+The score is minus the damage vs fp32 (`Objective.proxy`: for class scores the logit MSE over the
+fp32 logit variance; per-position KL, normalised MSE for the other output kinds) of the pruned fp32
+model on the context's proxy batch. `MaskedProxy` computes it in one torch forward pass with the pruned channels zeroed
 and the per-channel statistics re-estimated (its docstring: why, and why not the raw pruned
 model); `proxy_score` is the ORT fallback for models the torch bridge cannot convert;
 `proxy_scorer` picks one of the two for a run.
@@ -21,8 +22,9 @@ from torch import nn
 from hirelc_onnx.apply import apply_pruning
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_agreement
-from hirelc_onnx.evaluate.runner import SessionConfig, predict
+from hirelc_onnx.evaluate.objective import Objective
+from hirelc_onnx.evaluate.output_kinds import classify
+from hirelc_onnx.evaluate.runner import SessionConfig, predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.gat import GraphObservation
@@ -59,7 +61,8 @@ class MaskedProxy:
     """
 
     def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray | Mapping[str, np.ndarray],
-                 recalibrate: bool = True) -> None:
+                 recalibrate: bool = True, objective: Objective | None = None) -> None:
+        """objective: how outputs are compared (the context's); None: every output by its classified kind."""
         from hirelc_onnx.bridge.convert import to_torch, torch_inputs
 
         self.module = to_torch(bg.model)
@@ -89,7 +92,12 @@ class MaskedProxy:
         for i, (sub, *_) in enumerate(self.hooked):
             sub.register_forward_hook(functools.partial(self._hook, i))
         with torch.no_grad():
-            self.ref = self.module(*self.x).numpy()
+            self.ref = _numpy_outputs(self.module(*self.x))
+        if objective is None:  # no run's objective: every output by its kind, labels given to it are class indices
+            kinds = tuple(classify(None, r) for r in self.ref)
+            objective = Objective(tuple(o.name for o in bg.model.graph.output), kinds,
+                                  0 if kinds[0] == "class-scores" else None)
+        self.objective = objective
 
     def _positions(self, cmap: ChannelMap, cols: list[int | None]) -> torch.Tensor | None:
         if self.masks is None or all(c is None for c in cols):
@@ -139,13 +147,11 @@ class MaskedProxy:
                 xb = [t[start:start + chunk] for t in inputs]
                 xb = [t.requires_grad_(True) if t.is_floating_point() else t for t in xb]
                 self._taps = []
-                logits = self.module(*xb)
+                out = self.module(*xb)
                 taps, self._taps = self._taps, None
                 if not taps:
                     break
-                y = (torch.from_numpy(labels[start:start + chunk].astype(np.int64)) if labels is not None
-                     else logits.detach().argmax(1))
-                loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+                loss = self._fisher_loss(out, None if labels is None else labels[start:start + chunk])
                 grads = torch.autograd.grad(loss, [out for _, out in taps])
                 for col, ps in enumerate(self._per_sample(taps, grads, len(xb[0]))):
                     sums[col] += (ps ** 2).sum(axis=0)
@@ -170,35 +176,52 @@ class MaskedProxy:
                 offset += width
         return per_sample
 
+    def _fisher_loss(self, out, labels: np.ndarray | None) -> torch.Tensor:
+        """Summed cross-entropy of the first output: with the labels when they are its class indices,
+        else with its own arg-max (per position for sequences); other kinds have no such loss."""
+        kind = self.objective.kinds[0]
+        if kind not in ("class-scores", "sequence-scores"):
+            raise RuntimeError(f"group Fisher needs class scores, the first output holds {kind}")
+        logits = out[0] if isinstance(out, (list, tuple)) else out
+        logits = logits.reshape(-1, logits.shape[-1]) if kind == "sequence-scores" else logits.reshape(len(logits), -1)
+        use_labels = labels is not None and kind == "class-scores" and self.objective.label_output == 0
+        y = torch.from_numpy(labels.astype(np.int64)) if use_labels else logits.detach().argmax(1)
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
     def __call__(self, masks: list[np.ndarray]) -> tuple[float, float, float]:
-        """(score, logit MSE, top-1 agreement) of the model keeping `masks` (one bool array per decided group)."""
+        """(score, damage, agreement) of the model keeping `masks` (one bool array per decided group)."""
         self.masks = masks
         try:
             with torch.no_grad():
-                logits = self.module(*self.x).numpy()
+                outs = _numpy_outputs(self.module(*self.x))
         finally:
             self.masks = None
-        mse = logit_mse_proxy(logits, self.ref)
-        return -mse, mse, top1_agreement(logits, self.ref)
+        damage, agreement = self.objective.proxy(outs, self.ref)
+        return -damage, damage, agreement
 
 
 def proxy_score(bg: BlockGraph, ctx: SearchContext, config: CompressionConfig,
                 keep: dict[int, np.ndarray]) -> tuple[float, float, float]:
-    """(score, logit MSE, top-1 agreement) of the ONNX-pruned fp32 model on the proxy batch through ORT.
+    """(score, damage, agreement) of the ONNX-pruned fp32 model on the proxy batch through ORT.
 
     The fallback when the model cannot go through the torch bridge: exact, slower, and without
     recalibration (see MaskedProxy for why that ranks collapsed candidates poorly).
     """
-    logits = predict(apply_pruning(bg, config, keep), ctx.proxy_inputs, config=_PROXY_SESSION)
-    mse = logit_mse_proxy(logits, ctx.proxy_ref)
-    return -mse, mse, top1_agreement(logits, ctx.proxy_ref)
+    outs = predict_outputs(apply_pruning(bg, config, keep), ctx.proxy_inputs, config=_PROXY_SESSION)
+    damage, agreement = ctx.objective.proxy(outs, ctx.proxy_ref)
+    return -damage, damage, agreement
+
+
+def _numpy_outputs(out) -> list[np.ndarray]:
+    """A module's result (one tensor, or a list / tuple for several outputs) as numpy arrays."""
+    return [o.numpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def proxy_scorer(bg: BlockGraph, ctx: SearchContext, obs: GraphObservation,
                  space: PruningSpace) -> Callable[[list[np.ndarray]], tuple[float, float, float]]:
     """The recalibrated torch proxy, or the ORT proxy when the model cannot go through the bridge."""
     try:
-        return MaskedProxy(bg, obs, ctx.proxy_inputs)
+        return MaskedProxy(bg, obs, ctx.proxy_inputs, objective=ctx.objective)
     except (UserError, RuntimeError) as exc:  # RuntimeError: a torch forward failed (a batch-1-only Reshape)
         log.warning("graph-rl: proxy without recalibration through ORT (%s)", exc)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from hirelc_onnx.evaluate.metrics import cross_entropy, kl_divergence, top1_accuracy, top1_agreement
-from hirelc_onnx.evaluate.runner import predict
+from hirelc_onnx.evaluate.runner import predict_outputs
 from hirelc_onnx.search.context import Measurement, SearchContext
 
 __all__ = ["Selection"]
@@ -18,27 +17,27 @@ class Selection:
     Each candidate's fine-tuning already kept its best epoch by validation accuracy, so validation
     alone flatters every candidate a little; the calibration rows only fed the proxy and the
     activation ranges, never a label or a gradient. Together they are about 1.7x the validation
-    rows (digits: 450 rows instead of 270). Score: top-1 accuracy (labelled) or agreement with
-    fp32; loss: cross-entropy or KL to fp32.
+    rows (digits: 450 rows instead of 270). Score: the run's objective (`ctx.objective`); loss:
+    its tie-break (cross-entropy with class labels, else the worst output's divergence from fp32).
     """
 
     def __init__(self, ctx: SearchContext) -> None:
         parts = [ctx.splits.val] + [ctx.splits.calib] * (len(ctx.splits.calib) > 0)
-        self.labelled = all(p.classes is not None for p in parts)
+        self.labelled = all(p.y is not None for p in parts)  # class indices, or labels for --metric
         if not self.labelled:
             parts = [ctx.splits.val]
+        self.objective = ctx.objective
         # one array per graph input (token ids and masks as they are), rows of every part in turn
         self.x = {name: np.concatenate([p.inputs[name] for p in parts]) for name in parts[0].inputs}
-        self.y = np.concatenate([p.classes for p in parts]).astype(int) if self.labelled else None
+        self.y = np.concatenate([p.y for p in parts]) if self.labelled else None
         self.rows = sum(len(p) for p in parts)
-        self.ref = None if self.labelled else ctx.val_ref
+        refs = [ctx.reference(p) for p in parts]
+        self.ref = [np.concatenate(column) for column in zip(*refs)]
 
     def __call__(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(score, loss) of an emitted model on the selection rows."""
-        logits = predict(model, self.x)
-        if not self.labelled:
-            return top1_agreement(logits, self.ref), kl_divergence(logits, self.ref)
-        return top1_accuracy(logits, self.y), cross_entropy(logits, self.y)
+        outs = predict_outputs(model, self.x)
+        return self.objective.score(outs, self.ref, self.y), self.objective.loss(outs, self.ref, self.y)
 
     def pick(self, measured: list[tuple[Measurement, float, float]]) -> Measurement | None:
         """The winner among (measurement, score, loss) triples, None when there are none.

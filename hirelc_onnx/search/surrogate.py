@@ -9,7 +9,8 @@ So the proxy is used to *calibrate* a cheap estimator instead of being called at
                   (features.WeightPerturbation) and c_k is kernel k's measured logit-MSE per unit of
                   weight error (from one proxy probe per kernel). a_q, a_p are refitted on every
                   full config the proxy has scored. Agreement ~ exp(-b * MSE); accuracy estimate =
-                  fp32 validation score * agreement.
+                  fp32 validation score * agreement (objective.expected_score: as far below a
+                  negative fp32 score, a loss under --metric-mode min).
   Surrogate       a small MLP ensemble trained on (config features -> fine-tuned validation score)
                   pairs from real measurements; it learns what fine-tuning recovers, which the
                   proxy cannot see.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.search.features import WeightPerturbation, config_features, config_key
@@ -101,7 +103,7 @@ class ProxyEstimator:
 
     def accuracy(self, config: CompressionConfig) -> float:
         """The cold-start accuracy estimate: fp32 validation score times the estimated agreement."""
-        return self.fp32_score * self.agreement(self.mse(config))
+        return expected_score(self.fp32_score, self.agreement(self.mse(config)))
 
     def calibrate(self, observations: list[ProxyObservation], prior_weight: float = 0.5) -> None:
         """Refit a_q, a_p (log-space least squares, pulled toward 1) and the agreement decay b."""
@@ -249,7 +251,7 @@ class AccuracyModel:
         key = key or config_key(config)
         if key not in self._cache:
             mse = self.estimator.mse(config)
-            proxy_acc = self.estimator.fp32_score * self.estimator.agreement(mse)
+            proxy_acc = expected_score(self.estimator.fp32_score, self.estimator.agreement(mse))
             accuracy, std = proxy_acc, 0.0
             w = self.surrogate_weight
             if w > 0:

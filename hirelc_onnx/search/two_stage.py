@@ -46,8 +46,6 @@ from onnx import numpy_helper
 from hirelc_onnx.apply import apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.metrics import logit_mse_proxy, top1_agreement
-from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.baselines import MethodResult
@@ -264,12 +262,13 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     history: list[dict] = []
 
     def proxy(model: onnx.ModelProto) -> tuple[float, float]:
-        """(logit MSE, top-1 agreement) against the fp32 model on the cached proxy batch."""
-        logits = predict(model, ctx.proxy_inputs)
-        return logit_mse_proxy(logits, ctx.proxy_ref), top1_agreement(logits, ctx.proxy_ref)
+        """(damage, agreement) against the fp32 model on the cached proxy batch (logit MSE, top-1
+        agreement for class scores; see output_kinds for the other kinds)."""
+        p = ctx.proxy_of(model)
+        return p.logit_mse, p.agreement
 
     def val_score(model: onnx.ModelProto) -> float:
-        return ctx.score(predict(model, splits.val), splits.val)
+        return ctx.score_model(model, splits.val)
 
     # --- stage 1a: channel keep ratios, chosen by an agent rewarded on accuracy and FLOPs ---------
     policy = _Policy(np.zeros((len(prunable), len(s.keep_choices))), s.policy_lr, rng)
@@ -284,7 +283,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
         t0 = time.perf_counter()
         try:
             probe = masked_finetune(apply_pruning(bg, config), splits.finetune, splits.val, teacher,
-                                    epochs=s.probe_epochs, seed=seed)
+                                    epochs=s.probe_epochs, seed=seed, kinds=ctx.objective.kinds)
         except BridgeError as exc:
             raise UserError(f"--method two-stage needs the torch bridge for fine-tuning and masks: {exc}") from exc
         ctx.evaluations += 1
@@ -304,11 +303,11 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     # --- stage 1b: fine-tune, learn element-wise masks, fine-tune holding the zeros -----------------
     tuned = masked_finetune(apply_pruning(bg, pruned_config), splits.finetune, splits.val, teacher,
-                            epochs=s.finetune_epochs, seed=seed).model
+                            epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds).model
     masks = learn_masks(tuned, weights, splits.finetune, splits.val, teacher,
-                        MaskSettings(density=s.density, epochs=s.mask_epochs, seed=seed))
+                        MaskSettings(density=s.density, epochs=s.mask_epochs, seed=seed), kinds=ctx.objective.kinds)
     stage1 = masked_finetune(masks.model, splits.finetune, splits.val, teacher, sparse=weights,
-                             epochs=s.finetune_epochs, seed=seed)
+                             epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
     ctx.evaluations += 1
     stage1_model, stage1_sparse = _emit(bg, stage1.model, pruned_config)
     stage1_report = _stage_report(bg, ctx, stage1_model, pruned_config, val_score(stage1_model), stage1_sparse)
@@ -350,7 +349,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     # --- fine-tune with masks held and weights fake-quantized as stored; emit ----------------------
     specs = {k.weight: spec for n, k in bg.kernels.items() if (spec := weight_spec(k, final_config.get(n)))}
     qat = masked_finetune(stage1.model, splits.finetune, splits.val, teacher, sparse=weights, quant=specs,
-                          epochs=s.finetune_epochs, seed=seed)
+                          epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
     ctx.evaluations += 1
     model, stage2_sparse = _emit(bg, qat.model, final_config,
                                  ctx.calib_batches if target in ("ort-cpu", "qdq") else None)

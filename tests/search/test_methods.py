@@ -11,7 +11,8 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
 GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",  # compress's own, every method
-           "input_shape", *IMAGE_OPTION_NAMES}  # data options: how inputs are read or synthesised
+           "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
+           "output_kind", "metric", "metric_mode"}  # scoring options: how outputs are scored
 
 
 @pytest.mark.parametrize("name", list(METHODS))
