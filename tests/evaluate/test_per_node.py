@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.cli import main
-from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph import build_block_graph
 from hirelc_onnx.evaluate.per_node import compressed_kernels, per_node_rows
 

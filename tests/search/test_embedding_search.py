@@ -6,7 +6,6 @@ the same method through a SearchContext on an int64 Dataset, without fine-tuning
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
