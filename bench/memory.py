@@ -86,7 +86,7 @@ def run_compress(d: int, layers: int, samples: int) -> dict:
         measured = peak_rss([sys.executable, "-c", _CLI, *args])
         out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "out").iterdir() if p.name.startswith("model.onnx"))
         shown = "compress model.onnx --method uniform --bits 4 --data data.npz --finetune-epochs 0 --out out"
-        row = _case("compress 100M" if model.params >= 90e6 else f"compress {model.params / 1e6:.0f}M", shown,
+        row = _case(f"compress {model.params / 1e6:.0f}M", shown,
                     model, 3 * model.weight_bytes, "< 3x fp32 bytes", measured)
         row["output_bytes"] = out_bytes
         return row
