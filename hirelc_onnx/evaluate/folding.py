@@ -27,6 +27,7 @@ __all__ = ["FOLDED_OPS", "write_folded"]
 # ops whose constant instances are folded here: exact, elementwise or data movement
 FOLDED_OPS = frozenset({"Cast", "Sub", "Mul", "Add", "Reshape", "Transpose", "BitwiseAnd", "BitwiseXor", "Gather",
                         "Expand", "Slice", "Unsqueeze", "Squeeze", "Concat", "Identity"})
+_COLLECT_BYTES = 8 << 20
 _KEPT_BY_ORT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
@@ -60,8 +61,10 @@ def write_folded(model: onnx.ModelProto, folder: str | os.PathLike) -> Path:
         for name in (o for n in constant_nodes for o in n.output if o in folded_names):
             value = _evaluate(name, produced, inits, model.opset_import)
             append_initializer(header, numpy_helper.from_array(value, name), fh, data.name)
+            big = value.nbytes >= _COLLECT_BYTES
             del value
-            gc.collect()  # the reference evaluator's cycles hold the decode's float32 intermediates
+            if big:  # the reference evaluator's cycles hold the decode's float32 intermediates
+                gc.collect()  # (a full collection costs most of the fold in a search's big heap: big weights only)
     path.write_bytes(header.SerializeToString())
     return path
 

@@ -417,6 +417,9 @@ def _numeric(a: Any, what: str, name: str, allow_bool: bool = False) -> np.ndarr
         return arr
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise DataError(f"{name}: {what} has dtype {arr.dtype}; it must be numeric (integers or floats)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # no calibration, training or score survives them
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise DataError(f"{name}: {what} holds {bad} NaN or infinite value(s) of {arr.size}; clean the data first")
     return arr
 
 

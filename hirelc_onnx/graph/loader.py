@@ -75,7 +75,7 @@ def load_model(path: str | Path, load_external_data: bool = True, check: bool = 
                 onnx.checker.check_model(str(path))
             else:
                 onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as exc:
+        except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:  # the latter: names that are not UTF-8
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
             raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from None
     if load_external_data:
