@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real fuzz clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ bench-latency: $(STAMP)
 
 # peak RSS of inspect (1B params, sparse) and compress (100M params) on generated models with
 # external data: writes bench/memory.md and bench/memory.json (a few minutes; ~5 GB of temp space)
+# the real-task table (MiniLM, the CTC recognizer, data-free runs): writes bench/REAL.md, bench/real.json
+bench-real: $(STAMP)
+	$(PY) -m bench.real_models
+
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench
 
