@@ -96,15 +96,9 @@ def minilm_rows(work: Path, quick: bool) -> list[dict]:
     dyn = work / "minilm-ort-dynamic.onnx"
     quantize_dynamic(str(path), str(dyn), weight_type=QuantType.QInt8)
     dyn_model = load_model(dyn)
-    rows.append(row("ORT quantize_dynamic int8", dyn_model, fp32_bytes(fp32) / initializer_nbytes(dyn_model),
+    rows.append(row("ORT quantize_dynamic int8", dyn_model, initializer_nbytes(fp32) / initializer_nbytes(dyn_model),
                     time.perf_counter() - t0, "none"))
     return rows
-
-
-def fp32_bytes(model) -> int:
-    from passes.storage import initializer_nbytes
-
-    return initializer_nbytes(model)
 
 
 # --- the CTC recognizer -----------------------------------------------------------------------------

@@ -86,19 +86,20 @@ def _weight_input(node: onnx.NodeProto) -> str | None:
 def compressed_kernels(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Kernel nodes whose weight is stored compressed: a quantized op, or a weight decoded in-graph."""
     inits = _initializers(model)
+    producers = _producers(model)
     out = []
     for node in model.graph.node:
         if node.op_type not in KERNEL_OPS:
             continue
         weight = _weight_input(node)
-        if node.op_type in _QUANTIZED_OPS or (weight and weight not in inits and _decoded(weight, model, inits)):
+        if node.op_type in _QUANTIZED_OPS or (weight and weight not in inits
+                                              and _decoded(weight, model, inits, producers)):
             out.append(node)
     return out
 
 
-def _decoded(name: str, model: onnx.ModelProto, inits: set[str]) -> bool:
+def _decoded(name: str, model: onnx.ModelProto, inits: set[str], producers: dict[str, onnx.NodeProto]) -> bool:
     """True when `name` is computed from initializers only (a weight decode: DQ, Cast -> Sub -> Mul ...)."""
-    producers = _producers(model)
     graph_inputs = {i.name for i in model.graph.input}
     stack, seen = [name], set()
     while stack:
@@ -112,12 +113,16 @@ def _decoded(name: str, model: onnx.ModelProto, inits: set[str]) -> bool:
     return True
 
 
-def _chain(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
-    """The kernel's output and the tensors it flows into through activations and Q/DQ, in order."""
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in model.graph.node:
         for i in n.input:
             consumers[i].append(n)
+    return consumers
+
+
+def _chain(model: onnx.ModelProto, node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> list[str]:
+    """The kernel's output and the tensors it flows into through activations and Q/DQ, in order."""
     outputs = {o.name for o in model.graph.output}
     chain = [node.output[0]]
     while chain[-1] not in outputs:
@@ -163,9 +168,10 @@ def match_kernels(model: onnx.ModelProto, optimized: onnx.ModelProto,
     """For each kernel, the node(s) of ORT's optimised graph it became: the compute node first, then
     an unfolded weight decode feeding it, if any."""
     opt_producers = _producers(optimized)
+    consumers = _consumers(model)
     found: dict[str, list[onnx.NodeProto]] = {}
     for k in kernels:
-        keys = set(_chain(model, k)) | {k.name}
+        keys = set(_chain(model, k, consumers)) | {k.name}
         hit = None
         for n in optimized.graph.node:
             if n.op_type in _GLUE_OPS:
@@ -209,6 +215,7 @@ def kernel_snr(model: onnx.ModelProto, reference: onnx.ModelProto, feed: Mapping
     """SNR (dB) of each kernel's output, after its activation and Q/DQ, against the reference node of
     the same name; (None, why) when there is no such node or the shapes differ (pruned channels)."""
     ref_nodes = {n.name: n for n in reference.graph.node}
+    ours_consumers, ref_consumers = _consumers(model), _consumers(reference)
     pairs: dict[str, tuple[str, str]] = {}
     result: dict[str, tuple[float | None, str]] = {}
     for k in kernels:
@@ -216,7 +223,7 @@ def kernel_snr(model: onnx.ModelProto, reference: onnx.ModelProto, feed: Mapping
         if ref is None:
             result[k.name] = (None, "no node of this name in the reference")
             continue
-        pairs[k.name] = (_chain(model, k)[-1], _chain(reference, ref)[-1])
+        pairs[k.name] = (_chain(model, k, ours_consumers)[-1], _chain(reference, ref, ref_consumers)[-1])
     if not pairs:
         return result
     ours = _run(model, feed, sorted({a for a, _ in pairs.values()}))
