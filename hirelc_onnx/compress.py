@@ -60,6 +60,7 @@ class CompressResult:
 def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any = None, target: str = "storage",
              seed: int = 0, out_dir: str | os.PathLike | None = None, latency_runs: int = 20,
              output_model: str | os.PathLike | None = None, overwrite: bool = False,
+             started: Callable[[], None] | None = None,
              progress: Callable[[int, int], None] | None = None,
              input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
              metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
@@ -68,7 +69,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     out_dir: a folder of this run's own; one holding another run's files (report/outputs.py
     RUN_FILES) is refused unless `overwrite` (those files are then removed first, nobody else's) or
     `resume` (continuing the run whose state it holds). output_model: a file path where the model
-    alone is written as well (or instead, without out_dir), replacing what is there.
+    alone is written as well (or instead, without out_dir), replacing what is there. started: called
+    once every check has passed (model, data, options, folder), just before the method runs.
 
     data: a --data spec or a Dataset. Without it the run is data-free: inputs are synthesised from
     the graph (evaluate/synthetic.py), the score is fidelity to the fp32 model, nothing is
@@ -158,6 +160,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                                 output_kind=output_kind)
         state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
+        if started is not None:
+            started()
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 

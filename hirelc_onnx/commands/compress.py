@@ -198,12 +198,13 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     if "bits" in options and options["bits"] not in (2, 3, 4, 5, 6, 7, 8, 32):
         raise click.BadParameter("bits must be 2..8 or 32", param_hint="--bits")
+    chosen = METHODS[method]
+    said = []  # the defaults this run decides, said once its checks pass (a refusal stays one line)
     if out_dir is None and output_model is None:
         out_dir = default_out_dir(model)
-        click.echo(f"output folder: {out_dir}/ (the default; --out chooses)", err=True)
-    chosen = METHODS[method]
+        said.append(f"output folder: {out_dir}/ (the default; --out chooses)")
     if chosen.default_budget is not None and "budget" not in options:
-        click.echo(f"budget: {chosen.default_budget:g}x (the {method} default; --budget chooses)", err=True)
+        said.append(f"budget: {chosen.default_budget:g}x (the {method} default; --budget chooses)")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -217,6 +218,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
                                   output_model=output_model, overwrite=overwrite,
+                                  started=lambda: said and click.echo("\n".join(said), err=True),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
                                   metric=metric, metric_mode=metric_mode, **image, **options)
         except KeyboardInterrupt:
