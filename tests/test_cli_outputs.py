@@ -106,6 +106,7 @@ def test_output_model_beside_the_folder_is_the_same_model(resnet, tmp_path):
                               "give --output-model small.onnx"),
     (["--out", "o", "--resume", "--data", "digits"], "error: --resume: o holds no search state"),
     (["--out", "o", "--resume", "--overwrite", "--data", "digits"], "--overwrite clears it: give one of them"),
+    (["--output-model", "m.onnx", "--overwrite"], "error: --overwrite replaces an earlier run in an --out folder"),
 ])
 def test_output_refusals_are_one_line_before_any_work(resnet, tmp_path, args, expect):
     line = _error_line(_compress(resnet, *args))

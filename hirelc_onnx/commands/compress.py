@@ -21,7 +21,7 @@ from hirelc_onnx.graph import load_model
 from hirelc_onnx.report.outputs import STATE_FILE, run_files
 from hirelc_onnx.search.methods import METHODS, takers
 
-__all__ = ["compress", "print_summary", "goal_line", "default_out_dir", "resume_hint", "EXIT_CODES",
+__all__ = ["compress", "print_summary", "goal_line", "file_lines", "default_out_dir", "resume_hint", "EXIT_CODES",
            "GOAL_MISSED"]
 
 GOAL_MISSED = 3
@@ -198,6 +198,8 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     if "bits" in options and options["bits"] not in (2, 3, 4, 5, 6, 7, 8, 32):
         raise click.BadParameter("bits must be 2..8 or 32", param_hint="--bits")
+    if overwrite and out_dir is None and output_model is not None:
+        raise click.UsageError("--overwrite replaces an earlier run in an --out folder: give --out, or drop it")
     chosen = METHODS[method]
     said = []  # the defaults this run decides, said once its checks pass (a refusal stays one line)
     if out_dir is None and output_model is None:
