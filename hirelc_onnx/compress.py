@@ -140,8 +140,6 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         check_output_model(Path(output_model), Path(model_path))
 
     with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
-        if out_dir is not None and overwrite and not given.get("resume"):
-            clear_run_files(Path(out_dir))  # the earlier run's files, now that the folder is ours
         original = load_model(model_path)
         _check_domains(original, model_path)
         bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
@@ -160,6 +158,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                                 output_kind=output_kind)
         state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
+        if out_dir is not None and overwrite:  # the folder is ours and every check passed: the earlier run goes
+            clear_run_files(Path(out_dir))
         if started is not None:
             started()
         result = chosen.load()(bg, ctx, target, **given,
