@@ -73,6 +73,9 @@ def test_overwrite_clears_only_the_earlier_runs_files(resnet, tmp_path):
     (out / "notes.txt").write_text("the user's")
     line = _error_line(_compress(resnet, *UNIFORM, "--out", out))
     assert "--resume to continue it" in line  # search state is there: both ways out are named
+    _error_line(_compress(resnet, "--method", "uniform", "--data", tmp_path / "missing.npz", "--out", out,
+                          "--overwrite"))
+    assert (out / "search_state.json").read_text() == "an earlier run"  # a refused run clears nothing
     res = _compress(resnet, *UNIFORM, "--bits", "4", "--out", out, "--overwrite")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "notes.txt", "report.html",
