@@ -27,7 +27,8 @@ from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
-from hirelc_onnx.report.outputs import check_out_dir, write_outputs
+from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_model, clear_run_files,
+                                        write_model, write_outputs)
 from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, check_options, flag, get_method
@@ -58,10 +59,18 @@ class CompressResult:
 
 def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any = None, target: str = "storage",
              seed: int = 0, out_dir: str | os.PathLike | None = None, latency_runs: int = 20,
+             output_model: str | os.PathLike | None = None, overwrite: bool = False,
+             started: Callable[[], None] | None = None,
              progress: Callable[[int, int], None] | None = None,
              input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
              metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
+
+    out_dir: a folder of this run's own; one holding another run's files (report/outputs.py
+    RUN_FILES) is refused unless `overwrite` (those files are then removed first, nobody else's) or
+    `resume` (continuing the run whose state it holds). output_model: a file path where the model
+    alone is written as well (or instead, without out_dir), replacing what is there. started: called
+    once every check has passed (model, data, options, folder), just before the method runs.
 
     data: a --data spec or a Dataset. Without it the run is data-free: inputs are synthesised from
     the graph (evaluate/synthetic.py), the score is fidelity to the fp32 model, nothing is
@@ -78,7 +87,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       the report gives on the test split (higher is better; metric_mode "min" for a loss); needs --data.
     options: the chosen method's own, each taken by the methods in its row of search/methods.py
     METHODS (a value of None counts as not given; one the method would ignore is a UserError):
-      budget: true-bytes ratio such as '6x' (None: the method's own default choice); max_drop: largest
+      budget: true-bytes ratio such as '6x' (None: the method's METHODS default_budget, if any, searched
+      and reported with goal.budget_default); max_drop: largest
       accepted accuracy drop in points; time_limit: seconds for the search; evaluations: real
       (fine-tuned) evaluations; finetune_seconds: the fine-tuning clock of each (default 20);
       finetune_epochs: instead of the clock, exactly this many epochs (at most; patience may end
@@ -91,6 +101,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     start = time.perf_counter()
     chosen = get_method(method)
     given = {name: value for name, value in options.items() if value is not None}
+    options_given = set(given)
     image = {name: given.pop(name) for name in sorted(DATA_OPTIONS & set(given))}
     check_options(chosen, given)
     if image and data is None:
@@ -117,17 +128,23 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise UserError(f"finetune_epochs must be >= 0, got {finetune['finetune_epochs']}")
     if given.get("resume") and out_dir is None:
         raise UserError("--resume needs --out (the folder where the interrupted run kept its state)")
+    if given.get("resume") and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite clears it: give one of them")
     if "budget" in given:
         given["budget"] = parse_budget(given["budget"])
+    elif chosen.default_budget is not None:  # the method's own size goal, made explicit: searched and reported
+        given["budget"] = chosen.default_budget
     if out_dir is not None:
-        check_out_dir(Path(out_dir), Path(model_path))
+        check_out_dir(Path(out_dir), Path(model_path), resume=bool(given.get("resume")), overwrite=overwrite)
+    if output_model is not None:
+        check_output_model(Path(output_model), Path(model_path))
 
     with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
         original = load_model(model_path)
         _check_domains(original, model_path)
         bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
         del original
-        if given.get("budget"):
+        if "budget" in options_given:  # a method's default is its own to reach (two-stage prunes weights too)
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
         if data is not None:
@@ -139,8 +156,12 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
-        state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
+        state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
+        if out_dir is not None and overwrite:  # the folder is ours and every check passed: the earlier run goes
+            clear_run_files(Path(out_dir))
+        if started is not None:
+            started()
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
@@ -149,8 +170,14 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
                               data=_data_record(data, ds))
+        if given.get("budget") is not None and "budget" not in options_given:
+            report["goal"]["budget_default"] = True  # the method's default, not the user's: the summary says so
         if out_dir is not None:
-            write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
+            write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,
+                          output_model=None if output_model is None else Path(output_model))
+        elif output_model is not None:
+            write_model(Path(output_model), result.model)
+            report["outputs"] = {"output_model": str(output_model)}
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)
 
 

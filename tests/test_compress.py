@@ -81,7 +81,7 @@ def test_fixed_epoch_finetuning_is_repeatable_and_reported(resnet_copy, tmp_path
     (["--method", "random", "--budget", "6x"], "needs --data"),
     (["--data", "/no/such/data.npz", "--method", "random"], "not found"),
     (["--data", "digits", "--finetune-epochs", "-1"], "finetune-epochs"),
-    (["--data", "digits", "--resume"], "--resume needs --out"),
+    (["--data", "digits", "--resume"], "--resume: resnet20.hirelc holds no search state"),  # the default --out
     (["--method", "uniform", "--finetune-seconds", "5"], "--finetune-seconds only matters with --data"),
 ])
 def test_refusals_are_one_line_and_fast(resnet_copy, args, expect):

@@ -144,6 +144,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resume and state is None:
         log.warning("resume asked but no search state at %s: starting afresh", state_path)
     resumed_from = None if state is None else state.next_round
+    if state is not None:  # the report counts the search's real evaluations, those made before the resume too
+        ctx.evaluations += len(state.real)
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
@@ -259,6 +261,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     best = _best(state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
+        ctx.evaluations -= 1  # the rebuild of a candidate measured before, not another evaluation
     extra = {
         "block_sensitivity": {b: float(s) for b, s in state.block_sensitivity.items()},
         "kernel_sensitivity": dict(state.kernel_sensitivity),

@@ -43,6 +43,9 @@ class Method:
     summary: str
     receives: frozenset[str] = frozenset()
     """compress's own values its run function takes as well: seed, progress, state_path."""
+    default_budget: float | None = None
+    """The size goal (true-bytes ratio) searched when no budget is given; compress passes it explicitly
+    and says so (the run function's settings hold the same figure for direct calls)."""
 
     def load(self) -> Callable[..., MethodResult]:
         """The run function (imports its module)."""
@@ -56,7 +59,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
            _SEARCH | {"max_drop", "time_limit", "resume", "settings"},
            "hierarchical RL ensembles pick bits / keep / qtype / granularity per kernel (default)",
-           frozenset({"seed", "progress", "state_path"})),
+           frozenset({"seed", "progress", "state_path"}), default_budget=4.0),
     Method("graph-rl", "hirelc_onnx.search.graph_rl:run_graph_rl", True,
            _SEARCH | {"flops", "params", "bits", "time_limit", "settings"},
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
@@ -64,7 +67,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,
            frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings"}),
            "an agent prunes channels, learned masks prune weights, a second agent picks bit widths",
-           frozenset({"seed", "progress"})),
+           frozenset({"seed", "progress"}), default_budget=30.0),
     Method("uniform", "hirelc_onnx.search.baselines:run_uniform", False,
            frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS}),
            "the same bits and keep ratio for every kernel"),

@@ -10,7 +10,7 @@ from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
-GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",  # compress's own, every method
+GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
            "output_kind", "metric", "metric_mode"}  # scoring options: how outputs are scored
 
@@ -31,6 +31,16 @@ def test_the_cli_offers_every_method_and_only_known_options():
     choices = next(p for p in compress_command.params if p.name == "method").type.choices
     assert list(choices) == list(METHODS)
     assert params - GENERAL == OPTIONS - {"settings"}  # settings: a dataclass, Python only
+
+
+def test_default_budgets_are_the_methods_own():
+    """compress passes a method's default budget explicitly (and says so): the same figure its settings hold."""
+    from hirelc_onnx.search.hirelc import HiReLCSettings
+    from hirelc_onnx.search.two_stage import TwoStageSettings
+
+    assert METHODS["hirelc"].default_budget == HiReLCSettings().default_budget
+    assert METHODS["two-stage"].default_budget == TwoStageSettings().default_ratio
+    assert all(m.default_budget is None or "budget" in m.options for m in METHODS.values())
 
 
 def test_unknown_method_lists_the_choices():
