@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from hirelc_onnx.commands.data_options import image_option_values, image_options, input_shape_option, parse_input_shapes
+from hirelc_onnx.commands.feedback import progress_display
 from hirelc_onnx.compress import compress as run_compress
 from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS
 from hirelc_onnx.errors import UserError
@@ -83,7 +84,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder (created).")
 @click.option("--bits", type=click.IntRange(2, 32),
-              help="Weight bits: uniform (default 8), graph-rl (default 8, 7 under ort-cpu; 32 prunes only).")
+              help="Weight bits: uniform (default 8, 7 under ort-cpu), graph-rl (default 8, 7 under ort-cpu; 32 prunes only).")
 @click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Channel keep ratio: uniform (default 1.0), l1-int8 (default 0.5).")
 @click.option("--qtype", type=click.Choice(QTYPES), default="symmetric", show_default=True,
@@ -122,16 +123,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, as_
                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     if "bits" in options and options["bits"] not in (2, 3, 4, 5, 6, 7, 8, 32):
         raise click.BadParameter("bits must be 2..8 or 32", param_hint="--bits")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True, disable=as_json) as bar:
-        task = bar.add_task(f"{method}: real evaluations (prune, fine-tune, quantize, measure)",
-                            total=method_options["evaluations"])
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with progress_display(enabled=not as_json) as progress:  # a bar on a terminal, else one line per phase
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,

@@ -65,9 +65,15 @@ def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: 
     return CompressionConfig(kernels, target=target).validate()
 
 
-def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int = 8, keep: float = 1.0,
+def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None, keep: float = 1.0,
                 qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
-    """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data)."""
+    """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data).
+
+    bits: default 8, or 7 under ort-cpu, where ORT's u8 x s8 kernels saturate with full-range 8-bit
+    weights on CPUs without VNNI (passes/quantize_activations.py).
+    """
+    if bits is None:
+        bits = 7 if target == "ort-cpu" else 8
     config = _uniform_config(bg, target, bits, keep, qtype, granularity)
     if ctx is None:
         return MethodResult(config, apply_config(bg, config), None)
