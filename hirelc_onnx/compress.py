@@ -162,7 +162,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
-                              data=_data_record(data, ds))
+                              data={**_data_record(data, ds), "split_seed": seed})
         if out_dir is not None:
             notify(progress, "writing the outputs")
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
@@ -217,7 +217,11 @@ def _data_record(data: Any, ds: Dataset) -> dict:
         labels = "class indices"
     else:
         labels = f"{ds.y.dtype} (not class indices: they reach only the metric; without one, fidelity to fp32 is scored)"
-    return {"source": str(data) if isinstance(data, (str, os.PathLike)) else ds.name,
+    if isinstance(data, (str, os.PathLike)):  # a file or folder by its full path: evaluate finds it from anywhere
+        source = str(Path(data).resolve()) if Path(data).exists() else str(data)
+    else:
+        source = ds.name
+    return {"source": source,
             "data_free": False, "samples": len(ds), "labels": labels,
             "inputs": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in ds.inputs.items()},
             "preprocessing": dict(ds.preprocessing) if ds.preprocessing else {"kind": "arrays used as given"}}

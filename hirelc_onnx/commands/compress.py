@@ -15,6 +15,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import graph_inputs
 from hirelc_onnx.graph import load_model
 from hirelc_onnx.search.methods import METHODS, takers
+from hirelc_onnx.units import fmt_bytes, fmt_speed
 
 __all__ = ["compress", "print_summary"]
 
@@ -31,8 +32,10 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
     t.add_column("fp32", justify="right")
     t.add_column("compressed", justify="right")
     t.add_column("ratio / change", justify="right")
-    t.add_row("weight bytes", f"{size['original_weight_bytes']:,}", f"{size['weight_bytes']:,}", f"{size['ratio']:.2f}x")
-    t.add_row("file bytes", f"{size['original_file_bytes']:,}", f"{size['file_bytes']:,}", f"{size['file_ratio']:.2f}x")
+    t.add_row("weights", fmt_bytes(size['original_weight_bytes']), fmt_bytes(size['weight_bytes']),
+              f"{size['ratio']:.2f}x smaller")
+    t.add_row("file", fmt_bytes(size['original_file_bytes']), fmt_bytes(size['file_bytes']),
+              f"{size['file_ratio']:.2f}x smaller")
     if acc:
         t.add_row(f"{acc['metric']} (test, n={acc['n']})", f"{acc['fp32']:.4f}", f"{acc['compressed']:.4f}",
                   f"{-acc['drop_points']:+.2f} pts")
@@ -45,7 +48,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
     for key, v in lat.items():
         if "speedup" in v:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",
-                      f"{v['speedup']:.2f}x faster" if v["speedup"] >= 1 else f"{1 / v['speedup']:.2f}x slower")
+                      fmt_speed(v["speedup"]))
     console.print(t)
     goal = report.get("goal", {})
     if goal.get("budget_met") is False:
