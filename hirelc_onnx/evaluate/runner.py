@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hirelc_onnx.errors import DataError, ModelLoadError, UserError
+from hirelc_onnx.errors import DataError, ModelLoadError, UserError, option
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import InputSpec, check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
@@ -273,7 +273,7 @@ class OrtRunner:
                 else:
                     raise DataError(
                         f"{self.label}: input {inp.name!r} has symbolic dim {d!r} at axis {axis}; "
-                        f"give its full shape (--input-shape {inp.name}=1x...)"
+                        f"give its full shape ({option('input_shape')} {inp.name}=1x...)"
                     )
             shapes[inp.name] = tuple(dims)
         return shapes

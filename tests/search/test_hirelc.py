@@ -42,7 +42,7 @@ def test_normalise_is_log_min_max():
 
 
 def test_needs_data_and_an_evaluation(bg):
-    with pytest.raises(UserError, match="give --data"):
+    with pytest.raises(UserError, match="give data="):
         run_hirelc(bg, None, "storage", budget=BUDGET)
     with pytest.raises(UserError, match="at least one real evaluation"):
         run_hirelc(bg, object(), "storage", budget=BUDGET, evaluations=0)
