@@ -393,7 +393,7 @@ def dataset_from_python(out: Any, what: str = "data", name: str = "data") -> Dat
         except ValueError as exc:
             raise DataError(f"{what}: batches differ in shape ({exc})") from exc
         return _make_dataset(inputs, y, name)
-    raise DataError(f"{what} is a {type(out).__name__}; expected a Dataset, x, (x, y), "
+    raise DataError(f"{what} is of type {type(out).__name__}; expected a Dataset, x, (x, y), "
                     "a dict of input arrays or batches of these")
 
 
