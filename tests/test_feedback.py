@@ -128,6 +128,7 @@ def test_progress_shows_the_phase_from_the_start():
         assert task.description == "hirelc: real evaluations" and (task.completed, task.total) == (1, 2)
 
 
+@pytest.mark.slow
 def test_the_round_lines_reach_a_log_file_by_default(reference_models, tmp_path):
     """stderr of CliRunner is no terminal: the phases and hirelc's round lines are in it without -v."""
     res = CliRunner().invoke(main, ["compress", str(reference_models("resnet20")), "--data", "digits",
