@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from hirelc_onnx.commands.data_options import image_option_values, image_options, input_shape_option, parse_input_shapes
+from hirelc_onnx.commands.feedback import progress_display
 from hirelc_onnx.compress import compress as run_compress
 from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS
 from hirelc_onnx.errors import UserError
@@ -20,6 +21,7 @@ from hirelc_onnx.evaluate.loaders import graph_inputs
 from hirelc_onnx.graph import load_model
 from hirelc_onnx.report.outputs import STATE_FILE, run_files
 from hirelc_onnx.search.methods import METHODS, takers
+from hirelc_onnx.units import fmt_bytes, fmt_speed
 
 __all__ = ["compress", "print_summary", "goal_line", "file_lines", "default_out_dir", "resume_hint", "EXIT_CODES",
            "GOAL_MISSED"]
@@ -86,8 +88,10 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
     t.add_column("fp32", justify="right")
     t.add_column("compressed", justify="right")
     t.add_column("ratio / change", justify="right")
-    t.add_row("weight bytes", f"{size['original_weight_bytes']:,}", f"{size['weight_bytes']:,}", f"{size['ratio']:.2f}x")
-    t.add_row("file bytes", f"{size['original_file_bytes']:,}", f"{size['file_bytes']:,}", f"{size['file_ratio']:.2f}x")
+    t.add_row("weights", fmt_bytes(size['original_weight_bytes']), fmt_bytes(size['weight_bytes']),
+              f"{size['ratio']:.2f}x smaller")
+    t.add_row("file", fmt_bytes(size['original_file_bytes']), fmt_bytes(size['file_bytes']),
+              f"{size['file_ratio']:.2f}x smaller")
     if acc:
         t.add_row(f"{acc['metric']} (test, n={acc['n']})", f"{acc['fp32']:.4f}", f"{acc['compressed']:.4f}",
                   f"{-acc['drop_points']:+.2f} pts")
@@ -100,7 +104,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
     for key, v in lat.items():
         if "speedup" in v:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",
-                      f"{v['speedup']:.2f}x faster" if v["speedup"] >= 1 else f"{1 / v['speedup']:.2f}x slower")
+                      fmt_speed(v["speedup"]))
     console.print(t)
     if acc and acc.get("finetune_warning"):
         console.print(f"[yellow]warning: {acc['finetune_warning']}[/]")
@@ -159,7 +163,7 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
               help="Replace the earlier run in --out: its files (model.onnx, report*, config.json, "
                    "search_state*) are removed first; other files there are left alone.")
 @click.option("--bits", type=click.IntRange(2, 32),
-              help="Weight bits: uniform (default 8), graph-rl (default 8, 7 under ort-cpu; 32 prunes only).")
+              help="Weight bits: uniform (default 8, 7 under ort-cpu), graph-rl (default 8, 7 under ort-cpu; 32 prunes only).")
 @click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Channel keep ratio: uniform (default 1.0), l1-int8 (default 0.5).")
 @click.option("--qtype", type=click.Choice(QTYPES), default="symmetric", show_default=True,
@@ -207,16 +211,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         said.append(f"output folder: {out_dir}/ (the default; --out chooses)")
     if chosen.default_budget is not None and "budget" not in options:
         said.append(f"budget: {chosen.default_budget:g}x (the {method} default; --budget chooses)")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True, disable=as_json) as bar:
-        task = bar.add_task(f"{method}: real evaluations (prune, fine-tune, quantize, measure)",
-                            total=method_options["evaluations"])
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with progress_display(enabled=not as_json) as progress:  # a bar on a terminal, else one line per phase
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
                                   output_model=output_model, overwrite=overwrite,

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import InvalidOptionError, option
 
 if TYPE_CHECKING:
     from hirelc_onnx.search.baselines import MethodResult
@@ -95,12 +95,13 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+        raise InvalidOptionError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-def flag(option: str) -> str:
-    """How an option is spelled where the user gave it: --max-drop (a Python-only one: settings=)."""
-    return f"{option}=" if option in API_ONLY else "--" + option.replace("_", "-")
+def flag(name: str) -> str:
+    """How an option is spelled where the user gave it: --max-drop on the command line, max_drop= from
+    Python (a Python-only one: settings= everywhere)."""
+    return option(name, api_only=name in API_ONLY)
 
 
 def takers(option: str) -> str:
@@ -110,10 +111,10 @@ def takers(option: str) -> str:
 
 def check_options(method: Method, given: Iterable[str]) -> None:
     """Refuse, in one line, an option no method knows or one `method` would ignore."""
-    for option in given:
-        if option not in OPTIONS:
-            raise UserError(f"unknown option {option!r}; the method options are {', '.join(sorted(OPTIONS))}")
-        if option not in method.options:
+    for name in given:
+        if name not in OPTIONS:
+            raise InvalidOptionError(f"unknown option {name!r}; the method options are {', '.join(sorted(OPTIONS))}")
+        if name not in method.options:
             takes = ", ".join(flag(o) for o in sorted(method.options, key=lambda o: (o in API_ONLY, o)))
-            raise UserError(f"--method {method.name} does not take {flag(option)} "
+            raise InvalidOptionError(f"{option('method', method.name)} does not take {flag(name)} "
                             + (f"(it takes: {takes})" if takes else "(it takes no method options)"))

@@ -7,7 +7,7 @@ import pytest
 
 from hirelc_onnx.commands.compress import compress as compress_command
 from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, interface
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
 GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
@@ -50,10 +50,14 @@ def test_unknown_method_lists_the_choices():
 
 def test_options_are_checked_against_the_row():
     check_options(METHODS["random"], ["budget", "evaluations"])
-    with pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: --budget, "
-                                        r"--evaluations, --finetune-epochs, --finetune-seconds\)$"):
+    with pytest.raises(UserError, match=r"^method='random' does not take resume= \(it takes: budget=, "
+                                        r"evaluations=, finetune_epochs=, finetune_seconds=\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
-    with pytest.raises(UserError, match=r"^--method ort-int8 does not take --keep \(it takes no method options\)$"):
+    with interface("cli"), pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: "
+                                                          r"--budget, --evaluations, --finetune-epochs, "
+                                                          r"--finetune-seconds\)$"):
+        check_options(METHODS["random"], ["budget", "resume"])
+    with pytest.raises(UserError, match=r"^method='ort-int8' does not take keep= \(it takes no method options\)$"):
         check_options(METHODS["ort-int8"], ["keep"])
     with pytest.raises(UserError, match="^unknown option 'bitz'; the method options are "):
         check_options(METHODS["uniform"], ["bitz"])
