@@ -84,8 +84,8 @@ def test_api_errors_name_parameters_and_the_cli_names_flags(resnet, tmp_path):
     with interface("cli"):
         with pytest.raises(hirelc_onnx.InvalidOptionError, match=r"^--method random needs --data "):
             hirelc_onnx.compress(tmp_path / "never-read.onnx", method="random")
-    res = CliRunner().invoke(main, ["compress", str(tmp_path / "never-read.onnx"), "--resume"])
-    assert res.exit_code == 2 and res.output.startswith("error: --resume needs --out "), res.output
+    res = CliRunner().invoke(main, ["compress", str(tmp_path / "never-read.onnx"), "--method", "random"])
+    assert res.exit_code == 2 and res.output.startswith("error: --method random needs --data "), res.output
 
 
 def _recorder():

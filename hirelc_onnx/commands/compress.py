@@ -215,7 +215,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
                                   output_model=output_model, overwrite=overwrite,
-                                  started=lambda: said and click.echo("\n".join(said), err=True),
+                                  started=lambda: _started(said, progress),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
                                   metric=metric, metric_mode=metric_mode, **image, **options)
         except KeyboardInterrupt:
@@ -228,6 +228,13 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         print_summary(result.report, out_dir)
     if goal_line(result.report)[0] is False:
         ctx.exit(GOAL_MISSED)
+
+
+def _started(said: list[str], progress) -> None:
+    """Every check passed: say the defaults this run decided, and show the phases held until now."""
+    if said:
+        click.echo("\n".join(said), err=True)
+    getattr(progress, "flush", lambda: None)()
 
 
 def _input_names(model: Path) -> list[str] | None:

@@ -115,14 +115,26 @@ def progress_display(enabled: bool = True, stream: IO[str] | None = None) -> Ite
     stream = sys.stderr if stream is None else stream
     tty = bool(getattr(stream, "isatty", lambda: False)())
     if not enabled or not tty:
-        seen: dict[str, Any] = {"phase": None}
+        # Phase lines are held until the run's checks have passed (`lines.flush`, called by compress
+        # once the model, data, options and folder are accepted) or a phase takes a step: a run
+        # refused while loading (bad model, bad data) prints its one error: line and nothing else.
+        seen: dict[str, Any] = {"phase": None, "held": []}
+
+        def flush() -> None:
+            for line in seen["held"]:
+                progress_log.info("%s", line)
+            seen["held"] = []
 
         def lines(phase: str, done: int, total: int) -> None:
             if phase != seen["phase"]:
                 seen["phase"] = phase
-                progress_log.info("%s%s", phase, f" (0/{total})" if total > 1 else "")
+                seen["held"].append(phase + (f" (0/{total})" if total > 1 else ""))
+            if done > 0:
+                flush()
 
+        lines.flush = flush  # type: ignore[attr-defined]
         yield lines if enabled else (lambda phase, done, total: None)
+        flush()  # not reached when the run raised
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
