@@ -1,4 +1,8 @@
-"""The --out folder: model.onnx, config.json, report.json, report.html, each written atomically.
+"""The --out folder: model.onnx, config.json, footprints.json, report.json, report.html, each written atomically.
+
+footprints.json holds every measured candidate's per-kernel config and figures (report/build.py:
+footprints), so a user can pick another point and re-apply it (`hirelc-onnx apply`); report.json
+leaves it out (it is the same data, config by config).
 
 A model whose serialized size passes EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GiB) is written as
 model.onnx plus model.onnx.data beside it, which every ONNX reader follows.
@@ -19,7 +23,7 @@ from hirelc_onnx.report.html import render_html
 __all__ = ["OUTPUT_FILES", "EXTERNAL_DATA_FILE", "EXTERNAL_DATA_BYTES", "check_out_dir", "write_outputs",
            "write_model"]
 
-OUTPUT_FILES = ("model.onnx", "config.json", "report.json", "report.html")
+OUTPUT_FILES = ("model.onnx", "config.json", "footprints.json", "report.json", "report.html")
 EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # models serializing to more are written with external data
 
@@ -45,9 +49,14 @@ def write_outputs(out_dir: Path, model_path: Path, model: onnx.ModelProto, confi
     external = write_model(out_dir / "model.onnx", model, external_over)
     if config is not None:
         write_json(out_dir / "config.json", config.to_dict())
-    names = OUTPUT_FILES[:1] + ((EXTERNAL_DATA_FILE,) if external else ()) + OUTPUT_FILES[1:]
+    footprints = report.get("footprints")
+    if footprints is not None:
+        write_json(out_dir / "footprints.json", footprints)
+    written = {"config.json": config is not None, "footprints.json": footprints is not None}
+    names = OUTPUT_FILES[:1] + ((EXTERNAL_DATA_FILE,) if external else ()) + tuple(
+        n for n in OUTPUT_FILES[1:] if written.get(n, True))
     report["outputs"] = {name: str(out_dir / name) for name in names}
-    write_json(out_dir / "report.json", report)
+    write_json(out_dir / "report.json", {k: v for k, v in report.items() if k != "footprints"})
     write_atomic(out_dir / "report.html", render_html(report).encode())
 
 
