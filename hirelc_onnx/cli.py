@@ -7,6 +7,7 @@ import traceback
 
 import click
 
+from hirelc_onnx.commands.apply import apply
 from hirelc_onnx.commands.benchmark import benchmark
 from hirelc_onnx.commands.compress import compress
 from hirelc_onnx.commands.evaluate import evaluate
@@ -70,7 +71,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (inspect, evaluate, benchmark, compress):
+for command in (inspect, evaluate, benchmark, compress, apply):
     main.add_command(command)
 
 
