@@ -15,8 +15,20 @@ from typing import Any
 
 import click
 
+from hirelc_onnx.apply import apply_config
+from hirelc_onnx.compress import _load_data
 from hirelc_onnx.config import CompressionConfig, ConfigError
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.data import split_dataset
+from hirelc_onnx.evaluate.runner import model_file_size
+from hirelc_onnx.evaluate.synthetic import synthesize
+from hirelc_onnx.graph import build_block_graph, load_model
+from hirelc_onnx.graph.blockgraph import with_input_dims
+from hirelc_onnx.graph.stored import stored_model
+from hirelc_onnx.io import write_json
+from hirelc_onnx.report.outputs import check_out_dir, write_model
+from hirelc_onnx.search.context import SearchContext
+from passes.storage import initializer_nbytes
 
 __all__ = ["apply", "read_config", "reapply"]
 
@@ -61,14 +73,6 @@ def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Pa
             seed: int = 0, source: str = "") -> dict:
     """Apply `config` to the fp32 model at `model_path`, write the outputs into `out_dir`, and return
     what apply.json holds (sizes; with `data`, fp32 and compressed scores on the test split)."""
-    from hirelc_onnx.apply import apply_config
-    from hirelc_onnx.evaluate.runner import model_file_size
-    from hirelc_onnx.graph import build_block_graph, load_model
-    from hirelc_onnx.graph.stored import stored_model
-    from hirelc_onnx.io import write_json
-    from hirelc_onnx.report.outputs import check_out_dir, write_model
-    from passes.storage import initializer_nbytes
-
     out_dir, model_path = Path(out_dir), Path(model_path)
     check_out_dir(out_dir, model_path)
     raw = load_model(model_path)
@@ -116,12 +120,6 @@ def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Pa
 def _context(bg, config: CompressionConfig, data: Any, seed: int):
     """The calibration and test splits a compress run with the same data and seed has (synthesised
     inputs without data, as a data-free run)."""
-    from hirelc_onnx.compress import _load_data
-    from hirelc_onnx.evaluate.data import split_dataset
-    from hirelc_onnx.evaluate.synthetic import synthesize
-    from hirelc_onnx.graph.blockgraph import with_input_dims
-    from hirelc_onnx.search.context import SearchContext
-
     if data is None:
         ds, _ = synthesize(bg.model, {}, seed=seed)
         return SearchContext(with_input_dims(bg, ds.sample_shapes), split_dataset(ds, seed), config.target,

@@ -13,6 +13,7 @@ import click
 
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs, load_data
+from hirelc_onnx.evaluate.runtimes import runtime_support
 from hirelc_onnx.graph import build_block_graph, load_model
 from hirelc_onnx.graph.stored import StoredModel, stored_model
 
@@ -117,8 +118,6 @@ def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: s
     if stored.compressed:
         info["file"]["file_bytes"] = model.stat().st_size
         if runtimes:
-            from hirelc_onnx.evaluate.runtimes import runtime_support
-
             info["runtimes"] = runtime_support(model, stored.element_types)
     if sensitivity:
         info["sensitivity"] = _sensitivity(bg, data, samples, seed)
