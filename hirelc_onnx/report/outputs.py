@@ -1,8 +1,8 @@
 """The --out folder: model.onnx, config.json, footprints.json, report.json, report.html, each written atomically.
 
 footprints.json holds every measured candidate's per-kernel config and figures (report/build.py:
-footprints), so a user can pick another point and re-apply it (`hirelc-onnx apply`); report.json
-leaves it out (it is the same data, config by config).
+footprints), so a user can pick another point and re-apply it (`hirelc-onnx apply`); it moves out
+of the report dict into its own file (report.json's history has the same candidates, without configs).
 
 A model whose serialized size passes EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GiB) is written as
 model.onnx plus model.onnx.data beside it, which every ONNX reader follows.
@@ -39,7 +39,8 @@ def check_out_dir(out_dir: Path, model_path: Path) -> None:
 
 def write_outputs(out_dir: Path, model_path: Path, model: onnx.ModelProto, config: CompressionConfig | None,
                   report: dict, external_over: int | None = None) -> None:
-    """Write the outputs into `out_dir` (never over the input); `report` gains their paths ("outputs").
+    """Write the outputs into `out_dir` (never over the input); `report` gains their paths ("outputs")
+    and gives up "footprints" (build.py: footprints) to footprints.json.
 
     external_over: serialized bytes beyond which model.onnx keeps its weights in model.onnx.data
     (default EXTERNAL_DATA_BYTES).
@@ -49,14 +50,14 @@ def write_outputs(out_dir: Path, model_path: Path, model: onnx.ModelProto, confi
     external = write_model(out_dir / "model.onnx", model, external_over)
     if config is not None:
         write_json(out_dir / "config.json", config.to_dict())
-    footprints = report.get("footprints")
+    footprints = report.pop("footprints", None)  # moves out of the report into its own file
     if footprints is not None:
         write_json(out_dir / "footprints.json", footprints)
     written = {"config.json": config is not None, "footprints.json": footprints is not None}
     names = OUTPUT_FILES[:1] + ((EXTERNAL_DATA_FILE,) if external else ()) + tuple(
         n for n in OUTPUT_FILES[1:] if written.get(n, True))
     report["outputs"] = {name: str(out_dir / name) for name in names}
-    write_json(out_dir / "report.json", {k: v for k, v in report.items() if k != "footprints"})
+    write_json(out_dir / "report.json", report)
     write_atomic(out_dir / "report.html", render_html(report).encode())
 
 
