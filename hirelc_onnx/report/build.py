@@ -201,6 +201,12 @@ def footprints(report: dict, result: MethodResult, shown=lambda v: v) -> dict:
         if emitted_config is not None and c["config"] == emitted_config:
             chosen = c["id"]  # the last equal one: a config measured twice is the same point
     acc = report.get("accuracy") or {}
+    if chosen is None and emitted_config is not None:  # a method whose history holds no configs (two-stage)
+        chosen = len(candidates)
+        candidates.append({"id": chosen, "method": report["method"], "source": "the emitted model",
+                           "ratio": report["size"]["ratio"], "bytes": report["size"]["weight_bytes"],
+                           "score": acc.get("val_compressed", result.val_score), "pareto": None,
+                           "config": emitted_config})
     return {
         "model": report["input"]["path"], "method": report["method"], "target": report["target"],
         "budget": report.get("budget"), "original_weight_bytes": report["size"]["original_weight_bytes"],
