@@ -147,46 +147,54 @@ def _kernel(node: onnx.NodeProto, weight: str, inits: dict, producers: dict) -> 
     nodes, leaves = found
     ops = {n.op_type for n in nodes}
     nbytes = sum(tensor_nbytes(inits[name]) for name in leaves)
-    sparse = bool(ops & _SPARSE_OPS)
+    sparse = bool(ops & _SPARSE_OPS)  # passes/sparse_weights.py: nonzeros and an index, rebuilt in-graph
     packed = "BitwiseAnd" in ops and not sparse
-    codebook = "Gather" in ops
+    codebook = "Gather" in ops and not sparse  # a sparse bitmask decode gathers values too
     dq = next((n for n in nodes if n.op_type == "DequantizeLinear"), None)
-    data = _data_tensor(nodes, leaves, inits, dq)
-    if data is None:  # only float operands: an fp32 weight computed in-graph (a Transpose, a Reshape ...)
-        return StoredKernel(node.name, node.op_type, weight, "fp32", 32, None, "computed in-graph", False, False,
-                            nbytes, None)
+    data = _data_tensor(nodes, leaves, inits, dq, sparse)
+    if data is None:  # only float operands: a float weight computed in-graph (a Cast from fp16, a Transpose ...)
+        floats = [inits[n] for n in leaves if inits[n].data_type in _FLOATS]
+        biggest = max(floats, key=lambda t: math.prod(t.dims)) if floats else None
+        kind = "fp32" if biggest is None or biggest.data_type == TensorProto.FLOAT else \
+            TensorProto.DataType.Name(biggest.data_type).lower()
+        return StoredKernel(node.name, node.op_type, weight, kind, 32 if kind == "fp32" else None, None,
+                            "computed in-graph", False, False, nbytes, None)
     container = TensorProto.DataType.Name(data.data_type).lower()
     elements = _decoded_elements(nodes, leaves, inits, data, packed)
-    if packed:
+    granularity = None
+    if data.data_type in _FLOATS:  # sparse float values
+        encoding, bits = ("fp32" if data.data_type == TensorProto.FLOAT else container), 32
+    elif packed:
         encoding, bits = f"2-bit packed in {container}", 2
     else:
         encoding, bits = container, _bits_used(data)
     if codebook:
         book = next(inits[n.input[0]] for n in nodes if n.op_type == "Gather" and n.input[0] in inits)
-        encoding, bits, granularity = f"{container} codebook", max(1, math.ceil(math.log2(math.prod(book.dims) + 1))), \
-            "log2"
-    else:
+        encoding, granularity = f"{container} codebook", "log2"
+        bits = max(1, math.ceil(math.log2(math.prod(book.dims) + 1)))
+    elif data.data_type not in _FLOATS:
         scale = _scale(nodes, inits, dq)
         granularity = _granularity(elements, None, scale, _group_size(nodes, inits, dq, data))
     if sparse:
-        encoding = f"sparse {encoding}" if data.data_type not in _FLOATS else "sparse fp32"
+        density = f", {math.prod(data.dims) / elements:.0%} of values stored" if elements else ""
+        encoding = f"sparse {encoding}{density}"
     decode = "DequantizeLinear" if dq is not None else \
         "folded at load (" + " -> ".join(dict.fromkeys(n.op_type for n in nodes)) + ")"
     return StoredKernel(node.name, node.op_type, weight, encoding, bits, granularity, decode, packed, sparse, nbytes,
                         elements)
 
 
-def _data_tensor(nodes, leaves, inits, dq) -> onnx.TensorProto | None:
-    """The initializer holding the weight's values: DequantizeLinear's first input (behind a sparse
-    decode, its values), else the largest integer initializer among the leaves."""
+def _data_tensor(nodes, leaves, inits, dq, sparse: bool) -> onnx.TensorProto | None:
+    """The initializer holding the weight's values: a sparse decode's values, DequantizeLinear's
+    first input, else the largest integer initializer among the leaves (None: only floats)."""
+    if sparse:
+        values = [inits[n] for n in leaves if n.endswith("_sparse_values")]
+        if values:
+            return values[0]
     if dq is not None and dq.input[0] in inits:
         return inits[dq.input[0]]
     ints = [inits[n] for n in leaves if inits[n].data_type not in _FLOATS and inits[n].data_type != TensorProto.INT64]
-    if not ints:
-        floats = [inits[n] for n in leaves if inits[n].data_type in _FLOATS]
-        return None if not floats or not any(n.op_type in _SPARSE_OPS for n in nodes) else \
-            max(floats, key=lambda t: math.prod(t.dims))
-    return max(ints, key=lambda t: math.prod(t.dims))
+    return max(ints, key=lambda t: math.prod(t.dims)) if ints else None
 
 
 def _decoded_elements(nodes, leaves, inits, data, packed: bool) -> int | None:
