@@ -89,7 +89,11 @@ def stored_model(model: onnx.ModelProto) -> StoredModel:
         weight = _weight_input(node)
         if not weight or weight not in constant or all(i in constant for i in node.input if i):
             continue  # no stored weight, or a node of a weight's decode (a codebook Gather): not a kernel
-        row = _kernel(node, weight, inits, producers)
+        try:
+            row = _kernel(node, weight, inits, producers)
+        except (ValueError, TypeError, KeyError, IndexError, StopIteration):  # a decode this reader does not know
+            row = StoredKernel(node.name, node.op_type, weight, "unknown", None, None, "not recognised", False, False,
+                               0, None)
         if row is not None:
             kernels.append(row)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
