@@ -24,6 +24,7 @@ from hirelc_onnx.report.html import pareto_front
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.units import fmt_speed
 from passes.storage import initializer_nbytes
 
 __all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE",
@@ -132,7 +133,7 @@ def latency_note(latency: dict, per_node: dict) -> str | None:
     """Why the compressed model is as fast as it is, from what ORT ran per kernel (`per_node`): weights
     dequantized on every run, int8 kernels, or the fp32 kernels of weights decoded once at load."""
     timed = {k: v for k, v in latency.items() if isinstance(v, dict) and "speedup" in v}
-    slower = [f"{k.replace('batch', 'batch ')} ({1 / v['speedup']:.2f}x slower)" for k, v in timed.items()
+    slower = [f"{k.replace('batch', 'batch ')} ({fmt_speed(v['speedup'])})" for k, v in timed.items()
               if v["speedup"] < 1]
     head = (f"Slower than fp32 at {', '.join(slower)}." if slower
             else "As fast as fp32 or faster." if timed else "Latency was not measured.")
@@ -313,8 +314,9 @@ def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue
+        speedup = fp["median_ms"] / max(comp["median_ms"], 1e-9)
         latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
-                                    "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
+                                    "speedup": speedup, "speed": fmt_speed(speedup)}
         if not together:
             latency[f"batch{batch}"]["interleaved"] = False
     return latency

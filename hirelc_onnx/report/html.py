@@ -5,6 +5,8 @@ import base64
 import html
 import io
 
+from hirelc_onnx.units import fmt_bytes, fmt_speed
+
 __all__ = ["render_html", "pareto_front"]
 
 
@@ -146,7 +148,7 @@ def render_html(report: dict) -> str:
     size, acc, lat = report["size"], report.get("accuracy"), report.get("latency", {})
     summary = [{"figure": "true-bytes ratio", "value": size["ratio"]},
                {"figure": "file ratio", "value": size["file_ratio"]},
-               {"figure": "file bytes", "value": size["file_bytes"]}]
+               {"figure": "file size", "value": fmt_bytes(size["file_bytes"])}]
     if acc:
         summary += [{"figure": f"{acc['metric']} fp32 (test)", "value": acc["fp32"]},
                     {"figure": f"{acc['metric']} compressed (test)", "value": acc["compressed"]},
@@ -158,9 +160,8 @@ def render_html(report: dict) -> str:
         notes.append(f"data: {data.get('source') or 'synthesised'}; preprocessing {data['preprocessing']}")
     for key, v in lat.items():
         if isinstance(v, dict) and "speedup" in v:
-            change = f"{v['speedup']:.2f}x faster" if v["speedup"] >= 1 else f"{1 / v['speedup']:.2f}x slower"
             summary.append({"figure": f"latency {key} fp32 / compressed (median ms)",
-                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({change})"})
+                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({fmt_speed(v['speedup'])})"})
     if report.get("latency_note"):
         notes.append(f"latency: {report['latency_note']}")
     outputs = (acc or {}).get("outputs") or []

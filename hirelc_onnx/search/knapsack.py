@@ -1,0 +1,90 @@
+"""knapsack: HiReLC without its agents, the baseline that shows what the agents add.
+
+The same accuracy signal HiReLC starts from (one proxy probe per kernel calibrates
+`surrogate.ProxyEstimator`), the same greedy fit (`budget.repair` with the estimator's
+damage-per-byte and `fill`), the same real evaluations and fine-tuning; no RL, no voting,
+no surrogate. With `evaluations` > 1 it spends the extra rounds the way a careful engineer
+would without agents:
+
+  round 0   fp32 fitted to the budget by the probes' estimator (HiReLC's round 0 too)
+  round r   the estimator recalibrated on every config the proxy has scored so far (each
+            measured candidate is proxy-scored as well), then fp32 fitted again; when that
+            config was measured already, the fit of `RESTARTS` random starting points whose
+            estimated accuracy is best among those not yet measured
+
+The emitted model is the best real measurement (validation score; ratio breaks ties).
+"""
+from __future__ import annotations
+
+import logging
+import numpy as np
+
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.progress import ProgressFn, notify, progress_log
+from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
+from hirelc_onnx.search.budget import check_reachable, repair
+from hirelc_onnx.search.context import Measurement, SearchContext
+from hirelc_onnx.search.features import WeightPerturbation, config_key
+from hirelc_onnx.search.hirelc_state import PROBE
+from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation
+
+__all__ = ["run_knapsack"]
+
+log = logging.getLogger(__name__)
+
+RESTARTS = 16
+"""Random starting points fitted when the recalibrated fit from fp32 was measured already."""
+
+
+def _observe(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
+    p = ctx.proxy(config)
+    return ProxyObservation(config, p.logit_mse, p.agreement)
+
+
+def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
+                 evaluations: int = 8, seed: int = 0, progress: ProgressFn | None = None) -> MethodResult:
+    """The estimator's damage-per-byte greedy fit, measured for real `evaluations` times (see the module)."""
+    if ctx is None:
+        raise UserError("--method knapsack measures candidates: give --data")
+    if budget is None:
+        raise UserError("--method knapsack fits a budget: give --budget")
+    check_reachable(bg, budget, target)
+    notify(progress, "knapsack: proxy probes")
+    probes = [_observe(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
+    scored: list[ProxyObservation] = []
+    rng = np.random.default_rng([seed, 17])
+
+    def fit(start: CompressionConfig) -> CompressionConfig:
+        return repair(bg, start, budget, damage=estimator.kernel_mse, fill=True)
+
+    measured: set[str] = set()
+    best: Measurement | None = None
+    history: list[dict] = []
+    for rnd in range(evaluations):
+        if scored:
+            estimator.calibrate(scored)
+        source, candidate = "prior" if rnd == 0 else "recalibrated", fit(CompressionConfig({}, target=target))
+        if config_key(candidate) in measured:
+            starts = [fit(random_config(bg, target, rng)) for _ in range(RESTARTS)]
+            fresh = [c for c in starts if config_key(c) not in measured]
+            if not fresh:
+                log.info("knapsack: every fit of %d restarts was measured already; stopping at round %d",
+                         RESTARTS, rnd)
+                break
+            source, candidate = "restart", max(fresh, key=estimator.accuracy)
+        scored.append(_observe(ctx, candidate))
+        m = ctx.measure(candidate)
+        measured.add(config_key(candidate))
+        history.append(candidate_record(m, method="knapsack", round=rnd, source=source,
+                                        predicted=estimator.accuracy(candidate)))
+        progress_log.info("knapsack round %d/%d: %s config %.2fx, measured %.4f", rnd + 1, evaluations, source,
+                 m.cost.ratio, m.score)
+        if best is None or (m.score, m.cost.ratio) > (best.score, best.cost.ratio):
+            best = m
+        notify(progress, "knapsack: real evaluations", rnd + 1, evaluations)
+    winner = next(h for h in history if h["score"] == best.score and h["ratio"] == best.cost.ratio)
+    return MethodResult(best.config, best.model, best.score, history,
+                        {"budget": budget, "winner_source": winner["source"], "estimator": estimator.state()})
