@@ -28,7 +28,7 @@ from hirelc_onnx.units import fmt_speed
 from passes.storage import initializer_nbytes
 
 __all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE",
-           "goal_sentence", "latency_note", "sensitivity_shares", "footprints"]
+           "goal_verdict", "goal_sentence", "latency_note", "sensitivity_shares", "footprints"]
 
 # report["search"] keys left out of report.json: the search's own log-scaled sensitivity features
 # (the report gives sensitivity once, as shares: "sensitivity")
@@ -105,24 +105,34 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
     return report
 
 
-def goal_sentence(report: dict) -> str:
-    """The goal as one line a user reads: each limit set, met or missed, with the figure reached
-    ("Budget 6x met: 6.06x true bytes. Max drop 0.5 points missed: 0.67 points.")."""
-    size, acc, goal = report["size"], report.get("accuracy") or {}, report.get("goal") or {}
-    parts = []
-    if report.get("budget") is not None:
-        verdict = "met" if goal.get("budget_met") else "missed"
-        parts.append(f"Budget {report['budget']:g}x {verdict}: {size['ratio']:.2f}x true bytes.")
-    if report.get("max_drop") is not None and "drop_points" in acc:
-        verdict = "met" if goal.get("max_drop_met") else "missed"
-        parts.append(f"Max drop {report['max_drop']:g} points {verdict}: {acc['drop_points']:.2f} points "
-                     f"on the test split.")
+def goal_verdict(report: dict) -> tuple[bool | None, str]:
+    """Whether the run met its goals (None: it had none) and one sentence saying so, with the limits
+    and the figures reached: the one wording of the goal (the summary's first line, report.json's
+    goal.sentence, report.html's headline)."""
+    goal, size, acc = report.get("goal") or {}, report["size"], report.get("accuracy") or {}
+    budget, max_drop = report.get("budget"), report.get("max_drop")
+    parts, missed = [], False
+    if goal.get("budget_met") is not None:
+        default = " (the method's default)" if goal.get("budget_default") else ""
+        if goal["budget_met"]:
+            parts.append(f"{size['ratio']:.2f}x reaches the budget {budget:g}x{default}")
+        else:
+            missed = True
+            parts.append(f"budget {budget:g}x{default} NOT reached: {size['ratio']:.2f}x")
+    if goal.get("max_drop_met") is not None:
+        if goal["max_drop_met"]:
+            parts.append(f"a drop of {acc['drop_points']:.2f} points (test split) is within --max-drop {max_drop:g}")
+        else:
+            missed = True
+            parts.append(f"--max-drop {max_drop:g} points NOT met: dropped {acc['drop_points']:.2f} points (test split)")
     if not parts:
-        reached = f"{size['ratio']:.2f}x true bytes"
-        if "drop_points" in acc:
-            reached += f", {acc['drop_points']:.2f} points drop on the test split"
-        return f"No budget or max drop was set: {reached}."
-    return " ".join(parts)
+        return None, f"no goal was set (no budget or --max-drop): {size['ratio']:.2f}x"
+    return (not missed), ("goal MISSED: " if missed else "goal met: ") + "; ".join(parts)
+
+
+def goal_sentence(report: dict) -> str:
+    """The goal as one line a user reads (`goal_verdict`'s sentence)."""
+    return goal_verdict(report)[1]
 
 
 _QUANTIZED_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulNBits",
