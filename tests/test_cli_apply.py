@@ -79,3 +79,15 @@ def test_configs_that_do_not_fit_are_one_line_errors(run, tmp_path, case, expect
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], res.stderr
     assert not (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_a_folder_holding_a_run_is_refused_unless_overwrite(run, tmp_path):
+    model, out = run
+    dest = tmp_path / "again"
+    shutil.copytree(out, dest)
+    res = _cli("apply", model, dest / "config.json", "--out", dest)
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    res = _cli("apply", model, dest / "config.json", "--out", dest, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["apply.json", "config.json", "model.onnx"]  # the run's report went
+    assert (dest / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()

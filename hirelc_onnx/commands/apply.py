@@ -26,7 +26,8 @@ from hirelc_onnx.graph import build_block_graph, load_model
 from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.graph.stored import stored_model
 from hirelc_onnx.io import write_json
-from hirelc_onnx.report.outputs import check_out_dir, write_model
+from hirelc_onnx.lock import hold_out_dir
+from hirelc_onnx.report.outputs import check_out_dir, clear_run_files, write_model
 from hirelc_onnx.search.context import SearchContext
 from passes.storage import initializer_nbytes
 
@@ -70,11 +71,14 @@ def read_config(path: Path, candidate: int | None = None) -> tuple[CompressionCo
 
 
 def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Path, *, data: Any = None,
-            seed: int = 0, source: str = "") -> dict:
+            seed: int = 0, source: str = "", overwrite: bool = False) -> dict:
     """Apply `config` to the fp32 model at `model_path`, write the outputs into `out_dir`, and return
-    what apply.json holds (sizes; with `data`, fp32 and compressed scores on the test split)."""
+    what apply.json holds (sizes; with `data`, fp32 and compressed scores on the test split).
+
+    A folder holding a run's files is refused unless `overwrite`, which clears them first (as
+    compress --overwrite does)."""
     out_dir, model_path = Path(out_dir), Path(model_path)
-    check_out_dir(out_dir, model_path)
+    check_out_dir(out_dir, model_path, overwrite=overwrite)
     raw = load_model(model_path)
     stored = stored_model(raw)
     if stored.compressed:
@@ -90,9 +94,6 @@ def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Pa
     ctx = _context(bg, config, data, seed) if data is not None or config.target != "storage" else None
     calib = ctx.calib_batches if ctx is not None and config.target != "storage" else None
     model = apply_config(bg, config, calib_batches=calib)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_model(out_dir / "model.onnx", model)
-    write_json(out_dir / "config.json", config.to_dict())
     weight_bytes = initializer_nbytes(model)
     left = sorted(set(bg.kernels) - set(config.kernels))
     unpruned = sorted(n for n, kc in config.kernels.items() if kc.pruned and
@@ -100,7 +101,7 @@ def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Pa
     summary: dict[str, Any] = {
         "model": str(model_path), "config": source, "target": config.target,
         "size": {"original_weight_bytes": bg.weight_bytes, "weight_bytes": weight_bytes,
-                 "ratio": bg.weight_bytes / max(weight_bytes, 1), "file_bytes": model_file_size(out_dir / "model.onnx")},
+                 "ratio": bg.weight_bytes / max(weight_bytes, 1), "file_bytes": model_file_size(model)},
         "kernels_left_fp32_not_in_config": left,
         "keep_ignored_unprunable": unpruned,
         "finetuned": False,
@@ -113,7 +114,12 @@ def reapply(model_path: str | Path, config: CompressionConfig, out_dir: str | Pa
         value = ctx.objective.value
         summary["accuracy"] = {"metric": ctx.objective.name(test.classes is not None), "split": "test", "n": len(test),
                                "fp32": value(fp32), "compressed": value(comp), "drop_points": 100.0 * (fp32 - comp)}
-    write_json(out_dir / "apply.json", summary)
+    with hold_out_dir(out_dir):  # one writer per folder, as compress
+        if overwrite:
+            clear_run_files(out_dir)
+        write_model(out_dir / "model.onnx", model)
+        write_json(out_dir / "config.json", config.to_dict())
+        write_json(out_dir / "apply.json", summary)
     return summary
 
 
@@ -139,13 +145,14 @@ def _context(bg, config: CompressionConfig, data: Any, seed: int):
 @click.option("--data", help="Score the model on the test split of this data (.npz, image folder, 'digits' or "
               "package.module:func), and calibrate ort-cpu / qdq activations on it as a run does.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The run's seed: the same data splits.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier run or apply in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print apply.json instead of the summary.")
 def apply(model: Path, config: Path, out_dir: Path, candidate: int | None, data: str | None, seed: int,
-          as_json: bool) -> None:
+          overwrite: bool, as_json: bool) -> None:
     """Re-apply CONFIG (a run's config.json, a footprints.json entry, or footprints.json with --candidate)
     to the fp32 MODEL, without fine-tuning, and write the model to --out."""
     chosen, source = read_config(config, candidate)
-    summary = reapply(model, chosen, out_dir, data=data, seed=seed, source=source)
+    summary = reapply(model, chosen, out_dir, data=data, seed=seed, source=source, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
