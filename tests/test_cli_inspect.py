@@ -151,7 +151,7 @@ def test_inspect_compressed_gives_true_bytes_encodings_needs_and_runtimes(refere
         else:
             assert "runtimes" not in info
     text = _cli("inspect", path, "--no-groups", "--no-runtimes")
-    assert text.returncode == 0 and "bytes of weights stored" in text.stdout and "needs: opset 21" in text.stdout
+    assert text.returncode == 0 and "of weights as stored" in text.stdout and "needs: opset 21" in text.stdout
     assert "2-bit packed" in text.stdout and "runtime:" not in text.stdout
 
 

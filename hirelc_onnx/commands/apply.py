@@ -29,6 +29,7 @@ from hirelc_onnx.io import write_json
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.outputs import check_out_dir, clear_run_files, write_model
 from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.units import fmt_bytes
 from passes.storage import initializer_nbytes
 
 __all__ = ["apply", "read_config", "reapply"]
@@ -158,8 +159,8 @@ def apply(model: Path, config: Path, out_dir: Path, candidate: int | None, data:
         return
     size = summary["size"]
     click.echo(f"applied {source} (target {summary['target']}, no fine-tuning) to {model}")
-    click.echo(f"weights: {size['original_weight_bytes']:,} -> {size['weight_bytes']:,} bytes stored "
-               f"({size['ratio']:.2f}x true bytes); file {size['file_bytes']:,} bytes")
+    click.echo(f"weights: {fmt_bytes(size['original_weight_bytes'])} -> {fmt_bytes(size['weight_bytes'])} stored "
+               f"({size['ratio']:.2f}x true bytes); file {fmt_bytes(size['file_bytes'])}")
     acc = summary["accuracy"]
     if acc:
         click.echo(f"{acc['metric']} (test split, n={acc['n']}): fp32 {acc['fp32']:.4f}, this model "

@@ -16,6 +16,7 @@ from hirelc_onnx.evaluate.loaders import check_fits, graph_inputs, load_data
 from hirelc_onnx.evaluate.runtimes import runtime_support
 from hirelc_onnx.graph import build_block_graph, load_model
 from hirelc_onnx.graph.stored import StoredModel, stored_model
+from hirelc_onnx.units import fmt_bytes
 
 __all__ = ["inspect", "describe"]
 
@@ -131,8 +132,7 @@ def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: s
     t = info["totals"]
     console.print(f"[bold]{model}[/]  opset {info['opset']}  inputs {info['inputs']}")
     compressed = "file" in info
-    weights = (f"{t['weight_bytes']:,} bytes of weights stored" if compressed
-               else f"{t['weight_bytes'] / 1e6:.2f} MB of weights")
+    weights = f"{fmt_bytes(t['weight_bytes'])} of weights" + (" as stored" if compressed else "")
     console.print(f"{t['kernels']} kernels in {t['blocks']} blocks, {_human(t['kernel_params'])} kernel params, "
                   f"{_human(t['macs'])} MACs/sample, {weights}; "
                   f"{t['prunable_groups']}/{t['channel_groups']} channel groups prunable", highlight=False)
@@ -173,9 +173,9 @@ def inspect(model: Path, as_json: bool, groups: bool, sensitivity: bool, data: s
 def _print_file(console, info: dict) -> None:
     """A compressed file's true bytes, its needs, and the runtimes that load it."""
     f, t = info["file"], info["totals"]
-    console.print(f"stored: {t['weight_bytes']:,} bytes of weights (true bytes: every initializer as the file holds "
-                  f"it), {t['decoded_weight_bytes']:,} once decoded to fp32 ({t['ratio_to_decoded']:.2f}x); "
-                  f"file {f['file_bytes']:,} bytes", highlight=False)
+    console.print(f"stored: {fmt_bytes(t['weight_bytes'])} of weights (true bytes: every initializer as the file "
+                  f"holds it), {fmt_bytes(t['decoded_weight_bytes'])} once decoded to fp32 "
+                  f"({t['ratio_to_decoded']:.2f}x); file {fmt_bytes(f['file_bytes'])}", highlight=False)
     needs = f"; {', '.join(f['needs'])}" if f["needs"] else ""
     console.print(f"needs: opset {f['opset']}, IR version {f['ir_version']}; element types "
                   f"{', '.join(f['element_types'])}{needs}", highlight=False)
