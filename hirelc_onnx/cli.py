@@ -6,6 +6,7 @@ import traceback
 
 import click
 
+from hirelc_onnx.commands.apply import apply
 from hirelc_onnx.commands.benchmark import benchmark
 from hirelc_onnx.commands.compress import compress
 from hirelc_onnx.commands.evaluate import evaluate
@@ -81,7 +82,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.call_on_close(lambda: report_repeats(repeats))
 
 
-for command in (inspect, evaluate, benchmark, compress):
+for command in (inspect, evaluate, benchmark, compress, apply):
     main.add_command(command)
 
 

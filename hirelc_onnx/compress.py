@@ -27,7 +27,7 @@ from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.progress import ProgressFn, notify
-from hirelc_onnx.report.build import build_report
+from hirelc_onnx.report.build import build_report, goal_sentence
 from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_model, clear_run_files,
                                         write_model, write_outputs)
 from hirelc_onnx.search.budget import check_reachable, parse_budget
@@ -188,6 +188,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               data={**_data_record(data, ds), "split_seed": seed})
         if given.get("budget") is not None and "budget" not in options_given:
             report["goal"]["budget_default"] = True  # the method's default, not the user's: the summary says so
+            report["goal"]["sentence"] = goal_sentence(report)
         if out_dir is not None:
             notify(progress, "writing the outputs")
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,

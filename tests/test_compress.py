@@ -42,7 +42,8 @@ def test_uniform_cli_writes_outputs_true_to_the_file(resnet_copy, tmp_path):
     res = _cli("compress", resnet_copy, "--method", "uniform", "--bits", "4", "--keep", "0.5", "--target", "storage",
                "--out", out)
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "footprints.json", "model.onnx", "report.html",
+                                                     "report.json"]
     report = json.loads((out / "report.json").read_text())
     model = onnx.load(out / "model.onnx")
     assert report["size"]["file_bytes"] == (out / "model.onnx").stat().st_size

@@ -12,7 +12,7 @@ import pytest
 from hirelc_onnx.lock import LOCK_NAME, OutDirInUseError, hold_out_dir
 from tests.graph.test_loader_hostile import save_external, tiny_model
 
-OUTPUTS = ["config.json", "model.onnx", "report.html", "report.json"]
+OUTPUTS = ["config.json", "footprints.json", "model.onnx", "report.html", "report.json"]
 
 _HOLDER = """
 import sys, time

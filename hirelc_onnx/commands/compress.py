@@ -19,6 +19,7 @@ from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import graph_inputs
 from hirelc_onnx.graph import load_model
+from hirelc_onnx.report.build import goal_verdict
 from hirelc_onnx.report.outputs import STATE_FILE, run_files
 from hirelc_onnx.search.methods import METHODS, takers
 from hirelc_onnx.units import fmt_bytes, fmt_speed
@@ -42,26 +43,9 @@ def default_out_dir(model: Path) -> Path:
 
 
 def goal_line(report: dict) -> tuple[bool | None, str]:
-    """Whether the run met its goals (None: it had none) and one sentence saying so, with the limits."""
-    goal, size, acc = report.get("goal") or {}, report["size"], report.get("accuracy") or {}
-    budget, max_drop = report.get("budget"), report.get("max_drop")
-    parts, missed = [], False
-    if goal.get("budget_met") is not None:
-        default = " (the method's default)" if goal.get("budget_default") else ""
-        if goal["budget_met"]:
-            parts.append(f"{size['ratio']:.2f}x reaches the budget {budget:g}x{default}")
-        else:
-            missed = True
-            parts.append(f"budget {budget:g}x{default} NOT reached: {size['ratio']:.2f}x")
-    if goal.get("max_drop_met") is not None:
-        if goal["max_drop_met"]:
-            parts.append(f"a drop of {acc['drop_points']:.2f} points (test split) is within --max-drop {max_drop:g}")
-        else:
-            missed = True
-            parts.append(f"--max-drop {max_drop:g} points NOT met: dropped {acc['drop_points']:.2f} points (test split)")
-    if not parts:
-        return None, f"no goal was set (no budget or --max-drop): {size['ratio']:.2f}x"
-    return (not missed), ("goal MISSED: " if missed else "goal met: ") + "; ".join(parts)
+    """Whether the run met its goals (None: it had none) and one sentence saying so, with the limits
+    (report/build.py: goal_verdict, the wording report.json and report.html use too)."""
+    return goal_verdict(report)
 
 
 def resume_hint(method: str, out_dir: Path | None) -> str:

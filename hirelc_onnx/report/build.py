@@ -20,13 +20,19 @@ from hirelc_onnx.evaluate.per_node import per_node_rows
 from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
                                          model_file_size, predict_outputs)
 from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
+from hirelc_onnx.report.html import pareto_front
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.units import fmt_speed
 from passes.storage import initializer_nbytes
 
-__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE"]
+__all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE",
+           "goal_verdict", "goal_sentence", "latency_note", "sensitivity_shares", "footprints"]
+
+# report["search"] keys left out of report.json: the search's own log-scaled sensitivity features
+# (the report gives sensitivity once, as shares: "sensitivity")
+_SEARCH_INTERNAL = ("kernel_sensitivity", "block_sensitivity", "kernel_sensitivity_share")
 
 
 def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodResult,
@@ -57,8 +63,9 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "data": data,
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
-        "history": result.history,
-        "search": {"seconds": seconds, **result.extra},
+        "history": [{k: v for k, v in h.items() if k != "config"} for h in result.history],  # configs: footprints
+        "search": {"seconds": seconds, **{k: v for k, v in result.extra.items() if k not in _SEARCH_INTERNAL}},
+        "sensitivity": sensitivity_shares(bg, result.extra),
         "versions": versions(),
     }
     if ctx is not None:
@@ -70,7 +77,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
             return score if score is None else objective.value(score)
 
         report["history"] = [{**h, "score": shown(h["score"])} if isinstance(h.get("score"), (int, float)) else h
-                             for h in result.history]
+                             for h in report["history"]]
         n = len(test)
         report["accuracy"] = {
             "metric": objective.name(test.classes is not None) + (" on synthesised inputs" if ctx.data_free else ""),
@@ -92,7 +99,135 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         report["baselines"] = reference_points(bg, ctx, target)
     report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
     report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
+    report["latency_note"] = latency_note(report["latency"], report["per_node"])
+    report["goal"]["sentence"] = goal_sentence(report)
+    report["footprints"] = footprints(report, result, shown if ctx is not None else (lambda v: v))
     return report
+
+
+def goal_verdict(report: dict) -> tuple[bool | None, str]:
+    """Whether the run met its goals (None: it had none) and one sentence saying so, with the limits
+    and the figures reached: the one wording of the goal (the summary's first line, report.json's
+    goal.sentence, report.html's headline)."""
+    goal, size, acc = report.get("goal") or {}, report["size"], report.get("accuracy") or {}
+    budget, max_drop = report.get("budget"), report.get("max_drop")
+    parts, missed = [], False
+    if goal.get("budget_met") is not None:
+        default = " (the method's default)" if goal.get("budget_default") else ""
+        if goal["budget_met"]:
+            parts.append(f"{size['ratio']:.2f}x reaches the budget {budget:g}x{default}")
+        else:
+            missed = True
+            parts.append(f"budget {budget:g}x{default} NOT reached: {size['ratio']:.2f}x")
+    if goal.get("max_drop_met") is not None:
+        if goal["max_drop_met"]:
+            parts.append(f"a drop of {acc['drop_points']:.2f} points (test split) is within --max-drop {max_drop:g}")
+        else:
+            missed = True
+            parts.append(f"--max-drop {max_drop:g} points NOT met: dropped {acc['drop_points']:.2f} points (test split)")
+    if not parts:
+        return None, f"no goal was set (no budget or --max-drop): {size['ratio']:.2f}x"
+    return (not missed), ("goal MISSED: " if missed else "goal met: ") + "; ".join(parts)
+
+
+def goal_sentence(report: dict) -> str:
+    """The goal as one line a user reads (`goal_verdict`'s sentence)."""
+    return goal_verdict(report)[1]
+
+
+_QUANTIZED_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulNBits",
+                      "GatherBlockQuantized")
+
+
+def latency_note(latency: dict, per_node: dict) -> str | None:
+    """Why the compressed model is as fast as it is, from what ORT ran per kernel (`per_node`): weights
+    dequantized on every run, int8 kernels, or the fp32 kernels of weights decoded once at load."""
+    timed = {k: v for k, v in latency.items() if isinstance(v, dict) and "speedup" in v}
+    slower = [f"{k.replace('batch', 'batch ')} ({fmt_speed(v['speedup'])})" for k, v in timed.items()
+              if v["speedup"] < 1]
+    head = (f"Slower than fp32 at {', '.join(slower)}." if slower
+            else "As fast as fp32 or faster." if timed else "Latency was not measured.")
+    rows = per_node.get("rows") or []
+    if not rows:
+        why = per_node.get("error") or "no compressed kernel"
+        return f"{head} What ONNX Runtime ran per kernel was not measured ({why})." if slower else None
+    n = len(rows)
+    dq = [r for r in rows if "DequantizeLinear" in r["executed"]]
+    int8 = [r for r in rows if r not in dq and r["executed"].split(" + ")[-1] in _QUANTIZED_KERNELS]
+    folded = [r for r in rows if r["executed"] == r["op_type"]]
+    parts = [head]
+    if dq:
+        parts.append(f"{len(dq)} of {n} compressed kernels ran DequantizeLinear + {dq[0]['executed'].split(' + ')[-1]}: "
+                     "ONNX Runtime dequantizes their weights on every run instead of fusing them (no fused kernel "
+                     "for this grid); --target storage decodes weights once, at load.")
+    if int8:
+        ops = ", ".join(sorted({r["executed"].split(" + ")[-1] for r in int8}))
+        slow = sum(1 for r in int8 if r.get("slower_than_fp32"))
+        parts.append(f"{len(int8)} of {n} ran int8 kernels ({ops}), {slow} of them slower than their fp32 kernel "
+                     "on this CPU (int8 speed depends on VNNI).")
+    if folded:
+        parts.append(f"{len(folded)} of {n} ran the same fp32 {folded[0]['op_type']} as the original: their "
+                     "weights were decoded once, at load, so they cost what fp32 costs.")
+    ms = [r["ms"] for r in rows if r.get("ms") is not None and r.get("fp32_ms") is not None]
+    ref = [r["fp32_ms"] for r in rows if r.get("ms") is not None and r.get("fp32_ms") is not None]
+    if ms:
+        parts.append(f"Those kernels took {sum(ms):.3f} ms against {sum(ref):.3f} ms in fp32 (ORT's profile).")
+    if slower and len(folded) == n:
+        parts.append("Every kernel runs as in fp32, so the difference is timing noise or the rest of the graph, "
+                     "not the encoding.")
+    return " ".join(parts)
+
+
+def sensitivity_shares(bg: BlockGraph, extra: Mapping) -> dict | None:
+    """The search's per-kernel sensitivity as shares of the total (summing to 1), per kernel and per
+    block: the scale `inspect --sensitivity` prints. None when the method measured none."""
+    share = extra.get("kernel_sensitivity_share")
+    if not share:
+        return None
+    per_block = {str(b.id): sum(share.get(k, 0.0) for k in b.kernels) for b in bg.blocks}
+    return {"scale": "share of the total (sums to 1), as `hirelc-onnx inspect --sensitivity` gives it",
+            "source": extra.get("sensitivity_source"), "per_kernel": dict(share), "per_block": per_block}
+
+
+def footprints(report: dict, result: MethodResult, shown=lambda v: v) -> dict:
+    """Every measured candidate with its per-kernel config and figures (footprints.json): pick another
+    point and re-apply it with `hirelc-onnx apply MODEL footprints.json --candidate ID`.
+
+    Candidates are scored on the validation split (the search's); the emitted model's test score is
+    in "emitted". `shown` turns a searched score into the metric's own (a --metric-mode min loss)."""
+    emitted_config = result.config.to_dict() if result.config is not None else None
+    candidates = []
+    for h in result.history:
+        if h.get("config") is None or h.get("kind", "real") != "real":
+            continue
+        entry = {"id": len(candidates),
+                 **{k: v for k, v in h.items() if k not in ("config", "kind", "timing", "levels", "score")},
+                 "score": shown(h["score"]) if isinstance(h.get("score"), (int, float)) else h.get("score"),
+                 "config": h["config"]}
+        candidates.append(entry)
+    front = set(pareto_front([(c["ratio"], c["score"]) for c in candidates if c.get("score") is not None]))
+    chosen = None
+    for c in candidates:
+        c["pareto"] = (c["ratio"], c.get("score")) in front
+        if emitted_config is not None and c["config"] == emitted_config:
+            chosen = c["id"]  # the last equal one: a config measured twice is the same point
+    acc = report.get("accuracy") or {}
+    if chosen is None and emitted_config is not None:  # a method whose history holds no configs (two-stage)
+        chosen = len(candidates)
+        candidates.append({"id": chosen, "method": report["method"], "source": "the emitted model",
+                           "ratio": report["size"]["ratio"], "bytes": report["size"]["weight_bytes"],
+                           "score": acc.get("val_compressed", result.val_score), "pareto": None,
+                           "config": emitted_config})
+    return {
+        "model": report["input"]["path"], "method": report["method"], "target": report["target"],
+        "budget": report.get("budget"), "original_weight_bytes": report["size"]["original_weight_bytes"],
+        "score": {"metric": acc.get("metric"), "split": "validation (the search's; the test split is only "
+                  "scored for the emitted model)"},
+        "ratio": "original fp32 weight bytes / the candidate's true stored bytes",
+        "emitted": {"candidate": chosen, "ratio": report["size"]["ratio"], "test_score": acc.get("compressed"),
+                    "config": emitted_config},
+        "candidates": candidates,
+    }
 
 
 DATA_FREE_NOTE = ("no --data: task accuracy was NOT measured; inputs were synthesised from the graph and the "
@@ -135,7 +270,7 @@ def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: o
                     cost: ModelCost | None = None) -> list[dict]:
     """What was done to every kernel, with its bytes before and after (`cost`: model_cost of `config`)."""
     cost = cost or (model_cost(bg, config) if config else None)
-    shapes = {t.name: list(t.dims) for t in emitted.graph.initializer}
+    shapes = {t.name: list(t.dims) for t in emitted.graph.initializer}  # weights left fp32 keep their names
     rows = []
     for k in bg.kernel_list():
         kc = config.get(k.name) if config else None
@@ -145,7 +280,9 @@ def per_kernel_rows(bg: BlockGraph, config: CompressionConfig | None, emitted: o
         if kc is not None:
             row.update(bits=kc.bits, keep_ratio=kc.keep_ratio, qtype=kc.qtype, granularity=kc.granularity,
                        bytes_after=cost.kernels[k.name].weight_bytes, params_after=cost.kernels[k.name].params)
-        if k.weight in shapes:
+        if cost is not None and cost.kernels[k.name].shape:  # pruned and quantized weights too (renamed in the file)
+            row["shape_after"] = list(cost.kernels[k.name].shape)
+        elif k.weight in shapes:
             row["shape_after"] = shapes[k.weight]
         rows.append(row)
     return rows

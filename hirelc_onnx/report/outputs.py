@@ -1,4 +1,8 @@
-"""The --out folder: model.onnx, config.json, report.json, report.html, each written atomically.
+"""The --out folder: model.onnx, config.json, footprints.json, report.json, report.html, each written atomically.
+
+footprints.json holds every measured candidate's per-kernel config and figures (report/build.py:
+footprints), so a user can pick another point and re-apply it (`hirelc-onnx apply`); it moves out
+of the report dict into its own file (report.json's history has the same candidates, without configs).
 
 A model whose serialized size passes EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GiB) is written as
 model.onnx plus model.onnx.data beside it, which every ONNX reader follows.
@@ -24,7 +28,7 @@ from hirelc_onnx.report.html import render_html
 __all__ = ["OUTPUT_FILES", "EXTERNAL_DATA_FILE", "EXTERNAL_DATA_BYTES", "STATE_FILE", "RUN_FILES",
            "check_out_dir", "check_output_model", "run_files", "clear_run_files", "write_outputs", "write_model"]
 
-OUTPUT_FILES = ("model.onnx", "config.json", "report.json", "report.html")
+OUTPUT_FILES = ("model.onnx", "config.json", "footprints.json", "report.json", "report.html")
 EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # models serializing to more are written with external data
 STATE_FILE = "search_state.json"
@@ -96,7 +100,8 @@ def clear_run_files(out_dir: Path) -> list[Path]:
 
 def write_outputs(out_dir: Path, model_path: Path, model: onnx.ModelProto, config: CompressionConfig | None,
                   report: dict, external_over: int | None = None, output_model: Path | None = None) -> None:
-    """Write the outputs into `out_dir` (never over the input); `report` gains their paths ("outputs").
+    """Write the outputs into `out_dir` (never over the input); `report` gains their paths ("outputs")
+    and gives up "footprints" (build.py: footprints) to footprints.json.
 
     external_over: serialized bytes beyond which model.onnx keeps its weights in model.onnx.data
     (default EXTERNAL_DATA_BYTES). output_model: a path where the model is written as well (for a
@@ -108,7 +113,12 @@ def write_outputs(out_dir: Path, model_path: Path, model: onnx.ModelProto, confi
     external = write_model(out_dir / "model.onnx", model, external_over)
     if config is not None:
         write_json(out_dir / "config.json", config.to_dict())
-    names = OUTPUT_FILES[:1] + ((EXTERNAL_DATA_FILE,) if external else ()) + OUTPUT_FILES[1:]
+    footprints = report.pop("footprints", None)  # moves out of the report into its own file
+    if footprints is not None:
+        write_json(out_dir / "footprints.json", footprints)
+    written = {"config.json": config is not None, "footprints.json": footprints is not None}
+    names = OUTPUT_FILES[:1] + ((EXTERNAL_DATA_FILE,) if external else ()) + tuple(
+        n for n in OUTPUT_FILES[1:] if written.get(n, True))
     report["outputs"] = {name: str(out_dir / name) for name in names}
     if output_model is not None:
         write_model(Path(output_model), model, external_over)

@@ -52,7 +52,8 @@ class MethodResult:
 def candidate_record(m: Measurement, kind: str = "real", **more) -> dict:
     """One evaluated candidate as the report and plots want it."""
     return {"kind": kind, "score": m.score, "ratio": m.cost.ratio, "bytes": m.cost.total_bytes,
-            "macs_fraction": m.cost.macs_fraction, "finetuned": m.finetuned, "seconds": m.seconds, **more}
+            "macs_fraction": m.cost.macs_fraction, "finetuned": m.finetuned, "seconds": m.seconds,
+            "config": m.config.to_dict(), **more}  # the config: footprints.json, so a user can pick another point
 
 
 def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: str = "symmetric",

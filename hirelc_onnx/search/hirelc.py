@@ -270,6 +270,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         "block_sensitivity": {b: float(s) for b, s in state.block_sensitivity.items()},
         "kernel_sensitivity": dict(state.kernel_sensitivity),
         "sensitivity_source": state.sensitivity_source,
+        "kernel_sensitivity_share": dict(state.kernel_share),  # the report's scale: shares of the total
         "rounds": state.next_round,
         "resumed_from": resumed_from,
         "time_limited": time_limited,
@@ -292,14 +293,15 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
                  settings: HiReLCSettings) -> HiReLCState:
     """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give."""
     probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
-    kernel_sens, block_sens, source = _sensitivity(bg, ctx, probes, settings)
+    kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
     return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes,
-                       kernel_sens, block_sens, source)
+                       kernel_sens, block_sens, source, kernel_share=share)
 
 
 def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservation],
-                 settings: HiReLCSettings) -> tuple[dict[str, float], dict[int, float], str]:
-    """Per-kernel and per-block sensitivity in [0, 1]: Fisher when the bridge provides it, else the probes.
+                 settings: HiReLCSettings) -> tuple[dict[str, float], dict[int, float], str, dict[str, float]]:
+    """Per-kernel and per-block sensitivity in [0, 1]: Fisher when the bridge provides it, else the probes;
+    and each kernel's share of the total (what the report shows, the scale of `inspect --sensitivity`).
 
     Fisher needs the bridge (torch, onnx2torch, a convertible graph); any failure falls back to
     the proxy probes, which work for every model the apply step can rewrite.
@@ -310,13 +312,15 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
         fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed,
                                     kind=ctx.objective.kinds[0], use_labels=ctx.objective.label_output == 0)
         return (_normalise(fisher.per_kernel), _normalise(fisher.per_block),
-                f"fisher ({settings.fisher_samples} samples)")
+                f"fisher ({settings.fisher_samples} samples)", dict(fisher.per_kernel))
     except Exception as exc:  # noqa: BLE001 - any bridge failure means: use the probes
         log.info("Fisher sensitivity unavailable (%s: %s); using proxy probes", type(exc).__name__, exc)
     per_kernel = {next(iter(p.config.kernels)): p.logit_mse for p in probes}
     per_block = {b.id: sum(per_kernel[n] for n in b.kernels) for b in bg.blocks}
+    total = sum(max(float(v), 0.0) for v in per_kernel.values())
+    share = {k: (max(float(v), 0.0) / total if total > 0 else 1.0 / len(per_kernel)) for k, v in per_kernel.items()}
     return (_normalise(per_kernel), _normalise(per_block),
-            f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)")
+            f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)", share)
 
 
 def _normalise(values: dict) -> dict:

@@ -98,6 +98,8 @@ class HiReLCState:
     real: list[RealPoint] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
+    kernel_share: dict[str, float] = field(default_factory=dict)
+    """Each kernel's share of the total sensitivity (sums to 1; the report's scale, as `inspect --sensitivity`)."""
     current: CompressionConfig | None = None
     """The working config the agents refine (SearchProblem.current)."""
     levels: list[int] | None = None
@@ -140,7 +142,8 @@ class HiReLCState:
             "current": None if self.current is None else self.current.to_dict(),
             "levels": self.levels,
             "sensitivity": {"source": self.sensitivity_source, "kernel": self.kernel_sensitivity,
-                            "block": {str(b): s for b, s in self.block_sensitivity.items()}},
+                            "block": {str(b): s for b, s in self.block_sensitivity.items()},
+                            "share": self.kernel_share},
             "round_seconds": self.round_seconds,
             "estimator": self.estimator,
             "finetune_lr": self.finetune_lr,
@@ -193,7 +196,7 @@ class HiReLCState:
                     for p in data["probes"]],
             kernel_sensitivity=sensitivity["kernel"],
             block_sensitivity={int(b): s for b, s in sensitivity["block"].items()},
-            sensitivity_source=sensitivity["source"],
+            sensitivity_source=sensitivity["source"], kernel_share=sensitivity.get("share", {}),
             next_round=data["next_round"],
             proxies={config_key(o.config): o for o in proxies},
             real=[RealPoint.from_json(r, cost) for r in data["measurements"]],

@@ -43,7 +43,7 @@ def test_unexpected_exception_is_one_line(monkeypatch):
     def boom(path, **_):
         raise ZeroDivisionError("simulated bug")
 
-    monkeypatch.setattr(inspect_cmd, "import_model", boom)
+    monkeypatch.setattr(inspect_cmd, "load_model", boom)
     result = CliRunner().invoke(main, ["inspect", "whatever.onnx"])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]

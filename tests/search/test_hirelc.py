@@ -74,6 +74,10 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     extra = result.extra
     assert extra["rounds"] == 2 and extra["resumed_from"] is None
     assert set(extra["block_sensitivity"]) == {b.id for b in bg.blocks}
+    share = extra["kernel_sensitivity_share"]  # the report's scale: shares of the total, as inspect --sensitivity
+    assert set(share) == set(bg.kernels) and sum(share.values()) == pytest.approx(1.0)
+    ranked = sorted(bg.kernels, key=share.get)  # the same order as the search's log-scaled features
+    assert [extra["kernel_sensitivity"][k] for k in ranked] == sorted(extra["kernel_sensitivity"].values())
     assert extra["sensitivity_source"].startswith(("fisher", "proxy probe"))
     assert extra["settings"]["ensemble_size"] == 2
     # the emitted model is the measured one: same validation score through ORT

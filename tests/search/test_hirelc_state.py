@@ -36,6 +36,7 @@ def _state(bg) -> HiReLCState:
     return HiReLCState(kernels, 6.0, "storage", 3, {"seed": 3}, probes,
                        kernel_sensitivity={k: i / len(kernels) for i, k in enumerate(kernels)},
                        block_sensitivity={b.id: 0.5 for b in bg.blocks}, sensitivity_source="proxy probe",
+                       kernel_share={k: 1 / len(kernels) for k in kernels},
                        next_round=2, proxies={config_key(c): ProxyObservation(c, 0.2, 0.8) for c in (config, other)},
                        real=points, history=[{"kind": "real", "round": 0}], round_seconds=[3.0, 2.0],
                        current=other, levels=[1] * len(bg.blocks),
@@ -56,7 +57,7 @@ def test_state_round_trips_through_save_and_load(bg, tmp_path):
     loaded = HiReLCState.load(path, bg, 6.0, "storage", 3, SimpleNamespace(cost=lambda c: model_cost(bg, c)))
     for name in ("kernels", "budget", "target", "seed", "rng", "probes", "kernel_sensitivity", "block_sensitivity",
                  "sensitivity_source", "next_round", "proxies", "history", "round_seconds", "current", "levels",
-                 "estimator", "finetune_lr", "agents"):
+                 "estimator", "finetune_lr", "agents", "kernel_share"):
         assert getattr(loaded, name) == getattr(state, name), name
     assert [p.to_json() for p in loaded.real] == [p.to_json() for p in state.real]
     assert [p.cost for p in loaded.real] == [p.cost for p in state.real]
