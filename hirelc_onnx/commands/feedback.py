@@ -2,8 +2,10 @@
 
 Quiet by default: warnings only, each distinct one once (`RepeatFilter`; the count of repeats is
 printed when the command ends), plus, when stderr is not a terminal (a log file, CI), the
-round-by-round lines of `hirelc_onnx.progress` (a terminal gets a progress bar instead).
--v: hirelc-onnx's own INFO lines; -vv: DEBUG of everything, third-party libraries included.
+round-by-round lines of `hirelc_onnx.progress` (a terminal gets a progress bar instead). A bad
+input is still one `error:` line: the rounds start only after every check has passed.
+-v: hirelc-onnx's own INFO lines (the phases among them); -vv: DEBUG of everything, third-party
+libraries included.
 -v / -vv / --verbose may stand anywhere on the command line (`split_verbosity`).
 """
 from __future__ import annotations
@@ -15,15 +17,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
-from hirelc_onnx.progress import PROGRESS_LOGGER, ProgressFn, progress_log
+from hirelc_onnx.progress import PROGRESS_LOGGER, ProgressFn
 
 __all__ = ["split_verbosity", "configure_logging", "RepeatFilter", "report_repeats", "progress_display",
-           "OWN_LOGGERS"]
+           "OWN_LOGGERS", "PHASE_LOGGER"]
 
 OWN_LOGGERS = ("hirelc_onnx", "passes", "examples")
 """Loggers of this project (its INFO lines show under -v); every other logger is third-party."""
 
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
+PHASE_LOGGER = "hirelc_onnx.phase"
+"""Off a terminal, each phase's start is a line here (INFO: shown under -v)."""
+_phase_log = logging.getLogger(PHASE_LOGGER)
 _handler: logging.Handler | None = None
 
 
@@ -110,8 +115,9 @@ def report_repeats(repeats: RepeatFilter, stream: IO[str] | None = None) -> None
 
 @contextmanager
 def progress_display(enabled: bool = True, stream: IO[str] | None = None) -> Iterator[ProgressFn]:
-    """A progress callback for the run: a bar with the phase's label on a terminal, else one log line
-    per phase (the method's own round lines come on the progress logger)."""
+    """A progress callback for the run: a bar with the phase's label on a terminal, else one INFO line
+    per phase on PHASE_LOGGER (shown under -v; the method's own round lines come on the progress
+    logger, shown by default)."""
     stream = sys.stderr if stream is None else stream
     tty = bool(getattr(stream, "isatty", lambda: False)())
     if not enabled or not tty:
@@ -120,7 +126,7 @@ def progress_display(enabled: bool = True, stream: IO[str] | None = None) -> Ite
         def lines(phase: str, done: int, total: int) -> None:
             if phase != seen["phase"]:
                 seen["phase"] = phase
-                progress_log.info("%s%s", phase, f" (0/{total})" if total > 1 else "")
+                _phase_log.info("%s%s", phase, f" (0/{total})" if total > 1 else "")
 
         yield lines if enabled else (lambda phase, done, total: None)
         return
