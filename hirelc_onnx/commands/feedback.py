@@ -74,6 +74,22 @@ class _ProgressLines(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.startswith(PROGRESS_LOGGER)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: rich's progress bar (which prints what reaches
+    stderr above itself) and test runners swap it after the handler is made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool | None = None) -> RepeatFilter:
     """One stderr handler for the run: levels by `verbosity` (0, 1, 2+), repeated warnings once.
 
@@ -81,13 +97,12 @@ def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool |
     progress logger's INFO lines are shown too. Returns the filter counting repeats.
     """
     global _handler
-    stream = sys.stderr if stream is None else stream
     if tty is None:
-        tty = bool(getattr(stream, "isatty", lambda: False)())
+        tty = bool(getattr(sys.stderr if stream is None else stream, "isatty", lambda: False)())
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
-    _handler = logging.StreamHandler(stream)
+    _handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     _handler.setFormatter(logging.Formatter(_FORMAT))
     repeats = RepeatFilter()
     _handler.addFilter(repeats)
