@@ -19,8 +19,8 @@ from typing import IO, Any
 
 from hirelc_onnx.progress import PROGRESS_LOGGER, ProgressFn
 
-__all__ = ["split_verbosity", "configure_logging", "RepeatFilter", "report_repeats", "progress_display",
-           "OWN_LOGGERS", "PHASE_LOGGER"]
+__all__ = ["split_verbosity", "configure_logging", "release_logging", "RepeatFilter", "report_repeats",
+           "progress_display", "OWN_LOGGERS", "PHASE_LOGGER"]
 
 OWN_LOGGERS = ("hirelc_onnx", "passes", "examples")
 """Loggers of this project (its INFO lines show under -v); every other logger is third-party."""
@@ -117,6 +117,18 @@ def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool |
     if verbosity < 2:
         warnings.simplefilter("default")
     return repeats
+
+
+def release_logging() -> None:
+    """Undo configure_logging (the handler, the levels, Python warnings through logging): a command run
+    inside another program (a test's CliRunner) leaves its logging as it found it."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
 
 
 def report_repeats(repeats: RepeatFilter, stream: IO[str] | None = None) -> None:
