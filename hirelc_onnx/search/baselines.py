@@ -65,8 +65,8 @@ def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: 
     return CompressionConfig(kernels, target=target).validate()
 
 
-def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None, keep: float = 1.0,
-                qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
+def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None,
+                keep: float = 1.0, qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
     """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data).
 
     bits: default 8, or 7 under ort-cpu, where ORT's u8 x s8 kernels saturate with full-range 8-bit
