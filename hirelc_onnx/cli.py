@@ -10,7 +10,7 @@ from hirelc_onnx.commands.apply import apply
 from hirelc_onnx.commands.benchmark import benchmark
 from hirelc_onnx.commands.compress import compress
 from hirelc_onnx.commands.evaluate import evaluate
-from hirelc_onnx.commands.feedback import configure_logging, report_repeats, split_verbosity
+from hirelc_onnx.commands.feedback import configure_logging, release_logging, report_repeats, split_verbosity
 from hirelc_onnx.commands.inspect import inspect
 from hirelc_onnx.config import ConfigError
 from hirelc_onnx.errors import UserError, interface
@@ -79,7 +79,12 @@ class _Group(click.Group):
 def main(ctx: click.Context, verbose: int) -> None:
     """Compress ONNX models with RL-searched pruning and quantization."""
     repeats = configure_logging(verbose)
-    ctx.call_on_close(lambda: report_repeats(repeats))
+
+    def finish() -> None:
+        report_repeats(repeats)
+        release_logging()
+
+    ctx.call_on_close(finish)
 
 
 for command in (inspect, evaluate, benchmark, compress, apply):

@@ -122,7 +122,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                                  f"'digits', a plugin{_PYTHON_DATA if current_interface() == 'python' else ''}); "
                                  f"without data these run: {free}")
     if metric_mode not in METRIC_MODES:
-        raise InvalidOptionError(f"{option('metric_mode')} must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
+        raise InvalidOptionError(f"{option('metric_mode')} must be one of {', '.join(METRIC_MODES)}, "
+                                 f"got {metric_mode!r}")
     if metric_mode != "max" and metric is None:
         raise InvalidOptionError(f"{option('metric_mode')} only matters with {option('metric')}: give "
                                  f"{option('metric')}, or drop it")

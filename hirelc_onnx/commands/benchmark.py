@@ -87,6 +87,7 @@ def benchmark(
         report["speedup"] = {
             str(a["batch_size"]): a["median_ms"] / m["median_ms"] for m, a in zip(entries[0]["results"], entries[1]["results"])
         }
+        report["speed"] = {batch: fmt_speed(v) for batch, v in report["speedup"].items()}  # as the table says it
     rows: list[NodeRow] = []
     if per_node:
         feed = _per_node_feed(runners[0], data_spec, sizes[0], shapes)

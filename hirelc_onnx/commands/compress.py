@@ -199,7 +199,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         try:
             result = run_compress(model, method=method, data=data, target=target, seed=seed, out_dir=out_dir,
                                   output_model=output_model, overwrite=overwrite,
-                                  started=lambda: _started(said, progress),
+                                  started=lambda: _started(said),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
                                   metric=metric, metric_mode=metric_mode, **image, **options)
         except KeyboardInterrupt:
@@ -214,11 +214,10 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
         ctx.exit(GOAL_MISSED)
 
 
-def _started(said: list[str], progress) -> None:
-    """Every check passed: say the defaults this run decided, and show the phases held until now."""
+def _started(said: list[str]) -> None:
+    """Every check passed: say the defaults this run decided."""
     if said:
         click.echo("\n".join(said), err=True)
-    getattr(progress, "flush", lambda: None)()
 
 
 def _input_names(model: Path) -> list[str] | None:

@@ -2,8 +2,10 @@
 
 Quiet by default: warnings only, each distinct one once (`RepeatFilter`; the count of repeats is
 printed when the command ends), plus, when stderr is not a terminal (a log file, CI), the
-round-by-round lines of `hirelc_onnx.progress` (a terminal gets a progress bar instead).
--v: hirelc-onnx's own INFO lines; -vv: DEBUG of everything, third-party libraries included.
+round-by-round lines of `hirelc_onnx.progress` (a terminal gets a progress bar instead). A bad
+input is still one `error:` line: the rounds start only after every check has passed.
+-v: hirelc-onnx's own INFO lines (the phases among them); -vv: DEBUG of everything, third-party
+libraries included.
 -v / -vv / --verbose may stand anywhere on the command line (`split_verbosity`).
 """
 from __future__ import annotations
@@ -15,15 +17,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
-from hirelc_onnx.progress import PROGRESS_LOGGER, ProgressFn, progress_log
+from hirelc_onnx.progress import PROGRESS_LOGGER, ProgressFn
 
-__all__ = ["split_verbosity", "configure_logging", "RepeatFilter", "report_repeats", "progress_display",
-           "OWN_LOGGERS"]
+__all__ = ["split_verbosity", "configure_logging", "release_logging", "RepeatFilter", "report_repeats",
+           "progress_display", "OWN_LOGGERS", "PHASE_LOGGER"]
 
 OWN_LOGGERS = ("hirelc_onnx", "passes", "examples")
 """Loggers of this project (its INFO lines show under -v); every other logger is third-party."""
 
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
+PHASE_LOGGER = "hirelc_onnx.phase"
+"""Off a terminal, each phase's start is a line here (INFO: shown under -v)."""
+_phase_log = logging.getLogger(PHASE_LOGGER)
 _handler: logging.Handler | None = None
 
 
@@ -69,6 +74,22 @@ class _ProgressLines(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.startswith(PROGRESS_LOGGER)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: rich's progress bar (which prints what reaches
+    stderr above itself) and test runners swap it after the handler is made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool | None = None) -> RepeatFilter:
     """One stderr handler for the run: levels by `verbosity` (0, 1, 2+), repeated warnings once.
 
@@ -76,13 +97,12 @@ def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool |
     progress logger's INFO lines are shown too. Returns the filter counting repeats.
     """
     global _handler
-    stream = sys.stderr if stream is None else stream
     if tty is None:
-        tty = bool(getattr(stream, "isatty", lambda: False)())
+        tty = bool(getattr(sys.stderr if stream is None else stream, "isatty", lambda: False)())
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
-    _handler = logging.StreamHandler(stream)
+    _handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     _handler.setFormatter(logging.Formatter(_FORMAT))
     repeats = RepeatFilter()
     _handler.addFilter(repeats)
@@ -99,6 +119,18 @@ def configure_logging(verbosity: int, stream: IO[str] | None = None, tty: bool |
     return repeats
 
 
+def release_logging() -> None:
+    """Undo configure_logging (the handler, the levels, Python warnings through logging): a command run
+    inside another program (a test's CliRunner) leaves its logging as it found it."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
+
+
 def report_repeats(repeats: RepeatFilter, stream: IO[str] | None = None) -> None:
     """One line per warning that came more than once: how many times in all."""
     stream = sys.stderr if stream is None else stream
@@ -110,31 +142,20 @@ def report_repeats(repeats: RepeatFilter, stream: IO[str] | None = None) -> None
 
 @contextmanager
 def progress_display(enabled: bool = True, stream: IO[str] | None = None) -> Iterator[ProgressFn]:
-    """A progress callback for the run: a bar with the phase's label on a terminal, else one log line
-    per phase (the method's own round lines come on the progress logger)."""
+    """A progress callback for the run: a bar with the phase's label on a terminal, else one INFO line
+    per phase on PHASE_LOGGER (shown under -v; the method's own round lines come on the progress
+    logger, shown by default)."""
     stream = sys.stderr if stream is None else stream
     tty = bool(getattr(stream, "isatty", lambda: False)())
     if not enabled or not tty:
-        # Phase lines are held until the run's checks have passed (`lines.flush`, called by compress
-        # once the model, data, options and folder are accepted) or a phase takes a step: a run
-        # refused while loading (bad model, bad data) prints its one error: line and nothing else.
-        seen: dict[str, Any] = {"phase": None, "held": []}
-
-        def flush() -> None:
-            for line in seen["held"]:
-                progress_log.info("%s", line)
-            seen["held"] = []
+        seen: dict[str, Any] = {"phase": None}
 
         def lines(phase: str, done: int, total: int) -> None:
             if phase != seen["phase"]:
                 seen["phase"] = phase
-                seen["held"].append(phase + (f" (0/{total})" if total > 1 else ""))
-            if done > 0:
-                flush()
+                _phase_log.info("%s%s", phase, f" (0/{total})" if total > 1 else "")
 
-        lines.flush = flush  # type: ignore[attr-defined]
         yield lines if enabled else (lambda phase, done, total: None)
-        flush()  # not reached when the run raised
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

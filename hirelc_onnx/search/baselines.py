@@ -26,7 +26,7 @@ from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import InvalidOptionError, UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
-from hirelc_onnx.progress import ProgressFn, notify
+from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from passes.quantize_activations import quantize_activations
@@ -66,8 +66,8 @@ def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: 
     return CompressionConfig(kernels, target=target).validate()
 
 
-def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None, keep: float = 1.0,
-                qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
+def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None,
+                keep: float = 1.0, qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
     """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data).
 
     bits: default 8, or 7 under ort-cpu, where ORT's u8 x s8 kernels saturate with full-range 8-bit
@@ -135,6 +135,8 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
         history.append(candidate_record(m, method="uniform-l1", step=i, bits=bits, keep=keep))
         if best is None or m.score > best.score:
             best = m
+        progress_log.info("uniform-l1 %d/%d: %d bits, keep %.3f, %.2fx, measured %.4f", i + 1, len(candidates), bits,
+                          keep, m.cost.ratio, m.score)
         notify(progress, "uniform-l1: real evaluations", i + 1, len(candidates))
     return MethodResult(best.config, best.model, best.score, history)
 
@@ -184,5 +186,6 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         history.append(candidate_record(m, method="random", step=i))
         if best is None or m.score > best.score:
             best = m
+        progress_log.info("random %d/%d: config %.2fx, measured %.4f", i + 1, evaluations, m.cost.ratio, m.score)
         notify(progress, "random: real evaluations", i + 1, evaluations)
     return MethodResult(best.config, best.model, best.score, history)

@@ -60,7 +60,7 @@ from hirelc_onnx.bridge.convert import torch_threads
 from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.progress import ProgressFn, notify
+from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.baselines import MethodResult, candidate_record
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.channel_importance import channel_rankings, kernel_fisher, scaled_ranks
@@ -277,6 +277,8 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         m = ctx.measure(space.config(counts), keep=space.keep(masks))
         proxy = scored[_key(masks)]["score"]
         feasible = space.feasible(space.usage_of(m.cost))
+        progress_log.info("graph-rl real evaluation %d/%d: MACs %.3f of fp32, %.2fx, measured %.4f", rank + 1,
+                          min(len(ranked), max(1, evaluations)), m.cost.macs_fraction, m.cost.ratio, m.score)
         chosen_by = select(m.model)
         history.append(candidate_record(m, "real", method="graph-rl", rank=rank,
                                         start=start_of.get(_key(masks)), greedy=_key(masks) == _key(greedy),

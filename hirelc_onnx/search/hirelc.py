@@ -249,9 +249,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                                               adopted=adopted, timing=timing))
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
-        progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, proxy %.1fs, "
-                 "measure %.1fs)", state.next_round, evaluations, source, m.cost.ratio, predicted, m.score,
-                 state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
+        progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, "
+                          "proxy %.1fs, measure %.1fs)", state.next_round, evaluations, source, m.cost.ratio, predicted,
+                          m.score, state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
         # 6. state: everything needed to continue with the next round
         state.current, state.levels = problem.config(problem.current), problem.block_levels.tolist()
         state.estimator, state.finetune_lr = estimator.state(), ctx.finetune_lr
