@@ -52,9 +52,9 @@ def test_default_folder_is_named_after_the_model_and_a_second_run_is_refused(res
     assert res.exit_code == 0, res.output
     out = tmp_path / "work" / "resnet20.hirelc"
     assert "output folder: resnet20.hirelc/ (the default; --out chooses)" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "footprints.json", "model.onnx", "report.html", "report.json"]
     assert _files_listed(res.stdout) == [f"resnet20.hirelc/{name}" for name in
-                                         ("model.onnx", "config.json", "report.json", "report.html")]
+                                         ("model.onnx", "config.json", "footprints.json", "report.json", "report.html")]
     assert not (resnet.parent / "resnet20.hirelc").exists()  # here, not beside the model
     before = (out / "model.onnx").read_bytes()
     line = _error_line(_compress(resnet, *UNIFORM, "--bits", "4"))
@@ -78,7 +78,7 @@ def test_overwrite_clears_only_the_earlier_runs_files(resnet, tmp_path):
     assert (out / "search_state.json").read_text() == "an earlier run"  # a refused run clears nothing
     res = _compress(resnet, *UNIFORM, "--bits", "4", "--out", out, "--overwrite")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "notes.txt", "report.html",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "footprints.json", "model.onnx", "notes.txt", "report.html",
                                                      "report.json"]
     assert (out / "notes.txt").read_text() == "the user's"
     onnx.checker.check_model(onnx.load(out / "model.onnx"))

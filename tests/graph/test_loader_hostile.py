@@ -142,7 +142,7 @@ def test_cli_compresses_a_clean_external_data_model(tmp_path):
     path = save_external(tiny_model(), tmp_path / "m" / "tiny.onnx")
     res = _cli("compress", path, "--method", "uniform", "--bits", "4", "--out", tmp_path / "o")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "model.onnx", "report.html",
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "footprints.json", "model.onnx", "report.html",
                                                                    "report.json"]
 
 
