@@ -57,7 +57,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
-        "search": {"seconds": seconds, **result.extra},
+        "search": {"seconds": seconds, **result.extra, **_execution(ctx)},
         "versions": versions(),
     }
     if ctx is not None:
@@ -198,3 +198,12 @@ def versions() -> dict:
     return {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count()}
+
+
+def _execution(ctx: Any) -> dict:
+    """Where the real evaluations ran (search/executors.py), and per batched evaluation its worker,
+    node, wall and queue seconds and attempts (a failed one with its reason)."""
+    executor = getattr(ctx, "executor", None)
+    if executor is None:
+        return {}
+    return {"executor": executor.describe(), "evaluations": list(ctx.evaluation_log)}

@@ -51,7 +51,17 @@ class MethodResult:
 def candidate_record(m: Measurement, kind: str = "real", **more) -> dict:
     """One evaluated candidate as the report and plots want it."""
     return {"kind": kind, "score": m.score, "ratio": m.cost.ratio, "bytes": m.cost.total_bytes,
-            "macs_fraction": m.cost.macs_fraction, "finetuned": m.finetuned, "seconds": m.seconds, **more}
+            "macs_fraction": m.cost.macs_fraction, "finetuned": m.finetuned, "seconds": m.seconds,
+            **_placement_record(m), **more}
+
+
+def _placement_record(m: Measurement) -> dict:
+    """Where a batched evaluation ran: worker, node, wall and queue seconds, attempts (none in-process alone)."""
+    p = m.placement
+    if p is None:
+        return {}
+    return {"worker": p.worker, "node": p.node, "wall_seconds": p.wall_seconds, "queue_seconds": p.queue_seconds,
+            "attempts": p.attempts, "retried": p.retried}
 
 
 def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: str = "symmetric",
@@ -120,15 +130,17 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
     candidates = candidates[:max(1, evaluations)]
     best: Measurement | None = None
     history = []
-    for i, config in enumerate(candidates):
-        m = ctx.measure(config)
+    measured = ctx.measure_batch(candidates, progress and (lambda n: progress(n, len(candidates))))
+    for i, (config, m) in enumerate(zip(candidates, measured)):
+        if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
+            continue
         bits = next(iter(config.kernels.values())).bits
         keep = min(kc.keep_ratio for kc in config.kernels.values())
         history.append(candidate_record(m, method="uniform-l1", step=i, bits=bits, keep=keep))
         if best is None or m.score > best.score:
             best = m
-        if progress:
-            progress(i + 1, len(candidates))
+    if best is None:
+        raise UserError("every candidate's evaluation failed (its worker died); see the log")
     return MethodResult(best.config, best.model, best.score, history)
 
 
@@ -169,14 +181,17 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     rng = np.random.default_rng(seed)
     best: Measurement | None = None
     history = []
-    for i in range(evaluations):
+    configs = []
+    for _ in range(evaluations):
         config = random_config(bg, target, rng)
-        if budget:
-            config = repair(bg, config, budget, fill=True)
-        m = ctx.measure(config)
+        configs.append(repair(bg, config, budget, fill=True) if budget else config)
+    measured = ctx.measure_batch(configs, progress and (lambda n: progress(n, evaluations)))  # one batch
+    for i, m in enumerate(measured):
+        if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
+            continue
         history.append(candidate_record(m, method="random", step=i))
         if best is None or m.score > best.score:
             best = m
-        if progress:
-            progress(i + 1, evaluations)
+    if best is None:
+        raise UserError("every candidate's evaluation failed (its worker died); see the log")
     return MethodResult(best.config, best.model, best.score, history)

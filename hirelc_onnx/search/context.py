@@ -7,7 +7,10 @@ the fp32 reference outputs, and the three ways to judge a config:
   * proxy(config)   -- apply the config without fine-tuning, run the cached proxy batch through
                        ORT and compare every output with fp32's (the cold-start accuracy signal);
   * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
-                       quantize, and measure the score on the validation split through ORT.
+                       quantize, and measure the score on the validation split through ORT;
+  * measure_batch(configs) -- the same for candidates that can be judged at once, on the run's
+                       executor (search/executors.py: in-process, local processes or Ray), results
+                       in candidate order, a candidate whose worker kept dying as None.
 The score is the run's `Objective` (evaluate/objective.py): the user's --metric when given, else
 top-1 accuracy with class labels, else each output kind's agreement with the fp32 model (the worst
 output's, relative to fp32, for a multi-output model). Labels that are not class indices of a
@@ -20,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,6 +38,7 @@ from hirelc_onnx.evaluate.objective import Objective
 from hirelc_onnx.evaluate.runner import evict_big_sessions, predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
+from hirelc_onnx.search.executors import EvaluationTask, Executor, FailedEvaluation, InProcess, Placement
 from hirelc_onnx.specs import weight_spec
 
 __all__ = ["Measurement", "Proxy", "SearchContext"]
@@ -57,6 +62,7 @@ class Measurement:
     model: onnx.ModelProto = field(repr=False)
     finetuned: bool
     seconds: float
+    placement: Placement | None = None  # where it ran (measure_batch): worker, node, wall and queue time
 
 
 class SearchContext:
@@ -71,7 +77,8 @@ class SearchContext:
         specs = graph_inputs(bg.model)
         # every split keyed by the graph's input names (a single-input dataset's `x` renamed), cast to
         # the inputs' dtypes: calibration feeds, the bridge and ORT all take them as they are
-        splits = Splits(*(check_fits(part, specs) for part in (splits.calib, splits.finetune, splits.val, splits.test)))
+        splits = Splits(*(_canonical(check_fits(part, specs))
+                          for part in (splits.calib, splits.finetune, splits.val, splits.test)))
         self.splits = splits
         self.data_free = data_free
         """True when the data were synthesised from the graph (no --data): the score is fidelity only."""
@@ -103,6 +110,21 @@ class SearchContext:
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
         self.bridge_error: str | None = None
+        self.executor: Executor = InProcess()
+        """Where measure_batch runs its evaluations (compress sets it from --workers / --ray)."""
+        self.evaluation_log: list[dict] = []
+        """Per batched evaluation: where it ran, wall and queue seconds, attempts, failures (for the report)."""
+
+    def __getstate__(self) -> dict:
+        """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
+        state = dict(self.__dict__)
+        state.update(executor=None, evaluation_log=[], _refs={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.executor = InProcess()
+        self._refs = {id(self.splits.val): (self.splits.val, self.val_ref)}
 
     # --- judging configs ---------------------------------------------------------------
     def cost(self, config: CompressionConfig) -> ModelCost:
@@ -147,6 +169,57 @@ class SearchContext:
         self.evaluations += 1
         return Measurement(config, score, self.cost(config), model, finetuned, time.perf_counter() - start)
 
+    def measure_batch(self, configs: list[CompressionConfig], done: Callable[[int], None] | None = None,
+                      finetune_seconds: float | None = None) -> list[Measurement | None]:
+        """`measure` of each config, on the executor, in candidate order; None where its worker died
+        every attempt (recorded in `evaluation_log` with the reason). `done(n)` after each finished
+        evaluation, n counting the batch's finished ones. The first fine-tune of a run settles the
+        learning rate the later ones start from, so while none has, the first candidate runs alone
+        first: every executor then gives the answer the in-process loop gives."""
+        configs = [self._targeted(c) for c in configs]
+        finished = [0]
+
+        def one_done(_: int) -> None:
+            finished[0] += 1
+            if done:
+                done(finished[0])
+
+        out: list[Measurement | None] = []
+        seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
+        tunes = self.finetune_epochs != 0 if self.finetune_epochs is not None else seconds > 0
+        first = 1 if tunes and self.finetune_lr is None and self.bridge_error is None else 0
+        for part in (configs[:first], configs[first:]):
+            if not part:
+                continue
+            tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds) for c in part]
+            for config, result in zip(part, self.executor.run(self, tasks, one_done)):
+                out.append(self._adopt(config, result))
+        return out
+
+    def _adopt(self, config: CompressionConfig, result) -> Measurement | None:
+        """One executor result into the driver: its fine-tuning state, the count, the log."""
+        index = len(self.evaluation_log)
+        if isinstance(result, FailedEvaluation):
+            self.evaluation_log.append({"index": index, "status": "failed", "attempts": result.attempts,
+                                        "reason": result.reason})
+            log.warning("evaluation %d failed after %d attempts: %s", index, result.attempts, result.reason)
+            return None
+        outcome, placement = result
+        if self.finetune_lr is None:
+            self.finetune_lr = outcome.finetune_lr
+        if self.bridge_error is None and outcome.bridge_error is not None:
+            self.bridge_error = outcome.bridge_error
+            log.warning("fine-tuning disabled: %s", outcome.bridge_error)
+        if not isinstance(self.executor, InProcess):
+            self.evaluations += 1  # in-process, measure counted it
+        m = outcome.measurement
+        m.placement = placement
+        self.evaluation_log.append({"index": index, "status": "retried" if placement.retried else "ok",
+                                    "attempts": placement.attempts, "worker": placement.worker,
+                                    "node": placement.node, "wall_seconds": placement.wall_seconds,
+                                    "queue_seconds": placement.queue_seconds, "score": m.score})
+        return m
+
     def test_score(self, model: onnx.ModelProto) -> float:
         """Score on the held-out test split (the final report only)."""
         return self.score_model(model, self.splits.test)
@@ -188,3 +261,16 @@ class SearchContext:
         if self.finetune_lr is None:
             self.finetune_lr = result.lr
         return result.model, True
+
+
+def _canonical(ds: Dataset) -> Dataset:
+    """`ds` with every array in C order with the strides a fresh array has. A size-1 dim may carry any
+    stride (a reshape leaves one), and torch picks its conv kernels by strides: a worker's copy of
+    the data (pickled, so canonical) would otherwise fine-tune to other float sums than the driver."""
+    def fresh(a: np.ndarray) -> np.ndarray:
+        return a if a.flags.c_contiguous and a.strides == np.empty(a.shape, a.dtype).strides else np.array(a, order="C")
+
+    inputs = {k: fresh(v) for k, v in ds.inputs.items()}
+    if all(inputs[k] is v for k, v in ds.inputs.items()):
+        return ds
+    return replace(ds, inputs=inputs)
