@@ -325,10 +325,14 @@ class RayCluster(Executor):
         self.address = address
         self.cpus_per_task = cpus_per_task
         try:
-            ray.init(address=address, log_to_driver=False, logging_level="error", configure_logging=False)
+            # a cluster on loopback is on this machine: the driver is 127.0.0.1 too (Ray would otherwise
+            # probe an outside address to find the machine's interface)
+            local = {"_node_ip_address": "127.0.0.1"} if address.startswith(("127.", "localhost:")) else {}
+            ray.init(address=address, log_to_driver=False, logging_level="error", configure_logging=False, **local)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({exc})") from None
-        self._remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(_ray_evaluate)
+        # SPREAD: a batch's tasks go to different nodes first (evaluations are CPU-bound)
+        self._remote = ray.remote(num_cpus=cpus_per_task, max_retries=0, scheduling_strategy="SPREAD")(_ray_evaluate)
         self._payload_of: int | None = None
         self._payload_ref: Any = None
         self._token = ""
