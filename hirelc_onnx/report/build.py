@@ -206,4 +206,5 @@ def _execution(ctx: Any) -> dict:
     executor = getattr(ctx, "executor", None)
     if executor is None:
         return {}
-    return {"executor": executor.describe(), "evaluations": list(ctx.evaluation_log)}
+    return {"executor": executor.describe(), "evaluations": list(ctx.evaluation_log),
+            "batches": list(getattr(ctx, "batch_log", []))}

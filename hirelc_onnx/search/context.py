@@ -114,11 +114,13 @@ class SearchContext:
         """Where measure_batch runs its evaluations (compress sets it from --workers / --ray)."""
         self.evaluation_log: list[dict] = []
         """Per batched evaluation: where it ran, wall and queue seconds, attempts, failures (for the report)."""
+        self.batch_log: list[dict] = []
+        """Per batch: its size and wall seconds (throughput in bench/scale.py)."""
 
     def __getstate__(self) -> dict:
         """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
         state = dict(self.__dict__)
-        state.update(executor=None, evaluation_log=[], _refs={})
+        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -176,6 +178,7 @@ class SearchContext:
         evaluation, n counting the batch's finished ones. The first fine-tune of a run settles the
         learning rate the later ones start from, so while none has, the first candidate runs alone
         first: every executor then gives the answer the in-process loop gives."""
+        start = time.perf_counter()
         configs = [self._targeted(c) for c in configs]
         finished = [0]
 
@@ -194,6 +197,7 @@ class SearchContext:
             tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds) for c in part]
             for config, result in zip(part, self.executor.run(self, tasks, one_done)):
                 out.append(self._adopt(config, result))
+        self.batch_log.append({"size": len(configs), "seconds": time.perf_counter() - start})
         return out
 
     def _adopt(self, config: CompressionConfig, result) -> Measurement | None:

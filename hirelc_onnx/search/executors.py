@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["MAX_ATTEMPTS", "EvaluationTask", "Executor", "FailedEvaluation", "InProcess", "LocalProcesses",
            "Placement", "RayCluster", "TaskOutcome", "executor_closed", "make_executor", "run_task"]
@@ -161,6 +162,7 @@ def _worker_main(conn: Any, name: str, cpus: int) -> None:
             ctx = pickle.loads(msg[1])
             continue
         _, index, task = msg
+        kill_point("measure-task")  # tests: a worker dying as it takes a task
         try:
             reply = ("done", index, run_task(ctx, task, name, node))
         except BaseException as exc:  # noqa: BLE001 - the evaluation's own error goes back to the driver
