@@ -171,7 +171,10 @@ def _worker_main(conn: Any, name: str, cpus: int) -> None:
             except Exception:  # noqa: BLE001 - an unpicklable error travels as its text
                 exc = RuntimeError(f"{type(exc).__name__}: {exc}")
             reply = ("error", index, exc)
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):  # the driver is gone (killed): so is this worker
+            return
 
 
 class LocalProcesses(Executor):
