@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,29 @@ SEARCH = ("--method", "random", "--data", "digits", "--budget", "6x", "--evaluat
           "--seed", "3")
 
 
-def _compress(model: Path, out: Path, *extra: str, env: dict | None = None) -> dict:
+def _run(model: Path, out: Path, search: tuple, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    res = subprocess.run([sys.executable, "-m", "hirelc_onnx", "compress", str(model), *SEARCH, "--out", str(out),
-                          "--json", *extra], capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run([sys.executable, "-m", "hirelc_onnx", "compress", str(model), *search, "--out", str(out),
+                           "--json", *extra], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _compress(model: Path, out: Path, *extra: str, env: dict | None = None) -> dict:
+    res = _run(model, out, SEARCH, *extra, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_on_workers_to_the_in_process_model(reference_models, tmp_path):
+    model = reference_models("vgg")
+    search = ("--budget", "6x", "--data", "digits", "--finetune-epochs", "1", "--evaluations", "2", "--seed", "5")
+    assert _run(model, tmp_path / "whole", search).returncode == 0
+    killed = _run(model, tmp_path / "killed", search, "--workers", "2", env={ENV_VAR: "rl#2"})  # in round 2's RL
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "model.onnx").exists()
+    resumed = _run(model, tmp_path / "killed", search, "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["search"]["resumed_from"] == 1
+    assert (tmp_path / "killed" / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
 
 
 @pytest.mark.slow
