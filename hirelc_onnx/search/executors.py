@@ -309,6 +309,19 @@ def _ray_evaluate(token: str, payload_ref: list, task: EvaluationTask) -> TaskOu
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install hirelc-onnx[ray]"
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT that nothing answers on is one error line now (ray.init would retry for minutes)."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray takes auto or HOST:PORT (the head's GCS address), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({exc.strerror or exc})") from None
+
+
 class RayCluster(Executor):
     """`--ray auto|HOST:PORT`: each evaluation a Ray task on an existing cluster.
 
@@ -329,6 +342,7 @@ class RayCluster(Executor):
         self._ray = ray
         self.address = address
         self.cpus_per_task = cpus_per_task
+        _check_reachable(address)
         try:
             # a cluster on loopback is on this machine: the driver is 127.0.0.1 too (Ray would otherwise
             # probe an outside address to find the machine's interface)
