@@ -77,8 +77,7 @@ class SearchContext:
         specs = graph_inputs(bg.model)
         # every split keyed by the graph's input names (a single-input dataset's `x` renamed), cast to
         # the inputs' dtypes: calibration feeds, the bridge and ORT all take them as they are
-        splits = Splits(*(_canonical(check_fits(part, specs))
-                          for part in (splits.calib, splits.finetune, splits.val, splits.test)))
+        splits = Splits(*(check_fits(part, specs) for part in (splits.calib, splits.finetune, splits.val, splits.test)))
         self.splits = splits
         self.data_free = data_free
         """True when the data were synthesised from the graph (no --data): the score is fidelity only."""
@@ -120,11 +119,13 @@ class SearchContext:
     def __getstate__(self) -> dict:
         """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
         state = dict(self.__dict__)
-        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={})
+        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={}, _strides=_split_strides(self.splits))
         return state
 
     def __setstate__(self, state: dict) -> None:
+        strides = state.pop("_strides")
         self.__dict__.update(state)
+        self.splits = _restore_strides(self.splits, strides)
         self.executor = InProcess()
         self._refs = {id(self.splits.val): (self.splits.val, self.val_ref)}
 
@@ -267,14 +268,21 @@ class SearchContext:
         return result.model, True
 
 
-def _canonical(ds: Dataset) -> Dataset:
-    """`ds` with every array in C order with the strides a fresh array has. A size-1 dim may carry any
-    stride (a reshape leaves one), and torch picks its conv kernels by strides: a worker's copy of
-    the data (pickled, so canonical) would otherwise fine-tune to other float sums than the driver."""
-    def fresh(a: np.ndarray) -> np.ndarray:
-        return a if a.flags.c_contiguous and a.strides == np.empty(a.shape, a.dtype).strides else np.array(a, order="C")
 
-    inputs = {k: fresh(v) for k, v in ds.inputs.items()}
-    if all(inputs[k] is v for k, v in ds.inputs.items()):
-        return ds
-    return replace(ds, inputs=inputs)
+def _split_strides(splits: Splits) -> dict:
+    """Each split's input arrays' strides. A size-1 dim may carry any stride (a reshape leaves one),
+    pickling resets it, and torch picks its conv kernels by strides: a worker's copy would fine-tune
+    to other float sums than the driver unless they are put back (`_restore_strides`)."""
+    return {(part, name): a.strides for part in ("calib", "finetune", "val", "test")
+            for name, a in getattr(splits, part).inputs.items()}
+
+
+def _restore_strides(splits: Splits, strides: dict) -> Splits:
+    """`splits` with the strides `_split_strides` recorded (same memory, same values)."""
+    def put(part: str) -> Dataset:
+        ds = getattr(splits, part)
+        inputs = {name: np.lib.stride_tricks.as_strided(a, a.shape, strides.get((part, name), a.strides))
+                  if a.flags.c_contiguous else a for name, a in ds.inputs.items()}
+        return replace(ds, inputs=inputs)
+
+    return Splits(*(put(part) for part in ("calib", "finetune", "val", "test")))
