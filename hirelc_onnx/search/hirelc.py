@@ -137,6 +137,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if evaluations < 1:
         raise UserError(f"hirelc needs at least one real evaluation, got evaluations={evaluations}")
     settings = settings or HiReLCSettings()
+    if settings.batch_size < 1:
+        raise UserError(f"hirelc's batch_size must be >= 1, got {settings.batch_size}")
     if budget is None:
         budget = settings.default_budget
         log.info("no budget given: searching for %gx", budget)
@@ -230,25 +232,25 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         # 5. real evaluation: repair to the budget, choose by acquisition when already measured; with
         #    batch_size > 1 the next choices too, measured side by side (ctx.measure_batch: --workers, --ray)
         picks = _choose_batch(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured, settings, rng)
-        predicted = {}
-        for source, candidate in picks:
+        predicted = []
+        for _, candidate in picks:
             _record_proxy(ctx, state, candidate, rnd, "measured")
-            predicted[source] = accuracy.predict(candidate, ctx.cost(candidate)).accuracy
+            predicted.append(accuracy.predict(candidate, ctx.cost(candidate)).accuracy)
         timing["proxy"] = time.perf_counter() - round_start - timing["rl"]
-        for (source, candidate), m in zip(picks, ctx.measure_batch([c for _, c in picks])):
+        for (source, candidate), guess, m in zip(picks, predicted, ctx.measure_batch([c for _, c in picks])):
             if m is None:  # its worker died every attempt: ctx.evaluation_log says why
                 continue
             timing["measure"] = m.seconds
             point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
-                              predicted[source])
+                              guess)
             _keep_best(point, m, state.real, threshold)
             state.real.append(point)
             measured.add(point.key)
             state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                                  predicted=predicted[source], levels=problem.block_levels.tolist(),
+                                                  predicted=guess, levels=problem.block_levels.tolist(),
                                                   adopted=adopted, timing=dict(timing)))
             log.info("round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (measure %.1fs)", rnd + 1,
-                     evaluations, source, m.cost.ratio, predicted[source], m.score, m.seconds)
+                     evaluations, source, m.cost.ratio, guess, m.score, m.seconds)
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
         log.info("round %d/%d: %.1fs (RL %.1fs, proxy %.1fs)", state.next_round, evaluations,
