@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                    * (1 + math.ceil((batches - 1) / 2)))
     projection = _projection(base["mean_evaluation_seconds"], overhead,
                              {"random (--evaluations 8)": 8, "random (--evaluations 64)": 64,
-                              "uniform-l1 (one per bit width)": 7, "hirelc (one per round)": 1})
+                              "uniform-l1 (one per bit width)": 7, "hirelc (default: 1 per round)": 1,
+                              "hirelc (batch_size 4 per round)": 4})
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
               "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
               "evaluations": args.evaluations, "finetune_epochs": args.finetune_epochs, "rows": rows,
@@ -137,7 +138,8 @@ def _markdown(r: dict) -> str:
               f"From the {r['projection_basis']['from']} row: {r['projection_basis']['evaluation_seconds']:.1f} s per "
               f"evaluation and {r['projection_basis']['batch_overhead_seconds']:.1f} s overhead per batch; a batch of "
               "b takes (1 + ceil((b - 1) / k)) evaluations' time plus the overhead (the first evaluation of a "
-              "fine-tuned run alone). Assumes nodes as fast as this one and no contention.", "",
+              "fine-tuned run alone; conservative for HiReLC's later rounds, whose rate is settled). Assumes nodes "
+              "as fast as this one and no contention; HiReLC rows count its measuring only, not each round's RL.", "",
               "| method (batch size) | " + " | ".join(f"{k} node{'s' if k > 1 else ''}" for k in NODES) + " |",
               "|---|" + "---|" * len(NODES)]
     for row in r["projection"]:
