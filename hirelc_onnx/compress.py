@@ -32,6 +32,7 @@ from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_
                                         write_model, write_outputs)
 from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.executors import executor_closed, make_executor
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, check_options, flag, get_method
 
 __all__ = ["CompressResult", "compress", "DATA_OPTIONS"]
@@ -65,7 +66,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
              started: Callable[[], None] | None = None,
              progress: ProgressFn | None = None,
              input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
-             metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
+             metric: str | None = None, metric_mode: str = "max", workers: int = 1, ray: str | None = None,
+             **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     out_dir: a folder of this run's own; one holding another run's files (report/outputs.py
@@ -92,6 +94,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       one kind for all ("embedding") or per output ("name=kind,..." or a dict).
     metric: a task metric `package.module:func(outputs, labels) -> float` the search optimises and
       the report gives on the test split (higher is better; metric_mode "min" for a loss); needs --data.
+    workers / ray: where a method's batches of real evaluations run (search/executors.py): `workers`
+      local processes (1: in this process), or tasks on the Ray cluster at `ray` ("auto" or
+      HOST:PORT; needs the `ray` extra). The answer is the same on any of them.
     options: the chosen method's own, each taken by the methods in its row of search/methods.py
     METHODS (a value of None counts as not given; one the method would ignore is a UserError):
       budget: true-bytes ratio such as '6x' (None: the method's METHODS default_budget, if any, searched
@@ -152,7 +157,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     if output_model is not None:
         check_output_model(Path(output_model), Path(model_path))
 
-    with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
+    executor = make_executor(workers, ray)  # a Ray cluster is reached (or refused) before any long work
+    with executor_closed(executor), hold_out_dir(out_dir) if out_dir is not None else nullcontext():
         notify(progress, "loading the model")
         original = load_model(model_path)
         _check_domains(original, model_path)
@@ -171,6 +177,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
+        ctx.executor = executor
         state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         notify(progress, f"{method}: searching")
         own = {"seed": seed, "progress": progress, "state_path": state_path}

@@ -6,9 +6,11 @@ itself the n-th time (default: the first) it reaches that point. The points:
   rl                 a HiReLC round's RL, between the high level's and the low level's learning
   finetune           a fine-tune, after its first training step
   write:<file name>  `io.write_atomic`, halfway through writing that file's temporary copy
+  measure-task       a local worker of `--workers N` (search/executors.py), as it takes an evaluation
 
 `HIRELC_TEST_KILL_SIGNAL=INT` sends SIGINT instead, as Ctrl-C would (the interrupt tests,
-tests/test_cli_exit_codes.py). A point costs one dictionary lookup when the variable is unset.
+tests/test_cli_exit_codes.py). A point costs one dictionary lookup when the variable is unset. Used by tests/test_resume.py,
+tests/test_cli_exit_codes.py and tests/search/test_executors.py only.
 """
 from __future__ import annotations
 

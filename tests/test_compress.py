@@ -84,6 +84,8 @@ def test_fixed_epoch_finetuning_is_repeatable_and_reported(resnet_copy, tmp_path
     (["--data", "digits", "--finetune-epochs", "-1"], "finetune-epochs"),
     (["--data", "digits", "--resume"], "--resume: resnet20.hirelc holds no search state"),  # the default --out
     (["--method", "uniform", "--finetune-seconds", "5"], "--finetune-seconds only matters with --data"),
+    (["--data", "digits", "--method", "random", "--workers", "2", "--ray", "auto"], "--ray and --workers"),
+    (["--data", "digits", "--method", "random", "--ray", "127.0.0.1:1"], "cannot connect to a Ray cluster"),
 ])
 def test_refusals_are_one_line_and_fast(resnet_copy, args, expect):
     res = _cli("compress", resnet_copy, *args, timeout=120)

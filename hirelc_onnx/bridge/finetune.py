@@ -124,11 +124,13 @@ SMALL_MODEL_WEIGHTS = 1_000_000
 
 
 def _auto_threads(model: onnx.ModelProto) -> int:
-    """One thread for small models, every core for large ones (see FinetuneSettings.threads)."""
+    """One thread for small models, every core (a worker's task: its CPUs) for large ones (see FinetuneSettings.threads)."""
     import os
 
     weights = sum(math.prod(t.dims) for t in model.graph.initializer)
-    return 1 if weights < SMALL_MODEL_WEIGHTS else max(1, os.cpu_count() or 1)
+    # a worker of a scaled-out search (search/executors.py) uses the CPUs its task was given
+    cpus = int(os.environ.get("HIRELC_TASK_CPUS") or 0) or os.cpu_count() or 1
+    return 1 if weights < SMALL_MODEL_WEIGHTS else max(1, cpus)
 
 
 def quant_specs(model: onnx.ModelProto, config: CompressionConfig) -> dict[str, WeightQuantSpec]:

@@ -173,10 +173,14 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
 @click.option("--metric-mode", type=click.Choice(["max", "min"]), default="max", show_default=True,
               help="max: --metric is a score; min: it is a loss.")
 @click.option("--resume", is_flag=True, help=f"Continue a killed run from the state in --out ({takers('resume')}).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Run each batch of real evaluations on this many local processes (1: in this process).")
+@click.option("--ray", metavar="auto|HOST:PORT",
+              help="Run real evaluations as tasks on an existing Ray cluster (needs: pip install hirelc-onnx[ray]).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
 def compress(ctx: click.Context, model, data, method, target, seed, out_dir, output_model, overwrite, as_json,
-             input_shape, output_kind, metric, metric_mode, **method_options) -> None:
+             input_shape, output_kind, metric, metric_mode, workers, ray, **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
     image = {k: v for k, v in image_option_values(method_options).items() if v is not None}
     shapes = parse_input_shapes(input_shape, _input_names(model) if input_shape else None)
@@ -201,7 +205,8 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
                                   output_model=output_model, overwrite=overwrite,
                                   started=lambda: _started(said),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
-                                  metric=metric, metric_mode=metric_mode, **image, **options)
+                                  metric=metric, metric_mode=metric_mode, workers=workers, ray=ray, **image,
+                                  **options)
         except KeyboardInterrupt:
             click.echo(f"interrupted{resume_hint(method, out_dir)}", err=True)
             raise SystemExit(130) from None

@@ -64,7 +64,8 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": [{k: v for k, v in h.items() if k != "config"} for h in result.history],  # configs: footprints
-        "search": {"seconds": seconds, **{k: v for k, v in result.extra.items() if k not in _SEARCH_INTERNAL}},
+        "search": {"seconds": seconds, **{k: v for k, v in result.extra.items() if k not in _SEARCH_INTERNAL},
+                   **_execution(ctx)},
         "sensitivity": sensitivity_shares(bg, result.extra),
         "versions": versions(),
     }
@@ -337,3 +338,13 @@ def versions() -> dict:
     return {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count()}
+
+
+def _execution(ctx: Any) -> dict:
+    """Where the real evaluations ran (search/executors.py), and per batched evaluation its worker,
+    node, wall and queue seconds and attempts (a failed one with its reason)."""
+    executor = getattr(ctx, "executor", None)
+    if executor is None:
+        return {}
+    return {"executor": executor.describe(), "evaluations": list(ctx.evaluation_log),
+            "batches": list(getattr(ctx, "batch_log", []))}

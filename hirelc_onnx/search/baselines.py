@@ -53,7 +53,16 @@ def candidate_record(m: Measurement, kind: str = "real", **more) -> dict:
     """One evaluated candidate as the report and plots want it."""
     return {"kind": kind, "score": m.score, "ratio": m.cost.ratio, "bytes": m.cost.total_bytes,
             "macs_fraction": m.cost.macs_fraction, "finetuned": m.finetuned, "seconds": m.seconds,
-            "config": m.config.to_dict(), **more}  # the config: footprints.json, so a user can pick another point
+            "config": m.config.to_dict(), **_placement_record(m), **more}  # the config: footprints.json, so a user can pick another point
+
+
+def _placement_record(m: Measurement) -> dict:
+    """Where a batched evaluation ran: worker, node, wall and queue seconds, attempts (none in-process alone)."""
+    p = m.placement
+    if p is None:
+        return {}
+    return {"worker": p.worker, "node": p.node, "wall_seconds": p.wall_seconds, "queue_seconds": p.queue_seconds,
+            "attempts": p.attempts, "retried": p.retried}
 
 
 def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: str = "symmetric",
@@ -128,8 +137,10 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
     candidates = candidates[:max(1, evaluations)]
     best: Measurement | None = None
     history = []
-    for i, config in enumerate(candidates):
-        m = ctx.measure(config)
+    measured = ctx.measure_batch(candidates, lambda n: notify(progress, "uniform-l1: real evaluations", n, len(candidates)))
+    for i, (config, m) in enumerate(zip(candidates, measured)):
+        if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
+            continue
         bits = next(iter(config.kernels.values())).bits
         keep = min(kc.keep_ratio for kc in config.kernels.values())
         history.append(candidate_record(m, method="uniform-l1", step=i, bits=bits, keep=keep))
@@ -137,7 +148,8 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
             best = m
         progress_log.info("uniform-l1 %d/%d: %d bits, keep %.3f, %.2fx, measured %.4f", i + 1, len(candidates), bits,
                           keep, m.cost.ratio, m.score)
-        notify(progress, "uniform-l1: real evaluations", i + 1, len(candidates))
+    if best is None:
+        raise UserError("every candidate's evaluation failed (its worker died); see the log")
     return MethodResult(best.config, best.model, best.score, history)
 
 
@@ -178,14 +190,18 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     rng = np.random.default_rng(seed)
     best: Measurement | None = None
     history = []
-    for i in range(evaluations):
+    configs = []
+    for _ in range(evaluations):
         config = random_config(bg, target, rng)
-        if budget:
-            config = repair(bg, config, budget, fill=True)
-        m = ctx.measure(config)
+        configs.append(repair(bg, config, budget, fill=True) if budget else config)
+    measured = ctx.measure_batch(configs, lambda n: notify(progress, "random: real evaluations", n, evaluations))
+    for i, m in enumerate(measured):
+        if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
+            continue
         history.append(candidate_record(m, method="random", step=i))
         if best is None or m.score > best.score:
             best = m
         progress_log.info("random %d/%d: config %.2fx, measured %.4f", i + 1, evaluations, m.cost.ratio, m.score)
-        notify(progress, "random: real evaluations", i + 1, evaluations)
+    if best is None:
+        raise UserError("every candidate's evaluation failed (its worker died); see the log")
     return MethodResult(best.config, best.model, best.score, history)

@@ -7,7 +7,10 @@ the fp32 reference outputs, and the three ways to judge a config:
   * proxy(config)   -- apply the config without fine-tuning, run the cached proxy batch through
                        ORT and compare every output with fp32's (the cold-start accuracy signal);
   * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
-                       quantize, and measure the score on the validation split through ORT.
+                       quantize, and measure the score on the validation split through ORT;
+  * measure_batch(configs) -- the same for candidates that can be judged at once, on the run's
+                       executor (search/executors.py: in-process, local processes or Ray), results
+                       in candidate order, a candidate whose worker kept dying as None.
 The score is the run's `Objective` (evaluate/objective.py): the user's --metric when given, else
 top-1 accuracy with class labels, else each output kind's agreement with the fp32 model (the worst
 output's, relative to fp32, for a multi-output model). Labels that are not class indices of a
@@ -20,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,6 +38,7 @@ from hirelc_onnx.evaluate.objective import Objective
 from hirelc_onnx.evaluate.runner import evict_big_sessions, predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
+from hirelc_onnx.search.executors import EvaluationTask, Executor, FailedEvaluation, InProcess, Placement
 from hirelc_onnx.specs import weight_spec
 
 __all__ = ["Measurement", "Proxy", "SearchContext"]
@@ -57,6 +62,7 @@ class Measurement:
     model: onnx.ModelProto = field(repr=False)
     finetuned: bool
     seconds: float
+    placement: Placement | None = None  # where it ran (measure_batch): worker, node, wall and queue time
 
 
 class SearchContext:
@@ -103,6 +109,25 @@ class SearchContext:
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
         self.bridge_error: str | None = None
+        self.executor: Executor = InProcess()
+        """Where measure_batch runs its evaluations (compress sets it from --workers / --ray)."""
+        self.evaluation_log: list[dict] = []
+        """Per batched evaluation: where it ran, wall and queue seconds, attempts, failures (for the report)."""
+        self.batch_log: list[dict] = []
+        """Per batch: its size and wall seconds (throughput in bench/scale.py)."""
+
+    def __getstate__(self) -> dict:
+        """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
+        state = dict(self.__dict__)
+        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={}, _strides=_split_strides(self.splits))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        strides = state.pop("_strides")
+        self.__dict__.update(state)
+        self.splits = _restore_strides(self.splits, strides)
+        self.executor = InProcess()
+        self._refs = {id(self.splits.val): (self.splits.val, self.val_ref)}
 
     # --- judging configs ---------------------------------------------------------------
     def cost(self, config: CompressionConfig) -> ModelCost:
@@ -147,6 +172,59 @@ class SearchContext:
         self.evaluations += 1
         return Measurement(config, score, self.cost(config), model, finetuned, time.perf_counter() - start)
 
+    def measure_batch(self, configs: list[CompressionConfig], done: Callable[[int], None] | None = None,
+                      finetune_seconds: float | None = None) -> list[Measurement | None]:
+        """`measure` of each config, on the executor, in candidate order; None where its worker died
+        every attempt (recorded in `evaluation_log` with the reason). `done(n)` after each finished
+        evaluation, n counting the batch's finished ones. The first fine-tune of a run settles the
+        learning rate the later ones start from, so while none has, the first candidate runs alone
+        first: every executor then gives the answer the in-process loop gives."""
+        start = time.perf_counter()
+        configs = [self._targeted(c) for c in configs]
+        finished = [0]
+
+        def one_done(_: int) -> None:
+            finished[0] += 1
+            if done:
+                done(finished[0])
+
+        out: list[Measurement | None] = []
+        seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
+        tunes = self.finetune_epochs != 0 if self.finetune_epochs is not None else seconds > 0
+        first = 1 if tunes and self.finetune_lr is None and self.bridge_error is None else 0
+        for part in (configs[:first], configs[first:]):
+            if not part:
+                continue
+            tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds) for c in part]
+            for config, result in zip(part, self.executor.run(self, tasks, one_done)):
+                out.append(self._adopt(config, result))
+        self.batch_log.append({"size": len(configs), "seconds": time.perf_counter() - start})
+        return out
+
+    def _adopt(self, config: CompressionConfig, result) -> Measurement | None:
+        """One executor result into the driver: its fine-tuning state, the count, the log."""
+        index = len(self.evaluation_log)
+        if isinstance(result, FailedEvaluation):
+            self.evaluation_log.append({"index": index, "status": "failed", "attempts": result.attempts,
+                                        "reason": result.reason})
+            log.warning("evaluation %d failed after %d attempts: %s", index, result.attempts, result.reason)
+            return None
+        outcome, placement = result
+        if self.finetune_lr is None:
+            self.finetune_lr = outcome.finetune_lr
+        if self.bridge_error is None and outcome.bridge_error is not None:
+            self.bridge_error = outcome.bridge_error
+            log.warning("fine-tuning disabled: %s", outcome.bridge_error)
+        if not isinstance(self.executor, InProcess):
+            self.evaluations += 1  # in-process, measure counted it
+        m = outcome.measurement
+        m.placement = placement
+        self.evaluation_log.append({"index": index, "status": "retried" if placement.retried else "ok",
+                                    "attempts": placement.attempts, "worker": placement.worker,
+                                    "node": placement.node, "wall_seconds": placement.wall_seconds,
+                                    "queue_seconds": placement.queue_seconds, "score": m.score})
+        return m
+
     def test_score(self, model: onnx.ModelProto) -> float:
         """Score on the held-out test split (the final report only)."""
         return self.score_model(model, self.splits.test)
@@ -188,3 +266,23 @@ class SearchContext:
         if self.finetune_lr is None:
             self.finetune_lr = result.lr
         return result.model, True
+
+
+
+def _split_strides(splits: Splits) -> dict:
+    """Each split's input arrays' strides. A size-1 dim may carry any stride (a reshape leaves one),
+    pickling resets it, and torch picks its conv kernels by strides: a worker's copy would fine-tune
+    to other float sums than the driver unless they are put back (`_restore_strides`)."""
+    return {(part, name): a.strides for part in ("calib", "finetune", "val", "test")
+            for name, a in getattr(splits, part).inputs.items()}
+
+
+def _restore_strides(splits: Splits, strides: dict) -> Splits:
+    """`splits` with the strides `_split_strides` recorded (same memory, same values)."""
+    def put(part: str) -> Dataset:
+        ds = getattr(splits, part)
+        inputs = {name: np.lib.stride_tricks.as_strided(a, a.shape, strides.get((part, name), a.strides))
+                  if a.flags.c_contiguous else a for name, a in ds.inputs.items()}
+        return replace(ds, inputs=inputs)
+
+    return Splits(*(put(part) for part in ("calib", "finetune", "val", "test")))

@@ -114,6 +114,9 @@ class HiReLCSettings:
     """Pool configs per round scored by the real proxy (besides the voted and measured ones)."""
     acquisition_kappa: float = 1.0
     """Weight of the surrogate spread when a pool config is picked for measurement."""
+    batch_size: int = 1
+    """Real evaluations per round, measured side by side (`--workers`, `--ray`): the round's pick, then
+    the next best unmeasured configs by acquisition. A run makes up to `evaluations` x this many."""
     fisher_samples: int = 256
     """Samples of the fine-tune split the Fisher sensitivity uses."""
     default_budget: float = 4.0
@@ -137,6 +140,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if evaluations < 1:
         raise UserError(f"hirelc needs at least one real evaluation, got evaluations={evaluations}")
     settings = settings or HiReLCSettings()
+    if settings.batch_size < 1:
+        raise UserError(f"hirelc's batch_size must be >= 1, got {settings.batch_size}")
     if budget is None:
         budget = settings.default_budget
         log.info("no budget given: searching for %gx", budget)
@@ -231,27 +236,32 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         checks = [("voted", voted)] + [("pool", c) for c in problem.best_pool(settings.proxy_checks)]
         for role, config in ([] if time_limited else checks):
             _record_proxy(ctx, state, config, rnd, role)
-        # 5. real evaluation: repair to the budget, choose by acquisition when already measured
-        source, candidate = _choose(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured,
-                                    settings, rng)
-        _record_proxy(ctx, state, candidate, rnd, "measured")
-        predicted = accuracy.predict(candidate, ctx.cost(candidate)).accuracy
+        # 5. real evaluation: repair to the budget, choose by acquisition when already measured; with
+        #    batch_size > 1 the next choices too, measured side by side (ctx.measure_batch: --workers, --ray)
+        picks = _choose_batch(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured, settings, rng)
+        predicted = []
+        for _, candidate in picks:
+            _record_proxy(ctx, state, candidate, rnd, "measured")
+            predicted.append(accuracy.predict(candidate, ctx.cost(candidate)).accuracy)
         timing["proxy"] = time.perf_counter() - round_start - timing["rl"]
-        m = ctx.measure(candidate)
-        timing["measure"] = m.seconds
-        point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
-                          predicted)
-        _keep_best(point, m, state.real, threshold)
-        state.real.append(point)
-        measured.add(point.key)
-        state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                              predicted=predicted, levels=problem.block_levels.tolist(),
-                                              adopted=adopted, timing=timing))
+        for (source, candidate), guess, m in zip(picks, predicted, ctx.measure_batch([c for _, c in picks])):
+            if m is None:  # its worker died every attempt: ctx.evaluation_log says why
+                continue
+            timing["measure"] = m.seconds
+            point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
+                              guess)
+            _keep_best(point, m, state.real, threshold)
+            state.real.append(point)
+            measured.add(point.key)
+            state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
+                                                  predicted=guess, levels=problem.block_levels.tolist(),
+                                                  adopted=adopted, timing=dict(timing)))
+            progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (measure %.1fs)",
+                              rnd + 1, evaluations, source, m.cost.ratio, guess, m.score, m.seconds)
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
-        progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, "
-                          "proxy %.1fs, measure %.1fs)", state.next_round, evaluations, source, m.cost.ratio, predicted,
-                          m.score, state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
+        log.info("round %d/%d: %.1fs (RL %.1fs, proxy %.1fs)", state.next_round, evaluations,
+                 state.round_seconds[-1], timing["rl"], timing["proxy"])
         # 6. state: everything needed to continue with the next round
         state.current, state.levels = problem.config(problem.current), problem.block_levels.tolist()
         state.estimator, state.finetune_lr = estimator.state(), ctx.finetune_lr
@@ -262,6 +272,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         if time_limited:
             break
 
+    if not state.real:
+        raise UserError("every real evaluation failed (its worker died each attempt); see the log")
     best = _best(state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
@@ -380,6 +392,22 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     if best is not None:
         return "pool", best
     return "random", fit(random_config(bg, problem.target, rng))
+
+
+def _choose_batch(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
+                  budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
+                  rng: np.random.Generator) -> list[tuple[str, CompressionConfig]]:
+    """`settings.batch_size` choices of `_choose`, each as if the ones before were measured already:
+    the round's pick (the prior, then the voted config), then the next best by acquisition."""
+    picks: list[tuple[str, CompressionConfig]] = []
+    taken = set(measured)
+    for _ in range(settings.batch_size):
+        source, candidate = _choose(bg, problem, accuracy, voted, budget, sensitivity, taken, settings, rng)
+        if picks and config_key(candidate) in taken:
+            break  # nothing new left to measure this round
+        picks.append((source, candidate))
+        taken.add(config_key(candidate))
+    return picks
 
 
 def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None) -> None:

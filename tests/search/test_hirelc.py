@@ -131,3 +131,15 @@ def test_time_limit_returns_after_one_real_evaluation(bg, ctx):
     val = ctx.score(predict(result.model, ctx.splits.val.x), ctx.splits.val)
     assert result.val_score == pytest.approx(val)
     assert result.extra["max_drop_met"] is (100 * (ctx.fp32_val_score - val) <= MAX_DROP + 1e-9)
+
+
+@pytest.mark.slow
+def test_a_round_measures_a_batch_the_pick_then_the_next_best(bg, ctx):
+    settings = HiReLCSettings(**{**vars(TINY["settings"]), "batch_size": 2})
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, settings=settings)
+    real = [h for h in result.history if h["kind"] == "real"]
+    # one round, two real evaluations measured as one batch: the estimator's prior, then the voted config
+    assert [(h["round"], h["source"]) for h in real] == [(0, "prior"), (0, "voted")]
+    assert len({(h["ratio"], h["score"]) for h in real}) == 2 and ctx.batch_log[-1]["size"] == 2
+    assert all(BUDGET <= h["ratio"] for h in real)
+    assert result.val_score == max(h["score"] for h in real)

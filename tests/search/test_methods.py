@@ -12,7 +12,8 @@ from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check
 
 GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
-           "output_kind", "metric", "metric_mode"}  # scoring options: how outputs are scored
+           "output_kind", "metric", "metric_mode",  # scoring options: how outputs are scored
+           "workers", "ray"}  # where real evaluations run (search/executors.py)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -1,0 +1,130 @@
+"""Executors of a batch of real evaluations (search/executors.py): same answer in-process and on local
+workers, a dead worker's evaluation retried then recorded, Ctrl-C stopping the workers, --ray's errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.data import load_digits, split_dataset
+from hirelc_onnx.graph import build_block_graph, load_model
+from hirelc_onnx.kill_points import ENV_VAR
+from hirelc_onnx.search.baselines import random_config
+from hirelc_onnx.search.budget import repair
+from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.executors import RAY_MISSING, LocalProcesses, make_executor
+
+REPO = Path(__file__).resolve().parents[2]
+# random search's candidates are one batch; with fine-tuning the first runs alone (it settles the
+# learning rate), the other two side by side
+SEARCH = ("--method", "random", "--data", "digits", "--budget", "6x", "--evaluations", "3", "--finetune-epochs", "1",
+          "--seed", "3")
+
+
+def _run(model: Path, out: Path, search: tuple, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hirelc_onnx", "compress", str(model), *search, "--out", str(out),
+                           "--json", *extra], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _compress(model: Path, out: Path, *extra: str, env: dict | None = None) -> dict:
+    res = _run(model, out, SEARCH, *extra, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_on_workers_to_the_in_process_model(reference_models, tmp_path):
+    model = reference_models("vgg")
+    search = ("--budget", "6x", "--data", "digits", "--finetune-epochs", "1", "--evaluations", "2", "--seed", "5")
+    assert _run(model, tmp_path / "whole", search).returncode == 0
+    killed = _run(model, tmp_path / "killed", search, "--workers", "2", env={ENV_VAR: "rl#2"})  # in round 2's RL
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "model.onnx").exists()
+    resumed = _run(model, tmp_path / "killed", search, "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["search"]["resumed_from"] == 1
+    assert (tmp_path / "killed" / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_workers_emit_the_in_process_model_even_when_workers_die(reference_models, tmp_path):
+    model = reference_models("resnet20")
+    alone = _compress(model, tmp_path / "one")
+    # every worker process SIGKILLs itself in its second fine-tune: the evaluation it held is retried
+    # on a fresh worker and the search ends with the same model
+    two = _compress(model, tmp_path / "two", "--workers", "2", env={ENV_VAR: "finetune#2"})
+    assert (tmp_path / "two" / "model.onnx").read_bytes() == (tmp_path / "one" / "model.onnx").read_bytes()
+    assert [h["score"] for h in two["history"]] == [h["score"] for h in alone["history"]]
+    assert alone["search"]["executor"]["kind"] == "in-process"
+    assert two["search"]["executor"] == {"kind": "local-processes", "max_attempts": 3, "workers": 2,
+                                         "cpus_per_worker": max(1, (os.cpu_count() or 1) // 2)}
+    runs = two["search"]["evaluations"]
+    assert len(runs) == 3 and all(r["wall_seconds"] > 0 and r["queue_seconds"] >= 0 for r in runs)
+    assert {r["status"] for r in runs} >= {"retried"}, runs
+    assert all(r["worker"].startswith("local-") for r in runs)
+    assert all(h["worker"] == r["worker"] for h, r in zip(two["history"], runs))
+
+
+@pytest.fixture(scope="module")
+def batch(reference_models):
+    bg = build_block_graph(load_model(reference_models("resnet20")))
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), finetune_epochs=0)
+    rng = np.random.default_rng(0)
+    return ctx, [repair(bg, random_config(bg, "storage", rng), 6.0, fill=True) for _ in range(3)]
+
+
+@pytest.mark.slow
+def test_a_worker_dying_every_attempt_leaves_a_failed_record(batch, monkeypatch):
+    ctx, configs = batch
+    monkeypatch.setenv(ENV_VAR, "measure-task")  # read by the spawned workers only
+    ctx.executor = LocalProcesses(2, max_attempts=2)
+    log_before = len(ctx.evaluation_log)
+    try:
+        out = ctx.measure_batch(configs[:1])
+    finally:
+        ctx.executor.close()
+    assert out == [None]
+    (record,) = ctx.evaluation_log[log_before:]
+    assert record["status"] == "failed" and record["attempts"] == 2 and "died" in record["reason"]
+
+
+def test_ctrl_c_stops_the_local_workers(batch):
+    ctx, configs = batch
+    ctx.executor = executor = LocalProcesses(2)
+
+    def interrupt(done: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ctx.measure_batch(configs, interrupt)
+    assert executor._slots == {}  # every worker killed and joined, the outstanding task with it
+    executor.close()
+
+
+def test_in_process_batch_equals_one_by_one(batch):
+    ctx, configs = batch
+    ctx.executor = make_executor(1)
+    batched = ctx.measure_batch(configs)
+    single = [ctx.measure(c) for c in configs]
+    assert [m.score for m in batched] == [m.score for m in single]
+    assert [m.model.SerializeToString() for m in batched] == [m.model.SerializeToString() for m in single]
+    assert all(m.placement.attempts == 1 for m in batched)
+
+
+def test_ray_without_the_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    with pytest.raises(UserError, match=r"pip install hirelc-onnx\[ray\]"):
+        make_executor(ray="auto")
+    assert "pip install hirelc-onnx[ray]" in RAY_MISSING
+
+
+def test_ray_and_workers_together_are_refused():
+    with pytest.raises(UserError, match="--ray and --workers"):
+        make_executor(workers=2, ray="auto")

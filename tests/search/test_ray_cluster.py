@@ -1,0 +1,58 @@
+"""`compress --ray` against a real two-node Ray cluster that talks only over loopback.
+
+The cluster, the driver and the workers run in a user+network+pid namespace the test creates
+(bench/loopback_ray.py): only `lo` exists there, and the whole namespace dies when its init exits,
+so nothing outside what the test started is touched. The second node is SIGKILLed while it runs an
+evaluation: the run must still finish, with that evaluation recorded as retried, and emit the bytes
+`--workers 1` emits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+from bench.loopback_ray import namespaces_available, run_in_namespace  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+# two evaluations: the first runs alone (it settles the fine-tuning rate), the second after it; Ray
+# SPREADs them over the two nodes, so one of them runs on the node that is killed
+SEARCH = ("--method", "random", "--data", "digits", "--budget", "6x", "--evaluations", "2", "--finetune-epochs", "1",
+          "--seed", "3")
+
+
+@pytest.mark.slow
+def test_ray_on_loopback_survives_a_lost_node_and_matches_one_worker(reference_models, tmp_path):
+    why = namespaces_available()
+    if why:
+        pytest.skip(why)
+    model = reference_models("resnet20")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    one = subprocess.run([sys.executable, "-m", "hirelc_onnx", "compress", str(model), *SEARCH,
+                          "--out", str(tmp_path / "one"), "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    command = [sys.executable, "-m", "hirelc_onnx", "compress", str(model), *SEARCH, "--ray", "ADDRESS",
+               "--out", str(tmp_path / "ray"), "--json"]
+    seen = run_in_namespace({"commands": [command], "cpus": [1, 1], "kill_node2": True, "command_timeout": 600},
+                            timeout=900)
+    (run,) = seen["commands"]
+    assert run["rc"] == 0, run["stderr"]
+    # every socket of the namespace -- cluster, driver, workers -- was on loopback
+    assert seen["sockets"] and not seen["outside_loopback"], seen["sockets"]
+    assert seen["killed"] > 0  # the second node's processes, while one of them ran an evaluation
+
+    assert (tmp_path / "ray" / "model.onnx").read_bytes() == (tmp_path / "one" / "model.onnx").read_bytes()
+    report = json.loads(run["stdout"][run["stdout"].index("{"):])
+    executor = report["search"]["executor"]
+    assert executor["kind"] == "ray" and executor["nodes"] >= 1 and executor["address"].startswith("127.0.0.1:")
+    runs = report["search"]["evaluations"]
+    assert [r["status"] for r in runs].count("retried") == 1, runs
+    assert all(r["node"].startswith("127.0.0.1/") for r in runs)
+    alone = json.loads(one.stdout)
+    assert [h["score"] for h in report["history"]] == [h["score"] for h in alone["history"]]
