@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-ablation-two-stage fuzz clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-latency: $(STAMP)
 # the real-task table (MiniLM, the CTC recognizer, data-free runs): writes bench/REAL.md, bench/real.json
 bench-real: $(STAMP)
 	$(PY) -m bench.real_models
+
+# issue 20's ablation: two-stage with its agents vs uniform choices, 3 seeds (writes bench/ablation_two_stage.{md,json})
+bench-ablation-two-stage: $(STAMP)
+	$(PY) -m bench.ablation_two_stage --out bench
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench

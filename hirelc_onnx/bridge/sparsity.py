@@ -18,7 +18,8 @@ penalty weight instead overshot and collapsed the network within the few hundred
 budget allows, and shifting all log-odds together to meet the target scaled every kept weight
 down until the signal vanished. At the end exactly `density` of the listed weights' entries are
 kept over all of them (each weight keeps at least `min_layer_density`), at full value, and the
-rest are written back as exact zeros.
+rest are written back as exact zeros. With `layer_density` (the two-stage agent's per-kernel
+choice) the schedule, the projection and the final cut act within each weight at its own density.
 
 `masked_finetune` then trains with every zero of the listed weights held at zero (a fixed 0/1
 mask parametrization) and, optionally, the weights fake-quantized exactly as the quantization
