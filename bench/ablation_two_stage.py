@@ -90,7 +90,11 @@ def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out:
                            "test_n": rep["accuracy"]["n"], "source": search["source"],
                            "densities": search["densities"], "keep_ratios": search["keep_ratios"],
                            "bits": search["stages"]["stage2"]["bits"], "episodes": search["episodes"],
-                           "evaluations": rep["accuracy"].get("evaluations"), "seconds": seconds}
+                           "evaluations": rep["accuracy"].get("evaluations"), "seconds": seconds,
+                           "stages": {name: {k: stage.get(k) for k in ("ratio", "val_score", "test_score", "source",
+                                                                         "candidates", "reward_curve", "density_budget",
+                                                                         "uniform_tried")}
+                                      for name, stage in search["stages"].items()}}
                     if held_out:
                         row["score"], row["test_n"] = held_out(result_.model)
                         row["fp32"], row["metric"] = fp32_held[0], "char accuracy (held-out lines)"

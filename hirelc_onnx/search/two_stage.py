@@ -8,7 +8,8 @@ Stage 1, pruning
      keep ratio and an element-wise density. The choice is put onto the budgets
      (`two_stage_sizes`): keep ratios scaled down by one factor until the MACs are at most
      `flops_target`, densities scaled by one factor so the nonzero weights are `density` of the
-     pruned kernels' weights. The episode's reward is measured after the masks are applied, on
+     pruned kernels' weights (by default the uniform ablation's density at the size goal: the
+     agents spread the nonzero weights the uniform choice keeps). The episode's reward is measured after the masks are applied, on
      the proxy batch, kernel by kernel: -log(1e-4 + the sum over kernels of the damage vs fp32
      of that kernel alone pruned to its keep ratio with its largest-magnitude entries kept at its
      density). Each term is cached on a grid of eighths. Measured on the VGG digits reference, the
@@ -43,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -83,8 +84,10 @@ class TwoStageSettings:
     """Smallest keep ratio the stage-1 action maps to."""
     flops_target: float = 0.5
     """Stage 1 keeps at most this fraction of the model's MACs."""
-    density: float = 0.25
-    """Stage 1's nonzero-weight budget: this fraction of the pruned kernels' weight entries is kept."""
+    density: float | None = None
+    """Stage 1's nonzero-weight budget: this fraction of the pruned kernels' weight entries is kept.
+    None: the uniform ablation's density at the size goal (`uniform_choice`), so the agents spread
+    the same nonzero weights the uniform choice keeps, and the same bytes, over the kernels."""
     min_density: float = 0.05
     """No kernel keeps less than this fraction of its entries."""
     episodes_per_evaluation: int = 25
@@ -164,9 +167,14 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     # --- stage 1a: channel keep ratios and element-wise densities -----------------------------------
     if s.choices == "agent":
+        budget_from = "settings"
+        if s.density is None:
+            s = replace(s, density=uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)[0].densities[names[0]])
+            budget_from = "uniform choice at the goal"
         stage1_choice, stage1_info = _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed,
                                                    damage, finetune, history, tick, start, time_limit)
         uniform_bits = None
+        stage1_info.update(density_budget=s.density, density_budget_from=budget_from)
     else:
         stage1_choice, uniform_bits, stage1_info = uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)
         tick()

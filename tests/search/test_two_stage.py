@@ -21,7 +21,7 @@ from hirelc_onnx.search.two_stage_sizes import repair_size as _repair_size
 from hirelc_onnx.search.two_stage_sizes import with_choices as _with
 from passes.storage import initializer_nbytes
 
-TINY = TwoStageSettings(episodes_per_evaluation=2, real_candidates=1, probe_epochs=1, mask_epochs=1,
+TINY = TwoStageSettings(density=0.25, episodes_per_evaluation=2, real_candidates=1, probe_epochs=1, mask_epochs=1,
                         finetune_epochs=1)
 
 
