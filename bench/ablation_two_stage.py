@@ -61,7 +61,8 @@ def _data(model: str, work: Path):
             {"metric": "examples.ctc_metric:char_accuracy"}, held_out)
 
 
-def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out: Path) -> dict:
+def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out: Path,
+        variants: tuple[str, ...] = VARIANTS) -> dict:
     from hirelc_onnx.compress import compress
     from hirelc_onnx.graph.loader import load_model
     from hirelc_onnx.search.two_stage import TwoStageSettings
@@ -76,7 +77,7 @@ def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out:
             path, data, extra, held_out = _data(model, Path(tmp))
             fp32_held = held_out(load_model(path)) if held_out else None
             for seed in seeds:
-                for variant in VARIANTS:
+                for variant in variants:
                     settings = TwoStageSettings(choices=variant, finetune_epochs=epochs, mask_epochs=epochs)
                     t0 = time.perf_counter()
                     result_ = compress(str(path), data=data, method="two-stage", budget=MODELS[model]["budget"],
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of every fine-tune and of mask training")
     parser.add_argument("--evaluations", type=int, default=2, help="agent episodes per stage / 25")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="the arms to run (both by default)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -157,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
-    run(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.evaluations, Path(args.out))
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or any(v not in VARIANTS for v in variants):
+        print(f"error: --variants takes {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    run(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.evaluations, Path(args.out), variants)
     return 0
 
 

@@ -218,7 +218,8 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
     if not 0.0 < settings.density <= 1.0:
         raise BridgeError(f"mask density must be in (0, 1], got {settings.density}")
     per_layer = settings.layer_density
-    if per_layer is not None and (set(per_layer) != set(weights) or not all(0.0 < d <= 1.0 for d in per_layer.values())):
+    if per_layer is not None and (set(per_layer) != set(weights)
+                                  or not all(0.0 < d <= 1.0 for d in per_layer.values())):
         raise BridgeError("layer_density must give every listed weight a density in (0, 1]")
     data = Distillation.from_teacher(teacher, train, val, kinds)
     plan = TrainSettings(max_epochs=settings.epochs, lr=settings.lr, time_budget_s=settings.time_budget_s,

@@ -9,8 +9,8 @@ Stage 1, pruning
      (`two_stage_sizes`): keep ratios scaled down by one factor until the MACs are at most
      `flops_target`, densities scaled by one factor so the nonzero weights are `density` of the
      pruned kernels' weights (by default the uniform ablation's density at the size goal: the
-     agents spread the nonzero weights the uniform choice keeps). The episode's reward is measured after the masks are applied, on
-     the proxy batch, kernel by kernel: -log(1e-4 + the sum over kernels of the damage vs fp32
+     agents spread the nonzero weights the uniform choice keeps). The episode's reward is
+     measured after the masks are applied, on the proxy batch, kernel by kernel: -log(1e-4 + the sum over kernels of the damage vs fp32
      of that kernel alone pruned to its keep ratio with its largest-magnitude entries kept at its
      density). Each term is cached on a grid of eighths. Measured on the VGG digits reference, the
      whole model at 50% MACs or at 25% density without fine-tuning is already destroyed (damage
@@ -169,7 +169,8 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     if s.choices == "agent":
         budget_from = "settings"
         if s.density is None:
-            s = replace(s, density=uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)[0].densities[names[0]])
+            uniform = uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)[0]
+            s = replace(s, density=uniform.densities[names[0]])
             budget_from = "uniform choice at the goal"
         stage1_choice, stage1_info = _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed,
                                                    damage, finetune, history, tick, start, time_limit)
@@ -263,7 +264,8 @@ def _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed, da
     with_all = {n: 1.0 for n in prunable}
 
     def resources(t: int, done: np.ndarray) -> list[float]:
-        keep = {n: s.min_keep + float(done[i, 0]) * (1.0 - s.min_keep) for i, n in enumerate(names[:t]) if n in prunable}
+        keep = {n: s.min_keep + float(done[i, 0]) * (1.0 - s.min_keep)
+                for i, n in enumerate(names[:t]) if n in prunable}
         rest = [n for n in prunable if n not in keep]
         whole = model_cost(bg, with_choices(base, keep_ratio={**with_all, **keep})).macs_fraction
         least = model_cost(bg, with_choices(base, keep_ratio={**keep, **{n: s.min_keep for n in rest}})).macs_fraction
