@@ -10,9 +10,9 @@ Stage 1, pruning
      `flops_target`, densities scaled by one factor so the nonzero weights are `density` of the
      pruned kernels' weights (by default the uniform ablation's density at the size goal: the
      agents spread the nonzero weights the uniform choice keeps). The episode's reward is
-     measured after the masks are applied, on the proxy batch, kernel by kernel: -log(1e-4 + the sum over kernels of the damage vs fp32
-     of that kernel alone pruned to its keep ratio with its largest-magnitude entries kept at its
-     density). Each term is cached on a grid of eighths. Measured on the VGG digits reference, the
+     measured after the masks are applied, on the proxy batch, kernel by kernel: -log(1e-4 + the
+     sum over kernels of the damage vs fp32 of that kernel alone pruned to its keep ratio with its
+     largest-magnitude entries kept at its density). Each term is cached on a grid of eighths. Measured on the VGG digits reference, the
      whole model at 50% MACs or at 25% density without fine-tuning is already destroyed (damage
      0.94 / 1.04, 1 = unrelated outputs): a joint score cannot tell choices apart, while one
      kernel compressed alone stays below that ceiling.
