@@ -12,10 +12,10 @@ Stage 1, pruning
      agents spread the nonzero weights the uniform choice keeps). The episode's reward is
      measured after the masks are applied, on the proxy batch, kernel by kernel: -log(1e-4 + the
      sum over kernels of the damage vs fp32 of that kernel alone pruned to its keep ratio with its
-     largest-magnitude entries kept at its density). Each term is cached on a grid of eighths. Measured on the VGG digits reference, the
-     whole model at 50% MACs or at 25% density without fine-tuning is already destroyed (damage
-     0.94 / 1.04, 1 = unrelated outputs): a joint score cannot tell choices apart, while one
-     kernel compressed alone stays below that ceiling.
+     largest-magnitude entries kept at its density). Each term is cached on a grid of eighths.
+     Measured on the VGG digits reference, the whole model at 50% MACs or at 25% density without
+     fine-tuning is already destroyed (damage 0.94 / 1.04, 1 = unrelated outputs): a joint score
+     cannot tell choices apart, while one kernel compressed alone stays below that ceiling.
      The best episodes, the policy's own deterministic walk and the fallback (the same choice
      for every kernel, put onto the budgets) each get a short fine-tune with their masks held
      and are scored on validation; the best is kept.
