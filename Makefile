@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage fuzz clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ bench-real: $(STAMP)
 # (ResNet-20), and a projected 16-node table: bench/scale.md, bench/scale.json
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale --out bench
+
+# issue 20's ablation: two-stage with its agents vs uniform choices, 3 seeds (writes bench/ablation_two_stage.{md,json})
+bench-ablation-two-stage: $(STAMP)
+	$(PY) -m bench.ablation_two_stage --out bench
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench

@@ -18,7 +18,8 @@ penalty weight instead overshot and collapsed the network within the few hundred
 budget allows, and shifting all log-odds together to meet the target scaled every kept weight
 down until the signal vanished. At the end exactly `density` of the listed weights' entries are
 kept over all of them (each weight keeps at least `min_layer_density`), at full value, and the
-rest are written back as exact zeros.
+rest are written back as exact zeros. With `layer_density` (the two-stage agent's per-kernel
+choice) the schedule, the projection and the final cut act within each weight at its own density.
 
 `masked_finetune` then trains with every zero of the listed weights held at zero (a fixed 0/1
 mask parametrization) and, optionally, the weights fake-quantized exactly as the quantization
@@ -65,6 +66,10 @@ class MaskSettings:
 
     density: float = 0.25
     """Fraction of the listed weights' entries kept, over all of them together."""
+    layer_density: Mapping[str, float] | None = None
+    """Per listed weight, the fraction of its own entries kept (every listed weight named; each in
+    (0, 1]): the schedule and the final cut then act within each weight, and `density` and
+    `min_layer_density` are not used. None: one global cut."""
     min_layer_density: float = 0.02
     """Each weight keeps at least this fraction of its entries (no layer is cut off)."""
     epochs: int = 12
@@ -173,8 +178,18 @@ def _project(gates: Sequence[_HardConcreteGate], target: float) -> None:
             la.copy_(torch.where(la < kth, la.clamp(max=_OPEN - _CLOSED_MARGIN), la))
 
 
-def _keep_masks(gates: Mapping[str, _HardConcreteGate], density: float, min_layer: float) -> dict[str, torch.Tensor]:
-    """The highest-log-odds gates, `density` of all entries, at least `min_layer` of each weight."""
+def _keep_masks(gates: Mapping[str, _HardConcreteGate], density: float, min_layer: float,
+                layer_density: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The highest-log-odds gates, `density` of all entries, at least `min_layer` of each weight;
+    with `layer_density`, each weight's own fraction of its highest-log-odds gates."""
+    if layer_density is not None:
+        masks = {}
+        for name, g in gates.items():
+            la = g.log_alpha.detach().reshape(-1)
+            mask = torch.zeros_like(la, dtype=torch.bool)
+            mask[torch.topk(la, max(1, int(round(layer_density[name] * la.numel())))).indices] = True
+            masks[name] = mask.reshape(g.log_alpha.shape)
+        return masks
     scores = torch.cat([g.log_alpha.detach().reshape(-1) for g in gates.values()])
     k = max(1, int(round(density * scores.numel())))
     threshold = torch.topk(scores, k).values.min()
@@ -202,6 +217,10 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
     t0 = time.perf_counter()
     if not 0.0 < settings.density <= 1.0:
         raise BridgeError(f"mask density must be in (0, 1], got {settings.density}")
+    per_layer = settings.layer_density
+    if per_layer is not None and (set(per_layer) != set(weights)
+                                  or not all(0.0 < d <= 1.0 for d in per_layer.values())):
+        raise BridgeError("layer_density must give every listed weight a density in (0, 1]")
     data = Distillation.from_teacher(teacher, train, val, kinds)
     plan = TrainSettings(max_epochs=settings.epochs, lr=settings.lr, time_budget_s=settings.time_budget_s,
                          batch_size=settings.batch_size, eval_batch_size=_EVAL_BATCH, temperature=settings.temperature,
@@ -226,11 +245,15 @@ def learn_masks(model: onnx.ModelProto, weights: Sequence[str], train: Dataset, 
             return settings.l0_weight * sum(g.open_probability().sum() for g in gates.values()) / total
 
         def follow_schedule(step: int) -> None:
-            target = 1.0 - (1.0 - settings.density) * min(1.0, (step + 1) / ramp_steps)
-            _project(list(gates.values()), target)
+            progress = min(1.0, (step + 1) / ramp_steps)
+            if per_layer is None:
+                _project(list(gates.values()), 1.0 - (1.0 - settings.density) * progress)
+                return
+            for name, g in gates.items():
+                _project([g], 1.0 - (1.0 - per_layer[name]) * progress)
 
         history = distil(module, adam, data, plan, t0, extra_loss=l0_penalty, after_step=follow_schedule).history
-        masks = _keep_masks(gates, settings.density, settings.min_layer_density)
+        masks = _keep_masks(gates, settings.density, settings.min_layer_density, per_layer)
         with torch.no_grad():
             for name, (owner, attr, w) in _weights(module, weights).items():
                 w.mul_(masks[name])

@@ -1,34 +1,43 @@
 """Two-stage DRL compression (`--method two-stage`): an agent prunes, then another quantizes the pruned model.
 
-docs/ARCHITECTURE.md, "The methods" 3; for over-parameterised models (VGG-style) where the aim is the
-smallest file. One loop, top to bottom:
+For over-parameterised models (VGG-style) where the aim is the smallest file (Zhan, Lin & Cao,
+arXiv 1912.02254). One loop, top to bottom:
 
 Stage 1, pruning
-  a. Channels: a policy-gradient agent picks a keep ratio per prunable kernel. A pick above the
-     FLOPs target is scaled down onto it (every candidate is feasible), the pruned model gets a
-     short distillation fine-tune, and the reward is
-         -logit_mse(fine-tuned, fp32 on the proxy batch) - flops_weight * MACs fraction.
-     The best ratios found are pruned for real and fine-tuned longer.
-  b. Weights: element-wise variational pruning learns per-weight hard-concrete masks through the
-     torch bridge (`bridge.sparsity.learn_masks`, `density` of the kernel weights kept), then a
-     fine-tune holds the zeros. The stage-1 model stores them sparsely (`passes.sparse_weights`)
-     where that is smaller.
+  a. An agent walks the kernels (`two_stage_envs.PruneEnv`, SAC) and picks, per kernel, a channel
+     keep ratio and an element-wise density. The choice is put onto the budgets
+     (`two_stage_sizes`): keep ratios scaled down by one factor until the MACs are at most
+     `flops_target`, densities scaled by one factor so the nonzero weights are `density` of the
+     pruned kernels' weights (by default the uniform ablation's density at the size goal: the
+     agents spread the nonzero weights the uniform choice keeps). The episode's reward is
+     measured after the masks are applied, on the proxy batch, kernel by kernel: -log(1e-4 + the
+     sum over kernels of the damage vs fp32 of that kernel alone pruned to its keep ratio with its
+     largest-magnitude entries kept at its density). Each term is cached on a grid of eighths.
+     Measured on the VGG digits reference, the whole model at 50% MACs or at 25% density without
+     fine-tuning is already destroyed (damage 0.94 / 1.04, 1 = unrelated outputs): a joint score
+     cannot tell choices apart, while one kernel compressed alone stays below that ceiling.
+     The best episodes, the policy's own deterministic walk and the fallback (the same choice
+     for every kernel, put onto the budgets) each get a short fine-tune with their masks held
+     and are scored on validation; the best is kept.
+  b. Element-wise variational pruning learns per-weight hard-concrete masks at the chosen
+     per-kernel densities (`bridge.sparsity.learn_masks`), then a fine-tune holds the zeros.
 Stage 2, quantization
-  An agent picks a bitwidth per kernel (the widths whose stored container differs, see
-  `budget.bits_ladder`) for the stage-1 weights. A pick short of the size goal is repaired by
-  lowering, one rung at a time, the kernel whose next rung saves the most bytes. Reward:
-         -logit_mse(quantized, no fine-tune) + size_weight * log(ratio / goal).
-  The best config is fine-tuned with the masks held and the weights fake-quantized exactly as
-  stored, quantized, and stored sparsely where smaller.
+  A second agent walks the kernels (`two_stage_envs.QuantEnv`, SAC) and picks a bit width per
+  kernel; a pick short of the size goal is repaired by lowering, one rung at a time, the kernel
+  whose next rung saves the most bytes. Reward: -log(damage + 1e-4) of the quantized stage-1
+  model on the proxy batch. The best episodes, the policy's walk and the fallback (the greedy
+  repair from full precision) are scored on validation without fine-tuning; the best is
+  fine-tuned with the masks held and the weights fake-quantized exactly as stored, and emitted.
 
-Sizes are true bytes of what is emitted: the cost model does not know sparse storage, so each
-kernel's bytes at each bitwidth are computed once, exactly, from the integers the quantizer
-writes and `passes.sparse_weights.choose_encoding` (checked against the emitted model), plus every
-other initializer as stored. The size goal is `budget`, else `TwoStageSettings.default_ratio`.
-Sparse storage is used for the `storage` target only; `ort-cpu` / `qdq` keep dense integer
-weights (their kernels are what the target is for). The agents are one categorical distribution
-per decision trained by REINFORCE with a batch-mean baseline: a few dozen episodes, each a
-config, is all the budget allows, and that is what such a policy learns from.
+`TwoStageSettings.choices = "uniform"` is the ablation: the same pipeline with one keep ratio
+(the MACs target), one density and one bit width for every kernel, the density and width chosen
+so the true bytes meet the same goal (`uniform_choice`), and the same fine-tuning epochs.
+
+The report names where the emitted candidate came from (`extra["source"]`, per stage: "agent
+(episode k)", "agent (policy)", "fallback (uniform)", "fallback (greedy repair)" or "uniform").
+Sizes are true bytes of what is emitted (`two_stage_sizes.StageSizes`); the size goal is
+`budget`, else `TwoStageSettings.default_ratio`. Sparse storage is used for the `storage` target
+only; `ort-cpu` / `qdq` keep dense integer weights.
 """
 from __future__ import annotations
 
@@ -36,340 +45,415 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Callable
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-from onnx import numpy_helper
 
 from hirelc_onnx.apply import apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError, option
-from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
+from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.progress import ProgressFn, notify
-from hirelc_onnx.search.baselines import MethodResult
+from hirelc_onnx.search.baselines import MethodResult, keep_for_flops
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
-from hirelc_onnx.specs import weight_spec, weight_target
-from passes.quantize import quantize
-from passes.quantize_weights import encoding, stored_tensors
-from passes.storage import encoded_nbytes, initializer_nbytes, tensor_nbytes
-from passes.sparse_weights import DELTA4_OPSET, SparseWeightsPass, choose_encoding, dense_nbytes, stored_initializer
+from hirelc_onnx.search.two_stage_envs import (PruneEnv, QuantEnv, WalkAgentSettings, ladder_index, policy_episode,
+                                               train_walk_agent)
+from hirelc_onnx.search.two_stage_sizes import (StageSizes, emit_stage, magnitude_masked, onto_flops,
+                                                project_densities, repair_size, with_choices)
+from hirelc_onnx.specs import weight_spec
+from passes.storage import initializer_nbytes
 
-__all__ = ["TwoStageSettings", "run_two_stage"]
+__all__ = ["TwoStageSettings", "Candidate", "run_two_stage", "uniform_choice"]
 
 log = logging.getLogger(__name__)
 
 PHASE_TWO_STAGE = "two-stage: pruning, then quantization episodes"
+
+CHOICES = ("agent", "uniform")
+_EPS = 1e-4  # damage floor in the reward's log
+_GRID = 8  # stage 1's per-kernel damages are measured at keep ratios and densities in steps of 1 / _GRID
 
 
 @dataclass(frozen=True)
 class TwoStageSettings:
     """Knobs of the two-stage method; the defaults compress the VGG digits reference past 30x."""
 
-    keep_choices: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-    """Channel keep ratios the stage-1 agent picks from, per prunable kernel."""
+    choices: str = "agent"
+    """"agent": the SAC agents choose per kernel; "uniform": the ablation (one choice for all)."""
+    min_keep: float = 0.25
+    """Smallest keep ratio the stage-1 action maps to."""
     flops_target: float = 0.5
     """Stage 1 keeps at most this fraction of the model's MACs."""
-    flops_weight: float = 0.1
-    """Reward per unit of MACs fraction: a small pull below the target when accuracy allows."""
-    prune_episodes: int | None = None
-    """Stage-1 episodes (each a short fine-tune); None: 3 x `evaluations`."""
+    density: float | None = None
+    """Stage 1's nonzero-weight budget: this fraction of the pruned kernels' weight entries is kept.
+    None: the uniform ablation's density at the size goal (`uniform_choice`), so the agents spread
+    the same nonzero weights the uniform choice keeps, and the same bytes, over the kernels."""
+    min_density: float = 0.05
+    """No kernel keeps less than this fraction of its entries."""
+    episodes_per_evaluation: int = 25
+    """Agent episodes per stage = this x `evaluations` (each a rewrite and a proxy run)."""
+    real_candidates: int = 2
+    """Best episodes per stage measured for real, beside the policy's walk and the fallback."""
+    fallback: bool = True
+    """Measure the stage's fallback beside the agent's candidates (the report says which won)."""
     probe_epochs: int = 2
-    """Epochs of the short fine-tune that scores a stage-1 episode."""
-    density: float = 0.25
-    """Fraction of the kernel weights' entries the element-wise masks keep."""
+    """Epochs of the short fine-tune that scores a stage-1 candidate."""
     mask_epochs: int = 12
     """Epochs of variational mask training."""
-    quant_episodes: int = 32
-    """Stage-2 episodes (each a quantization and a proxy run, no fine-tune)."""
-    size_weight: float = 0.05
-    """Reward per unit of log(ratio / goal) in stage 2."""
     default_ratio: float = 30.0
     """Size goal in true bytes when no budget is given (the issue's acceptance figure for VGG)."""
     finetune_epochs: int = 15
     """Epochs of each fine-tune between and after the stages (the best validation epoch is kept)."""
-    batch_episodes: int = 4
-    """Episodes per policy update."""
-    policy_lr: float = 0.5
-    """Step size of the policy's logits per update (rewards are standardised within a batch)."""
+    agent: WalkAgentSettings = field(default_factory=WalkAgentSettings)
 
 
 @dataclass
-class _Policy:
-    """One categorical distribution per decision, trained by REINFORCE with a batch-mean baseline."""
+class Candidate:
+    """A stage's candidate: where it came from, its config, its densities (stage 1) and proxy reward."""
 
-    logits: np.ndarray  # (decisions, choices)
-    lr: float
-    rng: np.random.Generator
-    batch: list[tuple[np.ndarray, float]] = field(default_factory=list)
-
-    def probs(self) -> np.ndarray:
-        e = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    def sample(self) -> np.ndarray:
-        p = self.probs()
-        return np.array([self.rng.choice(p.shape[1], p=row) for row in p])
-
-    def record(self, action: np.ndarray, reward: float, batch_size: int) -> None:
-        """Keep (action, reward); every `batch_size` episodes take one policy-gradient step."""
-        self.batch.append((action, reward))
-        if len(self.batch) < batch_size:
-            return
-        rewards = np.array([r for _, r in self.batch])
-        advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
-        p = self.probs()
-        grad = np.zeros_like(self.logits)
-        rows = np.arange(len(self.logits))
-        for (a, _), adv in zip(self.batch, advantage):
-            grad -= adv * p
-            grad[rows, a] += adv
-        self.logits += self.lr * grad / len(self.batch)
-        self.batch.clear()
-
-
-@dataclass
-class _Best:
+    source: str
+    config: CompressionConfig
+    densities: dict[str, float] = field(default_factory=dict)
     reward: float = -math.inf
-    config: CompressionConfig | None = None
-
-
-def _with(config: CompressionConfig, **per_kernel: Mapping[str, object]) -> CompressionConfig:
-    """`config` with fields replaced per kernel: _with(c, bits={"conv": 4})."""
-    kernels = dict(config.kernels)
-    for fld, values in per_kernel.items():
-        for name, value in values.items():
-            kernels[name] = replace(kernels[name], **{fld: value})
-    return CompressionConfig(kernels, target=config.target).validate()
-
-
-def _onto_flops(bg: BlockGraph, config: CompressionConfig, prunable: list[str], target: float) -> CompressionConfig:
-    """Scale the prunable kernels' keep ratios by one factor so the MACs fraction is at most `target`."""
-    if model_cost(bg, config).macs_fraction <= target:
-        return config
-    ratios = {n: config.get(n).keep_ratio for n in prunable}
-
-    def scaled(s: float) -> CompressionConfig:
-        return _with(config, keep_ratio={n: max(0.05, r * s) for n, r in ratios.items()})
-
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if model_cost(bg, scaled(mid)).macs_fraction <= target else (lo, mid)
-    return scaled(lo)
-
-
-class _Sizes:
-    """Exact emitted bytes of any bitwidth choice for the stage-1 weights (sparse storage included).
-
-    The sparse encodings open to a weight depend on the emitted model's opset (delta4 needs 21),
-    which the quantized kernels raise, so each entry is kept for both sides of that line.
-    """
-
-    def __init__(self, bg: BlockGraph, tuned: onnx.ModelProto, base: CompressionConfig, sparse: bool) -> None:
-        inits = {t.name: t for t in tuned.graph.initializer}
-        weights = {k.weight for k in bg.kernels.values()}
-        dense = apply_quantization(bg, tuned, _with(base, bits={n: 32 for n in bg.kernels}))
-        self.other = sum(tensor_nbytes(t) for t in dense.graph.initializer if t.name not in weights)
-        self.opset = next(o.version for o in dense.opset_import if o.domain in ("", "ai.onnx"))
-        self.bg, self.target = bg, base.target
-        self.table: dict[str, dict[int, tuple[int, int]]] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for name, k in bg.kernels.items():
-            w = numpy_helper.to_array(inits[k.weight])
-            self.shapes[name] = w.shape
-            self.table[name] = {bits: tuple(self._kernel_bytes(w, k, replace(base.get(name), bits=bits), base.target,
-                                                               sparse, opset) for opset in (self.opset, DELTA4_OPSET))
-                                for bits in bits_ladder(base.target)}
-
-    @staticmethod
-    def _kernel_bytes(w: np.ndarray, kernel: Kernel, kc: KernelConfig, target: str, sparse: bool, opset: int) -> int:
-        spec = weight_spec(kernel, kc)
-        if spec is None:
-            return choose_encoding(w, opset).nbytes if sparse else dense_nbytes(w)
-        target = weight_target(kernel, target)
-        total = encoded_nbytes(w.shape, spec, target)
-        if not sparse:
-            return total
-        enc = encoding(spec, target, w.shape)
-        q = stored_tensors(quantize(w, spec), target).q.astype(onnx.helper.tensor_dtype_to_np_dtype(enc.container))
-        return total - dense_nbytes(q) + choose_encoding(q, opset).nbytes
-
-    def total(self, config: CompressionConfig) -> int:
-        specs = {n: s for n, k in self.bg.kernels.items() if (s := weight_spec(k, config.get(n)))}
-        opset = max([self.opset] + [encoding(s, weight_target(self.bg.kernels[n], self.target), self.shapes[n]).opset
-                                    for n, s in specs.items()])
-        side = int(opset >= DELTA4_OPSET)
-        return self.other + sum(row[config.get(name).bits][side] for name, row in self.table.items())
-
-
-def _emit(bg: BlockGraph, tuned: onnx.ModelProto, config: CompressionConfig,
-          calib_batches: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """Quantize the stage-1 weights for `config` and, for the storage target, store kernels sparsely
-    where smaller; returns the model and {stored initializer: sparse encoding} for those that are."""
-    model = apply_quantization(bg, tuned, config, calib_batches)
-    if config.target != "storage":
-        return model, {}
-    ir_model = ir.from_proto(model)
-    sparse = SparseWeightsPass([n for k in bg.kernel_list() if (n := stored_initializer(model, k.weight))])
-    sparse(ir_model)
-    return ir.to_proto(ir_model), {name: plan.encoding for name, plan in sparse.chosen.items()}
-
-
-def _repair_size(sizes: _Sizes, config: CompressionConfig, goal_bytes: float) -> CompressionConfig:
-    """Lower one kernel one rung at a time (the biggest saving first) until the bytes meet the goal."""
-    ladder = bits_ladder(config.target)
-    while (current := sizes.total(config)) > goal_bytes:
-        steps = [_with(config, bits={n: max(b for b in ladder if b < config.get(n).bits)})
-                 for n in sizes.table if config.get(n).bits > min(ladder)]
-        if not steps:
-            return config
-        best = min(steps, key=sizes.total)
-        if sizes.total(best) >= current:
-            return config
-        config = best
-    return config
+    val_score: float = -math.inf
 
 
 def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                   max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
                   evaluations: int = 8, progress: ProgressFn | None = None,
                   settings: TwoStageSettings | None = None) -> MethodResult:
-    """Prune with an agent (channels, then learned element-wise masks), then quantize with another.
+    """Prune with an agent (channels and element-wise densities), then quantize with another.
 
     budget: the true-bytes ratio stage 2 must reach (None: `settings.default_ratio`). evaluations:
-    stage 1 runs 3 x evaluations episodes unless `settings.prune_episodes` says otherwise (each is
-    a short fine-tune, the method's costly signal). max_drop is checked on validation and a miss
-    logged; the report measures it on the held-out split.
+    each agent plays `settings.episodes_per_evaluation` x evaluations episodes. time_limit cuts
+    the agents' training short (their episodes so far still count). max_drop is checked on
+    validation and a miss logged; the report measures it on the held-out split.
     """
-    # the torch bridge, imported when the method runs: the size tables and policies above need no torch
+    # the torch bridge, imported when the method runs
     from hirelc_onnx.bridge.convert import BridgeError
     from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
 
     if ctx is None:
         raise UserError(f"{option('method', 'two-stage')} fine-tunes and measures candidates: give {option('data')}")
     s = settings or TwoStageSettings()
+    if s.choices not in CHOICES:
+        raise UserError(f"two-stage choices must be one of {', '.join(CHOICES)}, got {s.choices!r}")
     start = time.perf_counter()
-    deadline = start + time_limit if time_limit else math.inf
-    rng = np.random.default_rng(seed)
     goal = budget or s.default_ratio
-    splits, teacher = ctx.splits, bg.model
-    weights = [k.weight for k in bg.kernel_list()]
-    prunable = [n for n, k in bg.kernels.items() if k.group is not None and bg.groups[k.group].prunable]
-    base = CompressionConfig({n: KernelConfig() for n in bg.kernels}, target=target)
-    prune_episodes = s.prune_episodes or 3 * evaluations
-    total_steps = prune_episodes + s.quant_episodes
+    splits, teacher, kinds = ctx.splits, bg.model, ctx.objective.kinds
+    names = [k.name for k in bg.kernel_list()]
+    weights = {n: bg.kernels[n].weight for n in names}
+    prunable = [n for n in names if bg.kernels[n].group is not None and bg.groups[bg.kernels[n].group].prunable]
+    base = CompressionConfig({n: KernelConfig() for n in names}, target=target)
+    episodes = max(1, s.episodes_per_evaluation * evaluations) if s.choices == "agent" else 0
+    total_steps = 2 * episodes + 2
     history: list[dict] = []
+    done_steps = [0]
 
-    def proxy(model: onnx.ModelProto) -> tuple[float, float]:
-        """(damage, agreement) against the fp32 model on the cached proxy batch (logit MSE, top-1
-        agreement for class scores; see output_kinds for the other kinds)."""
-        p = ctx.proxy_of(model)
-        return p.logit_mse, p.agreement
+    def tick() -> None:
+        done_steps[0] += 1
+        notify(progress, PHASE_TWO_STAGE, min(done_steps[0], total_steps), total_steps)
 
-    def val_score(model: onnx.ModelProto) -> float:
-        return ctx.score_model(model, splits.val)
+    def damage(model: onnx.ModelProto) -> float:
+        return float(ctx.proxy_of(model).logit_mse)
 
-    # --- stage 1a: channel keep ratios, chosen by an agent rewarded on accuracy and FLOPs ---------
-    policy = _Policy(np.zeros((len(prunable), len(s.keep_choices))), s.policy_lr, rng)
-    best = _Best(config=_onto_flops(bg, base, prunable, s.flops_target))
-    for step in range(prune_episodes if prunable else 0):
-        if time.perf_counter() > deadline and best.config is not None and step:
-            log.warning("two-stage: time limit reached after %d pruning episodes", step)
-            break
-        action = policy.sample()
-        config = _onto_flops(bg, _with(base, keep_ratio={n: s.keep_choices[a] for n, a in zip(prunable, action)}),
-                             prunable, s.flops_target)
-        t0 = time.perf_counter()
+    def finetune(model: onnx.ModelProto, epochs: int, **kw):
         try:
-            probe = masked_finetune(apply_pruning(bg, config), splits.finetune, splits.val, teacher,
-                                    epochs=s.probe_epochs, seed=seed, kinds=ctx.objective.kinds)
+            return masked_finetune(model, splits.finetune, splits.val, teacher, epochs=epochs, seed=seed,
+                                   kinds=kinds, **kw)
         except BridgeError as exc:
             raise UserError(f"{option('method', 'two-stage')} needs the torch bridge for fine-tuning and masks: {exc}") from exc
-        ctx.evaluations += 1
-        mse, macs = proxy(probe.model)[0], model_cost(bg, config).macs_fraction
-        reward = -mse - s.flops_weight * macs
-        policy.record(action, reward, s.batch_episodes)
-        if reward > best.reward:
-            best = _Best(reward, config)
-        history.append({"kind": "probe", "stage": 1, "step": step, "method": "two-stage", "score": probe.val_score,
-                        "logit_mse": mse, "macs_fraction": macs, "ratio": model_cost(bg, config).ratio,
-                        "reward": reward, "finetuned": True, "seconds": time.perf_counter() - t0})
-        notify(progress, PHASE_TWO_STAGE, step + 1, total_steps)
-    pruned_config = best.config
-    keep = {n: pruned_config.get(n).keep_ratio for n in prunable}
-    log.info("two-stage stage 1: keep ratios %s (MACs %.2f)", keep, model_cost(bg, pruned_config).macs_fraction)
 
-    # --- stage 1b: fine-tune, learn element-wise masks, fine-tune holding the zeros -----------------
-    tuned = masked_finetune(apply_pruning(bg, pruned_config), splits.finetune, splits.val, teacher,
-                            epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds).model
-    masks = learn_masks(tuned, weights, splits.finetune, splits.val, teacher,
-                        MaskSettings(density=s.density, epochs=s.mask_epochs, seed=seed), kinds=ctx.objective.kinds)
-    stage1 = masked_finetune(masks.model, splits.finetune, splits.val, teacher, sparse=weights,
-                             epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
+    # --- stage 1a: channel keep ratios and element-wise densities -----------------------------------
+    if s.choices == "agent":
+        budget_from = "settings"
+        if s.density is None:
+            uniform = uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)[0]
+            s = replace(s, density=uniform.densities[names[0]])
+            budget_from = "uniform choice at the goal"
+        stage1_choice, stage1_info = _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed,
+                                                   damage, finetune, history, tick, start, time_limit)
+        uniform_bits = None
+        stage1_info.update(density_budget=s.density, density_budget_from=budget_from)
+    else:
+        stage1_choice, uniform_bits, stage1_info = uniform_choice(bg, ctx, s, names, prunable, weights, base, goal)
+        tick()
+    pruned_config, densities = stage1_choice.config, stage1_choice.densities
+    keep = {n: pruned_config.get(n).keep_ratio for n in prunable}
+    log.info("two-stage stage 1 (%s): keep %s, densities %s", stage1_choice.source, keep, densities)
+
+    # --- stage 1b: fine-tune, learn the element-wise masks at the chosen densities, fine-tune holding them
+    tuned = finetune(apply_pruning(bg, pruned_config), s.finetune_epochs).model
+    masks = learn_masks(tuned, list(weights.values()), splits.finetune, splits.val, teacher,
+                        MaskSettings(layer_density={weights[n]: d for n, d in densities.items()},
+                                     epochs=s.mask_epochs, seed=seed), kinds=kinds)
+    stage1 = finetune(masks.model, s.finetune_epochs, sparse=list(weights.values()))
     ctx.evaluations += 1
-    stage1_model, stage1_sparse = _emit(bg, stage1.model, pruned_config)
-    stage1_report = _stage_report(bg, ctx, stage1_model, pruned_config, val_score(stage1_model), stage1_sparse)
-    stage1_report["density"] = stage1.density
+    stage1_model, stage1_sparse = emit_stage(bg, stage1.model, pruned_config)
+    stage1_report = _stage_report(bg, ctx, stage1_model, pruned_config, ctx.score_model(stage1_model, splits.val),
+                                  stage1_sparse)
+    stage1_report.update(density=stage1.density, source=stage1_choice.source, **stage1_info)
     history.append({"kind": "real", "stage": 1, "method": "two-stage", "score": stage1_report["val_score"],
                     "ratio": stage1_report["ratio"], "bytes": stage1_report["bytes"],
                     "macs_fraction": stage1_report["macs_fraction"], "finetuned": True,
                     "seconds": time.perf_counter() - start})
+    tick()
 
-    # --- stage 2: bitwidths, chosen by an agent rewarded on accuracy and size -----------------------
-    sizes = _Sizes(bg, stage1.model, pruned_config, sparse=target == "storage")
+    # --- stage 2: bit widths ------------------------------------------------------------------------
+    sizes = StageSizes(bg, stage1.model, pruned_config, sparse=target == "storage")
     goal_bytes = bg.weight_bytes / goal
-    ladder = bits_ladder(target)
-    names = list(bg.kernels)
-    policy = _Policy(np.zeros((len(names), len(ladder))), s.policy_lr, rng)
-    best = _Best()
-    for step in range(s.quant_episodes):
-        if time.perf_counter() > deadline and best.config is not None:
-            log.warning("two-stage: time limit reached after %d quantization episodes", step)
-            break
-        action = policy.sample()
-        config = _repair_size(sizes, _with(pruned_config, bits={n: ladder[a] for n, a in zip(names, action)}),
-                              goal_bytes)
-        t0 = time.perf_counter()
-        mse, agreement = proxy(apply_quantization(bg, stage1.model, config))
-        ratio = bg.weight_bytes / sizes.total(config)
-        reward = -mse + s.size_weight * math.log(ratio / goal)
-        policy.record(action, reward, s.batch_episodes)
-        if reward > best.reward:
-            best = _Best(reward, config)
-        history.append({"kind": "proxy", "stage": 2, "step": step, "method": "two-stage", "score": agreement,
-                        "logit_mse": mse, "ratio": ratio, "bytes": sizes.total(config), "reward": reward,
-                        "bits": {n: config.get(n).bits for n in names}, "finetuned": False,
-                        "seconds": time.perf_counter() - t0})
-        notify(progress, PHASE_TWO_STAGE, prune_episodes + step + 1, total_steps)
-    final_config = best.config or _repair_size(sizes, pruned_config, goal_bytes)
+    if s.choices == "agent":
+        stage2_choice, stage2_info = _agent_stage2(bg, ctx, s, names, stage1.model, pruned_config, sizes, goal_bytes,
+                                                   episodes, seed, damage, history, tick, start, time_limit)
+    else:
+        uniform = with_choices(pruned_config, bits={n: uniform_bits for n in names})
+        repaired = repair_size(sizes, uniform, goal_bytes)
+        lowered = sorted(n for n in names if repaired.get(n).bits != uniform_bits)
+        stage2_choice = Candidate("uniform" if not lowered else f"uniform (repaired: {len(lowered)} kernels lowered)",
+                                  repaired)
+        stage2_info = {"uniform_bits": uniform_bits, "repaired_kernels": lowered}
+    final_config = stage2_choice.config
 
     # --- fine-tune with masks held and weights fake-quantized as stored; emit ----------------------
     specs = {k.weight: spec for n, k in bg.kernels.items() if (spec := weight_spec(k, final_config.get(n)))}
-    qat = masked_finetune(stage1.model, splits.finetune, splits.val, teacher, sparse=weights, quant=specs,
-                          epochs=s.finetune_epochs, seed=seed, kinds=ctx.objective.kinds)
+    qat = finetune(stage1.model, s.finetune_epochs, sparse=list(weights.values()), quant=specs)
     ctx.evaluations += 1
-    model, stage2_sparse = _emit(bg, qat.model, final_config,
-                                 ctx.calib_batches if target in ("ort-cpu", "qdq") else None)
-    stage2_report = _stage_report(bg, ctx, model, final_config, val_score(model), stage2_sparse)
-    stage2_report["bits"] = {n: final_config.get(n).bits for n in names}
-    stage2_report["predicted_bytes"] = sizes.total(final_config)
+    model, stage2_sparse = emit_stage(bg, qat.model, final_config,
+                                      ctx.calib_batches if target in ("ort-cpu", "qdq") else None)
+    stage2_report = _stage_report(bg, ctx, model, final_config, ctx.score_model(model, splits.val), stage2_sparse)
+    stage2_report.update(bits={n: final_config.get(n).bits for n in names}, predicted_bytes=sizes.total(final_config),
+                         source=stage2_choice.source, **stage2_info)
     history.append({"kind": "real", "stage": 2, "method": "two-stage", "score": stage2_report["val_score"],
                     "ratio": stage2_report["ratio"], "bytes": stage2_report["bytes"],
                     "macs_fraction": stage2_report["macs_fraction"], "finetuned": True,
                     "seconds": time.perf_counter() - start})
+    tick()
     goal_met = stage2_report["ratio"] >= goal - 1e-9
     if not goal_met:
         log.warning("two-stage: size goal %.1fx missed: reached %.2fx", goal, stage2_report["ratio"])
     drop = 100.0 * (ctx.fp32_val_score - stage2_report["val_score"])
     if max_drop is not None and drop > max_drop:
         log.warning("two-stage: validation drop %.2f points exceeds --max-drop %.2f", drop, max_drop)
+    source = {"stage1": stage1_choice.source, "stage2": stage2_choice.source}
     extra = {"stages": {"stage1": stage1_report, "stage2": stage2_report}, "goal_ratio": goal,
-             "goal_met": goal_met, "keep_ratios": keep, "seconds": time.perf_counter() - start}
+             "goal_met": goal_met, "keep_ratios": keep, "densities": densities, "choices": s.choices,
+             "source": source, "episodes": episodes, "seconds": time.perf_counter() - start}
+    log.info("two-stage: emitted candidate from stage 1 %s, stage 2 %s", source["stage1"], source["stage2"])
     return MethodResult(final_config, model, stage2_report["val_score"], history, extra)
+
+
+# --- stage 1 -------------------------------------------------------------------------------------------
+def _stage1_projection(bg: BlockGraph, s: TwoStageSettings, names: list[str], prunable: list[str],
+                       base: CompressionConfig, fractions: np.ndarray) -> tuple[CompressionConfig, dict[str, float]]:
+    """(L, 2) fractions -> the config (keep ratios onto the MACs target) and densities onto the budget."""
+    keep = {n: s.min_keep + float(fractions[i, 0]) * (1.0 - s.min_keep)
+            for i, n in enumerate(names) if n in prunable}
+    config = onto_flops(bg, with_choices(base, keep_ratio=keep), prunable, s.flops_target)
+    params = {n: c.params for n, c in model_cost(bg, config).kernels.items()}
+    wanted = {n: s.min_density + float(fractions[i, 1]) * (1.0 - s.min_density) for i, n in enumerate(names)}
+    return config, project_densities(wanted, params, s.density, s.min_density)
+
+
+def _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed, damage, finetune, history, tick,
+                  start, time_limit) -> tuple[Candidate, dict]:
+    """Train the pruning agent on proxy episodes, then measure its best candidates and the fallback."""
+    sens = _sensitivity(names, lambda n: damage(magnitude_masked(bg.model, {weights[n]: s.density})))
+    fp32_params = {n: bg.kernels[n].params for n in names}
+    total_params = sum(fp32_params.values())
+    with_all = {n: 1.0 for n in prunable}
+
+    def resources(t: int, done: np.ndarray) -> list[float]:
+        keep = {n: s.min_keep + float(done[i, 0]) * (1.0 - s.min_keep)
+                for i, n in enumerate(names[:t]) if n in prunable}
+        rest = [n for n in prunable if n not in keep]
+        whole = model_cost(bg, with_choices(base, keep_ratio={**with_all, **keep})).macs_fraction
+        least = model_cost(bg, with_choices(base, keep_ratio={**keep, **{n: s.min_keep for n in rest}})).macs_fraction
+        spent = sum((s.min_density + float(done[i, 1]) * (1 - s.min_density)) * fp32_params[n]
+                    for i, n in enumerate(names[:t])) / (s.density * total_params)
+        walked = sum(fp32_params[n] for n in names[:t]) / total_params
+        return [whole - s.flops_target, least - s.flops_target, spent - walked]
+
+    cache: dict[tuple[str, int, int], float] = {}
+
+    def alone(name: str, keep: float, density: float) -> float:
+        """Damage of kernel `name` alone at (keep, density), masks applied; cached on the grid."""
+        k = int(round(keep * _GRID)) if name in prunable else _GRID
+        d = max(1, int(round(density * _GRID)))
+        if (name, k, d) not in cache:
+            model = apply_pruning(bg, with_choices(base, keep_ratio={name: k / _GRID})) if k < _GRID else bg.model
+            cache[(name, k, d)] = damage(magnitude_masked(model, {weights[name]: d / _GRID}))
+        return cache[(name, k, d)]
+
+    def judge(fractions: np.ndarray) -> tuple[float, dict]:
+        if time_limit and time.perf_counter() - start > time_limit:
+            return -math.log(1.0 + _EPS), {"skipped": True}  # past the time limit: no more rewrites
+        t0 = time.perf_counter()
+        config, densities = _stage1_projection(bg, s, names, prunable, base, fractions)
+        d = sum(alone(n, config.get(n).keep_ratio, densities[n]) for n in names)
+        reward = -math.log(d + _EPS)
+        history.append({"kind": "proxy", "stage": 1, "step": len(env.episodes), "method": "two-stage",
+                        "damage_sum": d, "macs_fraction": model_cost(bg, config).macs_fraction, "reward": reward,
+                        "finetuned": False, "seconds": time.perf_counter() - t0})
+        tick()
+        return reward, {"config": config, "densities": densities}
+
+    env = PruneEnv(bg, names, sens, judge, resources)
+    agent = train_walk_agent(env, episodes, seed, 1, s.agent)
+    candidates = _best_episodes(env, s.real_candidates)
+    policy = policy_episode(agent, env, s.agent.threads)
+    candidates.append(Candidate("agent (policy)", policy.info["config"], policy.info["densities"], policy.reward))
+    if s.fallback:
+        config, densities = _stage1_projection(bg, s, names, prunable, base, np.ones((len(names), 2)))
+        candidates.append(Candidate("fallback (uniform)", config, densities))
+    for c in candidates:
+        t0 = time.perf_counter()
+        masked = magnitude_masked(apply_pruning(bg, c.config), {weights[n]: v for n, v in c.densities.items()})
+        probe = finetune(masked, s.probe_epochs, sparse=list(weights.values()))
+        c.val_score = ctx.score_model(probe.model, ctx.splits.val)
+        ctx.evaluations += 1
+        history.append({"kind": "probe", "stage": 1, "method": "two-stage", "source": c.source, "score": c.val_score,
+                        "reward": c.reward, "macs_fraction": model_cost(bg, c.config).macs_fraction,
+                        "finetuned": True, "seconds": time.perf_counter() - t0})
+    best = max(candidates, key=lambda c: (c.val_score, c.reward))
+    return best, {"sensitivity": sens, "candidates": _summary(candidates),
+                  "reward_curve": _curve([e.reward for e in env.episodes if not e.info.get("skipped")])}
+
+
+# --- stage 2 -------------------------------------------------------------------------------------------
+def _agent_stage2(bg, ctx, s, names, stage1_model, pruned_config, sizes, goal_bytes, episodes, seed, damage,
+                  history, tick, start, time_limit) -> tuple[Candidate, dict]:
+    """Train the quantization agent on proxy episodes, then score its best candidates and the fallback."""
+    ladder = sorted(bits_ladder(pruned_config.target))
+    lowest = min(ladder)
+
+    def bits_of(fractions: np.ndarray) -> dict[str, int]:
+        return {n: ladder[ladder_index(float(f[0]), len(ladder))] for n, f in zip(names, fractions)}
+
+    sens = _sensitivity(names, lambda n: damage(apply_quantization(bg, stage1_model,
+                                                                   with_choices(pruned_config, bits={n: lowest}))))
+
+    def resources(t: int, done: np.ndarray) -> list[float]:
+        chosen = bits_of(done) if t else {}
+        low = sizes.total(with_choices(pruned_config, bits={**{n: lowest for n in names}, **chosen}))
+        high = sizes.total(with_choices(pruned_config, bits={**{n: 32 for n in names}, **chosen}))
+        return [math.log(low / goal_bytes), math.log(high / goal_bytes)]
+
+    cache: dict[tuple[int, ...], float] = {}
+
+    def judge(fractions: np.ndarray) -> tuple[float, dict]:
+        if time_limit and time.perf_counter() - start > time_limit:
+            return -math.log(1.0 + _EPS), {"skipped": True}
+        t0 = time.perf_counter()
+        config = repair_size(sizes, with_choices(pruned_config, bits=bits_of(fractions)), goal_bytes)
+        key = tuple(config.get(n).bits for n in names)
+        if key not in cache:
+            cache[key] = damage(apply_quantization(bg, stage1_model, config))
+        d = cache[key]
+        reward = -math.log(d + _EPS)
+        history.append({"kind": "proxy", "stage": 2, "step": len(env.episodes), "method": "two-stage",
+                        "logit_mse": d, "ratio": bg.weight_bytes / sizes.total(config), "reward": reward,
+                        "bits": {n: config.get(n).bits for n in names}, "finetuned": False,
+                        "seconds": time.perf_counter() - t0})
+        tick()
+        return reward, {"config": config}
+
+    env = QuantEnv(bg, names, sens, judge, resources)
+    agent = train_walk_agent(env, episodes, seed, 2, s.agent)
+    candidates = _best_episodes(env, s.real_candidates)
+    policy = policy_episode(agent, env, s.agent.threads)
+    candidates.append(Candidate("agent (policy)", policy.info["config"], reward=policy.reward))
+    if s.fallback:
+        candidates.append(Candidate("fallback (greedy repair)", repair_size(sizes, pruned_config, goal_bytes)))
+    for c in candidates:
+        c.val_score = ctx.score_model(apply_quantization(bg, stage1_model, c.config), ctx.splits.val)
+        history.append({"kind": "real", "stage": 2, "method": "two-stage", "source": c.source, "score": c.val_score,
+                        "reward": c.reward, "ratio": bg.weight_bytes / sizes.total(c.config), "finetuned": False})
+    best = max(candidates, key=lambda c: (c.val_score, c.reward))
+    return best, {"sensitivity": sens, "candidates": _summary(candidates),
+                  "reward_curve": _curve([e.reward for e in env.episodes if not e.info.get("skipped")])}
+
+
+# --- the uniform ablation ------------------------------------------------------------------------------
+def uniform_choice(bg: BlockGraph, ctx: SearchContext, s: TwoStageSettings, names: list[str], prunable: list[str],
+                   weights: dict[str, str], base: CompressionConfig, goal: float) -> tuple[Candidate, int, dict]:
+    """One keep ratio (the MACs target), one density and one bit width for every kernel, at the goal.
+
+    For each rung of the target's ladder below 32 bits, the largest uniform density whose exact
+    bytes (magnitude masks at that density, the rung everywhere, sparse storage) meet the goal;
+    of the rungs that land on the goal (at a density in [min_density, 1): a rung past the goal
+    even dense would not be the same size), the one with the least summed damage of compressing
+    each kernel alone (the agents' stage-1 measure). Returns (stage-1 candidate, the rung, what
+    was tried).
+    """
+    keep = keep_for_flops(bg, s.flops_target, base.target)
+    config = with_choices(base, keep_ratio={n: keep for n in prunable})
+    pruned = apply_pruning(bg, config)
+    goal_bytes = bg.weight_bytes / goal
+    sparse = base.target == "storage"
+
+    def total(density: float, bits: int) -> int:
+        masked = magnitude_masked(pruned, {weights[n]: density for n in names})
+        return StageSizes(bg, masked, config, sparse, ladder=(bits,)).total(
+            with_choices(config, bits={n: bits for n in names}))
+
+    def damage_sum(density: float, bits: int) -> float:
+        """Sum over kernels of the proxy damage of compressing each alone (the agents' stage-1 measure)."""
+        total_damage = 0.0
+        for n in names:
+            alone = with_choices(base, keep_ratio={n: keep} if n in prunable else {}, bits={n: bits})
+            model = magnitude_masked(apply_pruning(bg, alone), {weights[n]: density})
+            total_damage += float(ctx.proxy_of(apply_quantization(bg, model, alone)).logit_mse)
+        return total_damage
+
+    tried = {}
+    for bits in sorted(b for b in bits_ladder(base.target) if b < 32):
+        if total(s.min_density, bits) > goal_bytes or total(1.0, bits) <= goal_bytes:
+            tried[bits] = None  # out of reach, or past the goal even at full density (not the same size)
+            continue
+        lo, hi = s.min_density, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(mid, bits) <= goal_bytes else (lo, mid)
+        tried[bits] = {"density": lo, "damage_sum": damage_sum(lo, bits)}
+    reachable = {b: t for b, t in tried.items() if t is not None}
+    if not reachable:
+        raise UserError(f"two-stage uniform choices cannot meet {goal:g}x at a density in [{s.min_density:g}, 1)")
+    bits = min(reachable, key=lambda b: reachable[b]["damage_sum"])
+    density = reachable[bits]["density"]
+    candidate = Candidate("uniform", config, {n: density for n in names})
+    return candidate, bits, {"uniform_keep": keep, "uniform_density": density, "uniform_bits": bits,
+                             "uniform_tried": {str(b): t for b, t in tried.items()}}
+
+
+# --- shared pieces -------------------------------------------------------------------------------------
+def _sensitivity(names: list[str], damage_of: Callable[[str], float]) -> dict[str, float]:
+    """Per kernel, the proxy damage of compressing it alone (the stage's own way), over their sum."""
+    raw = {n: max(damage_of(n), 0.0) for n in names}
+    total = sum(raw.values()) or 1.0
+    return {n: v / total for n, v in raw.items()}
+
+
+def _best_episodes(env, n: int) -> list[Candidate]:
+    """The `n` best-rewarded episodes (earliest first among equals) as candidates."""
+    ranked = sorted((i for i, e in enumerate(env.episodes) if not e.info.get("skipped")),
+                    key=lambda i: (-env.episodes[i].reward, i))[:n]
+    return [Candidate(f"agent (episode {i})", env.episodes[i].info["config"], env.episodes[i].info.get("densities", {}),
+                      env.episodes[i].reward) for i in ranked]
+
+
+def _summary(candidates: list[Candidate]) -> list[dict]:
+    return [{"source": c.source, "reward": None if math.isinf(c.reward) else c.reward, "val_score": c.val_score}
+            for c in candidates]
+
+
+def _curve(rewards: list[float], points: int = 10) -> list[float]:
+    """Mean reward over `points` equal slices of the episodes (the learning curve in the report)."""
+    if not rewards:
+        return []
+    return [float(np.mean(part)) for part in np.array_split(np.asarray(rewards), min(points, len(rewards)))]
 
 
 def _stage_report(bg: BlockGraph, ctx: SearchContext, model: onnx.ModelProto, config: CompressionConfig,
