@@ -82,7 +82,7 @@ def minilm_rows(work: Path, quick: bool) -> list[dict]:
     def row(method: str, model, ratio: float, seconds: float, data: str) -> dict:
         fid = embedding_fidelity(_predict(model, held), reference)
         return {"model": "minilm-l6", "method": method, "data": data, "ratio": ratio, "seconds": seconds,
-                "mean_cosine": fid["mean_cosine"], "top10_overlap": fid["neighbour_overlap"], "n": len(held)}
+                "mean_cosine": fid["mean_cosine"], "top10_overlap": fid["top10_overlap"], "n": len(held)}
 
     s = _settings(quick)
     rows = []
