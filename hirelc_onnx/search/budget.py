@@ -145,9 +145,10 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     With `variants` (a damage-guided repair) a storage weight's bit rung is offered in each of
     `GRID_VARIANTS`, and a change of grid at its current bits that saves bytes (down) or spends
     them (up) is a move too: the knapsack then weighs 4 bits in groups of 32 with a zero point
-    (5.1 bits a weight) against 4 bits per channel (4.1) and 8 bits (8.1), kernel by kernel
-    (MiniLM at 6x, no fine-tuning: top-10 overlap 0.90 with grids chosen so, 0.85 symmetric
-    per-channel only).
+    (5.1 bits a weight) against 4 bits per channel (4.1) and 8 bits (8.1), kernel by kernel.
+    MiniLM at 6.01x, no fine-tuning, top-10 neighbour overlap on 1000 held-out sentences: 0.897
+    with its table 4-bit asymmetric per row, attention 8-bit, feed-forward 4-bit asymmetric in
+    groups of 32; HiReLC with symmetric per-channel rungs only found 0.841.
     """
     k = bg.kernels[name]
     kc, kcost = kernels[name], cost.kernels[name]
