@@ -192,7 +192,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
              f"none in data-free runs); total {meta['seconds']:.0f} s.",
              "Ratios are true stored bytes (fp32 weights / emitted initializers). Every score is measured on held-out",
              "data the search never saw: sentences 2782-3781 of the docstring corpus, lines rendered with seed 1,",
-             "photo crops of the images scikit-image ships.", ""]
+             "photo crops of the images scikit-image ships.",
+             f"Sections run: {', '.join(meta.get('sections', SECTIONS))}.", ""]
     groups = [
         ("## all-MiniLM-L6-v2 (sentence embeddings)", "minilm-l6", False,
          "| method | data | ratio | mean cosine | top-10 overlap | n | seconds |",
