@@ -2,8 +2,8 @@
 
 Pruning and low-bit weights lose accuracy that a short fine-tune recovers. The graph is
 converted to torch (`to_torch`), the weights the config quantizes are fake-quantized exactly as
-the quantization pass will store them (`apply_fake_quant`), and the fp32 latent weights are
-trained to imitate the fp32 teacher by the bridge's one training engine (`bridge.training.distil`:
+the quantization pass will store them (`apply_fake_quant`; embedding tables once, and frozen), and
+the fp32 latent weights are trained to imitate the fp32 teacher by the bridge's one training engine (`bridge.training.distil`:
 the loss, the epoch loop, validation scoring, the learning-rate probe and divergence backoff are
 described there). Here the engine runs with a cosine-decayed rate, early stopping (`patience`),
 the probe and the backoff, and keeps the best validation epoch: accuracy (ties broken by lower
@@ -145,6 +145,13 @@ def quant_specs(model: onnx.ModelProto, config: CompressionConfig) -> dict[str, 
     return specs
 
 
+def _lookup_tables(model: onnx.ModelProto) -> set[str]:
+    """Initializers read as the data of a Gather (embedding tables): fake-quantized once and frozen
+    while the rest trains (`fake_quant.FrozenFakeQuant`; a step then costs what the encoder costs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
+
+
 def _specs(model: onnx.ModelProto, quant: QuantLike) -> dict[str, WeightQuantSpec]:
     if quant is None:
         return {}
@@ -190,7 +197,7 @@ def finetune(model: onnx.ModelProto, quant: QuantLike, train: Dataset, val: Data
         data = Distillation.from_teacher(model if teacher is None else teacher, train, val, kinds)
     specs = _specs(model, quant)
     with torch_threads(s.threads or _auto_threads(model)):
-        module = apply_fake_quant(to_torch(model), specs)
+        module = apply_fake_quant(to_torch(model), specs, frozen=_lookup_tables(model) & specs.keys())
         params = [p for p in module.parameters() if p.requires_grad]
         run = distil(module, optimizer_factory(params, s.optimizer), data, s.training(), t0)
         return FinetuneResult(model=write_back(model, module), best_val=run.best.score, best_epoch=run.best_epoch,

@@ -62,3 +62,30 @@ def test_trained_table_is_written_back(bg):
     remove_fake_quant(module)
     written = {t.name: numpy_helper.to_array(t) for t in write_back(bg.model, module).graph.initializer}
     np.testing.assert_array_equal(written["Wword"], params["Wword"].detach().numpy())
+
+
+def test_frozen_table_computes_the_emitted_values_once_and_is_not_trained(bg):
+    module = to_torch(bg.model)
+    params = parameter_map(module, bg.model)
+    specs = {k.weight: WeightQuantSpec(4, False, "per-group", group_size=16, axis=k.out_axis)
+             for k in bg.kernels.values() if k.op == "Gather"}
+    apply_fake_quant(module, specs, frozen={"Wword"})
+    inits = {t.name: numpy_helper.to_array(t) for t in bg.model.graph.initializer}
+    binding = module.onnx_bindings["Wword"]
+    owner = module.get_submodule(binding.path)
+    np.testing.assert_array_equal(getattr(owner, binding.attr).numpy(), fake_quantize(inits["Wword"], specs["Wword"]))
+    ids = token_ids(5)
+    before = params["Wword"].detach().clone()
+    out = module(torch.from_numpy(ids))
+    with torch.no_grad():
+        emitted = _ort(quantize_weights(bg.model, specs, "storage"), ids)
+    assert np.abs(out.detach().numpy() - emitted).max() <= 1e-4 * max(1.0, np.abs(emitted).max())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert all(p is not params["Wword"] for p in trainable) and trainable
+    out.pow(2).sum().backward()
+    torch.optim.SGD(trainable, lr=0.1).step()
+    assert params["Wword"].grad is None and torch.equal(params["Wword"].detach(), before)
+    remove_fake_quant(module)
+    assert getattr(owner, binding.attr) is params["Wword"] and params["Wword"].requires_grad
+    written = {t.name: numpy_helper.to_array(t) for t in write_back(bg.model, module).graph.initializer}
+    np.testing.assert_array_equal(written["Wword"], inits["Wword"])

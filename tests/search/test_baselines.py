@@ -130,3 +130,20 @@ def test_uniform_l1_measures_one_candidate_per_bit_width(resnet):
     assert stored == model_cost(bg, result.config).total_bytes
     with pytest.raises(Exception, match="budget"):
         run_uniform_l1(bg, ctx, "storage", budget=None)
+
+
+@pytest.mark.parametrize("favoured", [("asymmetric", "per-group"), ("symmetric", "per-channel")])
+def test_damage_guided_repair_chooses_grids_too(resnet, favoured):
+    bg, _ = resnet
+    names = [k.name for k in bg.kernel_list()]
+
+    def damage(name: str, kc) -> float:  # the favoured grid does a tenth of the damage at any width
+        grid = 0.1 if (kc.qtype, kc.granularity) == favoured else 1.0
+        return (0.0 if kc.bits == 32 else grid * 2.0 ** (8 - kc.bits)) + 10 * (1 - kc.keep_ratio)
+
+    fitted = repair(bg, CompressionConfig({}, target="storage"), 6.0, damage=damage, fill=True)
+    ratio = model_cost(bg, fitted).ratio
+    assert 6.0 <= ratio < 6.0 * 1.05
+    grids = {(fitted.get(n).qtype, fitted.get(n).granularity) for n in names if fitted.get(n).quantized}
+    assert grids == {favoured}
+    assert repair(bg, CompressionConfig({}, target="storage"), 6.0, damage=damage, fill=True).to_dict() == fitted.to_dict()
