@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -30,9 +30,13 @@ from hirelc_onnx.report.build import build_report
 from hirelc_onnx.report.outputs import check_out_dir, write_outputs
 from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.context import SearchContext
-from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, check_options, flag, get_method
+from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, check_options, flag, get_method
 
-__all__ = ["CompressResult", "compress", "DATA_OPTIONS"]
+__all__ = ["CompressResult", "compress", "DATA_OPTIONS", "DEFAULT_CHANNEL_MULTIPLE"]
+
+DEFAULT_CHANNEL_MULTIPLE = 8
+"""Pruned channel counts are multiples of 8 unless --channel-multiple says otherwise: ORT's CPU kernels
+run odd widths off their vectorised path (`specs.channel_unit`)."""
 
 DATA_OPTIONS = frozenset(f.name for f in fields(ImageOptions))
 """How image files become input (evaluate's --scale ... --layout): options of the data, not of a method."""
@@ -85,7 +89,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       sooner), so every candidate gets the same training and a run is repeatable, 0 disables it;
       resume: continue a killed search from the state in `out_dir`; bits / keep / qtype /
       granularity: uniform's choice (keep also l1-int8's); flops / params: graph-rl's limits;
-      settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings).
+      settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings);
+      channel_multiple: every method that prunes rounds its kept channel counts to a multiple of it
+      (default DEFAULT_CHANNEL_MULTIPLE; 1: any count), recorded in the emitted config.
     Checks that can fail (options, file, data, budget, target) run before any long work.
     """
     start = time.perf_counter()
@@ -115,6 +121,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                         "candidate is fine-tuned): give --data, or drop it")
     if finetune.get("finetune_epochs", 0) < 0:
         raise UserError(f"finetune_epochs must be >= 0, got {finetune['finetune_epochs']}")
+    multiple = given.pop("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise UserError(f"--channel-multiple must be an integer >= 1, got {multiple!r}")
     if given.get("resume") and out_dir is None:
         raise UserError("--resume needs --out (the folder where the interrupted run kept its state)")
     if "budget" in given:
@@ -127,6 +136,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         _check_domains(original, model_path)
         bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
         del original
+        if PRUNING_OPTIONS <= chosen.options:  # the one place pruned counts are rounded: specs.group_keep_counts
+            bg = replace(bg, channel_multiple=multiple)
         if given.get("budget"):
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
@@ -149,6 +160,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
                               data=_data_record(data, ds))
+        if result.config is not None and result.config.channel_multiple is None:
+            result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         if out_dir is not None:
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)

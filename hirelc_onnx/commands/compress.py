@@ -98,6 +98,9 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
               help="Fine-tune each real evaluation for this many epochs instead of --finetune-seconds: "
                    f"the same training for every candidate, and a repeatable run ({takers('finetune_epochs')}; "
                    "with --data).")
+@click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
+              help="Pruned channel counts are rounded to a multiple of this (groups whose width is not a "
+                   f"multiple of it: any count); 1 rounds nothing ({takers('channel_multiple')}).")
 @click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original MACs (0.5 when no limit is given).")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),

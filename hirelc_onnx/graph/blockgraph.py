@@ -78,6 +78,7 @@ class BlockGraph:
     output_names: list[str]
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
+    channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
 
 
     @property

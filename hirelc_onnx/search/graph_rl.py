@@ -93,10 +93,9 @@ class GraphRLSettings:
     """Dual ascent step of the Lagrange multipliers (per unit of relative violation)."""
     min_keep: float = 0.125
     """No group keeps fewer than this fraction of its channels (and at least one unit)."""
-    channel_multiple: int = 4
-    """Kept channel counts are multiples of this (groups whose width is not: any count). ORT's CPU
-    convolutions leave their fast path on odd channel counts: on the ResNet-20 reference, 11/23/45
-    channels per stage ran 2-7x slower than fp32 at batch 32 while 12/24/44 ran faster."""
+    channel_multiple: int | None = None
+    """Kept channel counts are multiples of this (groups whose width is not: any count;
+    `specs.channel_unit`); None: the run's (--channel-multiple, `BlockGraph.channel_multiple`)."""
     bits: int | None = None
     """Weight bits of every kernel in the emitted model; None: the target's top quantized rung
     (`budget.bits_ladder`: 8, or 7 under ort-cpu, as the l1-int8 baseline); 32 prunes only."""
@@ -176,7 +175,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     if not obs.groups:
         raise UserError("--method graph-rl prunes channels, and this model has no prunable channel group "
                         "(see `hirelc-onnx inspect` for the reasons)")
-    space = PruningSpace(bg, obs, constraints, target, bits, s.min_keep, s.channel_multiple)
+    space = PruningSpace(bg, obs, constraints, target, bits, s.min_keep, s.channel_multiple or bg.channel_multiple)
     space.check_reachable()
     prior = space.uniform_keep()
     scorer = proxy_scorer(bg, ctx, obs, space)

@@ -18,10 +18,17 @@ from hirelc_onnx.errors import UserError
 if TYPE_CHECKING:
     from hirelc_onnx.search.baselines import MethodResult
 
-__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
+__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "PRUNING_OPTIONS", "SPENT_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
 
 FINETUNE_OPTIONS = frozenset({"finetune_seconds", "finetune_epochs"})
 """Options the SearchContext spends (the fine-tuning of every real evaluation), never passed to a run."""
+
+PRUNING_OPTIONS = frozenset({"channel_multiple"})
+"""Options compress spends on the BlockGraph (pruned channel counts rounded to a multiple,
+`specs.group_keep_counts`), taken by every method that prunes, never passed to a run."""
+
+SPENT_OPTIONS = FINETUNE_OPTIONS | PRUNING_OPTIONS
+"""Options a method takes that compress spends itself: its run function never receives them."""
 
 API_ONLY = frozenset({"settings"})
 """Options only the Python API can give (a method's settings dataclass); the CLI has no flag for them."""
@@ -50,7 +57,7 @@ class Method:
         return getattr(importlib.import_module(module), function)
 
 
-_SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS})
+_SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS, *PRUNING_OPTIONS})
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
@@ -62,16 +69,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
            frozenset({"seed", "progress"})),
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,
-           frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings"}),
+           frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings", *PRUNING_OPTIONS}),
            "an agent prunes channels, learned masks prune weights, a second agent picks bit widths",
            frozenset({"seed", "progress"})),
     Method("uniform", "hirelc_onnx.search.baselines:run_uniform", False,
-           frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS}),
+           frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS, *PRUNING_OPTIONS}),
            "the same bits and keep ratio for every kernel"),
     Method("uniform-l1", "hirelc_onnx.search.baselines:run_uniform_l1", True, _SEARCH,
            "uniform bits, uniform L1 pruning fitted to the budget; one candidate per bit width",
            frozenset({"progress"})),
-    Method("l1-int8", "hirelc_onnx.search.baselines:run_l1_int8", False, frozenset({"keep", *FINETUNE_OPTIONS}),
+    Method("l1-int8", "hirelc_onnx.search.baselines:run_l1_int8", False, frozenset({"keep", *FINETUNE_OPTIONS, *PRUNING_OPTIONS}),
            "L1-magnitude uniform channel pruning, then 8-bit weights"),
     Method("ort-int8", "hirelc_onnx.search.baselines:run_ort_int8", True, frozenset(),
            "ONNX Runtime's own static int8 quantization of the fp32 model"),

@@ -19,6 +19,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.gat import GraphObservation
+from hirelc_onnx.specs import channel_unit
 
 __all__ = ["DEFAULT_FLOPS", "Constraint", "resource_constraints", "PruningSpace"]
 
@@ -66,7 +67,8 @@ class PruningSpace:
         self.bg, self.obs, self.constraints, self.target, self.bits = bg, obs, constraints, target, bits
         self.limits = np.array([c.limit for c in constraints])
         self.lengths = obs.lengths.astype(int)
-        self.units = np.where(self.lengths % channel_multiple == 0, channel_multiple, 1)
+        self.multiple = channel_multiple
+        self.units = np.array([channel_unit(int(n), channel_multiple) for n in self.lengths], dtype=int)
         self.floors = np.minimum(self.lengths, np.ceil(min_keep * self.lengths / self.units) * self.units)
         self.floors = np.maximum(self.floors, self.units).astype(int)
 
@@ -77,7 +79,8 @@ class PruningSpace:
             for producer in self.bg.groups[gid].producers:
                 ratio[producer] = int(count) / length
         kernels = {name: KernelConfig(bits=self.bits, keep_ratio=ratio.get(name, 1.0)) for name in self.bg.kernels}
-        return CompressionConfig(kernels, target=self.target)
+        # the multiple travels with the config: the cost model and the passes round to the space's unit
+        return CompressionConfig(kernels, target=self.target, channel_multiple=self.multiple)
 
     @staticmethod
     def counts(masks: list[np.ndarray]) -> np.ndarray:

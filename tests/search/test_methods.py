@@ -8,7 +8,7 @@ import pytest
 from hirelc_onnx.commands.compress import compress as compress_command
 from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
+from hirelc_onnx.search.methods import METHODS, SPENT_OPTIONS, OPTIONS, check_options, get_method
 
 GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",  # compress's own, every method
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
@@ -22,7 +22,7 @@ def test_run_function_takes_exactly_its_options(name):
     assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == ["bg", "ctx", "target"]
     assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)  # nothing is swallowed
     keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-    assert keywords == (method.options - FINETUNE_OPTIONS) | method.receives
+    assert keywords == (method.options - SPENT_OPTIONS) | method.receives
     assert method.receives <= {"seed", "progress", "state_path"}
 
 
