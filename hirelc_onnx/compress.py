@@ -28,6 +28,7 @@ from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.lock import hold_out_dir
 from hirelc_onnx.report.build import build_report
 from hirelc_onnx.report.outputs import check_out_dir, write_outputs
+from hirelc_onnx.search import ort_speed
 from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, check_options, flag, get_method
@@ -150,16 +151,24 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
+        if target == "ort-cpu":  # kernels ORT runs slower in int8 stay fp32 kernels (search/ort_speed.py)
+            bg, latency_table, speed_record = ort_speed.prepare(bg, ctx.calib_batches, ctx.sample_shapes)
+            ctx.bg = bg
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
+        if target == "ort-cpu" and result.config is not None:  # never slower than fp32, measured whole
+            result.model, speed_record["whole_model_fallbacks"] = ort_speed.whole_model_check(
+                bg.model, result.model, latency_table, ctx.sample_shapes)
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
                               data=_data_record(data, ds))
+        if target == "ort-cpu":
+            report["ort_cpu_speed"] = speed_record
         if result.config is not None and result.config.channel_multiple is None:
             result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         if out_dir is not None:

@@ -30,9 +30,12 @@ def weight_target(kernel: "Kernel", target: str) -> str:
     ORT 1.32, a 30522x384 table, 128 ids, batch 1 / 32: DequantizeLinear -> Gather 0.01x / 0.18x of
     fp32, as it dequantizes the whole table every run; com.microsoft GatherBlockQuantized 0.69x /
     0.28x at 8 bits, 0.19x / 0.06x at 4 bits; the folded storage decode 1.01x / 1.02x), and ort-cpu
-    never emits a kernel slower than fp32.
+    never emits a kernel slower than fp32. So does a kernel whose int8 version ORT was measured to run
+    slower than fp32 on this machine (`Kernel.int8_slower`, `search/ort_speed.py`): its integers are
+    decoded at load and it runs as an fp32 kernel, at fp32 speed, still stored small.
     """
-    return "storage" if kernel.op == "Gather" and target == "ort-cpu" else target
+    slow = kernel.op == "Gather" or bool(getattr(kernel, "int8_slower", ""))
+    return "storage" if slow and target == "ort-cpu" else target
 
 
 def keep_count(ratio: float, length: int) -> int:

@@ -46,6 +46,7 @@ class Kernel:
     group: int | None  # channel group of its output channels
     input_groups: tuple[int, ...]  # channel groups laid along its input channels
     block: int = -1
+    int8_slower: str = ""  # why its int8 kernel is not used under ort-cpu (measured slower than fp32), else ""
 
     @property
     def channel_axis(self) -> int:
