@@ -123,4 +123,7 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(new_inits)
-    return cleanup(m)
+    out = cleanup(m)
+    if not model.graph.value_info:  # onnx-ir writes a value_info per tensor: keep the file as lean as it was
+        del out.graph.value_info[:]
+    return out
