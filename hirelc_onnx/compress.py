@@ -30,6 +30,7 @@ from hirelc_onnx.report.build import build_report
 from hirelc_onnx.report.outputs import check_out_dir, write_outputs
 from hirelc_onnx.search import ort_speed
 from hirelc_onnx.search.budget import check_reachable, parse_budget
+from hirelc_onnx.search.speed import parse_speedup
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, check_options, flag, get_method
 
@@ -125,6 +126,12 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     multiple = given.pop("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise UserError(f"--channel-multiple must be an integer >= 1, got {multiple!r}")
+    speedup = parse_speedup(given.pop("speedup", None))
+    speed_batch = given.pop("batch", None)
+    if speed_batch is not None and speedup is None:
+        raise UserError("--batch sets the batch size --speedup is measured at: give --speedup, or drop it")
+    if speed_batch is not None and (not isinstance(speed_batch, int) or speed_batch < 1):
+        raise UserError(f"--batch must be an integer >= 1, got {speed_batch!r}")
     if given.get("resume") and out_dir is None:
         raise UserError("--resume needs --out (the folder where the interrupted run kept its state)")
     if "budget" in given:
@@ -154,6 +161,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         if target == "ort-cpu":  # kernels ORT runs slower in int8 stay fp32 kernels (search/ort_speed.py)
             bg, latency_table, speed_record = ort_speed.prepare(bg, ctx.calib_batches, ctx.sample_shapes)
             ctx.bg = bg
+        if speedup is not None:  # measured latency as a constraint the methods read (search/speed.py)
+            ctx.speed_goal = ort_speed.speed_goal(bg, ctx, speedup, speed_batch or 1,
+                                                  latency_table if target == "ort-cpu" else None)
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
         result = chosen.load()(bg, ctx, target, **given,
@@ -169,6 +179,11 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               data=_data_record(data, ds))
         if target == "ort-cpu":
             report["ort_cpu_speed"] = speed_record
+        if speedup is not None:
+            goal = ctx.speed_goal
+            reached = goal.measure(result.model)
+            report["speed_goal"] = {"speedup": speedup, "batch": goal.batch, "measured_speedup": reached,
+                                    "met": reached >= speedup}
         if result.config is not None and result.config.channel_multiple is None:
             result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         if out_dir is not None:

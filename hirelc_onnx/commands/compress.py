@@ -101,6 +101,9 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
 @click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
               help="Pruned channel counts are rounded to a multiple of this (groups whose width is not a "
                    f"multiple of it: any count); 1 rounds nothing ({takers('channel_multiple')}).")
+@click.option("--speedup", help="Only accept candidates whose ORT latency, measured on this machine, is at least this "
+              f"factor below fp32's, e.g. 1.5x; combinable with --budget ({takers('speedup')}).")
+@click.option("--batch", type=click.IntRange(1), help="The batch size --speedup is measured at (default 1).")
 @click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original MACs (0.5 when no limit is given).")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),

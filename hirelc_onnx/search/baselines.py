@@ -27,6 +27,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
+from hirelc_onnx.search.speed import speed_repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from passes.quantize_activations import quantize_activations
 from passes.storage import initializer_nbytes
@@ -167,16 +168,26 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if ctx is None:
         raise UserError("--method random measures candidates: give --data")
     rng = np.random.default_rng(seed)
+    goal = getattr(ctx, "speed_goal", None)  # --speedup: pruned to the estimate, rejected when measured slower
     best: Measurement | None = None
+    fastest: tuple[float, Measurement] | None = None
     history = []
     for i in range(evaluations):
         config = random_config(bg, target, rng)
         if budget:
             config = repair(bg, config, budget, fill=True)
+        if goal is not None:
+            config = speed_repair(bg, config, goal)
         m = ctx.measure(config)
-        history.append(candidate_record(m, method="random", step=i))
-        if best is None or m.score > best.score:
+        speed = goal.measure(m.model) if goal is not None else None
+        history.append(candidate_record(m, method="random", step=i, **({} if speed is None else {"speedup": speed})))
+        if speed is not None and speed < goal.factor:  # rejected: kept only in case none meets the goal
+            if fastest is None or speed > fastest[0]:
+                fastest = (speed, m)
+        elif best is None or m.score > best.score:
             best = m
         if progress:
             progress(i + 1, evaluations)
+    if best is None:  # no candidate reached the speedup: the fastest one, and the report says so
+        best = fastest[1]
     return MethodResult(best.config, best.model, best.score, history)

@@ -69,6 +69,7 @@ from hirelc_onnx.search.gat import ChannelPolicy, GraphObservation, build_observ
 from hirelc_onnx.search.masked_proxy import proxy_scorer
 from hirelc_onnx.search.pruning_space import PruningSpace, resource_constraints
 from hirelc_onnx.search.selection import Selection
+from hirelc_onnx.specs import weight_target
 
 __all__ = ["GraphRLSettings", "run_graph_rl"]
 
@@ -170,7 +171,10 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     start = time.perf_counter()
     rl_deadline = start + s.search_share * time_limit if time_limit else math.inf
     torch.manual_seed(seed)
-    constraints = resource_constraints(budget, flops, params)
+    goal = getattr(ctx, "speed_goal", None)  # --speedup: a latency limit from the per-kernel table, measured whole
+    int8 = frozenset() if bits >= 32 or target == "storage" else frozenset(
+        n for n, k in bg.kernels.items() if weight_target(k, target) != "storage")
+    constraints = resource_constraints(budget, flops, params, goal, int8)
     obs = build_observation(bg, kernel_fisher(bg, ctx, s.fisher_samples, seed))
     if not obs.groups:
         raise UserError("--method graph-rl prunes channels, and this model has no prunable channel group "
@@ -265,6 +269,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     by_proxy = [r["masks"] for r in sorted(scored.values(), key=lambda r: -r["score"])]
     ranked = _distinct(starts + [greedy] + by_proxy)
     measured: list[tuple[Measurement, float, float]] = []  # (measurement, selection score, selection loss)
+    too_slow: list[tuple[Measurement, float, float]] = []
     select = Selection(ctx)
     t_measure = time.perf_counter()
     for rank, masks in enumerate(ranked[:max(1, evaluations)]):
@@ -276,15 +281,20 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         proxy = scored[_key(masks)]["score"]
         feasible = space.feasible(space.usage_of(m.cost))
         chosen_by = select(m.model)
+        speed = goal.measure(m.model) if goal is not None and feasible else None
+        if speed is not None and speed < goal.factor:  # measured whole: slower than --speedup asks
+            feasible = False
+            too_slow.append((m, *chosen_by))
         history.append(candidate_record(m, "real", method="graph-rl", rank=rank,
                                         start=start_of.get(_key(masks)), greedy=_key(masks) == _key(greedy),
                                         proxy_score=proxy, selection_score=chosen_by[0], selection_loss=chosen_by[1],
-                                        feasible=feasible, kept_channels=int(counts.sum())))
+                                        feasible=feasible, kept_channels=int(counts.sum()), speedup=speed))
         if feasible:
             measured.append((m, *chosen_by))
         if progress:
             progress(updates + rank + 1, total_steps)
-    best_m = select.pick(measured)  # the selection score decides; within one row of the best, the loss
+    # the selection score decides; within one row of the best, the loss (none met --speedup: the best of those)
+    best_m = select.pick(measured) or (select.pick(too_slow) if too_slow else None)
     if best_m is None:  # projection makes every candidate feasible: reaching here is a cost-model bug
         raise RuntimeError("graph-rl: no measured candidate met the resource limits")
     extra = {"constraints": [{"kind": c.kind, "limit": c.limit, "text": c.describe()} for c in constraints],

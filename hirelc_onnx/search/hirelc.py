@@ -61,6 +61,7 @@ from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchPr
 from hirelc_onnx.search.features import WeightPerturbation, config_key
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
+from hirelc_onnx.search.speed import SpeedGoal, speed_repair
 
 __all__ = ["HiReLCSettings", "run_hirelc"]
 
@@ -183,6 +184,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
     measured = {p.key for p in state.real}
+    goal: SpeedGoal | None = getattr(ctx, "speed_goal", None)
+    too_slow: set[str] = set()  # keys of candidates measured slower than --speedup asks
     time_limited = False
     for rnd in range(state.next_round, evaluations):
         round_start = time.perf_counter()
@@ -226,7 +229,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             _record_proxy(ctx, state, config, rnd, role)
         # 5. real evaluation: repair to the budget, choose by acquisition when already measured
         source, candidate = _choose(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured,
-                                    settings, rng)
+                                    settings, rng, goal)
         _record_proxy(ctx, state, candidate, rnd, "measured")
         predicted = accuracy.predict(candidate, ctx.cost(candidate)).accuracy
         timing["proxy"] = time.perf_counter() - round_start - timing["rl"]
@@ -234,11 +237,15 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         timing["measure"] = m.seconds
         point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
                           predicted)
-        _keep_best(point, m, state.real, threshold)
+        speed = goal.measure(m.model) if goal is not None else None
+        if speed is not None and speed < goal.factor:  # measured whole: slower than the goal, never returned
+            too_slow.add(point.key)
+        else:
+            _keep_best(point, m, [p for p in state.real if p.key not in too_slow], threshold)
         state.real.append(point)
         measured.add(point.key)
         state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                              predicted=predicted, levels=problem.block_levels.tolist(),
+                                              predicted=predicted, speedup=speed, levels=problem.block_levels.tolist(),
                                               adopted=adopted, timing=timing))
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
@@ -256,7 +263,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         if time_limited:
             break
 
-    best = _best(state.real, threshold)
+    best = _best([p for p in state.real if p.key not in too_slow] or state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
     extra = {
@@ -343,14 +350,15 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
             budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
-            rng: np.random.Generator) -> tuple[str, CompressionConfig]:
+            rng: np.random.Generator, goal: SpeedGoal | None = None) -> tuple[str, CompressionConfig]:
     """The config to measure. First of all, the estimator's prior: fp32 fitted to the budget (the
     damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
     random one."""
     def fit(config: CompressionConfig) -> CompressionConfig:
-        return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+        fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+        return fitted if goal is None else speed_repair(bg, fitted, goal)  # --speedup: a constraint like the budget
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))

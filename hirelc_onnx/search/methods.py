@@ -18,7 +18,7 @@ from hirelc_onnx.errors import UserError
 if TYPE_CHECKING:
     from hirelc_onnx.search.baselines import MethodResult
 
-__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "PRUNING_OPTIONS", "SPENT_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
+__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "PRUNING_OPTIONS", "SPEED_OPTIONS", "SPENT_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
 
 FINETUNE_OPTIONS = frozenset({"finetune_seconds", "finetune_epochs"})
 """Options the SearchContext spends (the fine-tuning of every real evaluation), never passed to a run."""
@@ -27,7 +27,11 @@ PRUNING_OPTIONS = frozenset({"channel_multiple"})
 """Options compress spends on the BlockGraph (pruned channel counts rounded to a multiple,
 `specs.group_keep_counts`), taken by every method that prunes, never passed to a run."""
 
-SPENT_OPTIONS = FINETUNE_OPTIONS | PRUNING_OPTIONS
+SPEED_OPTIONS = frozenset({"speedup", "batch"})
+"""Options compress spends on the SearchContext (`ctx.speed_goal`, search/speed.py): a measured-latency
+constraint the methods that take them read from there."""
+
+SPENT_OPTIONS = FINETUNE_OPTIONS | PRUNING_OPTIONS | SPEED_OPTIONS
 """Options a method takes that compress spends itself: its run function never receives them."""
 
 API_ONLY = frozenset({"settings"})
@@ -61,11 +65,11 @@ _SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS, *PRUNING_OPTION
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
-           _SEARCH | {"max_drop", "time_limit", "resume", "settings"},
+           _SEARCH | {"max_drop", "time_limit", "resume", "settings", *SPEED_OPTIONS},
            "hierarchical RL ensembles pick bits / keep / qtype / granularity per kernel (default)",
            frozenset({"seed", "progress", "state_path"})),
     Method("graph-rl", "hirelc_onnx.search.graph_rl:run_graph_rl", True,
-           _SEARCH | {"flops", "params", "bits", "time_limit", "settings"},
+           _SEARCH | {"flops", "params", "bits", "time_limit", "settings", *SPEED_OPTIONS},
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
            frozenset({"seed", "progress"})),
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,
@@ -82,7 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "L1-magnitude uniform channel pruning, then 8-bit weights"),
     Method("ort-int8", "hirelc_onnx.search.baselines:run_ort_int8", True, frozenset(),
            "ONNX Runtime's own static int8 quantization of the fp32 model"),
-    Method("random", "hirelc_onnx.search.baselines:run_random", True, _SEARCH,
+    Method("random", "hirelc_onnx.search.baselines:run_random", True, _SEARCH | SPEED_OPTIONS,
            "random configs fitted to the budget, each measured for real; the best on validation wins",
            frozenset({"seed", "progress"})),
 )}

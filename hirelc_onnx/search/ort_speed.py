@@ -23,9 +23,10 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
 from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.search.speed import SpeedGoal
 from passes.fp32_kernels import fp32_kernels, int8_kernels
 
-__all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare"]
+__all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,14 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
     record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
               "kept_fp32": reasons, "whole_model_fallbacks": []}
     return bg, table, record
+
+
+def speed_goal(bg: BlockGraph, ctx, factor: float, batch: int, table: LatencyTable | None = None) -> SpeedGoal:
+    """The --speedup goal of a run: `table` (ort-cpu's, at batch 1 and 32) when it holds `batch`, else
+    the table measured at `batch` (a fixed-batch model: at its own batch)."""
+    fixed = get_runner(bg.model).fixed_batch
+    batch = fixed or batch
+    if table is None or not all(batch in row.model_ms for row in table.values()):
+        table, _ = int8_latency_table(bg, ctx.calib_batches, ctx.sample_shapes,
+                                      batches=BATCHES if batch in BATCHES else (batch,))
+    return SpeedGoal(factor, batch, table, bg.model, ctx.sample_shapes)
