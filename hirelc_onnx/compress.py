@@ -158,18 +158,19 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
-        if target == "ort-cpu":  # kernels ORT runs slower in int8 stay fp32 kernels (search/ort_speed.py)
+        configured = PRUNING_OPTIONS <= chosen.options  # the method hands back a config (not ort-int8)
+        if target == "ort-cpu" and configured:  # kernels ORT runs slower in int8 stay fp32 (search/ort_speed.py)
             bg, latency_table, speed_record = ort_speed.prepare(bg, ctx.calib_batches, ctx.sample_shapes)
             ctx.bg = bg
         if speedup is not None:  # measured latency as a constraint the methods read (search/speed.py)
             ctx.speed_goal = ort_speed.speed_goal(bg, ctx, speedup, speed_batch or 1,
-                                                  latency_table if target == "ort-cpu" else None)
+                                                  latency_table if target == "ort-cpu" and configured else None)
         state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
         own = {"seed": seed, "progress": progress, "state_path": state_path}
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
-        if target == "ort-cpu" and result.config is not None:  # never slower than fp32, measured whole
+        if target == "ort-cpu" and configured and result.config is not None:  # never slower than fp32, timed whole
             result.model, speed_record["whole_model_fallbacks"] = ort_speed.whole_model_check(
                 bg.model, result.model, latency_table, ctx.sample_shapes)
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
@@ -177,7 +178,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
                               data=_data_record(data, ds))
-        if target == "ort-cpu":
+        if target == "ort-cpu" and configured:
             report["ort_cpu_speed"] = speed_record
         if speedup is not None:
             goal = ctx.speed_goal
