@@ -51,6 +51,16 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         console.print(f"[yellow]budget {report['budget']:g}x NOT met: reached {size['ratio']:.2f}x[/]")
     if goal.get("max_drop_met") is False:
         console.print(f"[yellow]max drop {report['max_drop']} points NOT met: dropped {acc['drop_points']:.2f}[/]")
+    speed = report.get("ort_cpu_speed") or {}
+    kept = len(speed.get("kept_fp32", {})) + len(speed.get("whole_model_fallbacks", []))
+    if kept:
+        console.print(f"ort-cpu: {kept} kernel(s) run as fp32 kernels, ORT being slower with their int8 version "
+                      "(report.json: ort_cpu_speed)", highlight=False)
+    goal = report.get("speed_goal")
+    if goal:
+        console.print(f"{'[yellow]' if not goal['met'] else ''}speedup goal {goal['speedup']:g}x at batch {goal['batch']}: "
+                      f"{'met' if goal['met'] else 'NOT met'} (measured {goal['measured_speedup']:.2f}x)"
+                      f"{'[/]' if not goal['met'] else ''}", highlight=False)
     if acc and acc.get("finetune_warning"):
         console.print(f"[yellow]warning: {acc['finetune_warning']}[/]")
     if acc and acc.get("sample_warning"):
