@@ -40,8 +40,9 @@ def test_unknown_method_lists_the_choices():
 
 def test_options_are_checked_against_the_row():
     check_options(METHODS["random"], ["budget", "evaluations"])
-    with pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: --budget, "
-                                        r"--channel-multiple, --evaluations, --finetune-epochs, --finetune-seconds\)$"):
+    with pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: --batch, --budget, "
+                                        r"--channel-multiple, --evaluations, --finetune-epochs, --finetune-seconds, "
+                                        r"--speedup\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
     with pytest.raises(UserError, match=r"^--method ort-int8 does not take --keep \(it takes no method options\)$"):
         check_options(METHODS["ort-int8"], ["keep"])
