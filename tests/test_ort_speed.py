@@ -3,10 +3,8 @@ pass that turns an int8 kernel back into an fp32 one. No timing is asserted: the
 is measured and what is done with a given table."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hirelc_onnx.compress import compress
-from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.kernel_latency import KernelLatency
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost

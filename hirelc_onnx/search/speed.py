@@ -9,7 +9,6 @@ medians): one below the goal is never returned while one above it exists.
 """
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,8 +25,6 @@ from hirelc_onnx.search.budget import KEEP_STEP, MIN_KEEP, BudgetError
 from hirelc_onnx.specs import weight_spec, weight_target
 
 __all__ = ["SpeedGoal", "parse_speedup", "speed_repair"]
-
-log = logging.getLogger(__name__)
 
 
 def parse_speedup(text: str | float | None) -> float | None:
