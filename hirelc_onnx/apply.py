@@ -66,10 +66,8 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
             targets[kernel.weight] = weight_target(kernel, config.target)
     if not (config.target in ("ort-cpu", "qdq") and calib_batches):
         return _weight_passes(specs, targets)
-    lookups = {bg.kernels[n].weight for n in bg.kernels if bg.kernels[n].op == "Gather"}
-
-    def fusable(weight: str, spec) -> bool:
-        return weight not in lookups and (
+    def fusable(weight: str, spec) -> bool:  # tables and kernels ORT runs slower in int8 get the storage encoding
+        return targets[weight] != "storage" and (
             spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4))
 
     pinned = {w: s for w, s in specs.items() if fusable(w, s)}

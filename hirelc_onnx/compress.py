@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -30,12 +30,18 @@ from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.report.build import build_report, goal_sentence
 from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_model, clear_run_files,
                                         write_model, write_outputs)
+from hirelc_onnx.search import ort_speed
 from hirelc_onnx.search.budget import check_reachable, parse_budget
+from hirelc_onnx.search.speed import parse_speedup
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.executors import executor_closed, make_executor
-from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, check_options, flag, get_method
+from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, check_options, flag, get_method
 
-__all__ = ["CompressResult", "compress", "DATA_OPTIONS"]
+__all__ = ["CompressResult", "compress", "DATA_OPTIONS", "DEFAULT_CHANNEL_MULTIPLE"]
+
+DEFAULT_CHANNEL_MULTIPLE = 8
+"""Pruned channel counts are multiples of 8 unless --channel-multiple says otherwise: ORT's CPU kernels
+run odd widths off their vectorised path (`specs.channel_unit`)."""
 
 _PYTHON_DATA = ", arrays, a dict of them, or batches"
 DATA_OPTIONS = frozenset(f.name for f in fields(ImageOptions))
@@ -107,7 +113,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       sooner), so every candidate gets the same training and a run is repeatable, 0 disables it;
       resume: continue a killed search from the state in `out_dir`; bits / keep / qtype /
       granularity: uniform's choice (keep also l1-int8's); flops / params: graph-rl's limits;
-      settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings).
+      settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings);
+      channel_multiple: every method that prunes rounds its kept channel counts to a multiple of it
+      (default DEFAULT_CHANNEL_MULTIPLE; 1: any count), recorded in the emitted config.
     Checks that can fail (options, file, data, budget, target) run before any long work.
     """
     start = time.perf_counter()
@@ -142,6 +150,15 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                                  f"measured candidate is fine-tuned): give {option('data')}, or drop it")
     if finetune.get("finetune_epochs", 0) < 0:
         raise InvalidOptionError(f"{flag('finetune_epochs')} must be >= 0, got {finetune['finetune_epochs']}")
+    multiple = given.pop("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise InvalidOptionError(f"{option('channel_multiple')} must be an integer >= 1, got {multiple!r}")
+    speedup = parse_speedup(given.pop("speedup", None))
+    speed_batch = given.pop("batch", None)
+    if speed_batch is not None and speedup is None:
+        raise InvalidOptionError(f"{option('batch')} sets the batch size {option('speedup')} is measured at: give {option('speedup')}, or drop it")
+    if speed_batch is not None and (not isinstance(speed_batch, int) or speed_batch < 1):
+        raise InvalidOptionError(f"{option('batch')} must be an integer >= 1, got {speed_batch!r}")
     if given.get("resume") and out_dir is None:
         raise InvalidOptionError(f"{option('resume')} needs {option('out_dir')} (the folder where the interrupted run "
                                  "kept its state)")
@@ -164,6 +181,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         _check_domains(original, model_path)
         bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
         del original
+        if PRUNING_OPTIONS <= chosen.options:  # the one place pruned counts are rounded: specs.group_keep_counts
+            bg = replace(bg, channel_multiple=multiple)
         if "budget" in options_given:  # a method's default is its own to reach (two-stage prunes weights too)
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
@@ -178,6 +197,13 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
         ctx.executor = executor
+        configured = PRUNING_OPTIONS <= chosen.options  # the method hands back a config (not ort-int8)
+        if target == "ort-cpu" and configured:  # kernels ORT runs slower in int8 stay fp32 (search/ort_speed.py)
+            bg, latency_table, speed_record = ort_speed.prepare(bg, ctx.calib_batches, ctx.sample_shapes)
+            ctx.bg = bg
+        if speedup is not None:  # measured latency as a constraint the methods read (search/speed.py)
+            ctx.speed_goal = ort_speed.speed_goal(bg, ctx, speedup, speed_batch or 1,
+                                                  latency_table if target == "ort-cpu" and configured else None)
         state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         notify(progress, f"{method}: searching")
         own = {"seed": seed, "progress": progress, "state_path": state_path}
@@ -188,6 +214,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
+        if target == "ort-cpu" and configured and result.config is not None:  # never slower than fp32, timed whole
+            result.model, speed_record["whole_model_fallbacks"] = ort_speed.whole_model_check(
+                bg.model, result.model, latency_table, ctx.sample_shapes)
         notify(progress, "measuring the emitted model")
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
@@ -197,6 +226,15 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         if given.get("budget") is not None and "budget" not in options_given:
             report["goal"]["budget_default"] = True  # the method's default, not the user's: the summary says so
             report["goal"]["sentence"] = goal_sentence(report)
+        if target == "ort-cpu" and configured:
+            report["ort_cpu_speed"] = speed_record
+        if speedup is not None:
+            goal = ctx.speed_goal
+            reached = goal.measure(result.model)
+            report["speed_goal"] = {"speedup": speedup, "batch": goal.batch, "measured_speedup": reached,
+                                    "met": reached >= speedup}
+        if result.config is not None and result.config.channel_multiple is None:
+            result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         if out_dir is not None:
             notify(progress, "writing the outputs")
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,

@@ -79,15 +79,23 @@ class KernelConfig:
 
 @dataclass
 class CompressionConfig:
-    """One KernelConfig per kernel name, plus the deployment target the model is emitted for."""
+    """One KernelConfig per kernel name, plus the deployment target the model is emitted for.
+
+    channel_multiple: pruned channel counts are rounded to a multiple of it (`specs.group_keep_counts`);
+    None: the run's (--channel-multiple, held by the BlockGraph). compress writes the run's value here.
+    """
 
     kernels: dict[str, KernelConfig] = field(default_factory=dict)
     target: str = "storage"
+    channel_multiple: int | None = None
 
     def validate(self, known_kernels: Iterable[str] | None = None) -> "CompressionConfig":
         """Check every field; with `known_kernels`, refuse names the model does not have."""
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        multiple = self.channel_multiple
+        if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
+            raise ConfigError(f"channel_multiple must be an integer >= 1, got {multiple!r}")
         if known_kernels is not None:
             known = set(known_kernels)
             unknown = sorted(set(self.kernels) - known)
@@ -111,7 +119,10 @@ class CompressionConfig:
 
     # --- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"target": self.target, "kernels": {n: asdict(k) for n, k in self.kernels.items()}}
+        out = {"target": self.target, "kernels": {n: asdict(k) for n, k in self.kernels.items()}}
+        if self.channel_multiple is not None:
+            out["channel_multiple"] = self.channel_multiple
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "CompressionConfig":
@@ -126,7 +137,8 @@ class CompressionConfig:
             if extra:
                 raise ConfigError(f"kernel {name!r}: unknown field {sorted(extra)[0]!r}")
             kernels[name] = KernelConfig(**fields)
-        return cls(kernels, target=data.get("target", "storage")).validate()
+        return cls(kernels, target=data.get("target", "storage"),
+                   channel_multiple=data.get("channel_multiple")).validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

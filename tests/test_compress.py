@@ -61,6 +61,11 @@ def test_measured_accuracy_is_the_emitted_models(resnet_copy, tmp_path):
     emitted = onnx.load(tmp_path / "o" / "model.onnx")
     assert result.report["accuracy"]["compressed"] == top1_accuracy(predict(emitted, test.x), test.y)
     assert result.report["accuracy"]["n"] == len(test)
+    # ort-cpu: every kernel timed in fp32 and int8, each kernel kept fp32 or turned back named with a reason
+    speed = result.report["ort_cpu_speed"]
+    assert set(speed["kernel_latency"]) == set(json.loads((tmp_path / "o" / "config.json").read_text())["kernels"])
+    assert all("slower" in why for why in speed["kept_fp32"].values())
+    assert all(f["reason"] for f in speed["whole_model_fallbacks"])
 
 
 def test_fixed_epoch_finetuning_is_repeatable_and_reported(resnet_copy, tmp_path):

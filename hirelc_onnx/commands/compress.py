@@ -90,6 +90,16 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",
                       fmt_speed(v["speedup"]))
     console.print(t)
+    speed = report.get("ort_cpu_speed") or {}
+    kept = len(speed.get("kept_fp32", {})) + len(speed.get("whole_model_fallbacks", []))
+    if kept:
+        console.print(f"ort-cpu: {kept} kernel(s) run as fp32 kernels, ORT being slower with their int8 version "
+                      "(report.json: ort_cpu_speed)", highlight=False)
+    goal = report.get("speed_goal")
+    if goal:
+        console.print(f"{'[yellow]' if not goal['met'] else ''}speedup goal {goal['speedup']:g}x at batch {goal['batch']}: "
+                      f"{'met' if goal['met'] else 'NOT met'} (measured {goal['measured_speedup']:.2f}x)"
+                      f"{'[/]' if not goal['met'] else ''}", highlight=False)
     if acc and acc.get("finetune_warning"):
         console.print(f"[yellow]warning: {acc['finetune_warning']}[/]")
     if acc and acc.get("sample_warning"):
@@ -162,6 +172,12 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
               help="Fine-tune each real evaluation for this many epochs instead of --finetune-seconds: "
                    f"the same training for every candidate, and a repeatable run ({takers('finetune_epochs')}; "
                    "with --data).")
+@click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
+              help="Pruned channel counts are rounded to a multiple of this (groups whose width is not a "
+                   f"multiple of it: any count); 1 rounds nothing ({takers('channel_multiple')}).")
+@click.option("--speedup", help="Only accept candidates whose ORT latency, measured on this machine, is at least this "
+              f"factor below fp32's, e.g. 1.5x; combinable with --budget ({takers('speedup')}).")
+@click.option("--batch", type=click.IntRange(1), help="The batch size --speedup is measured at (default 1).")
 @click.option("--flops", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original MACs (0.5 when no limit is given).")
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),

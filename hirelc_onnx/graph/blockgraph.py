@@ -46,6 +46,7 @@ class Kernel:
     group: int | None  # channel group of its output channels
     input_groups: tuple[int, ...]  # channel groups laid along its input channels
     block: int = -1
+    int8_slower: str = ""  # why its int8 kernel is not used under ort-cpu (measured slower than fp32), else ""
 
     @property
     def channel_axis(self) -> int:
@@ -78,6 +79,7 @@ class BlockGraph:
     output_names: list[str]
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
+    channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
 
 
     @property

@@ -28,6 +28,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
+from hirelc_onnx.search.speed import speed_repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from passes.quantize_activations import quantize_activations
 from passes.storage import initializer_nbytes
@@ -188,20 +189,29 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if ctx is None:
         raise UserError(f"{option('method', 'random')} measures candidates: give {option('data')}")
     rng = np.random.default_rng(seed)
+    goal = getattr(ctx, "speed_goal", None)  # --speedup: pruned to the estimate, rejected when measured slower
     best: Measurement | None = None
+    fastest: tuple[float, Measurement] | None = None
     history = []
     configs = []
     for _ in range(evaluations):
         config = random_config(bg, target, rng)
-        configs.append(repair(bg, config, budget, fill=True) if budget else config)
+        config = repair(bg, config, budget, fill=True) if budget else config
+        configs.append(speed_repair(bg, config, goal) if goal is not None else config)
     measured = ctx.measure_batch(configs, lambda n: notify(progress, "random: real evaluations", n, evaluations))
     for i, m in enumerate(measured):
         if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
             continue
-        history.append(candidate_record(m, method="random", step=i))
-        if best is None or m.score > best.score:
+        speed = goal.measure(m.model) if goal is not None else None
+        history.append(candidate_record(m, method="random", step=i, **({} if speed is None else {"speedup": speed})))
+        if speed is not None and speed < goal.factor:  # rejected: kept only in case none meets the goal
+            if fastest is None or speed > fastest[0]:
+                fastest = (speed, m)
+        elif best is None or m.score > best.score:
             best = m
         progress_log.info("random %d/%d: config %.2fx, measured %.4f", i + 1, evaluations, m.cost.ratio, m.score)
+    if best is None and fastest is not None:  # no candidate reached the speedup: the fastest one, and the report says so
+        best = fastest[1]
     if best is None:
         raise UserError("every candidate's evaluation failed (its worker died); see the log")
     return MethodResult(best.config, best.model, best.score, history)

@@ -101,7 +101,8 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
             keep = max(kernels[p].keep_ratio for p in group.producers)
             for p in group.producers:
                 kernels[p] = replace(kernels[p], keep_ratio=keep)
-    cost = model_cost(bg, CompressionConfig(kernels, target=config.target))
+    like = {"target": config.target, "channel_multiple": config.channel_multiple}  # what every step's config keeps
+    cost = model_cost(bg, CompressionConfig(kernels, **like))
     while cost.ratio < budget:
         moves = [m for name in kernels
                  for m in _moves(bg, kernels, name, config.target, cost, down=True, variants=damage is not None)]
@@ -116,10 +117,10 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
         else:
             move = min(moves, key=lambda m: (_damage_delta(bg, damage, kernels, m) / max(m.bytes, 1), m.name))
         _apply(bg, kernels, move)
-        cost = model_cost(bg, CompressionConfig(dict(kernels), target=config.target))
+        cost = model_cost(bg, CompressionConfig(dict(kernels), **like))
     if fill:
         cost = _fill(bg, kernels, config.target, budget, cost, sensitivity, damage)
-    return CompressionConfig(dict(kernels), target=config.target)
+    return CompressionConfig(dict(kernels), **like)
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,8 @@ class SearchContext:
     def _targeted(self, config: CompressionConfig) -> CompressionConfig:
         if config.target == self.target:
             return config
-        return CompressionConfig(dict(config.kernels), target=self.target)
+        return CompressionConfig(dict(config.kernels), target=self.target,
+                                 channel_multiple=config.channel_multiple)
 
     def _finetune(self, pruned: onnx.ModelProto, config: CompressionConfig, seconds: float):
         epochs = self.finetune_epochs

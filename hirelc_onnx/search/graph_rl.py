@@ -69,6 +69,7 @@ from hirelc_onnx.search.gat import ChannelPolicy, GraphObservation, build_observ
 from hirelc_onnx.search.masked_proxy import proxy_scorer
 from hirelc_onnx.search.pruning_space import PruningSpace, resource_constraints
 from hirelc_onnx.search.selection import Selection
+from hirelc_onnx.specs import weight_target
 
 __all__ = ["GraphRLSettings", "run_graph_rl"]
 
@@ -95,10 +96,9 @@ class GraphRLSettings:
     """Dual ascent step of the Lagrange multipliers (per unit of relative violation)."""
     min_keep: float = 0.125
     """No group keeps fewer than this fraction of its channels (and at least one unit)."""
-    channel_multiple: int = 4
-    """Kept channel counts are multiples of this (groups whose width is not: any count). ORT's CPU
-    convolutions leave their fast path on odd channel counts: on the ResNet-20 reference, 11/23/45
-    channels per stage ran 2-7x slower than fp32 at batch 32 while 12/24/44 ran faster."""
+    channel_multiple: int | None = None
+    """Kept channel counts are multiples of this (groups whose width is not: any count;
+    `specs.channel_unit`); None: the run's (--channel-multiple, `BlockGraph.channel_multiple`)."""
     bits: int | None = None
     """Weight bits of every kernel in the emitted model; None: the target's top quantized rung
     (`budget.bits_ladder`: 8, or 7 under ort-cpu, as the l1-int8 baseline); 32 prunes only."""
@@ -173,12 +173,15 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     start = time.perf_counter()
     rl_deadline = start + s.search_share * time_limit if time_limit else math.inf
     torch.manual_seed(seed)
-    constraints = resource_constraints(budget, flops, params)
+    goal = getattr(ctx, "speed_goal", None)  # --speedup: a latency limit from the per-kernel table, measured whole
+    int8 = frozenset() if bits >= 32 or target == "storage" else frozenset(
+        n for n, k in bg.kernels.items() if weight_target(k, target) != "storage")
+    constraints = resource_constraints(budget, flops, params, goal, int8)
     obs = build_observation(bg, kernel_fisher(bg, ctx, s.fisher_samples, seed))
     if not obs.groups:
         raise UserError(f"{option('method', 'graph-rl')} prunes channels, and this model has no prunable channel group "
                         "(see `hirelc-onnx inspect` for the reasons)")
-    space = PruningSpace(bg, obs, constraints, target, bits, s.min_keep, s.channel_multiple)
+    space = PruningSpace(bg, obs, constraints, target, bits, s.min_keep, s.channel_multiple or bg.channel_multiple)
     space.check_reachable()
     prior = space.uniform_keep()
     scorer = proxy_scorer(bg, ctx, obs, space)
@@ -267,6 +270,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     by_proxy = [r["masks"] for r in sorted(scored.values(), key=lambda r: -r["score"])]
     ranked = _distinct(starts + [greedy] + by_proxy)
     measured: list[tuple[Measurement, float, float]] = []  # (measurement, selection score, selection loss)
+    too_slow: list[tuple[Measurement, float, float]] = []
     select = Selection(ctx)
     t_measure = time.perf_counter()
     for rank, masks in enumerate(ranked[:max(1, evaluations)]):
@@ -280,14 +284,19 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         progress_log.info("graph-rl real evaluation %d/%d: MACs %.3f of fp32, %.2fx, measured %.4f", rank + 1,
                           min(len(ranked), max(1, evaluations)), m.cost.macs_fraction, m.cost.ratio, m.score)
         chosen_by = select(m.model)
+        speed = goal.measure(m.model) if goal is not None and feasible else None
+        if speed is not None and speed < goal.factor:  # measured whole: slower than --speedup asks
+            feasible = False
+            too_slow.append((m, *chosen_by))
         history.append(candidate_record(m, "real", method="graph-rl", rank=rank,
                                         start=start_of.get(_key(masks)), greedy=_key(masks) == _key(greedy),
                                         proxy_score=proxy, selection_score=chosen_by[0], selection_loss=chosen_by[1],
-                                        feasible=feasible, kept_channels=int(counts.sum())))
+                                        feasible=feasible, kept_channels=int(counts.sum()), speedup=speed))
         if feasible:
             measured.append((m, *chosen_by))
         notify(progress, PHASE_GRAPH_RL, updates + rank + 1, total_steps)
-    best_m = select.pick(measured)  # the selection score decides; within one row of the best, the loss
+    # the selection score decides; within one row of the best, the loss (none met --speedup: the best of those)
+    best_m = select.pick(measured) or (select.pick(too_slow) if too_slow else None)
     if best_m is None:  # projection makes every candidate feasible: reaching here is a cost-model bug
         raise RuntimeError("graph-rl: no measured candidate met the resource limits")
     extra = {"constraints": [{"kind": c.kind, "limit": c.limit, "text": c.describe()} for c in constraints],

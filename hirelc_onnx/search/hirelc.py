@@ -62,6 +62,7 @@ from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchPr
 from hirelc_onnx.search.features import WeightPerturbation, config_key
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
+from hirelc_onnx.search.speed import SpeedGoal, speed_repair
 
 __all__ = ["HiReLCSettings", "run_hirelc"]
 
@@ -194,6 +195,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
     measured = {p.key for p in state.real}
+    goal: SpeedGoal | None = getattr(ctx, "speed_goal", None)
+    too_slow: set[str] = set()  # keys of candidates measured slower than --speedup asks
     time_limited = False
     notify(progress, PHASE, state.next_round, evaluations)
     for rnd in range(state.next_round, evaluations):
@@ -238,7 +241,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             _record_proxy(ctx, state, config, rnd, role)
         # 5. real evaluation: repair to the budget, choose by acquisition when already measured; with
         #    batch_size > 1 the next choices too, measured side by side (ctx.measure_batch: --workers, --ray)
-        picks = _choose_batch(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured, settings, rng)
+        picks = _choose_batch(bg, problem, accuracy, voted, budget, state.kernel_sensitivity, measured, settings, rng,
+                              goal)
         predicted = []
         for _, candidate in picks:
             _record_proxy(ctx, state, candidate, rnd, "measured")
@@ -250,11 +254,15 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             timing["measure"] = m.seconds
             point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
                               guess)
-            _keep_best(point, m, state.real, threshold)
+            speed = goal.measure(m.model) if goal is not None else None
+            if speed is not None and speed < goal.factor:  # measured whole: slower than the goal, never returned
+                too_slow.add(point.key)
+            else:
+                _keep_best(point, m, [p for p in state.real if p.key not in too_slow], threshold)
             state.real.append(point)
             measured.add(point.key)
             state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                                  predicted=guess, levels=problem.block_levels.tolist(),
+                                                  predicted=guess, speedup=speed, levels=problem.block_levels.tolist(),
                                                   adopted=adopted, timing=dict(timing)))
             progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (measure %.1fs)",
                               rnd + 1, evaluations, source, m.cost.ratio, guess, m.score, m.seconds)
@@ -274,7 +282,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     if not state.real:
         raise UserError("every real evaluation failed (its worker died each attempt); see the log")
-    best = _best(state.real, threshold)
+    best = _best([p for p in state.real if p.key not in too_slow] or state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
         ctx.evaluations -= 1  # the rebuild of a candidate measured before, not another evaluation
@@ -366,14 +374,15 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
             budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
-            rng: np.random.Generator) -> tuple[str, CompressionConfig]:
+            rng: np.random.Generator, goal: SpeedGoal | None = None) -> tuple[str, CompressionConfig]:
     """The config to measure. First of all, the estimator's prior: fp32 fitted to the budget (the
     damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
     random one."""
     def fit(config: CompressionConfig) -> CompressionConfig:
-        return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+        fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+        return fitted if goal is None else speed_repair(bg, fitted, goal)  # --speedup: a constraint like the budget
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))
@@ -396,13 +405,13 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
 
 def _choose_batch(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
                   budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
-                  rng: np.random.Generator) -> list[tuple[str, CompressionConfig]]:
+                  rng: np.random.Generator, goal: SpeedGoal | None = None) -> list[tuple[str, CompressionConfig]]:
     """`settings.batch_size` choices of `_choose`, each as if the ones before were measured already:
     the round's pick (the prior, then the voted config), then the next best by acquisition."""
     picks: list[tuple[str, CompressionConfig]] = []
     taken = set(measured)
     for _ in range(settings.batch_size):
-        source, candidate = _choose(bg, problem, accuracy, voted, budget, sensitivity, taken, settings, rng)
+        source, candidate = _choose(bg, problem, accuracy, voted, budget, sensitivity, taken, settings, rng, goal)
         if picks and config_key(candidate) in taken:
             break  # nothing new left to measure this round
         picks.append((source, candidate))

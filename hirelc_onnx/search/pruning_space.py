@@ -9,7 +9,7 @@ returned episode is feasible.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.gat import GraphObservation
+from hirelc_onnx.search.speed import SpeedGoal
+from hirelc_onnx.specs import channel_unit
 
 __all__ = ["DEFAULT_FLOPS", "Constraint", "resource_constraints", "PruningSpace"]
 
@@ -29,10 +31,14 @@ DEFAULT_FLOPS = 0.5  # the target when the caller gives none
 class Constraint:
     """A resource limit: usage (a fraction of the original model) <= limit."""
 
-    kind: str  # "flops" (MACs), "params" (kernel weight elements) or "bytes" (stored bytes)
+    kind: str  # "flops" (MACs), "params" (kernel weight elements), "bytes" (stored bytes), "latency"
     limit: float
+    goal: SpeedGoal | None = field(default=None, compare=False)  # latency: the --speedup goal that estimates it
+    int8: frozenset[str] = frozenset()  # latency: the kernels that run int8 in every config of the space
 
     def usage(self, bg: BlockGraph, cost: ModelCost) -> float:
+        if self.kind == "latency":  # estimated latency as a fraction of fp32's (search/speed.py)
+            return 1.0 / self.goal.estimate_cost(bg, cost, set(self.int8))
         if self.kind == "flops":
             return cost.macs_fraction
         if self.kind == "params":
@@ -41,12 +47,16 @@ class Constraint:
         return cost.total_bytes / max(cost.original_bytes, 1)
 
     def describe(self) -> str:
+        if self.kind == "latency":
+            return self.goal.describe()
         return f"bytes <= 1/{1 / self.limit:g} of fp32" if self.kind == "bytes" else f"{self.kind} <= {self.limit:g}"
 
 
 def resource_constraints(budget: float | None = None, flops: float | None = None,
-                         params: float | None = None) -> list[Constraint]:
-    """The limits a run must meet: any of --budget Nx, --flops f, --params f (flops 0.5 when none is given)."""
+                         params: float | None = None, goal: SpeedGoal | None = None,
+                         int8: frozenset[str] = frozenset()) -> list[Constraint]:
+    """The limits a run must meet: any of --budget Nx, --flops f, --params f, --speedup (a latency limit
+    estimated from the per-kernel table, `int8` the kernels that run int8); flops 0.5 when none is given."""
     out = []
     for kind, value in (("flops", flops), ("params", params)):
         if value is not None:
@@ -55,6 +65,8 @@ def resource_constraints(budget: float | None = None, flops: float | None = None
             out.append(Constraint(kind, float(value)))
     if budget is not None:
         out.append(Constraint("bytes", 1.0 / float(budget)))
+    if goal is not None:
+        out.append(Constraint("latency", 1.0 / goal.factor, goal, frozenset(int8)))
     return out or [Constraint("flops", DEFAULT_FLOPS)]
 
 
@@ -66,7 +78,8 @@ class PruningSpace:
         self.bg, self.obs, self.constraints, self.target, self.bits = bg, obs, constraints, target, bits
         self.limits = np.array([c.limit for c in constraints])
         self.lengths = obs.lengths.astype(int)
-        self.units = np.where(self.lengths % channel_multiple == 0, channel_multiple, 1)
+        self.multiple = channel_multiple
+        self.units = np.array([channel_unit(int(n), channel_multiple) for n in self.lengths], dtype=int)
         self.floors = np.minimum(self.lengths, np.ceil(min_keep * self.lengths / self.units) * self.units)
         self.floors = np.maximum(self.floors, self.units).astype(int)
 
@@ -77,7 +90,8 @@ class PruningSpace:
             for producer in self.bg.groups[gid].producers:
                 ratio[producer] = int(count) / length
         kernels = {name: KernelConfig(bits=self.bits, keep_ratio=ratio.get(name, 1.0)) for name in self.bg.kernels}
-        return CompressionConfig(kernels, target=self.target)
+        # the multiple travels with the config: the cost model and the passes round to the space's unit
+        return CompressionConfig(kernels, target=self.target, channel_multiple=self.multiple)
 
     @staticmethod
     def counts(masks: list[np.ndarray]) -> np.ndarray:

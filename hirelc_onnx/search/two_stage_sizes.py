@@ -38,7 +38,7 @@ def with_choices(config: CompressionConfig, **per_kernel: Mapping[str, object]) 
     for fld, values in per_kernel.items():
         for name, value in values.items():
             kernels[name] = replace(kernels[name], **{fld: value})
-    return CompressionConfig(kernels, target=config.target).validate()
+    return CompressionConfig(kernels, target=config.target, channel_multiple=config.channel_multiple).validate()
 
 
 def onto_flops(bg: BlockGraph, config: CompressionConfig, prunable: list[str], target: float) -> CompressionConfig:

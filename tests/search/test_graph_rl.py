@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ def test_masked_proxy_computes_what_the_pruning_pass_emits(reference_models, nam
 
 
 def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_models):
-    bg = build_block_graph(load_model(reference_models("resnet20")))
+    bg = replace(build_block_graph(load_model(reference_models("resnet20"))), channel_multiple=4)  # 16-wide groups: 8 steps of 4
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=2, proxy_size=64)
     steps = []
     wall = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 from hirelc_onnx.commands.compress import compress as compress_command
 from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
 from hirelc_onnx.errors import UserError, interface
-from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
+from hirelc_onnx.search.methods import METHODS, SPENT_OPTIONS, OPTIONS, check_options, get_method
 
 GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
@@ -23,7 +23,7 @@ def test_run_function_takes_exactly_its_options(name):
     assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == ["bg", "ctx", "target"]
     assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)  # nothing is swallowed
     keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-    assert keywords == (method.options - FINETUNE_OPTIONS) | method.receives
+    assert keywords == (method.options - SPENT_OPTIONS) | method.receives
     assert method.receives <= {"seed", "progress", "state_path"}
 
 
@@ -51,12 +51,13 @@ def test_unknown_method_lists_the_choices():
 
 def test_options_are_checked_against_the_row():
     check_options(METHODS["random"], ["budget", "evaluations"])
-    with pytest.raises(UserError, match=r"^method='random' does not take resume= \(it takes: budget=, "
-                                        r"evaluations=, finetune_epochs=, finetune_seconds=\)$"):
+    with pytest.raises(UserError, match=r"^method='random' does not take resume= \(it takes: batch=, budget=, "
+                                        r"channel_multiple=, evaluations=, finetune_epochs=, finetune_seconds=, "
+                                        r"speedup=\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
     with interface("cli"), pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: "
-                                                          r"--budget, --evaluations, --finetune-epochs, "
-                                                          r"--finetune-seconds\)$"):
+                                                          r"--batch, --budget, --channel-multiple, --evaluations, "
+                                                          r"--finetune-epochs, --finetune-seconds, --speedup\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
     with pytest.raises(UserError, match=r"^method='ort-int8' does not take keep= \(it takes no method options\)$"):
         check_options(METHODS["ort-int8"], ["keep"])

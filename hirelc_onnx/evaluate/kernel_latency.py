@@ -1,0 +1,160 @@
+"""Per-kernel ORT latency of a model's kernels, fp32 against their int8 (`ort-cpu`) version, measured
+once per model and machine and cached.
+
+Why: ORT runs some int8 kernels slower than fp32 (a small or depthwise convolution's QLinearConv, a
+narrow GEMM, the Quantize / Dequantize around it); a model that quantizes them is slower than its
+fp32 input. Only a measurement on this CPU and this ORT says which: the table holds, per kernel and
+per batch size, the kernel's time in ORT's profile (`evaluate/per_node.py`) in the fp32 model and
+in the same model with every kernel int8. It is cached under $HIRELC_CACHE/kernel-latency, keyed
+by both models' contents, the CPU's flags and the ORT version, so a second run on the same
+machine does not measure again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from hirelc_onnx.evaluate.per_node import match_kernels, profile_nodes
+
+__all__ = ["KernelLatency", "LatencyTable", "cpu_signature", "table_key", "measure_table", "kernel_table",
+           "cache_dir"]
+
+SLOWER_MARGIN = 0.002
+"""A kernel counts as slower in int8 when, over the batch sizes, its int8 version adds more than this
+share of the fp32 model's time (profile times of tiny kernels scatter on a busy machine)."""
+
+
+@dataclass(frozen=True)
+class KernelLatency:
+    """One kernel's median profile time (ms) per batch size, fp32 and int8, and the whole fp32
+    model's profile time per batch size (what a kernel's change is weighed against)."""
+
+    fp32_ms: dict[int, float]
+    int8_ms: dict[int, float]
+    model_ms: dict[int, float]
+
+    def ratio(self, batch: int) -> float:
+        """int8 time / fp32 time at `batch` (above 1: int8 is slower)."""
+        return self.int8_ms[batch] / max(self.fp32_ms[batch], 1e-9)
+
+    @property
+    def worst_ratio(self) -> float:
+        return max(self.ratio(b) for b in self.fp32_ms)
+
+    @property
+    def cost_share(self) -> float:
+        """What the int8 version adds to the model's time, as a share of the fp32 model's time,
+        summed over the batch sizes (negative: it saves time). At batch 1 a tiny int8 kernel may be
+        a few microseconds slower while at batch 32 it halves a large share: the sum weighs both
+        as the model's latency at each batch sees them."""
+        return sum((self.int8_ms[b] - self.fp32_ms[b]) / max(self.model_ms[b], 1e-9) for b in self.fp32_ms)
+
+    @property
+    def slower(self) -> bool:
+        return self.cost_share > SLOWER_MARGIN
+
+    def why(self) -> str:
+        """The reason a slower kernel stays fp32, in numbers."""
+        parts = [f"batch {b}: int8 {self.int8_ms[b]:.3f} ms vs fp32 {self.fp32_ms[b]:.3f} ms of {self.model_ms[b]:.3f}"
+                 for b in sorted(self.fp32_ms)]
+        return (f"ORT runs its int8 version slower: +{100 * self.cost_share:.1f}% of the fp32 model's time over "
+                "batch sizes (" + "; ".join(parts) + ")")
+
+    def as_dict(self) -> dict:
+        return {key: {str(b): v for b, v in getattr(self, key).items()} for key in ("fp32_ms", "int8_ms", "model_ms")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "KernelLatency":
+        return cls(*({int(b): float(v) for b, v in d[key].items()} for key in ("fp32_ms", "int8_ms", "model_ms")))
+
+
+LatencyTable = dict[str, KernelLatency]
+
+
+def cpu_signature() -> str:
+    """The CPU as ORT's kernels see it: model name and instruction-set flags (AVX2, VNNI, ...) where
+    the OS tells them, else the platform's processor string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features") and key not in fields:
+            fields[key] = " ".join(sorted(value.split())) if key != "model name" else value.strip()
+    return json.dumps(fields, sort_keys=True) if fields else f"{platform.machine()} {platform.processor()}"
+
+
+def table_key(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Sequence[int]) -> str:
+    """Cache key: both models' bytes, the batch sizes, the CPU's signature and ORT's version."""
+    h = hashlib.sha256()
+    for model in (fp32, int8):
+        h.update(model.SerializeToString(deterministic=True))
+    h.update(repr((tuple(batches), cpu_signature(), ort.__version__)).encode())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    """$HIRELC_CACHE/kernel-latency (default: ~/.cache/hirelc-onnx/kernel-latency)."""
+    root = os.environ.get("HIRELC_CACHE") or str(Path.home() / ".cache" / "hirelc-onnx")
+    return Path(root) / "kernel-latency"
+
+
+def _kernel_ms(model: onnx.ModelProto, names: set[str], feed: Mapping[str, np.ndarray], runs: int,
+               threads: int) -> tuple[dict[str, float], float]:
+    """Per kernel node name: the ms ORT's profile gives the node(s) it became (its compute node plus
+    an unfolded weight decode, `per_node.match_kernels`); and the ms of every node together."""
+    optimized, profile = profile_nodes(model, feed, runs=runs, threads=threads)
+    nodes = [n for n in model.graph.node if n.name in names]
+    per_kernel = {name: sum(profile.get(n.name, ("", 0.0))[1] for n in found) / 1000.0
+                  for name, found in match_kernels(model, optimized, nodes).items()}
+    return per_kernel, sum(us for _, us in profile.values()) / 1000.0
+
+
+def measure_table(fp32: onnx.ModelProto, int8: onnx.ModelProto, feeds: Mapping[int, Mapping[str, np.ndarray]],
+                  kernels: Sequence[str], runs: int = 20, threads: int = 0) -> LatencyTable:
+    """The table for `kernels` (node names in both models), one feed per batch size."""
+    wanted = set(kernels)
+    fp, q, total = {}, {}, {}
+    for batch, feed in feeds.items():
+        fp[batch], total[batch] = _kernel_ms(fp32, wanted, feed, runs, threads)
+        q[batch], _ = _kernel_ms(int8, wanted, feed, runs, threads)
+    table = {}
+    for name in kernels:
+        if all(name in fp[b] and name in q[b] for b in feeds):
+            table[name] = KernelLatency({b: fp[b][name] for b in feeds}, {b: q[b][name] for b in feeds}, dict(total))
+    return table
+
+
+def kernel_table(fp32: onnx.ModelProto, int8: onnx.ModelProto, feeds: Mapping[int, Mapping[str, np.ndarray]],
+                 kernels: Sequence[str], runs: int = 20, threads: int = 0,
+                 cache: Path | None = None) -> tuple[LatencyTable, bool]:
+    """`measure_table`, read from the cache when this machine measured the same models before;
+    returns (table, whether it came from the cache). A cache that cannot be written is skipped."""
+    path = (cache or cache_dir()) / f"{table_key(fp32, int8, sorted(feeds))}.json"
+    try:
+        data = json.loads(path.read_text())
+        return {name: KernelLatency.from_dict(row) for name, row in data["kernels"].items()}, True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    table = measure_table(fp32, int8, feeds, kernels, runs, threads)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"cpu": cpu_signature(), "onnxruntime": ort.__version__,
+                                   "kernels": {n: k.as_dict() for n, k in table.items()}}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return table, False

@@ -1,0 +1,128 @@
+"""`ort-cpu` never slower than fp32: which kernels keep their int8 kernel, from measured latency.
+
+Before a search: every kernel's int8 version (7-bit per-channel weights, int8 activations, what
+ort-cpu emits) is timed against its fp32 version in ORT's profile at batch 1 and 32
+(`evaluate/kernel_latency.py`, cached per model and machine); a kernel ORT runs slower in int8 is
+flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight in the storage
+encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
+same choice. After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
+while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
+fp32 one (`passes/fp32_kernels.py`), its integers kept.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import onnx
+
+from hirelc_onnx.apply import apply_config
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
+from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
+from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.search.speed import SpeedGoal
+from passes.fp32_kernels import fp32_kernels, int8_kernels
+
+__all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
+
+log = logging.getLogger(__name__)
+
+BATCHES = (1, 32)
+"""The batch sizes ort-cpu must not be slower than fp32 at (the report's latency rows)."""
+
+
+def _feeds(model: onnx.ModelProto, sample_shapes: Mapping[str, Sequence[int]] | None,
+           batches: Sequence[int]) -> dict[int, dict]:
+    runner = get_runner(model)
+    fixed = runner.fixed_batch
+    return {b: runner.random_feed(b, sample_shapes=sample_shapes) for b in ((fixed,) if fixed else batches)}
+
+
+def int8_latency_table(bg: BlockGraph, calib_batches: list[dict] | None,
+                       sample_shapes: Mapping[str, Sequence[int]] | None = None,
+                       batches: Sequence[int] = BATCHES, runs: int = 20) -> tuple[LatencyTable, bool]:
+    """Per kernel (embedding tables aside): its profile time in the fp32 model and in the model with
+    every kernel int8 as ort-cpu emits it; (table, whether it came from the cache)."""
+    kernels = [n for n, k in bg.kernels.items() if k.op != "Gather"]
+    if not kernels or not calib_batches:
+        return {}, False
+    config = CompressionConfig.uniform(kernels, target="ort-cpu", bits=7)
+    int8 = apply_config(bg, config, calib_batches=calib_batches)
+    return kernel_table(bg.model, int8, _feeds(bg.model, sample_shapes, batches), kernels, runs=runs)
+
+
+def flag_slow_kernels(bg: BlockGraph, table: LatencyTable) -> tuple[BlockGraph, dict[str, str]]:
+    """`bg` with every kernel ORT runs slower in int8 flagged (`Kernel.int8_slower`); and the reasons."""
+    reasons = {name: row.why() for name, row in table.items() if row.slower and name in bg.kernels}
+    if not reasons:
+        return bg, {}
+    kernels = {n: replace(k, int8_slower=reasons[n]) if n in reasons else k for n, k in bg.kernels.items()}
+    return replace(bg, kernels=kernels), reasons
+
+
+def _speedups(fp32: onnx.ModelProto, model: onnx.ModelProto, sample_shapes, batches, runs: int) -> dict[int, float]:
+    out = {}
+    fixed = get_runner(fp32).fixed_batch
+    for b in (fixed,) if fixed else batches:
+        try:
+            fp, comp = benchmark_side_by_side([fp32, model], batch_size=b, runs=runs, warmup=3,
+                                              sample_shapes=sample_shapes)
+        except UserError:
+            continue
+        out[b] = fp["median_ms"] / max(comp["median_ms"], 1e-9)
+    return out
+
+
+def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: LatencyTable,
+                      sample_shapes: Mapping[str, Sequence[int]] | None = None, batches: Sequence[int] = BATCHES,
+                      runs: int = 20, tolerance: float = 0.97) -> tuple[onnx.ModelProto, list[dict]]:
+    """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
+    timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
+    kernel (its integers decoded at load), and the model is timed again (after four steps, several
+    kernels a step). Returns the model and one
+    record per kernel turned back, with the speedups that made it so."""
+    fallbacks: list[dict] = []
+    speed = _speedups(fp32, model, sample_shapes, batches, runs)
+    while speed and min(speed.values()) < tolerance:
+        left = int8_kernels(model)
+        if not left:
+            break
+        # the slowest-relative first: one a step, then a quarter of those already turned back (a big
+        # model's whole timing is dear; the steps grow geometrically)
+        step = max(1, len(fallbacks) // 4)
+        worst = sorted(left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
+        model = fp32_kernels(model, worst)
+        slow_at = min(speed, key=speed.get)
+        for name in worst:
+            why = (f"the whole model ran {1 / speed[slow_at]:.2f}x slower than fp32 at batch {slow_at}; this "
+                   "kernel's int8 / fp32 time was among the worst left"
+                   + (f" ({table[name].worst_ratio:.2f}x)" if name in table else ""))
+            fallbacks.append({"kernel": name, "reason": why, "speedups_before": {str(b): v for b, v in speed.items()}})
+            log.info("ort-cpu: %s back to fp32: %s", name, why)
+        speed = _speedups(fp32, model, sample_shapes, batches, runs)
+    return model, fallbacks
+
+
+def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
+            sample_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[BlockGraph, LatencyTable, dict]:
+    """Before an ort-cpu search: the latency table, `bg` with the kernels ORT runs slower in int8
+    flagged, and what the report says about it."""
+    table, cached = int8_latency_table(bg, calib_batches, sample_shapes)
+    bg, reasons = flag_slow_kernels(bg, table)
+    record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
+              "kept_fp32": reasons, "whole_model_fallbacks": []}
+    return bg, table, record
+
+
+def speed_goal(bg: BlockGraph, ctx, factor: float, batch: int, table: LatencyTable | None = None) -> SpeedGoal:
+    """The --speedup goal of a run: `table` (ort-cpu's, at batch 1 and 32) when it holds `batch`, else
+    the table measured at `batch` (a fixed-batch model: at its own batch)."""
+    fixed = get_runner(bg.model).fixed_batch
+    batch = fixed or batch
+    if table is None or not all(batch in row.model_ms for row in table.values()):
+        table, _ = int8_latency_table(bg, ctx.calib_batches, ctx.sample_shapes,
+                                      batches=BATCHES if batch in BATCHES else (batch,))
+    return SpeedGoal(factor, batch, table, bg.model, ctx.sample_shapes)

@@ -1,0 +1,89 @@
+"""ort-cpu never slower than fp32: the per-kernel latency table, the kernels it keeps fp32, and the
+pass that turns an int8 kernel back into an fp32 one. No timing is asserted: the tests check what
+is measured and what is done with a given table."""
+from __future__ import annotations
+
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from hirelc_onnx.apply import apply_config
+from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.evaluate.kernel_latency import KernelLatency, cpu_signature, kernel_table
+from hirelc_onnx.evaluate.per_node import profile_nodes
+from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+from hirelc_onnx.search.ort_speed import flag_slow_kernels
+from hirelc_onnx.specs import weight_target
+from passes.fp32_kernels import fp32_kernels, int8_kernels
+from tests.oracles import random_feeds
+
+
+@pytest.fixture(scope="module")
+def resnet(reference_models):
+    bg = build_block_graph(load_model(reference_models("resnet20")))  # opset 17: ORT's QDQ output loads
+    feeds = random_feeds(bg.model)
+    config = CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7)
+    return bg, feeds, apply_config(bg, config, calib_batches=[feeds]), config
+
+
+def _run(model, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _ran(model, feeds):
+    """op type ORT ran per node name of its optimised graph."""
+    _, profile = profile_nodes(model, feeds, runs=1, warmup=0)
+    return {name: op for name, (op, _) in profile.items()}
+
+
+def test_fp32_kernels_turns_an_int8_kernel_back_keeping_its_integers(resnet):
+    bg, feeds, int8, _ = resnet
+    names = int8_kernels(int8)
+    assert set(names) == set(bg.kernels)  # every kernel of the uniform ort-cpu model is a QDQ kernel
+    chosen = names[0]
+    out = fp32_kernels(int8, [chosen])
+    assert int8_kernels(out) == names[1:]
+    producers = {o: n for n in out.graph.node for o in n.output}
+    node = next(n for n in out.graph.node if n.name == chosen)
+    assert producers[node.input[1]].op_type == "Mul"  # the decode ORT folds at load, not a DequantizeLinear
+    assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers)
+    assert "QLinearConv" in _ran(int8, feeds).values()
+    ran = _ran(out, feeds)
+    assert not any(op == "DequantizeLinear" for name, op in ran.items() if chosen in name)
+    # the weight integers are the same: only the kernel's input activation is no longer rounded
+    want, got = _run(int8, feeds), _run(out, feeds)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert len(out.SerializeToString()) < 1.01 * len(int8.SerializeToString())
+
+
+def test_latency_table_measures_every_kernel_and_is_cached(resnet, tmp_path):
+    bg, feeds, int8, _ = resnet
+    kernels = sorted(bg.kernels)
+    table, cached = kernel_table(bg.model, int8, {1: feeds}, kernels, runs=2, cache=tmp_path)
+    assert not cached and set(table) == set(kernels)
+    assert all(row.fp32_ms[1] > 0 and row.int8_ms[1] > 0 and row.model_ms[1] >= row.fp32_ms[1]
+               for row in table.values())
+    again, cached = kernel_table(bg.model, int8, {1: feeds}, kernels, runs=2, cache=tmp_path)
+    assert cached and again == table
+    assert cpu_signature()
+
+
+def test_a_kernel_slower_in_int8_is_written_as_an_fp32_kernel(resnet):
+    bg, feeds, _, config = resnet
+    slow, fast = sorted(bg.kernels)[:2]
+    table = {slow: KernelLatency({1: 0.1, 32: 1.0}, {1: 0.2, 32: 1.5}, {1: 1.0, 32: 10.0}),
+             fast: KernelLatency({1: 0.1, 32: 1.0}, {1: 0.11, 32: 0.5}, {1: 1.0, 32: 10.0})}
+    assert table[slow].slower and not table[fast].slower
+    flagged, reasons = flag_slow_kernels(bg, table)
+    assert list(reasons) == [slow] and "slower" in reasons[slow]
+    assert weight_target(flagged.kernels[slow], "ort-cpu") == "storage"
+    assert weight_target(flagged.kernels[fast], "ort-cpu") == "ort-cpu"
+    model = apply_config(flagged, config, calib_batches=[feeds])
+    assert slow not in int8_kernels(model) and fast in int8_kernels(model)
+    weights = {t.name: t for t in model.graph.initializer}
+    cost = model_cost(flagged, config)
+    assert cost.kernels[slow].weight_bytes < cost.kernels[slow].fp32_weight_bytes / 3  # still stored small
+    assert np.isfinite(_run(model, feeds)).all() and weights
