@@ -115,6 +115,10 @@ class HiReLCSettings:
     """Samples of the fine-tune split the Fisher sensitivity uses."""
     default_budget: float = 4.0
     """The true-bytes ratio searched for when no budget is given."""
+    fill_votes: bool = False
+    """Fill a voted config up to the budget (`budget.repair(fill=True)`: the estimator's greedy
+    knapsack spends the slack) before measuring it. Off: a vote is repaired only as far as the
+    budget needs, so what is measured is the agents' choice (an ablation switch)."""
 
 
 def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
@@ -237,8 +241,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         _keep_best(point, m, state.real, threshold)
         state.real.append(point)
         measured.add(point.key)
+        moved = sum(candidate.get(n) != voted.get(n) for n in bg.kernels)  # kernels the repair / fit changed
         state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                              predicted=predicted, levels=problem.block_levels.tolist(),
+                                              predicted=predicted, changed_from_vote=moved, levels=problem.block_levels.tolist(),
                                               adopted=adopted, timing=timing))
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
@@ -269,6 +274,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         "budget": budget,
         "max_drop_met": None if threshold is None else best.score >= threshold - 1e-12,
         "best_round": best.round,
+        "winner_source": best.source,
         "final_levels": problem.block_levels.tolist(),
         "level_table": [asdict(level) for level in problem.levels],
         "accuracy_signal": accuracy.source,
@@ -349,14 +355,14 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
     random one."""
-    def fit(config: CompressionConfig) -> CompressionConfig:
-        return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+    def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
+        return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=fill)
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))
-    repaired = fit(voted)
+    repaired = fit(voted, settings.fill_votes)
     if config_key(repaired) not in measured:
-        return "voted", repaired
+        return ("vote" if config_key(repaired) == config_key(voted) else "vote-repaired"), repaired
     best, best_score = None, -math.inf
     for config in problem.best_pool(settings.pool_size):
         candidate = fit(config)

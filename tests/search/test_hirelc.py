@@ -64,8 +64,13 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     assert model_cost(bg, result.config).ratio >= BUDGET
     real = [h for h in result.history if h["kind"] == "real"]
     assert len(real) == 2 == ctx.evaluations
-    assert all(BUDGET <= h["ratio"] < BUDGET * 1.1 for h in real)  # fitted: the slack is spent
-    assert [h["source"] for h in real][0] == "prior" and real[1]["source"] in ("voted", "pool", "random")
+    assert BUDGET <= real[0]["ratio"] < BUDGET * 1.1  # the prior is fitted: the slack is spent
+    assert all(h["ratio"] >= BUDGET for h in real)  # votes are repaired only as far as the budget needs
+    vote = real[1]
+    if vote["source"] == "vote":  # measured as the agents voted it
+        assert vote["changed_from_vote"] == 0
+    assert result.extra["winner_source"] == next(h["source"] for h in real if h["score"] == result.val_score)
+    assert [h["source"] for h in real][0] == "prior" and real[1]["source"] in ("vote", "vote-repaired", "pool", "random")
     assert result.val_score == max(h["score"] for h in real)
     assert any(h["kind"] == "proxy" for h in result.history)
     assert calls == [(1, 2), (2, 2)]
