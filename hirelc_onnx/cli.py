@@ -1,7 +1,6 @@
 """The `hirelc-onnx` command: subcommands live in hirelc_onnx/commands/, one module each."""
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 
@@ -10,9 +9,10 @@ import click
 from hirelc_onnx.commands.benchmark import benchmark
 from hirelc_onnx.commands.compress import compress
 from hirelc_onnx.commands.evaluate import evaluate
+from hirelc_onnx.commands.feedback import configure_logging, report_repeats, split_verbosity
 from hirelc_onnx.commands.inspect import inspect
 from hirelc_onnx.config import ConfigError
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, interface
 
 __all__ = ["main"]
 
@@ -25,21 +25,28 @@ class _Group(click.Group):
     they arise (tests/fuzz/); this is the backstop.
 
     Click's own usage errors (a bad option value, a missing argument) print a usage block by
-    default; here they are one `error:` line too, pointing at --help, with click's exit code.
+    default; here they are one `error:` line too, pointing at --help, with click's exit code (2).
+    Ctrl-C is exit code 130 wherever it lands. `compress` adds 3: a goal missed (commands/compress.py).
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # -v / -vv anywhere on the line: moved before the subcommand, where the group's option reads them
+        args, verbosity = split_verbosity(sys.argv[1:] if args is None else list(args))
+        args = ["-v"] * verbosity + args
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            with interface("cli"):
+                return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with interface("cli"):  # errors name options as flags (--budget), not as parameters (budget=)
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
             hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(1)
+        except click.Abort as exc:  # click's word for Ctrl-C outside a command (while parsing, say)
+            interrupted = isinstance(exc.__cause__, KeyboardInterrupt)
+            click.echo("interrupted" if interrupted else "aborted", err=True)
+            sys.exit(130 if interrupted else 1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
@@ -63,11 +70,15 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("-v", "--verbose", count=True,
+              help="-v: hirelc-onnx's progress and INFO lines; -vv: debug output of every library too. "
+                   "May stand anywhere on the line.")
 @click.version_option(package_name="hirelc-onnx")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Compress ONNX models with RL-searched pruning and quantization."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    repeats = configure_logging(verbose)
+    ctx.call_on_close(lambda: report_repeats(repeats))
 
 
 for command in (inspect, evaluate, benchmark, compress):

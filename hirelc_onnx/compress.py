@@ -17,23 +17,26 @@ from typing import Any, Callable
 import onnx
 
 from hirelc_onnx.config import TARGETS, CompressionConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import DataError, InvalidOptionError, UserError, current_interface, option
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
-from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, graph_inputs, load_data
+from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, dataset_from_python, graph_inputs, load_data
 from hirelc_onnx.evaluate.objective import METRIC_MODES
 from hirelc_onnx.evaluate.output_kinds import classify
 from hirelc_onnx.evaluate.synthetic import synthesize
 from hirelc_onnx.graph import BlockGraph, build_block_graph, load_model
 from hirelc_onnx.graph.blockgraph import with_input_dims
 from hirelc_onnx.lock import hold_out_dir
+from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.report.build import build_report
-from hirelc_onnx.report.outputs import check_out_dir, write_outputs
+from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_model, clear_run_files,
+                                        write_model, write_outputs)
 from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, check_options, flag, get_method
 
 __all__ = ["CompressResult", "compress", "DATA_OPTIONS"]
 
+_PYTHON_DATA = ", arrays, a dict of them, or batches"
 DATA_OPTIONS = frozenset(f.name for f in fields(ImageOptions))
 """How image files become input (evaluate's --scale ... --layout): options of the data, not of a method."""
 
@@ -58,15 +61,28 @@ class CompressResult:
 
 def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any = None, target: str = "storage",
              seed: int = 0, out_dir: str | os.PathLike | None = None, latency_runs: int = 20,
-             progress: Callable[[int, int], None] | None = None,
+             output_model: str | os.PathLike | None = None, overwrite: bool = False,
+             started: Callable[[], None] | None = None,
+             progress: ProgressFn | None = None,
              input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
              metric: str | None = None, metric_mode: str = "max", **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
-    data: a --data spec or a Dataset. Without it the run is data-free: inputs are synthesised from
-    the graph (evaluate/synthetic.py), the score is fidelity to the fp32 model, nothing is
-    fine-tuned, and the report says task accuracy was not measured (methods marked needs_data
-    refuse to run).
+    out_dir: a folder of this run's own; one holding another run's files (report/outputs.py
+    RUN_FILES) is refused unless `overwrite` (those files are then removed first, nobody else's) or
+    `resume` (continuing the run whose state it holds). output_model: a file path where the model
+    alone is written as well (or instead, without out_dir), replacing what is there. started: called
+    once every check has passed (model, data, options, folder), just before the method runs.
+
+
+    data: a spec string or path (a .npz, an image folder, 'digits', a plugin package.module:func),
+    a Dataset, an input array x, (x, y), a dict of input arrays keyed by input name (labels under
+    'y'), or an iterable of batches of these; fitted to the graph's inputs (evaluate/loaders.py
+    check_fits: a single-input model takes any one array, dtypes are cast). Without it the run is
+    data-free: inputs are synthesised from the graph (evaluate/synthetic.py), the score is fidelity
+    to the fp32 model, nothing is fine-tuned, and the report says task accuracy was not measured
+    (methods marked needs_data refuse to run).
+    progress: `progress(phase, done, total)` (hirelc_onnx/progress.py), called by every method.
     input_shape: full shapes (batch first) of inputs with symbolic dims, {name: (1, 3, 224, 224)}:
     they size the synthesised inputs and the latency rows (with data, its shapes do that).
     Image options (DATA_OPTIONS: resize, center_crop, scale, offset, mean, std, channels,
@@ -78,7 +94,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       the report gives on the test split (higher is better; metric_mode "min" for a loss); needs --data.
     options: the chosen method's own, each taken by the methods in its row of search/methods.py
     METHODS (a value of None counts as not given; one the method would ignore is a UserError):
-      budget: true-bytes ratio such as '6x' (None: the method's own default choice); max_drop: largest
+      budget: true-bytes ratio such as '6x' (None: the method's METHODS default_budget, if any, searched
+      and reported with goal.budget_default); max_drop: largest
       accepted accuracy drop in points; time_limit: seconds for the search; evaluations: real
       (fine-tuned) evaluations; finetune_seconds: the fine-tuning clock of each (default 20);
       finetune_epochs: instead of the clock, exactly this many epochs (at most; patience may end
@@ -91,45 +108,59 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     start = time.perf_counter()
     chosen = get_method(method)
     given = {name: value for name, value in options.items() if value is not None}
+    options_given = set(given)
     image = {name: given.pop(name) for name in sorted(DATA_OPTIONS & set(given))}
     check_options(chosen, given)
     if image and data is None:
-        raise UserError(f"{flag(next(iter(image)))} sets how image files become input: give --data (an image folder)")
+        raise InvalidOptionError(f"{flag(next(iter(image)))} sets how image files become input: give {option('data')} "
+                                 "(an image folder)")
     if target not in TARGETS:
-        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise InvalidOptionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if data is None and chosen.needs_data:
         free = ", ".join(m.name for m in METHODS.values() if not m.needs_data)
-        raise UserError(f"--method {method} needs --data (a .npz, an image folder, 'digits' or a plugin); "
-                        f"without data these run: {free}")
+        raise InvalidOptionError(f"{option('method', method)} needs {option('data')} (a .npz, an image folder, "
+                                 f"'digits', a plugin{_PYTHON_DATA if current_interface() == 'python' else ''}); "
+                                 f"without data these run: {free}")
     if metric_mode not in METRIC_MODES:
-        raise UserError(f"--metric-mode must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
+        raise InvalidOptionError(f"{option('metric_mode')} must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
     if metric_mode != "max" and metric is None:
-        raise UserError("--metric-mode only matters with --metric: give --metric, or drop it")
+        raise InvalidOptionError(f"{option('metric_mode')} only matters with {option('metric')}: give "
+                                 f"{option('metric')}, or drop it")
     if metric is not None and data is None:
-        raise UserError("--metric only matters with --data (it scores the model's outputs against the data's "
-                        "labels): give --data, or drop it")
+        raise InvalidOptionError(f"{option('metric')} only matters with {option('data')} (it scores the model's "
+                                 f"outputs against the data's labels): give {option('data')}, or drop it")
     scoring = {"output_kind": output_kind, "metric": metric, "metric_mode": metric_mode}
     finetune = {name: given.pop(name) for name in sorted(FINETUNE_OPTIONS & set(given))}
     if finetune and data is None:
-        raise UserError(f"{flag(next(iter(finetune)))} only matters with --data (it sets how each measured "
-                        "candidate is fine-tuned): give --data, or drop it")
+        raise InvalidOptionError(f"{flag(next(iter(finetune)))} only matters with {option('data')} (it sets how each "
+                                 f"measured candidate is fine-tuned): give {option('data')}, or drop it")
     if finetune.get("finetune_epochs", 0) < 0:
-        raise UserError(f"finetune_epochs must be >= 0, got {finetune['finetune_epochs']}")
+        raise InvalidOptionError(f"{flag('finetune_epochs')} must be >= 0, got {finetune['finetune_epochs']}")
     if given.get("resume") and out_dir is None:
-        raise UserError("--resume needs --out (the folder where the interrupted run kept its state)")
+        raise InvalidOptionError(f"{option('resume')} needs {option('out_dir')} (the folder where the interrupted run "
+                                 "kept its state)")
+    if given.get("resume") and overwrite:
+        raise InvalidOptionError(f"{option('resume')} continues the run in {option('out_dir')} and "
+                                 f"{option('overwrite')} clears it: give one of them")
     if "budget" in given:
         given["budget"] = parse_budget(given["budget"])
+    elif chosen.default_budget is not None:  # the method's own size goal, made explicit: searched and reported
+        given["budget"] = chosen.default_budget
     if out_dir is not None:
-        check_out_dir(Path(out_dir), Path(model_path))
+        check_out_dir(Path(out_dir), Path(model_path), resume=bool(given.get("resume")), overwrite=overwrite)
+    if output_model is not None:
+        check_output_model(Path(output_model), Path(model_path))
 
     with hold_out_dir(out_dir) if out_dir is not None else nullcontext():  # one compress per --out
+        notify(progress, "loading the model")
         original = load_model(model_path)
         _check_domains(original, model_path)
         bg = build_block_graph(original, inplace=True)  # the weights held once: `original` is given up
         del original
-        if given.get("budget"):
+        if "budget" in options_given:  # a method's default is its own to reach (two-stage prunes weights too)
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
+        notify(progress, "loading the data" if data is not None else "synthesising inputs (data-free)")
         if data is not None:
             ds = _load_data(data, bg, image)
             bg = with_input_dims(bg, ds.sample_shapes)  # MACs at the data's sequence length / image size
@@ -139,38 +170,51 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             bg = with_input_dims(bg, ds.sample_shapes)
             ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
-        state_path = Path(out_dir) / "search_state.json" if out_dir is not None else None  # for --resume
+        state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
+        notify(progress, f"{method}: searching")
         own = {"seed": seed, "progress": progress, "state_path": state_path}
+        if out_dir is not None and overwrite:  # the folder is ours and every check passed: the earlier run goes
+            clear_run_files(Path(out_dir))
+        if started is not None:
+            started()
         result = chosen.load()(bg, ctx, target, **given,
                                **{k: v for k, v in own.items() if k in chosen.receives})
 
+        notify(progress, "measuring the emitted model")
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
-                              data=_data_record(data, ds))
+                              data={**_data_record(data, ds), "split_seed": seed})
+        if given.get("budget") is not None and "budget" not in options_given:
+            report["goal"]["budget_default"] = True  # the method's default, not the user's: the summary says so
         if out_dir is not None:
-            write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report)
+            notify(progress, "writing the outputs")
+            write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,
+                          output_model=None if output_model is None else Path(output_model))
+        elif output_model is not None:
+            write_model(Path(output_model), result.model)
+            report["outputs"] = {"output_model": str(output_model)}
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)
 
 
 def _load_data(data: Any, bg: BlockGraph, image: Mapping[str, Any]) -> Dataset:
-    """The --data spec (or a Dataset) read for the model's inputs, checked to fit them (keyed by their names)."""
+    """The data (a spec, a Dataset or arrays) read for the model's inputs, checked to fit them (keyed by their names)."""
     specs = graph_inputs(bg.model)
     single = tuple(specs[0].shape) if len(specs) == 1 else None
-    if isinstance(data, Dataset):
-        if image:
-            raise UserError(f"{flag(next(iter(image)))} applies to an image folder, not to a Dataset given in Python")
-        ds = data
-    else:
+    if isinstance(data, (str, os.PathLike)):
         ds = load_data(str(data), input_shape=single, **image)
+    else:
+        if image:
+            raise InvalidOptionError(f"{flag(next(iter(image)))} applies to an image folder, not to arrays given in Python")
+        ds = data if isinstance(data, Dataset) else dataset_from_python(data, option("data"), "data")
     out_shape = bg.model.graph.output[0].type.tensor_type.shape.dim
     classes = out_shape[-1].dim_value if out_shape and out_shape[-1].HasField("dim_value") else None
     if classify([d.dim_value if d.HasField("dim_value") else None for d in out_shape]) != "class-scores":
         classes = None  # labels of other outputs are not class indices: they go to the metric only
     ds = check_fits(ds, specs, None, classes)
     if len(ds) < 8:
-        raise UserError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")
+        raise DataError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")
     return ds
 
 
@@ -181,12 +225,13 @@ def _sample_shapes(bg: BlockGraph, input_shape: Mapping[str, Sequence[int]] | No
     names = [s.name for s in graph_inputs(bg.model)]
     unknown = sorted(set(input_shape) - set(names))
     if unknown:
-        raise UserError(f"--input-shape names {', '.join(unknown)}, which the model has no input of (inputs: {', '.join(names)})")
+        raise InvalidOptionError(f"{option('input_shape')} names {', '.join(unknown)}, which the model has no input of "
+                                 f"(inputs: {', '.join(names)})")
     out = {}
     for name, dims in input_shape.items():
         dims = tuple(int(d) for d in dims)
         if len(dims) < 1 or min(dims) < 1:
-            raise UserError(f"--input-shape {name} must be positive dims, batch first, got {dims}")
+            raise InvalidOptionError(f"{option('input_shape')} {name} must be positive dims, batch first, got {dims}")
         out[name] = dims[1:]
     return out
 
@@ -200,8 +245,12 @@ def _data_record(data: Any, ds: Dataset) -> dict:
     elif ds.classes is not None:
         labels = "class indices"
     else:
-        labels = f"{ds.y.dtype} (not class indices: they reach only --metric; without one, fidelity to fp32 is scored)"
-    return {"source": str(data) if isinstance(data, (str, os.PathLike)) else ds.name,
+        labels = f"{ds.y.dtype} (not class indices: they reach only the metric; without one, fidelity to fp32 is scored)"
+    if isinstance(data, (str, os.PathLike)):  # a file or folder by its full path: evaluate finds it from anywhere
+        source = str(Path(data).resolve()) if Path(data).exists() else str(data)
+    else:
+        source = ds.name
+    return {"source": source,
             "data_free": False, "samples": len(ds), "labels": labels,
             "inputs": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in ds.inputs.items()},
             "preprocessing": dict(ds.preprocessing) if ds.preprocessing else {"kind": "arrays used as given"}}

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from hirelc_onnx.errors import UserError
 from passes.quantize import GRANULARITIES  # the quantizer's grids, defined with it
 from passes.quantize_weights import TARGETS  # the weight pass's encodings, defined with it
 
@@ -24,7 +25,7 @@ BITS_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)
 QTYPES = ("symmetric", "asymmetric")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A compression config that cannot be applied; the message names the kernel and the field."""
 
 

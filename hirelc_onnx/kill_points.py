@@ -7,22 +7,25 @@ itself the n-th time (default: the first) it reaches that point. The points:
   finetune           a fine-tune, after its first training step
   write:<file name>  `io.write_atomic`, halfway through writing that file's temporary copy
 
-A point costs one dictionary lookup when the variable is unset. Used by tests/test_resume.py only.
+`HIRELC_TEST_KILL_SIGNAL=INT` sends SIGINT instead, as Ctrl-C would (the interrupt tests,
+tests/test_cli_exit_codes.py). A point costs one dictionary lookup when the variable is unset.
 """
 from __future__ import annotations
 
 import os
 import signal
 
-__all__ = ["ENV_VAR", "kill_point"]
+__all__ = ["ENV_VAR", "SIGNAL_VAR", "kill_point"]
 
 ENV_VAR = "HIRELC_TEST_KILL_AT"
+SIGNAL_VAR = "HIRELC_TEST_KILL_SIGNAL"
 
 _reached: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
-    """Die here (SIGKILL, no cleanup) when HIRELC_TEST_KILL_AT names this point and this is its n-th visit."""
+    """Die here (SIGKILL, no cleanup; SIGINT under HIRELC_TEST_KILL_SIGNAL=INT) when HIRELC_TEST_KILL_AT
+    names this point and this is its n-th visit."""
     spec = os.environ.get(ENV_VAR)
     if not spec:
         return
@@ -31,4 +34,4 @@ def kill_point(name: str) -> None:
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == (int(nth) if nth else 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if os.environ.get(SIGNAL_VAR) == "INT" else signal.SIGKILL)

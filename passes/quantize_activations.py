@@ -150,6 +150,7 @@ def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpe
     inits = {t.name: t for t in pinned.graph.initializer}
     overrides: dict[str, list[dict]] = {}
     expected: dict[str, np.ndarray] = {}
+    full_range: list[str] = []  # one warning for all of them, not one per weight
     for name, spec in grids.items():
         enc = encoding(spec, "ort-cpu")
         if name not in inits:
@@ -162,8 +163,7 @@ def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpe
         if spec.granularity != "per-tensor" and not per_channel:
             raise ValueError(f"quantize_activations: weight {name!r} has a per-channel grid; pass per_channel=True")
         if spec.symmetric and not spec.is_log2 and spec.bits == 8 and SCHEMES[scheme][0] == QuantType.QUInt8:
-            log.warning("weight %r: an 8-bit symmetric grid spans -127..127; uint8 x int8 kernels saturate on "
-                        "AVX2 CPUs without VNNI (use <= 7 bits there)", name)
+            full_range.append(name)
         w = numpy_helper.to_array(inits[name])
         stored = stored_tensors(quantize(w, spec), "ort-cpu")
         inits[name].CopyFrom(numpy_helper.from_array(fake_quantize(w, spec), name))
@@ -175,6 +175,10 @@ def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpe
         else:
             overrides[name] = [{"quant_type": qtype, "scale": float(sc), "zero_point": int(z), "axis": spec.axis}
                                for sc, z in zip(stored.scale, stored.zero_point)]
+    if full_range:
+        log.warning("%d weight(s) have 8-bit symmetric grids spanning -127..127 (%s); uint8 x int8 kernels saturate "
+                    "on AVX2 CPUs without VNNI (use <= 7 bits there)", len(full_range),
+                    ", ".join(full_range[:3]) + (", ..." if len(full_range) > 3 else ""))
     extra = {"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True}
     return pinned, extra, expected
 

@@ -221,7 +221,7 @@ def test_image_options_act_in_compress_as_in_evaluate(tmp_path):
     plain = load_data(str(tmp_path / "imgs"), (None, 3, 8, 8))
     tuned = load_data(str(tmp_path / "imgs"), (None, 3, 8, 8), scale=0.0078125, offset=-0.9921875)
     assert not np.allclose(plain.x, tuned.x)
-    with pytest.raises(UserError, match="give --data"):
+    with pytest.raises(UserError, match="give data="):
         compress(tmp_path / "m.onnx", method="uniform", scale=0.5)
 
 

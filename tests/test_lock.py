@@ -59,7 +59,7 @@ def test_second_compress_is_refused_until_the_holder_dies(tmp_path, holder):
     res = _cli(*cmd)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS  # the lock file is not left among the outputs
-    res = _cli(*cmd)  # again into the same folder once the first has ended (as --resume does)
+    res = _cli(*cmd, "--overwrite")  # again into the same folder once the first has ended (it holds that run)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
 

@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from hirelc_onnx.commands.data_options import input_shape_option, parse_input_shapes
-from hirelc_onnx.commands.evaluate import fmt_bytes, session_options
+from hirelc_onnx.commands.evaluate import compress_run, session_options
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import load_data
 from hirelc_onnx.evaluate.per_node import NodeRow, per_node_rows
 from hirelc_onnx.evaluate.runner import (OrtRunner, SessionConfig, benchmark_side_by_side, get_runner, load_onnx, measure_peak_memory,
                                          model_file_size)
+from hirelc_onnx.units import fmt_bytes, fmt_speed
 
 __all__ = ["benchmark"]
 
@@ -40,7 +41,7 @@ def _batch_sizes(value: str) -> list[int]:
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model and batch size.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
 @input_shape_option("[name=]1x3x224x224 for inputs with symbolic dims (repeatable or comma-separated).")
-@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS measured in a subprocess.")
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS over its baseline, measured in a fresh process per model.")
 @click.option("--per-node", is_flag=True,
               help="Per compressed kernel: the op ORT ran after its optimisations, its time (ORT profile) and, "
                    "with --against, its output SNR against that model (random input at the first batch size).")
@@ -61,8 +62,13 @@ def benchmark(
     opt_level: str,
     as_json: bool,
 ) -> None:
-    """Time MODEL in ONNX Runtime on random input of its shape; with --against, compare."""
+    """Time MODEL in ONNX Runtime on random input of its shape; with --against, compare.
+
+    Peak memory: each model loaded and run in a fresh process, its peak RSS over that process's own
+    baseline (Python, numpy and ONNX Runtime imported)."""
     config = SessionConfig(graph_optimization_level=opt_level, intra_op_threads=threads)
+    model = compress_run(model)[0]  # a compress output folder stands for its model.onnx
+    against = None if against is None else compress_run(against)[0]
     sizes = _batch_sizes(batch_sizes)
     models = [model] + ([against] if against else [])
     runners = [get_runner(m, config) for m in models]
@@ -125,7 +131,7 @@ def _print_table(report: dict[str, Any], memory: bool) -> None:
     roles = ["model"] + (["against"] if "against" in report else [])
     table = Table(title="ONNX Runtime latency on random input")
     columns = ["batch", "", "median ms", "p90 ms", "items/s"]
-    columns += (["peak RSS +MB"] if memory else []) + (["speedup"] if len(roles) > 1 else [])
+    columns += (["peak memory"] if memory else []) + (["speed vs --against"] if len(roles) > 1 else [])
     for col in columns:
         table.add_column(col, justify="left" if col == "" else "right")
     for i, first in enumerate(report["model"]["results"]):
@@ -133,14 +139,17 @@ def _print_table(report: dict[str, Any], memory: bool) -> None:
             r = report[role]["results"][i]
             row = [str(r["batch_size"]), role, f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:,.0f}"]
             if memory:
-                row.append(f"{r['delta_mb']:.1f}")
+                row.append(fmt_bytes(r["delta_bytes"], exact=False))
             if len(roles) > 1:
-                row.append(f"{report['speedup'][str(first['batch_size'])]:.2f}x" if role == "model" else "")
+                row.append(fmt_speed(report["speedup"][str(first["batch_size"])]) if role == "model" else "")
             table.add_row(*row)
     console = Console()
     console.print(table)
     for role in roles:
-        console.print(f"{role}: {report[role]['path']} ({fmt_bytes(report[role]['file_size_bytes'])})", highlight=False)
+        console.print(f"{role}: {report[role]['path']}, {fmt_bytes(report[role]['file_size_bytes'])}", highlight=False)
+    if memory:
+        console.print("peak memory: the peak RSS of loading and running the model in a fresh process, over that "
+                      "process's own baseline", highlight=False)
     if len(roles) > 1:
         ratio = report["size_ratio"]
-        console.print(f"model is {ratio:.2f}x smaller on disk than --against (speedup > 1: model is faster)", highlight=False)
+        console.print(f"model is {ratio:.2f}x smaller on disk than --against", highlight=False)

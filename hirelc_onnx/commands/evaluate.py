@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -14,19 +15,11 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import SPLIT_NAMES, select_split
 from hirelc_onnx.evaluate.loaders import load_data
 from hirelc_onnx.evaluate.runner import SessionConfig, evaluate as run_evaluate, get_runner, model_file_size
+from hirelc_onnx.units import fmt_bytes
 
-__all__ = ["evaluate", "session_options", "fmt_bytes"]
+__all__ = ["evaluate", "session_options", "compress_run"]
 
 log = logging.getLogger(__name__)
-
-
-def fmt_bytes(n: int) -> str:
-    """Human-readable size, exact bytes kept in --json output."""
-    units = ("B", "KiB", "MiB", "GiB")
-    value, i = float(n), 0
-    while value >= 1024 and i < len(units) - 1:
-        value, i = value / 1024, i + 1
-    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"
 
 
 def session_options(fn: Callable) -> Callable:
@@ -44,12 +37,16 @@ def session_options(fn: Callable) -> Callable:
 
 @click.command("evaluate")
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help=".npz (one array per input named after it, or x; optional y), image folder, 'digits' or package.module:func.")
+@click.option("--data", "data_spec", help=".npz (one array per input named after it, or x; optional y), image folder, "
+              "'digits' or package.module:func. Default for a compress output: the data that run used.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option(
-    "--split", type=click.Choice(SPLIT_NAMES), default="all", show_default=True, help="Part of the seeded split to use."
+    "--split", type=click.Choice(SPLIT_NAMES), default=None,
+    help="Part of the seeded split to use. Default: 'test' for a compress output (the run's held-out test split, "
+         "the one its report gives), else 'all'."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the split. Default: the compress run's seed for its output, else 0.")
 @click.option("--reference", help="fp32 model: report fidelity (agreement, KL, MSE, cosine) against it.")
 @click.option("--metric", "metrics", multiple=True, help="Plugin metric package.module:func(logits, labels_or_ref); repeatable.")
 @image_options
@@ -57,10 +54,10 @@ def session_options(fn: Callable) -> Callable:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(
     model: str,
-    data_spec: str,
+    data_spec: str | None,
     batch_size: int,
-    split: str,
-    seed: int,
+    split: str | None,
+    seed: int | None,
     reference: str | None,
     metrics: tuple[str, ...],
     threads: int,
@@ -68,7 +65,17 @@ def evaluate(
     as_json: bool,
     **image: Any,
 ) -> None:
-    """Measure MODEL on --data through the ONNX Runtime session a user would deploy."""
+    """Measure MODEL on --data through the ONNX Runtime session a user would deploy.
+
+    MODEL may be a compress output folder (or its model.onnx): the run's report.json then gives the
+    default data, split ('test') and seed, so the figure is the report's own test figure.
+    """
+    model, run = compress_run(model)
+    if run is not None:
+        data_spec, split, seed = _run_defaults(run, data_spec, split, seed)
+    if data_spec is None:
+        raise UserError("give --data (only a compress output folder, with its report.json, has a default)")
+    split, seed = split or "all", 0 if seed is None else seed
     config = SessionConfig(graph_optimization_level=opt_level, intra_op_threads=threads)
     runner = get_runner(model, config)
     if reference is not None:
@@ -81,7 +88,7 @@ def evaluate(
     if ds.classes is None and reference is None:
         what = "no labels" if ds.y is None else f"labels ({ds.y.dtype}) that are not class indices"
         raise UserError(f"{data_spec} has {what}: give --reference fp32.onnx to measure fidelity instead")
-    result: dict[str, Any] = {"model": model, "data": data_spec, "split": split}
+    result: dict[str, Any] = {"model": model, "data": data_spec, "split": split, "seed": seed}
     result.update(run_evaluate(model, ds, batch_size, reference, metrics, config))
     result["file_size_bytes"] = model_file_size(model)
     if reference is not None:
@@ -106,16 +113,16 @@ _LABELS = {
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    table = Table(title=f"{result['model']} on {result['data']} ({result['split']})")
+    table = Table(title=f"{result['model']} on {result['data']} ({result['split']} split, seed {result['seed']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        if key in ("model", "data", "split", "reference"):
+        if key in ("model", "data", "split", "seed", "reference"):
             continue
         if key.endswith("file_size_bytes"):
             shown = fmt_bytes(value)
         elif key in ("accuracy", "reference_accuracy", "top1_agreement", "top5_containment"):
-            shown = f"{100 * value:.2f}%"
+            shown = f"{value:.4f}"  # a fraction, as compress and the report write it
         elif isinstance(value, float):
             shown = f"{value:.6g}"
         else:
@@ -123,3 +130,40 @@ def _print_table(result: dict[str, Any]) -> None:
         label = _LABELS.get(key, key.replace("_bytes", "").replace("_", " "))
         table.add_row(label, shown)
     Console().print(table)
+
+
+def compress_run(model: str) -> tuple[str, dict | None]:
+    """(the model file, the report of the compress run that wrote it, or None).
+
+    A compress output folder stands for its model.onnx; a model.onnx with a report.json beside it
+    whose outputs name that file is a compress output too."""
+    path = Path(model)
+    if path.is_dir() and (path / "report.json").is_file() and (path / "model.onnx").is_file():
+        path = path / "model.onnx"
+    report_path = path.parent / "report.json"
+    if not path.is_file() or not report_path.is_file():
+        return model, None
+    try:
+        report = json.loads(report_path.read_text())
+        written = Path(report["outputs"]["model.onnx"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return model, None
+    if written.name != path.name:
+        return model, None
+    return str(path), report
+
+
+def _run_defaults(run: dict, data_spec: str | None, split: str | None,
+                  seed: int | None) -> tuple[str | None, str | None, int | None]:
+    """The compress run's data, 'test' and its seed, where the user gave none."""
+    data = run.get("data") or {}
+    source = data.get("source") if not data.get("data_free") else None
+    if data_spec is None and source is not None and data.get("preprocessing", {}).get("kind") != "image folder":
+        data_spec = source  # an image folder needs its image options again: the user gives them
+    if seed is None and "split_seed" in data:
+        seed = int(data["split_seed"])
+    if split is None and source is not None:
+        split = "test"
+        if data_spec != source:
+            log.warning("the compress run used data %s; the test split of %s is not its test split", source, data_spec)
+    return data_spec, split, seed

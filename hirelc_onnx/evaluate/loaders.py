@@ -26,6 +26,7 @@ __all__ = [
     "load_npz",
     "load_image_folder",
     "check_fits",
+    "dataset_from_python",
     "InputSpec",
     "graph_inputs",
     "import_plugin",
@@ -340,8 +341,15 @@ def _load_plugin(spec: str) -> Dataset:
 
 
 def _from_plugin_output(out: Any, spec: str) -> Dataset:
-    """Accept a Dataset, x, (x, y), a dict of input arrays (labels under 'y'), (dict, y), or batches of these."""
-    name = spec.split(":")[1]
+    return dataset_from_python(out, f"the output of data plugin {spec!r}", spec.split(":")[1])
+
+
+def dataset_from_python(out: Any, what: str = "data", name: str = "data") -> Dataset:
+    """A Dataset from Python objects: a Dataset, x, (x, y), a dict of input arrays (labels under 'y'),
+    (dict, y), or an iterable of batches of these (concatenated).
+
+    what: how errors name the source (a plugin, or `data=` of the Python API); name: the dataset's name.
+    """
     if isinstance(out, Dataset):
         return _make_dataset(out.inputs, out.y, out.name)
     if isinstance(out, np.ndarray):
@@ -349,7 +357,7 @@ def _from_plugin_output(out: Any, spec: str) -> Dataset:
     if isinstance(out, dict):
         inputs = {k: v for k, v in out.items() if k != "y"}
         if not inputs:
-            raise DataError(f"data plugin {spec!r} returned a dict without input arrays (keys: {', '.join(map(str, out))})")
+            raise DataError(f"{what} is a dict without input arrays (keys: {', '.join(map(str, out))})")
         return _make_dataset(inputs, out.get("y"), name)
     if isinstance(out, tuple) and 1 <= len(out) <= 2 and (
             isinstance(out[0], dict) or isinstance(out[0], np.ndarray) and out[0].ndim >= 1):
@@ -369,22 +377,24 @@ def _from_plugin_output(out: Any, spec: str) -> Dataset:
                 bx, by = batch, None
             bx = dict(bx) if isinstance(bx, dict) else {SINGLE_INPUT: bx}
             if ys and (by is None) != (ys[-1] is None):
-                raise DataError(f"data plugin {spec!r}: batch {i} {'lacks' if by is None else 'has'} labels unlike batch 0")
+                raise DataError(f"{what}: batch {i} {'lacks' if by is None else 'has'} labels unlike batch 0")
             if xs and set(bx) != set(xs[0]):
-                raise DataError(f"data plugin {spec!r}: batch {i} has inputs {', '.join(bx)} unlike batch 0 "
-                                f"({', '.join(xs[0])})")
-            xs.append({k: np.asarray(v) for k, v in bx.items()})
-            ys.append(None if by is None else np.asarray(by))
+                raise DataError(f"{what}: batch {i} has inputs {', '.join(bx)} unlike batch 0 ({', '.join(xs[0])})")
+            try:
+                xs.append({k: np.asarray(v) for k, v in bx.items()})
+                ys.append(None if by is None else np.asarray(by))
+            except ValueError as exc:  # a ragged batch
+                raise DataError(f"{what}: batch {i} is not a rectangular array ({exc})") from exc
         if not xs:
-            raise DataError(f"data plugin {spec!r} yielded no batches")
+            raise DataError(f"{what} yielded no batches")
         try:
             inputs = {k: np.concatenate([b[k] for b in xs]) for k in xs[0]}
             y = None if ys[0] is None else np.concatenate(ys)
         except ValueError as exc:
-            raise DataError(f"data plugin {spec!r}: batches differ in shape ({exc})") from exc
+            raise DataError(f"{what}: batches differ in shape ({exc})") from exc
         return _make_dataset(inputs, y, name)
-    raise DataError(f"data plugin {spec!r} returned {type(out).__name__}; expected a Dataset, x, (x, y), "
-                    "a dict of input arrays or batches")
+    raise DataError(f"{what} is of type {type(out).__name__}; expected a Dataset, x, (x, y), "
+                    "a dict of input arrays or batches of these")
 
 
 def _make_dataset(inputs: Any, y: Any, name: str) -> Dataset:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from hirelc_onnx.errors import DataError, UserError
+from hirelc_onnx.errors import DataError, InvalidOptionError, UserError, option
 from hirelc_onnx.evaluate.data import is_class_labels
 from hirelc_onnx.evaluate.metrics import call_metric, cross_entropy, load_metric, top1_accuracy
 from hirelc_onnx.evaluate.output_kinds import KINDS, resolve_kinds
@@ -67,7 +67,8 @@ class Objective:
         if metric_mode not in METRIC_MODES:
             raise UserError(f"metric mode must be one of {', '.join(METRIC_MODES)}, got {metric_mode!r}")
         if metric_mode != "max" and metric is None:
-            raise UserError("--metric-mode only matters with --metric: give --metric, or drop it")
+            raise InvalidOptionError(f"{option('metric_mode')} only matters with {option('metric')}: give {option('metric')}, "
+                                     "or drop it")
         samples = None if ref_outputs is None else _as_list(ref_outputs)
         kinds = resolve_kinds(list(names), list(shapes), samples, output_kind)
         label_output = None

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.metrics import (
     cosine_similarity,
     kl_divergence,
@@ -129,12 +129,12 @@ def parse_overrides(spec: str | Mapping[str, str] | None, names: Sequence[str]) 
         for part in parts:
             name, sep, kind = part.partition("=")
             if not sep:
-                raise UserError(f"--output-kind: {part!r} is not name=kind (or give one kind for every output)")
+                raise UserError(f"{option('output_kind')}: {part!r} is not name=kind (or give one kind for every output)")
             pairs[name.strip()] = kind.strip()
         spec = pairs
     unknown = sorted(set(spec) - set(names))
     if unknown:
-        raise UserError(f"--output-kind names output(s) {', '.join(map(repr, unknown))} the model does not have; "
+        raise UserError(f"{option('output_kind')} names output(s) {', '.join(map(repr, unknown))} the model does not have; "
                         f"its outputs: {', '.join(names)}")
     return {name: _kind(kind) for name, kind in spec.items()}
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hirelc_onnx.errors import DataError, ModelLoadError, UserError
+from hirelc_onnx.errors import DataError, ModelLoadError, UserError, option
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import InputSpec, check_fits
 from hirelc_onnx.evaluate.metrics import fidelity, plugin_metric, top1_accuracy
@@ -273,7 +273,7 @@ class OrtRunner:
                 else:
                     raise DataError(
                         f"{self.label}: input {inp.name!r} has symbolic dim {d!r} at axis {axis}; "
-                        f"give its full shape (--input-shape {inp.name}=1x...)"
+                        f"give its full shape ({option('input_shape')} {inp.name}=1x...)"
                     )
             shapes[inp.name] = tuple(dims)
         return shapes
@@ -506,8 +506,18 @@ import json, resource, sys
 import numpy as np
 import onnxruntime as ort
 spec = json.loads(sys.argv[1])
-scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+def rss():
+    # the high-water mark of this process's own memory map: /proc's VmHWM starts afresh at exec,
+    # while ru_maxrss carries over the parent's peak through fork and exec (every figure +0)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 2**20
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 base = rss()
 so = ort.SessionOptions()
 so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec["level"])
@@ -535,9 +545,11 @@ def measure_peak_memory(
 ) -> dict[str, float]:
     """Peak resident memory of loading and running the model, measured in a fresh subprocess.
 
-    Returns peak_rss_mb (the subprocess's max RSS), baseline_rss_mb (after importing numpy and
-    onnxruntime), after_load_rss_mb (after building the session) and delta_mb = peak - baseline:
-    weights, ORT's arena and activations for one batch. Uses resource.getrusage (Linux, macOS).
+    Returns peak_rss_mb (the subprocess's peak RSS, MiB), baseline_rss_mb (after importing numpy
+    and onnxruntime), after_load_rss_mb (after building the session), delta_mb = peak - baseline
+    and the same in bytes, delta_bytes: weights, ORT's arena and activations for one batch.
+    The subprocess is started afresh (exec) and reads its own high-water mark (/proc/self/status
+    VmHWM on Linux; ru_maxrss elsewhere), so the parent's memory never counts.
     """
     config = config or SessionConfig()
     runner = get_runner(model, config)
@@ -569,5 +581,6 @@ def measure_peak_memory(
         raise UserError(f"memory measurement of {runner.label} failed: {tail[0]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["delta_mb"] = out["peak_rss_mb"] - out["baseline_rss_mb"]
+    out["delta_bytes"] = int(round(out["delta_mb"] * 2**20))
     log.debug("memory of %s at batch %d: %s (config %s)", runner.label, batch_size, out, asdict(config))
     return out

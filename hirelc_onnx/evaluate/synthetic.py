@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hirelc_onnx.errors import DataError
+from hirelc_onnx.errors import DataError, option
 from hirelc_onnx.evaluate.data import Dataset
 from hirelc_onnx.evaluate.loaders import InputSpec, graph_inputs
 
@@ -90,7 +90,7 @@ def plan_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]
     specs = graph_inputs(model)
     unknown = sorted(set(input_shapes) - {s.name for s in specs})
     if unknown:
-        raise DataError(f"--input-shape names {', '.join(unknown)}, which the model has no input of "
+        raise DataError(f"{option('input_shape')} names {', '.join(unknown)}, which the model has no input of "
                         f"(inputs: {', '.join(s.name for s in specs)})")
     return [_plan(model, spec, input_shapes.get(spec.name)) for spec in specs]
 
@@ -99,11 +99,11 @@ def _plan(model: onnx.ModelProto, spec: InputSpec, given: Sequence[int] | None) 
     dims = list(spec.shape[1:])
     if given is not None:
         if len(given) != len(dims):
-            raise DataError(f"--input-shape for {spec.name!r} has {len(given) + 1} dims, the model's input "
+            raise DataError(f"{option('input_shape')} for {spec.name!r} has {len(given) + 1} dims, the model's input "
                             f"{len(spec.shape)}")
         for axis, (want, got) in enumerate(zip(dims, given), start=1):
             if isinstance(want, int) and want > 0 and want != got:
-                raise DataError(f"--input-shape for {spec.name!r} gives {got} at axis {axis}, where the model "
+                raise DataError(f"{option('input_shape')} for {spec.name!r} gives {got} at axis {axis}, where the model "
                                 f"fixes {want}")
         shape = tuple(int(d) for d in given)
     else:
@@ -130,7 +130,7 @@ def synthesize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
     if sizes[big] > _MAX_SAMPLE_ELEMENTS:
         raise DataError(f"cannot synthesise input {big!r}: one sample of shape {_dims(plans, big)} has "
                         f"{sizes[big]:.3g} elements (the limit is {_MAX_SAMPLE_ELEMENTS:.3g}); "
-                        f"give --data, or --input-shape {big}=1x... for its symbolic dims")
+                        f"give {option('data')}, or {option('input_shape')} {big}=1x... for its symbolic dims")
     per_sample = max(sizes[big], 1)
     n = max(_MIN_SAMPLES, min(samples, _MAX_ELEMENTS // per_sample))
     if n < samples:

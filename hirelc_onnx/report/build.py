@@ -23,6 +23,7 @@ from hirelc_onnx.graph import BlockGraph, ModelCost, model_cost
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.units import fmt_speed
 from passes.storage import initializer_nbytes
 
 __all__ = ["build_report", "per_kernel_rows", "reference_points", "versions", "sample_warning", "DATA_FREE_NOTE"]
@@ -186,8 +187,9 @@ def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue
+        speedup = fp["median_ms"] / max(comp["median_ms"], 1e-9)
         latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
-                                    "speedup": fp["median_ms"] / max(comp["median_ms"], 1e-9)}
+                                    "speedup": speedup, "speed": fmt_speed(speedup)}
         if not together:
             latency[f"batch{batch}"]["interleaved"] = False
     return latency

@@ -5,6 +5,8 @@ import base64
 import html
 import io
 
+from hirelc_onnx.units import fmt_bytes, fmt_speed
+
 __all__ = ["render_html", "pareto_front"]
 
 
@@ -115,7 +117,7 @@ def render_html(report: dict) -> str:
     size, acc, lat = report["size"], report.get("accuracy"), report.get("latency", {})
     summary = [{"figure": "true-bytes ratio", "value": size["ratio"]},
                {"figure": "file ratio", "value": size["file_ratio"]},
-               {"figure": "file bytes", "value": size["file_bytes"]}]
+               {"figure": "file size", "value": fmt_bytes(size["file_bytes"])}]
     if acc:
         summary += [{"figure": f"{acc['metric']} fp32 (test)", "value": acc["fp32"]},
                     {"figure": f"{acc['metric']} compressed (test)", "value": acc["compressed"]},
@@ -128,7 +130,7 @@ def render_html(report: dict) -> str:
     for key, v in lat.items():
         if "speedup" in v:
             summary.append({"figure": f"latency {key} fp32 / compressed (ms)",
-                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({v['speedup']:.2f}x)"})
+                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({fmt_speed(v['speedup'])})"})
     outputs = (acc or {}).get("outputs") or []
     cols_out = ["name", "kind"] + sorted({k for o in outputs for k in o} - {"name", "kind", "shape"})
     outputs_html = (f"<h2>Outputs (test split, each against fp32)</h2>{_table(outputs, cols_out)}" if outputs else "")

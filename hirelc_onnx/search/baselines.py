@@ -23,9 +23,10 @@ import onnx
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, KernelConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import InvalidOptionError, UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
+from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from passes.quantize_activations import quantize_activations
@@ -64,9 +65,15 @@ def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: 
     return CompressionConfig(kernels, target=target).validate()
 
 
-def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int = 8, keep: float = 1.0,
+def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits: int | None = None, keep: float = 1.0,
                 qtype: str = "symmetric", granularity: str = "per-channel") -> MethodResult:
-    """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data)."""
+    """The same bits / keep ratio / qtype / granularity for every kernel (measured when there is data).
+
+    bits: default 8, or 7 under ort-cpu, where ORT's u8 x s8 kernels saturate with full-range 8-bit
+    weights on CPUs without VNNI (passes/quantize_activations.py).
+    """
+    if bits is None:
+        bits = 7 if target == "ort-cpu" else 8
     config = _uniform_config(bg, target, bits, keep, qtype, granularity)
     if ctx is None:
         return MethodResult(config, apply_config(bg, config), None)
@@ -104,12 +111,12 @@ def uniform_keep_for_budget(bg: BlockGraph, target: str, bits: int, budget: floa
 
 
 def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
-                   evaluations: int = 8, progress: Callable[[int, int], None] | None = None) -> MethodResult:
+                   evaluations: int = 8, progress: ProgressFn | None = None) -> MethodResult:
     """Uniform bits + uniform L1 pruning fitted to the budget, one candidate per bit width."""
     if ctx is None:
-        raise UserError("--method uniform-l1 measures candidates: give --data")
+        raise UserError(f"{option('method', 'uniform-l1')} measures candidates: give {option('data')}")
     if budget is None:
-        raise UserError("--method uniform-l1 fits a budget: give --budget")
+        raise InvalidOptionError(f"{option('method', 'uniform-l1')} fits a budget: give {option('budget')}")
     candidates = []
     for bits in sorted((b for b in bits_ladder(target) if b < 32), reverse=True):
         keep = uniform_keep_for_budget(bg, target, bits, budget)
@@ -127,8 +134,7 @@ def run_uniform_l1(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bu
         history.append(candidate_record(m, method="uniform-l1", step=i, bits=bits, keep=keep))
         if best is None or m.score > best.score:
             best = m
-        if progress:
-            progress(i + 1, len(candidates))
+        notify(progress, "uniform-l1: real evaluations", i + 1, len(candidates))
     return MethodResult(best.config, best.model, best.score, history)
 
 
@@ -140,7 +146,7 @@ def run_l1_int8(bg: BlockGraph, ctx: SearchContext | None, target: str, *, keep:
 def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str) -> MethodResult:
     """ORT's quantize_static on the fp32 model (activations and weights int8, QDQ)."""
     if ctx is None:
-        raise UserError("--method ort-int8 calibrates activations: give --data")
+        raise UserError(f"{option('method', 'ort-int8')} calibrates activations: give {option('data')}")
     model = quantize_activations(bg.model, ctx.calib_batches)
     score = ctx.score_model(model, ctx.splits.val)
     ratio = bg.weight_bytes / max(initializer_nbytes(model), 1)
@@ -162,10 +168,10 @@ def random_config(bg: BlockGraph, target: str, rng: np.random.Generator) -> Comp
 
 def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                evaluations: int = 8, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> MethodResult:
+               progress: ProgressFn | None = None) -> MethodResult:
     """Random search with the same number of real evaluations as the RL methods."""
     if ctx is None:
-        raise UserError("--method random measures candidates: give --data")
+        raise UserError(f"{option('method', 'random')} measures candidates: give {option('data')}")
     rng = np.random.default_rng(seed)
     best: Measurement | None = None
     history = []
@@ -177,6 +183,5 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         history.append(candidate_record(m, method="random", step=i))
         if best is None or m.score > best.score:
             best = m
-        if progress:
-            progress(i + 1, evaluations)
+        notify(progress, "random: real evaluations", i + 1, evaluations)
     return MethodResult(best.config, best.model, best.score, history)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import BudgetError, InvalidOptionError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost, weight_nbytes
 from hirelc_onnx.specs import weight_target
@@ -18,10 +18,6 @@ MIN_KEEP = 0.25  # the repair step never prunes a group below a quarter of its c
 KEEP_STEP = 0.125
 
 
-class BudgetError(UserError):
-    """The budget cannot be met by any config this tool can emit for the model and target."""
-
-
 def parse_budget(text: str | float | None) -> float | None:
     """'6x', '6', 6.0 -> 6.0 (compression ratio in true bytes); None stays None."""
     if text is None:
@@ -31,10 +27,10 @@ def parse_budget(text: str | float | None) -> float | None:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*", str(text))
         if not m:
-            raise UserError(f"budget must look like '6x' (a compression ratio), got {text!r}")
+            raise InvalidOptionError(f"budget must look like '6x' (a compression ratio), got {text!r}")
         value = float(m.group(1))
     if not value > 1.0:
-        raise UserError(f"budget must be a ratio above 1x, got {text!r}")
+        raise InvalidOptionError(f"budget must be a ratio above 1x, got {text!r}")
     return value
 
 

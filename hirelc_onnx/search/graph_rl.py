@@ -52,15 +52,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from hirelc_onnx.bridge.convert import torch_threads
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.search.baselines import MethodResult, candidate_record
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.channel_importance import channel_rankings, kernel_fisher, scaled_ranks
@@ -73,6 +73,8 @@ from hirelc_onnx.search.selection import Selection
 __all__ = ["GraphRLSettings", "run_graph_rl"]
 
 log = logging.getLogger(__name__)
+
+PHASE_GRAPH_RL = "graph-rl: policy updates, then real evaluations"
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def _key(masks: list[np.ndarray]) -> bytes:
 
 def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                  time_limit: float | None = None, seed: int = 0,
-                 evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
+                 evaluations: int = 8, progress: ProgressFn | None = None,
                  flops: float | None = None, params: float | None = None, bits: int | None = None,
                  settings: GraphRLSettings | None = None) -> MethodResult:
     """Graph-attention RL channel pruning under a resource constraint (see the module docstring).
@@ -165,7 +167,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     maximises accuracy within the limits.
     """
     if ctx is None:
-        raise UserError("--method graph-rl scores candidates on data: give --data")
+        raise UserError(f"{option('method', 'graph-rl')} scores candidates on data: give {option('data')}")
     s = settings or GraphRLSettings()
     bits = int(bits if bits is not None else s.bits if s.bits is not None else bits_ladder(target)[1])
     start = time.perf_counter()
@@ -174,7 +176,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     constraints = resource_constraints(budget, flops, params)
     obs = build_observation(bg, kernel_fisher(bg, ctx, s.fisher_samples, seed))
     if not obs.groups:
-        raise UserError("--method graph-rl prunes channels, and this model has no prunable channel group "
+        raise UserError(f"{option('method', 'graph-rl')} prunes channels, and this model has no prunable channel group "
                         "(see `hirelc-onnx inspect` for the reasons)")
     space = PruningSpace(bg, obs, constraints, target, bits, s.min_keep, s.channel_multiple)
     space.check_reachable()
@@ -251,8 +253,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
             lam_trace.append(lam.tolist())
             best_curve.append(best)
             log.debug("graph-rl update %d: best %.4f mean %.4f lambda %s", update, best, scores.mean(), lam)
-            if progress:
-                progress(update + 1, total_steps)
+            notify(progress, PHASE_GRAPH_RL, update + 1, total_steps)
 
         # --- the greedy policy's episode (keep where p > 0.5, projected), first in line for real evaluation
         with torch.no_grad():
@@ -283,8 +284,7 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
                                         feasible=feasible, kept_channels=int(counts.sum())))
         if feasible:
             measured.append((m, *chosen_by))
-        if progress:
-            progress(updates + rank + 1, total_steps)
+        notify(progress, PHASE_GRAPH_RL, updates + rank + 1, total_steps)
     best_m = select.pick(measured)  # the selection score decides; within one row of the best, the loss
     if best_m is None:  # projection makes every candidate feasible: reaching here is a cost-model bug
         raise RuntimeError("graph-rl: no measured candidate met the resource limits")

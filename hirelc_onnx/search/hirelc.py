@@ -44,15 +44,16 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.kill_points import kill_point
+from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
@@ -65,6 +66,8 @@ from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObs
 __all__ = ["HiReLCSettings", "run_hirelc"]
 
 log = logging.getLogger(__name__)
+
+PHASE = "hirelc: real evaluations"
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class HiReLCSettings:
 
 def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
-               evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
+               evaluations: int = 8, progress: ProgressFn | None = None,
                state_path: str | Path | None = None, resume: bool = False,
                settings: HiReLCSettings | None = None) -> MethodResult:
     """Search a config meeting `budget` (true-bytes ratio) with HiReLC; see the module docstring.
@@ -134,7 +137,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     resume: where the search state is written after each round, and whether to continue from it.
     """
     if ctx is None:
-        raise UserError("--method hirelc measures candidates: give --data")
+        raise UserError(f"{option('method', 'hirelc')} measures candidates: give {option('data')}")
     if evaluations < 1:
         raise UserError(f"hirelc needs at least one real evaluation, got evaluations={evaluations}")
     settings = settings or HiReLCSettings()
@@ -148,9 +151,12 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resume and state is None:
         log.warning("resume asked but no search state at %s: starting afresh", state_path)
     resumed_from = None if state is None else state.next_round
+    if state is not None:  # the report counts the search's real evaluations, those made before the resume too
+        ctx.evaluations += len(state.real)
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
+        notify(progress, "hirelc: sensitivity and proxy probes")
         state = _first_state(bg, ctx, budget, target, seed, settings)
     log.info("sensitivity from %s", state.sensitivity_source)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
@@ -183,11 +189,12 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             load_ensembles(state.agents, [high, *low])
         except ValueError as exc:
             raise UserError(f"cannot resume from {state_path}: the saved agents do not fit this search's settings "
-                            f"({exc}); delete it (or drop --resume) to start afresh") from None
+                            f"({exc}); delete it (or drop {option('resume')}) to start afresh") from None
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
     measured = {p.key for p in state.real}
     time_limited = False
+    notify(progress, PHASE, state.next_round, evaluations)
     for rnd in range(state.next_round, evaluations):
         round_start = time.perf_counter()
         expected = np.mean(state.round_seconds) if state.round_seconds else ctx.finetune_seconds + 30.0
@@ -247,7 +254,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                                               adopted=adopted, timing=timing))
         state.round_seconds.append(time.perf_counter() - round_start)
         state.next_round = rnd + 1
-        log.info("round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, proxy %.1fs, "
+        progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (%.1fs: RL %.1fs, proxy %.1fs, "
                  "measure %.1fs)", state.next_round, evaluations, source, m.cost.ratio, predicted, m.score,
                  state.round_seconds[-1], timing["rl"], timing["proxy"], timing["measure"])
         # 6. state: everything needed to continue with the next round
@@ -256,14 +263,14 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         if state_path is not None:
             state.agents = save_ensembles([high, *low])
             state.save(state_path, accuracy.features)
-        if progress:
-            progress(state.next_round, evaluations)
+        notify(progress, PHASE, state.next_round, evaluations)
         if time_limited:
             break
 
     best = _best(state.real, threshold)
     if best.model is None:  # the best came from a resumed session whose saved model is gone
         best.model = ctx.measure(best.config).model
+        ctx.evaluations -= 1  # the rebuild of a candidate measured before, not another evaluation
     extra = {
         "block_sensitivity": {b: float(s) for b, s in state.block_sensitivity.items()},
         "kernel_sensitivity": dict(state.kernel_sensitivity),

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.graph.loader import load_model
@@ -169,7 +169,7 @@ class HiReLCState:
         for key, value in _identity(sorted(bg.kernels), budget, target, seed).items():
             if data.get(key) != value:
                 raise UserError(f"cannot resume from {path}: it was written for {key}={data.get(key)!r}, this run "
-                                f"has {value!r}; delete it (or drop --resume) to start afresh")
+                                f"has {value!r}; delete it (or drop {option('resume')}) to start afresh")
         state = cls.from_json(data, ctx.cost)
         state.restore_best_model(path, data["best_model"])
         if data["agents"] is not None:

@@ -17,13 +17,12 @@ The emitted model is the best real measurement (validation score; ratio breaks t
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
@@ -45,13 +44,14 @@ def _observe(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
 
 
 def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
-                 evaluations: int = 8, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> MethodResult:
+                 evaluations: int = 8, seed: int = 0, progress: ProgressFn | None = None) -> MethodResult:
     """The estimator's damage-per-byte greedy fit, measured for real `evaluations` times (see the module)."""
     if ctx is None:
         raise UserError("--method knapsack measures candidates: give --data")
     if budget is None:
         raise UserError("--method knapsack fits a budget: give --budget")
     check_reachable(bg, budget, target)
+    notify(progress, "knapsack: proxy probes")
     probes = [_observe(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
     scored: list[ProxyObservation] = []
@@ -80,12 +80,11 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         measured.add(config_key(candidate))
         history.append(candidate_record(m, method="knapsack", round=rnd, source=source,
                                         predicted=estimator.accuracy(candidate)))
-        log.info("knapsack round %d/%d: %s config %.2fx, measured %.4f", rnd + 1, evaluations, source,
+        progress_log.info("knapsack round %d/%d: %s config %.2fx, measured %.4f", rnd + 1, evaluations, source,
                  m.cost.ratio, m.score)
         if best is None or (m.score, m.cost.ratio) > (best.score, best.cost.ratio):
             best = m
-        if progress:
-            progress(rnd + 1, evaluations)
+        notify(progress, "knapsack: real evaluations", rnd + 1, evaluations)
     winner = next(h for h in history if h["score"] == best.score and h["ratio"] == best.cost.ratio)
     return MethodResult(best.config, best.model, best.score, history,
                         {"budget": budget, "winner_source": winner["source"], "estimator": estimator.state()})

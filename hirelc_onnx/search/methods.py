@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import InvalidOptionError, option
 
 if TYPE_CHECKING:
     from hirelc_onnx.search.baselines import MethodResult
@@ -43,6 +43,9 @@ class Method:
     summary: str
     receives: frozenset[str] = frozenset()
     """compress's own values its run function takes as well: seed, progress, state_path."""
+    default_budget: float | None = None
+    """The size goal (true-bytes ratio) searched when no budget is given; compress passes it explicitly
+    and says so (the run function's settings hold the same figure for direct calls)."""
 
     def load(self) -> Callable[..., MethodResult]:
         """The run function (imports its module)."""
@@ -56,7 +59,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
            _SEARCH | {"max_drop", "time_limit", "resume", "settings"},
            "hierarchical RL ensembles pick bits / keep / qtype / granularity per kernel (default)",
-           frozenset({"seed", "progress", "state_path"})),
+           frozenset({"seed", "progress", "state_path"}), default_budget=4.0),
     Method("graph-rl", "hirelc_onnx.search.graph_rl:run_graph_rl", True,
            _SEARCH | {"flops", "params", "bits", "time_limit", "settings"},
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
@@ -64,7 +67,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,
            frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings"}),
            "an agent prunes channels, learned masks prune weights, a second agent picks bit widths",
-           frozenset({"seed", "progress"})),
+           frozenset({"seed", "progress"}), default_budget=30.0),
     Method("uniform", "hirelc_onnx.search.baselines:run_uniform", False,
            frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS}),
            "the same bits and keep ratio for every kernel"),
@@ -92,12 +95,13 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+        raise InvalidOptionError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-def flag(option: str) -> str:
-    """How an option is spelled where the user gave it: --max-drop (a Python-only one: settings=)."""
-    return f"{option}=" if option in API_ONLY else "--" + option.replace("_", "-")
+def flag(name: str) -> str:
+    """How an option is spelled where the user gave it: --max-drop on the command line, max_drop= from
+    Python (a Python-only one: settings= everywhere)."""
+    return option(name, api_only=name in API_ONLY)
 
 
 def takers(option: str) -> str:
@@ -107,10 +111,10 @@ def takers(option: str) -> str:
 
 def check_options(method: Method, given: Iterable[str]) -> None:
     """Refuse, in one line, an option no method knows or one `method` would ignore."""
-    for option in given:
-        if option not in OPTIONS:
-            raise UserError(f"unknown option {option!r}; the method options are {', '.join(sorted(OPTIONS))}")
-        if option not in method.options:
+    for name in given:
+        if name not in OPTIONS:
+            raise InvalidOptionError(f"unknown option {name!r}; the method options are {', '.join(sorted(OPTIONS))}")
+        if name not in method.options:
             takes = ", ".join(flag(o) for o in sorted(method.options, key=lambda o: (o in API_ONLY, o)))
-            raise UserError(f"--method {method.name} does not take {flag(option)} "
+            raise InvalidOptionError(f"{option('method', method.name)} does not take {flag(name)} "
                             + (f"(it takes: {takes})" if takes else "(it takes no method options)"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig, KernelConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import InvalidOptionError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.budget import BudgetError
@@ -51,7 +51,7 @@ def resource_constraints(budget: float | None = None, flops: float | None = None
     for kind, value in (("flops", flops), ("params", params)):
         if value is not None:
             if not 0.0 < float(value) <= 1.0:
-                raise UserError(f"--{kind} is a fraction of the original model in (0, 1], got {value!r}")
+                raise InvalidOptionError(f"{option(kind)} is a fraction of the original model in (0, 1], got {value!r}")
             out.append(Constraint(kind, float(value)))
     if budget is not None:
         out.append(Constraint("bytes", 1.0 / float(budget)))

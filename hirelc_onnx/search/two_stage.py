@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -45,9 +45,10 @@ from onnx import numpy_helper
 
 from hirelc_onnx.apply import apply_pruning, apply_quantization
 from hirelc_onnx.config import CompressionConfig, KernelConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.cost import model_cost
+from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
@@ -60,6 +61,8 @@ from passes.sparse_weights import DELTA4_OPSET, SparseWeightsPass, choose_encodi
 __all__ = ["TwoStageSettings", "run_two_stage"]
 
 log = logging.getLogger(__name__)
+
+PHASE_TWO_STAGE = "two-stage: pruning, then quantization episodes"
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def _repair_size(sizes: _Sizes, config: CompressionConfig, goal_bytes: float) ->
 
 def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                   max_drop: float | None = None, time_limit: float | None = None, seed: int = 0,
-                  evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
+                  evaluations: int = 8, progress: ProgressFn | None = None,
                   settings: TwoStageSettings | None = None) -> MethodResult:
     """Prune with an agent (channels, then learned element-wise masks), then quantize with another.
 
@@ -247,7 +250,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
 
     if ctx is None:
-        raise UserError("--method two-stage fine-tunes and measures candidates: give --data")
+        raise UserError(f"{option('method', 'two-stage')} fine-tunes and measures candidates: give {option('data')}")
     s = settings or TwoStageSettings()
     start = time.perf_counter()
     deadline = start + time_limit if time_limit else math.inf
@@ -285,7 +288,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
             probe = masked_finetune(apply_pruning(bg, config), splits.finetune, splits.val, teacher,
                                     epochs=s.probe_epochs, seed=seed, kinds=ctx.objective.kinds)
         except BridgeError as exc:
-            raise UserError(f"--method two-stage needs the torch bridge for fine-tuning and masks: {exc}") from exc
+            raise UserError(f"{option('method', 'two-stage')} needs the torch bridge for fine-tuning and masks: {exc}") from exc
         ctx.evaluations += 1
         mse, macs = proxy(probe.model)[0], model_cost(bg, config).macs_fraction
         reward = -mse - s.flops_weight * macs
@@ -295,8 +298,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
         history.append({"kind": "probe", "stage": 1, "step": step, "method": "two-stage", "score": probe.val_score,
                         "logit_mse": mse, "macs_fraction": macs, "ratio": model_cost(bg, config).ratio,
                         "reward": reward, "finetuned": True, "seconds": time.perf_counter() - t0})
-        if progress:
-            progress(step + 1, total_steps)
+        notify(progress, PHASE_TWO_STAGE, step + 1, total_steps)
     pruned_config = best.config
     keep = {n: pruned_config.get(n).keep_ratio for n in prunable}
     log.info("two-stage stage 1: keep ratios %s (MACs %.2f)", keep, model_cost(bg, pruned_config).macs_fraction)
@@ -342,8 +344,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
                         "logit_mse": mse, "ratio": ratio, "bytes": sizes.total(config), "reward": reward,
                         "bits": {n: config.get(n).bits for n in names}, "finetuned": False,
                         "seconds": time.perf_counter() - t0})
-        if progress:
-            progress(prune_episodes + step + 1, total_steps)
+        notify(progress, PHASE_TWO_STAGE, prune_episodes + step + 1, total_steps)
     final_config = best.config or _repair_size(sizes, pruned_config, goal_bytes)
 
     # --- fine-tune with masks held and weights fake-quantized as stored; emit ----------------------

@@ -140,8 +140,9 @@ def test_benchmark_side_by_side_json(model_path, tmp_path, lr_weights):
 def test_benchmark_table_with_memory(model_path):
     res = _run("benchmark", model_path, "--runs", 2, "--warmup", 0)
     assert res.exit_code == 0, res.stderr
-    for col in ("median ms", "p90 ms", "items/s", "peak RSS", f"model: {model_path} (2."):
+    for col in ("median ms", "p90 ms", "items/s", "peak memory", f"model: {model_path}, 2,"):
         assert col in res.stdout
+    assert " KiB" in res.stdout or " MiB" in res.stdout  # the memory figure, in the one unit style
 
 
 def test_benchmark_bad_options(model_path):

@@ -253,7 +253,7 @@ def test_plugin_returns_one_array_per_input(plugin, func):
 
 def test_plugin_errors(plugin):
     _raises(lambda: load_data(f"{plugin}:broken"), "failed", "RuntimeError: database offline")
-    _raises(lambda: load_data(f"{plugin}:wrong"), "returned int")
+    _raises(lambda: load_data(f"{plugin}:wrong"), "is of type int")
     _raises(lambda: load_data(f"{plugin}:missing"), "no attribute 'missing'")
     _raises(lambda: load_data(f"{plugin}:mixed_batches"), "batch 1 lacks labels")
     _raises(lambda: load_data("no_such_module_xyz:load"), "cannot import", "no_such_module_xyz")

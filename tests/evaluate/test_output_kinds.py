@@ -144,7 +144,7 @@ def test_objective_metric_plugin_and_min_mode(monkeypatch):
     assert obj.score(ref, ref, y) == 0.0 and "lower is better" in obj.name(True)
     with pytest.raises(UserError, match="metric mode must be one of max, min"):
         Objective.build(["out"], [None], ref, y, metric="hirelc_test_metric_mod:err", metric_mode="low")
-    with pytest.raises(UserError, match="only matters with --metric"):
+    with pytest.raises(UserError, match="only matters with metric="):
         Objective.build(["out"], [None], ref, y, metric_mode="min")
 
 

@@ -248,6 +248,25 @@ def test_file_size_counts_external_data(tmp_path, model_path, lr_weights):
     assert model_file_size(proto) == len(proto.SerializeToString())
 
 
+def test_peak_memory_counts_a_known_allocation_whatever_the_parent_holds(tmp_path):
+    """A model whose one weight is 32 MiB: its fresh process must count at least most of it, however
+    much this (parent) process holds; ru_maxrss, inherited through fork and exec, read +0 here."""
+    n = 2048
+    weight = np.random.default_rng(0).standard_normal((n, 2 * n)).astype(np.float32)  # 32 MiB
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2 * n])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "big.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    ballast = np.ones(96 * 2**20, dtype=np.uint8) * 2  # the parent holds far more than the child will
+    mem = measure_peak_memory(path, batch_size=1)
+    assert int(ballast.sum()) > 0
+    assert 0.8 * weight.nbytes <= mem["delta_bytes"] <= 4 * weight.nbytes + 64 * 2**20, mem
+    assert mem["delta_bytes"] == pytest.approx(mem["delta_mb"] * 2**20, abs=1)
+
+
 def test_peak_memory_measured_in_subprocess(model_path):
     mem = measure_peak_memory(model_path, batch_size=16)
     assert mem["baseline_rss_mb"] > 10  # python + numpy + onnxruntime

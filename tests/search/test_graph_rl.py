@@ -199,7 +199,7 @@ def test_resource_constraints_and_unreachable_targets(resnet):
     bg, obs = resnet
     assert resource_constraints() == [Constraint("flops", 0.5)]
     assert resource_constraints(budget=6.0, params=0.5) == [Constraint("params", 0.5), Constraint("bytes", 1 / 6)]
-    with pytest.raises(UserError, match="--flops"):
+    with pytest.raises(UserError, match="flops="):
         resource_constraints(flops=1.5)
     with pytest.raises(BudgetError, match="unreachable"):
         PruningSpace(bg, obs, [Constraint("flops", 0.001)], "storage", 8, 0.125).check_reachable()
@@ -233,7 +233,7 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     steps = []
     wall = time.perf_counter()
     result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY,
-                          progress=lambda i, n: steps.append((i, n)))
+                          progress=lambda phase, i, n: steps.append((phase, i, n)))
     wall = time.perf_counter() - wall
     assert model_cost(bg, result.config).macs_fraction <= 0.5
     real = [h for h in result.history if h["kind"] == "real"]
@@ -258,7 +258,7 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     assert ctx.test_score(result.model) > 0.3  # 50% of MACs gone: about 0.1 before fine-tuning
     assert len(result.extra["lagrange_multipliers"]) == len(result.extra["best_proxy_curve"]) == 2
     assert result.extra["best_proxy_curve"] == sorted(result.extra["best_proxy_curve"])
-    assert steps[-1] == (4, 4)
+    assert steps[-1] == ("graph-rl: policy updates, then real evaluations", 4, 4)
 
 
 def test_without_the_torch_bridge_the_proxy_falls_back_to_ort(reference_models, monkeypatch):

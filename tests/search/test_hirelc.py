@@ -42,7 +42,7 @@ def test_normalise_is_log_min_max():
 
 
 def test_needs_data_and_an_evaluation(bg):
-    with pytest.raises(UserError, match="give --data"):
+    with pytest.raises(UserError, match="give data="):
         run_hirelc(bg, None, "storage", budget=BUDGET)
     with pytest.raises(UserError, match="at least one real evaluation"):
         run_hirelc(bg, object(), "storage", budget=BUDGET, evaluations=0)
@@ -60,7 +60,7 @@ def test_resume_refuses_a_state_from_another_run(bg, tmp_path):
 def test_hirelc_meets_budget_with_real_history(bg, ctx):
     calls = []
     result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0,
-                        progress=lambda done, total: calls.append((done, total)), **TINY)
+                        progress=lambda phase, done, total: calls.append((phase, done, total)), **TINY)
     assert model_cost(bg, result.config).ratio >= BUDGET
     real = [h for h in result.history if h["kind"] == "real"]
     assert len(real) == 2 == ctx.evaluations
@@ -73,7 +73,9 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     assert [h["source"] for h in real][0] == "prior" and real[1]["source"] in ("vote", "vote-repaired", "pool", "random")
     assert result.val_score == max(h["score"] for h in real)
     assert any(h["kind"] == "proxy" for h in result.history)
-    assert calls == [(1, 2), (2, 2)]
+    rounds = [c for c in calls if c[0] == "hirelc: real evaluations"]
+    assert rounds == [("hirelc: real evaluations", 0, 2), ("hirelc: real evaluations", 1, 2), ("hirelc: real evaluations", 2, 2)]
+    assert calls[0] == ("hirelc: sensitivity and proxy probes", 0, 1)  # a label before the first round ends
     extra = result.extra
     assert extra["rounds"] == 2 and extra["resumed_from"] is None
     assert set(extra["block_sensitivity"]) == {b.id for b in bg.blocks}

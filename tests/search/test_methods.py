@@ -7,10 +7,10 @@ import pytest
 
 from hirelc_onnx.commands.compress import compress as compress_command
 from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, interface
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, OPTIONS, check_options, get_method
 
-GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "as_json",  # compress's own, every method
+GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
            "output_kind", "metric", "metric_mode"}  # scoring options: how outputs are scored
 
@@ -33,6 +33,16 @@ def test_the_cli_offers_every_method_and_only_known_options():
     assert params - GENERAL == OPTIONS - {"settings"}  # settings: a dataclass, Python only
 
 
+def test_default_budgets_are_the_methods_own():
+    """compress passes a method's default budget explicitly (and says so): the same figure its settings hold."""
+    from hirelc_onnx.search.hirelc import HiReLCSettings
+    from hirelc_onnx.search.two_stage import TwoStageSettings
+
+    assert METHODS["hirelc"].default_budget == HiReLCSettings().default_budget
+    assert METHODS["two-stage"].default_budget == TwoStageSettings().default_ratio
+    assert all(m.default_budget is None or "budget" in m.options for m in METHODS.values())
+
+
 def test_unknown_method_lists_the_choices():
     with pytest.raises(UserError, match="unknown method 'magic'; choose one of hirelc, graph-rl, "):
         get_method("magic")
@@ -40,10 +50,14 @@ def test_unknown_method_lists_the_choices():
 
 def test_options_are_checked_against_the_row():
     check_options(METHODS["random"], ["budget", "evaluations"])
-    with pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: --budget, "
-                                        r"--evaluations, --finetune-epochs, --finetune-seconds\)$"):
+    with pytest.raises(UserError, match=r"^method='random' does not take resume= \(it takes: budget=, "
+                                        r"evaluations=, finetune_epochs=, finetune_seconds=\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
-    with pytest.raises(UserError, match=r"^--method ort-int8 does not take --keep \(it takes no method options\)$"):
+    with interface("cli"), pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: "
+                                                          r"--budget, --evaluations, --finetune-epochs, "
+                                                          r"--finetune-seconds\)$"):
+        check_options(METHODS["random"], ["budget", "resume"])
+    with pytest.raises(UserError, match=r"^method='ort-int8' does not take keep= \(it takes no method options\)$"):
         check_options(METHODS["ort-int8"], ["keep"])
     with pytest.raises(UserError, match="^unknown option 'bitz'; the method options are "):
         check_options(METHODS["uniform"], ["bitz"])
