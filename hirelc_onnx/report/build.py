@@ -58,7 +58,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "accuracy": None,
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
-        "search": {"seconds": seconds, **result.extra},
+        "search": {"seconds": seconds, **result.extra, **winner_source(result.history, result.extra)},
         "versions": versions(),
     }
     if ctx is not None:
@@ -93,6 +93,18 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
     report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
     report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
     return report
+
+
+def winner_source(history: list[dict], extra: dict) -> dict:
+    """Which source produced the emitted candidate (hirelc, knapsack: prior, vote, vote-repaired, pool,
+    ...) and how many real evaluations each source made: shows whether the agents decided."""
+    if "winner_source" not in extra:
+        return {}
+    counts: dict[str, int] = {}
+    for h in history:
+        if h.get("kind", "real") == "real" and "source" in h:
+            counts[h["source"]] = counts.get(h["source"], 0) + 1
+    return {"winner": {"source": extra["winner_source"], "evaluations_by_source": counts}}
 
 
 DATA_FREE_NOTE = ("no --data: task accuracy was NOT measured; inputs were synthesised from the graph and the "

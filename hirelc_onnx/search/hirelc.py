@@ -94,18 +94,25 @@ class HiReLCSettings:
     """Levels added per standard deviation of block sensitivity above the mean."""
     max_shift: int = 2
     """Largest sensitivity shift, in levels."""
-    episode_steps: int = 2
-    """Refinement steps per episode, at both levels."""
-    high_steps: int = 96
+    episode_steps: int = 8
+    """Refinement steps per episode, at both levels (the paper's public code: 20)."""
+    high_steps: int = 192
     """Environment steps per high-level member per round."""
-    low_steps: int = 48
+    low_steps: int = 96
     """Environment steps per low-level member per block per round."""
-    agent: AgentSettings = AgentSettings()
+    agent: AgentSettings = AgentSettings(n_steps=8)
+    """Rollouts of n_envs * n_steps = 32 samples (the paper's public code: 128)."""
     """Learner hyper-parameters (rollout length, net size, learning rate, threads)."""
     surrogate_min_points: int = 2
     """Real measurements before the surrogate contributes to the accuracy term."""
     surrogate_prior_points: float = 4.0
     """The surrogate's weight in the accuracy term is n / (n + this), n = real measurements."""
+    warmup_configs: int = 24
+    """Random configs, fitted to the budget, scored by the real proxy before round 0: the surrogate's
+    warm-up points (with every config the proxy scores later; the paper's code fine-tunes 100, too
+    dear here) and more points for the estimator's calibration."""
+    warmup_weight: float = 0.25
+    """What one proxy-scored warm-up point counts for in the surrogate's weight (a real one: 1)."""
     surrogate_models: int = 5
     """MLPs in the surrogate ensemble (their spread is the acquisition's uncertainty)."""
     pool_size: int = 8
@@ -162,7 +169,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
                              min_points=settings.surrogate_min_points, prior_points=settings.surrogate_prior_points,
-                             n_models=settings.surrogate_models, seed=seed)
+                             n_models=settings.surrogate_models, seed=seed, warmup_weight=settings.warmup_weight)
     problem = SearchProblem(bg, budget, target, accuracy, state.kernel_sensitivity, state.block_sensitivity,
                             ctx.fp32_val_score, base_weights=settings.reward, n_levels=settings.n_levels,
                             level_span=settings.level_span, sensitivity_shift=settings.sensitivity_shift,
@@ -170,6 +177,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
+        _warm_up(bg, ctx, state, estimator, budget, settings)
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
@@ -208,7 +216,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         timing = {"rl": 0.0}
         if not time_limited:
             # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
-            accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real])
+            accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real],
+                           _warmup_points(ctx, state) if settings.warmup_weight > 0 else [])
             problem.begin_round()
             # the RL learners' random draws come from streams seeded by (seed, round): replayable on resume
             with seeded_streams([seed, rnd]):
@@ -352,6 +361,22 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
                           "score": expected_score(ctx.fp32_val_score, obs.agreement), "agreement": obs.agreement,
                           "logit_mse": obs.logit_mse, "ratio": cost.ratio, "bytes": cost.total_bytes,
                           "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= state.budget - 1e-9})
+
+
+def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
+             settings: HiReLCSettings) -> None:
+    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1)."""
+    rng = np.random.default_rng([state.seed, 17_017])
+    for _ in range(settings.warmup_configs):
+        config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
+                        damage=estimator.kernel_mse, fill=False)
+        _record_proxy(ctx, state, config, -1, "warmup")
+
+
+def _warmup_points(ctx: SearchContext, state: HiReLCState) -> list[tuple[CompressionConfig, Any, float]]:
+    """Every proxy-scored config with its measured score (no fine-tuning): the surrogate's warm-up."""
+    return [(o.config, ctx.cost(o.config), expected_score(ctx.fp32_val_score, o.agreement))
+            for o in state.proxies.values()]
 
 
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,

@@ -21,7 +21,7 @@ BUDGET = 6.0
 MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet
 # tiny but complete: both levels, ensembles of two, every phase of the loop (run_hirelc(..., **TINY))
 TINY = {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-                                   agent=AgentSettings(n_envs=2, n_steps=4))}
+                                   episode_steps=2, warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))}
 
 
 @pytest.fixture(scope="module")
