@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-search fuzz clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-latency: $(STAMP)
 # the real-task table (MiniLM, the CTC recognizer, data-free runs): writes bench/REAL.md, bench/real.json
 bench-real: $(STAMP)
 	$(PY) -m bench.real_models
+
+# do the search methods separate? hirelc, knapsack, random, uniform-l1 (3 seeds) and ORT int8 on
+# EfficientNet-Lite0, MiniLM and the recognizer at 6x: writes bench/SEARCH.md, bench/search.json
+bench-search: $(STAMP)
+	$(PY) -m bench.search
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench
