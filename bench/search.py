@@ -36,7 +36,10 @@ log = logging.getLogger("bench.search")
 
 MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
 SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
-METHODS = (*SEARCHED, "ort-int8")
+METHODS = (*SEARCHED, "ort-int8", "hirelc-before")
+"""hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
+rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
+prediction), to measure what the changes moved."""
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
             "search_samples": 400}
 QUICK = {"models": "text-recognizer", "methods": "hirelc,knapsack,ort-int8", "seeds": "0", "evaluations": 2,
@@ -118,6 +121,15 @@ def _minilm_dynamic(task: Task) -> tuple[Any, float]:
         return model, initializer_nbytes(load_model(task.path)) / initializer_nbytes(model)
 
 
+def _before():
+    from hirelc_onnx.search.agents import AgentSettings
+    from hirelc_onnx.search.hirelc import HiReLCSettings
+
+    return HiReLCSettings(episode_steps=2, high_steps=96, low_steps=48, agent=AgentSettings(n_steps=4),
+                          warmup_configs=0, warmup_weight=0.0, fill_votes=True,
+                          select_by_prediction=False)
+
+
 def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) -> dict:
     """One (model, method, seed) row."""
     from hirelc_onnx.compress import compress
@@ -134,6 +146,8 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
             kw.update(target="ort-cpu")
             row["method"] = "ort-int8 (static)"
         else:
+            if method == "hirelc-before":
+                kw.update(method="hirelc", settings=_before())
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
         result = compress(task.path, **kw)
         rep = result.report
@@ -204,7 +218,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
         winners = ", ".join(f"{r['seed']}: {r['winner_source']}" for r in c["rows"] if "winner_source" in r)
         lines.append(f"| {model} | {method} | {len(c['scores'])} | {c['ratio']:.2f}x | {c['mean']:.4f} | "
                      f"{c['spread']:.4f} | {c['lo']:.4f}..{c['hi']:.4f} | {c['rows'][0].get('n')} | "
-                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'knapsack') else ''} |")
+                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'hirelc-before', 'knapsack') else ''} |")
     lines += ["", "## Verdicts", ""] + verdicts(table)
     errors = [r for r in rows if "error" in r]
     lines += [""] + [f"- {r['model']} {r['method']} seed {r['seed']}: error: {r['error']}" for r in errors]

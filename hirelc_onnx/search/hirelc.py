@@ -15,14 +15,13 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       config one after another
   4. proxy check      the voted config and the best pool configs go through ONNX Runtime
                       (cached by config hash), recorded as "proxy" history, for recalibration
-  5. real evaluation  each candidate is fitted to the budget (budget.repair with fill: rungs
-                      lowered where the estimator predicts the least damage per byte saved until
-                      the budget holds, then raised where it predicts the most damage removed per
-                      byte while it still holds), then measured for real: fine-tune, quantize,
-                      score on the validation split. The first round measures the estimator's
-                      prior (fp32 fitted: the proxy's knapsack without the agents), later rounds
-                      the voted config; already measured? The best unmeasured pool config by
-                      surrogate mean + kappa * spread (active learning) is measured instead
+  5. real evaluation  the first round measures the estimator's prior (fp32 fitted by budget.repair
+                      with fill: the proxy's damage-per-byte knapsack without the agents); later
+                      rounds measure, of the voted config repaired only as far as the budget needs,
+                      the vote filled to the budget, and the pool's fitted configs, the unmeasured one
+                      with the best predicted accuracy + kappa * surrogate spread (active learning;
+                      `select_by_prediction` off: the vote first, whatever its prediction). Measured
+                      for real: fine-tune, quantize, score on the validation split
   6. state            the loop's memory (`hirelc_state.HiReLCState`: round, probes, measurements,
                       proxy results, working config, levels, the estimator's calibration, the
                       fine-tuning rate, the ensembles' weights and optimizer states) is written
@@ -96,9 +95,9 @@ class HiReLCSettings:
     """Largest sensitivity shift, in levels."""
     episode_steps: int = 8
     """Refinement steps per episode, at both levels (the paper's public code: 20)."""
-    high_steps: int = 192
+    high_steps: int = 128
     """Environment steps per high-level member per round."""
-    low_steps: int = 96
+    low_steps: int = 64
     """Environment steps per low-level member per block per round."""
     agent: AgentSettings = AgentSettings(n_steps=8)
     """Rollouts of n_envs * n_steps = 32 samples (the paper's public code: 128)."""
@@ -125,6 +124,11 @@ class HiReLCSettings:
     """Samples of the fine-tune split the Fisher sensitivity uses."""
     default_budget: float = 4.0
     """The true-bytes ratio searched for when no budget is given."""
+    select_by_prediction: bool = True
+    """Rounds after the first measure, of the voted config (repaired as `fill_votes` says), the vote
+    filled to the budget and the pool's fitted configs, the unmeasured one with the best accuracy
+    prediction + kappa * spread: the agents propose, the surrogate (taught by every real point)
+    decides what is worth a fine-tune. Off: the vote is measured whatever its prediction."""
     fill_votes: bool = False
     """Fill a voted config up to the budget (`budget.repair(fill=True)`: the estimator's greedy
     knapsack spends the slack) before measuring it. Off: a vote is repaired only as far as the
@@ -386,26 +390,30 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
-    random one."""
+    random one. With `select_by_prediction`, the vote (as repaired, and filled) competes with the
+    pool on that acquisition instead of going first."""
     def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
         return repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=fill)
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))
     repaired = fit(voted, settings.fill_votes)
-    if config_key(repaired) not in measured:
-        return ("vote" if config_key(repaired) == config_key(voted) else "vote-repaired"), repaired
+    votes = [("vote" if config_key(repaired) == config_key(voted) else "vote-repaired", repaired)]
+    if settings.select_by_prediction:  # the vote with its slack spent by the knapsack competes too
+        votes.append(("vote-filled", fit(voted, True)))
+    elif config_key(repaired) not in measured:
+        return votes[0]
+    pool = [("pool", fit(config)) for config in problem.best_pool(settings.pool_size)]
     best, best_score = None, -math.inf
-    for config in problem.best_pool(settings.pool_size):
-        candidate = fit(config)
+    for source, candidate in (votes + pool if settings.select_by_prediction else pool):
         if config_key(candidate) in measured:
             continue
         est = accuracy.predict(candidate, problem.evaluate(candidate.kernels).cost)
         score = est.accuracy + settings.acquisition_kappa * est.std
-        if score > best_score:
-            best, best_score = candidate, score
+        if score > best_score + 1e-12:  # ties: the earlier (the vote before the pool)
+            best, best_score = (source, candidate), score
     if best is not None:
-        return "pool", best
+        return best
     return "random", fit(random_config(bg, problem.target, rng))
 
 
