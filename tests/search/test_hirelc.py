@@ -70,7 +70,7 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     if vote["source"] == "vote":  # measured as the agents voted it
         assert vote["changed_from_vote"] == 0
     assert result.extra["winner_source"] == next(h["source"] for h in real if h["score"] == result.val_score)
-    assert [h["source"] for h in real][0] == "prior" and real[1]["source"] in ("vote", "vote-repaired", "pool", "random")
+    assert [h["source"] for h in real][0] == "prior" and real[1]["source"] in ("vote", "vote-repaired", "vote-filled", "pool", "random")
     assert result.val_score == max(h["score"] for h in real)
     assert any(h["kind"] == "proxy" for h in result.history)
     rounds = [c for c in calls if c[0] == "hirelc: real evaluations"]
