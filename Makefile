@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage bench-search fuzz clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-scale: $(STAMP)
 # issue 20's ablation: two-stage with its agents vs uniform choices, 3 seeds (writes bench/ablation_two_stage.{md,json})
 bench-ablation-two-stage: $(STAMP)
 	$(PY) -m bench.ablation_two_stage --out bench
+
+# do the search methods separate? hirelc, knapsack, random, uniform-l1 (3 seeds) and ORT int8 on
+# EfficientNet-Lite0, MiniLM and the recognizer at 6x: writes bench/SEARCH.md, bench/search.json
+bench-search: $(STAMP)
+	$(PY) -m bench.search
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench

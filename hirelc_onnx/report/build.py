@@ -65,7 +65,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": [{k: v for k, v in h.items() if k != "config"} for h in result.history],  # configs: footprints
         "search": {"seconds": seconds, **{k: v for k, v in result.extra.items() if k not in _SEARCH_INTERNAL},
-                   **_execution(ctx)},
+                   **_execution(ctx), **winner_source(result.history, result.extra)},
         "sensitivity": sensitivity_shares(bg, result.extra),
         "versions": versions(),
     }
@@ -229,6 +229,18 @@ def footprints(report: dict, result: MethodResult, shown=lambda v: v) -> dict:
                     "config": emitted_config},
         "candidates": candidates,
     }
+
+
+def winner_source(history: list[dict], extra: dict) -> dict:
+    """Which source produced the emitted candidate (hirelc, knapsack: prior, vote, vote-repaired, pool,
+    ...) and how many real evaluations each source made: shows whether the agents decided."""
+    if "winner_source" not in extra:
+        return {}
+    counts: dict[str, int] = {}
+    for h in history:
+        if h.get("kind", "real") == "real" and "source" in h:
+            counts[h["source"]] = counts.get(h["source"], 0) + 1
+    return {"winner": {"source": extra["winner_source"], "evaluations_by_source": counts}}
 
 
 DATA_FREE_NOTE = ("no --data: task accuracy was NOT measured; inputs were synthesised from the graph and the "

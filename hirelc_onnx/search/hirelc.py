@@ -15,14 +15,13 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       config one after another
   4. proxy check      the voted config and the best pool configs go through ONNX Runtime
                       (cached by config hash), recorded as "proxy" history, for recalibration
-  5. real evaluation  each candidate is fitted to the budget (budget.repair with fill: rungs
-                      lowered where the estimator predicts the least damage per byte saved until
-                      the budget holds, then raised where it predicts the most damage removed per
-                      byte while it still holds), then measured for real: fine-tune, quantize,
-                      score on the validation split. The first round measures the estimator's
-                      prior (fp32 fitted: the proxy's knapsack without the agents), later rounds
-                      the voted config; already measured? The best unmeasured pool config by
-                      surrogate mean + kappa * spread (active learning) is measured instead
+  5. real evaluation  the first round measures the estimator's prior (fp32 fitted by budget.repair
+                      with fill: the proxy's damage-per-byte knapsack without the agents); later
+                      rounds measure, of the voted config repaired only as far as the budget needs,
+                      the vote filled to the budget, and the pool's fitted configs, the unmeasured one
+                      with the best predicted accuracy + kappa * surrogate spread (active learning;
+                      `select_by_prediction` off: the vote first, whatever its prediction). Measured
+                      for real: fine-tune, quantize, score on the validation split
   6. state            the loop's memory (`hirelc_state.HiReLCState`: round, probes, measurements,
                       proxy results, working config, levels, the estimator's calibration, the
                       fine-tuning rate, the ensembles' weights and optimizer states) is written
@@ -95,18 +94,25 @@ class HiReLCSettings:
     """Levels added per standard deviation of block sensitivity above the mean."""
     max_shift: int = 2
     """Largest sensitivity shift, in levels."""
-    episode_steps: int = 2
-    """Refinement steps per episode, at both levels."""
-    high_steps: int = 96
+    episode_steps: int = 8
+    """Refinement steps per episode, at both levels (the paper's public code: 20)."""
+    high_steps: int = 128
     """Environment steps per high-level member per round."""
-    low_steps: int = 48
+    low_steps: int = 64
     """Environment steps per low-level member per block per round."""
-    agent: AgentSettings = AgentSettings()
+    agent: AgentSettings = AgentSettings(n_steps=8)
+    """Rollouts of n_envs * n_steps = 32 samples (the paper's public code: 128)."""
     """Learner hyper-parameters (rollout length, net size, learning rate, threads)."""
     surrogate_min_points: int = 2
     """Real measurements before the surrogate contributes to the accuracy term."""
     surrogate_prior_points: float = 4.0
     """The surrogate's weight in the accuracy term is n / (n + this), n = real measurements."""
+    warmup_configs: int = 24
+    """Random configs, fitted to the budget, scored by the real proxy before round 0: the surrogate's
+    warm-up points (with every config the proxy scores later; the paper's code fine-tunes 100, too
+    dear here) and more points for the estimator's calibration."""
+    warmup_weight: float = 0.25
+    """What one proxy-scored warm-up point counts for in the surrogate's weight (a real one: 1)."""
     surrogate_models: int = 5
     """MLPs in the surrogate ensemble (their spread is the acquisition's uncertainty)."""
     pool_size: int = 8
@@ -122,6 +128,15 @@ class HiReLCSettings:
     """Samples of the fine-tune split the Fisher sensitivity uses."""
     default_budget: float = 4.0
     """The true-bytes ratio searched for when no budget is given."""
+    select_by_prediction: bool = True
+    """Rounds after the first measure, of the voted config (repaired as `fill_votes` says), the vote
+    filled to the budget and the pool's fitted configs, the unmeasured one with the best accuracy
+    prediction + kappa * spread: the agents propose, the surrogate (taught by every real point)
+    decides what is worth a fine-tune. Off: the vote is measured whatever its prediction."""
+    fill_votes: bool = False
+    """Fill a voted config up to the budget (`budget.repair(fill=True)`: the estimator's greedy
+    knapsack spends the slack) before measuring it. Off: a vote is repaired only as far as the
+    budget needs, so what is measured is the agents' choice (an ablation switch)."""
 
 
 def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
@@ -164,7 +179,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
                              min_points=settings.surrogate_min_points, prior_points=settings.surrogate_prior_points,
-                             n_models=settings.surrogate_models, seed=seed)
+                             n_models=settings.surrogate_models, seed=seed, warmup_weight=settings.warmup_weight)
     problem = SearchProblem(bg, budget, target, accuracy, state.kernel_sensitivity, state.block_sensitivity,
                             ctx.fp32_val_score, base_weights=settings.reward, n_levels=settings.n_levels,
                             level_span=settings.level_span, sensitivity_shift=settings.sensitivity_shift,
@@ -172,6 +187,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
+        _warm_up(bg, ctx, state, estimator, budget, settings)
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
@@ -212,7 +228,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         timing = {"rl": 0.0}
         if not time_limited:
             # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
-            accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real])
+            accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real],
+                           _warmup_points(ctx, state) if settings.warmup_weight > 0 else [])
             problem.begin_round()
             # the RL learners' random draws come from streams seeded by (seed, round): replayable on resume
             with seeded_streams([seed, rnd]):
@@ -261,8 +278,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                 _keep_best(point, m, [p for p in state.real if p.key not in too_slow], threshold)
             state.real.append(point)
             measured.add(point.key)
+            moved = sum(candidate.get(n) != voted.get(n) for n in bg.kernels)  # kernels the repair / fit changed
             state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                                  predicted=guess, speedup=speed, levels=problem.block_levels.tolist(),
+                                                  predicted=guess, speedup=speed, changed_from_vote=moved, levels=problem.block_levels.tolist(),
                                                   adopted=adopted, timing=dict(timing)))
             progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (measure %.1fs)",
                               rnd + 1, evaluations, source, m.cost.ratio, guess, m.score, m.seconds)
@@ -297,6 +315,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         "budget": budget,
         "max_drop_met": None if threshold is None else best.score >= threshold - 1e-12,
         "best_round": best.round,
+        "winner_source": best.source,
         "final_levels": problem.block_levels.tolist(),
         "level_table": [asdict(level) for level in problem.levels],
         "accuracy_signal": accuracy.source,
@@ -372,6 +391,22 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
                           "macs_fraction": cost.macs_fraction, "meets_budget": cost.ratio >= state.budget - 1e-9})
 
 
+def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
+             settings: HiReLCSettings) -> None:
+    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1)."""
+    rng = np.random.default_rng([state.seed, 17_017])
+    for _ in range(settings.warmup_configs):
+        config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
+                        damage=estimator.kernel_mse, fill=False)
+        _record_proxy(ctx, state, config, -1, "warmup")
+
+
+def _warmup_points(ctx: SearchContext, state: HiReLCState) -> list[tuple[CompressionConfig, Any, float]]:
+    """Every proxy-scored config with its measured score (no fine-tuning): the surrogate's warm-up."""
+    return [(o.config, ctx.cost(o.config), expected_score(ctx.fp32_val_score, o.agreement))
+            for o in state.proxies.values()]
+
+
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
             budget: float, sensitivity: dict[str, float], measured: set[str], settings: HiReLCSettings,
             rng: np.random.Generator, goal: SpeedGoal | None = None) -> tuple[str, CompressionConfig]:
@@ -379,27 +414,31 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then a
-    random one."""
-    def fit(config: CompressionConfig) -> CompressionConfig:
-        fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=True)
+    random one. With `select_by_prediction`, the vote (as repaired, and filled) competes with the
+    pool on that acquisition instead of going first."""
+    def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
+        fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=fill)
         return fitted if goal is None else speed_repair(bg, fitted, goal)  # --speedup: a constraint like the budget
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))
-    repaired = fit(voted)
-    if config_key(repaired) not in measured:
-        return "voted", repaired
+    repaired = fit(voted, settings.fill_votes)
+    votes = [("vote" if config_key(repaired) == config_key(voted) else "vote-repaired", repaired)]
+    if settings.select_by_prediction:  # the vote with its slack spent by the knapsack competes too
+        votes.append(("vote-filled", fit(voted, True)))
+    elif config_key(repaired) not in measured:
+        return votes[0]
+    pool = [("pool", fit(config)) for config in problem.best_pool(settings.pool_size)]
     best, best_score = None, -math.inf
-    for config in problem.best_pool(settings.pool_size):
-        candidate = fit(config)
+    for source, candidate in (votes + pool if settings.select_by_prediction else pool):
         if config_key(candidate) in measured:
             continue
         est = accuracy.predict(candidate, problem.evaluate(candidate.kernels).cost)
         score = est.accuracy + settings.acquisition_kappa * est.std
-        if score > best_score:
-            best, best_score = candidate, score
+        if score > best_score + 1e-12:  # ties: the earlier (the vote before the pool)
+            best, best_score = (source, candidate), score
     if best is not None:
-        return "pool", best
+        return best
     return "random", fit(random_config(bg, problem.target, rng))
 
 

@@ -210,7 +210,8 @@ class AccuracyModel:
     """The reward's accuracy term for any config, cached by config until the next refit."""
 
     def __init__(self, bg: BlockGraph, estimator: ProxyEstimator, sensitivity: dict[str, float], min_keep: float,
-                 *, min_points: int = 2, prior_points: float = 4.0, n_models: int = 5, seed: int = 0) -> None:
+                 *, min_points: int = 2, prior_points: float = 4.0, n_models: int = 5, seed: int = 0,
+                 warmup_weight: float = 0.0) -> None:
         self.bg = bg
         self.estimator = estimator
         self.sensitivity = sensitivity
@@ -218,33 +219,47 @@ class AccuracyModel:
         self.min_points = min_points
         self.prior_points = prior_points
         self.surrogate = Surrogate(n_models=n_models, seed=seed)
+        self.warmup_weight = warmup_weight
         self.n_points = 0
+        self.n_warmup = 0
         self._cache: dict[str, AccuracyEstimate] = {}
 
     @property
     def surrogate_weight(self) -> float:
+        """n / (n + prior_points), n = real measurements + warmup_weight * proxy-scored warm-up points."""
         if not self.surrogate.fitted:
             return 0.0
-        return self.n_points / (self.n_points + self.prior_points)
+        n = self.n_points + self.warmup_weight * self.n_warmup
+        return n / (n + self.prior_points)
 
     @property
     def source(self) -> str:
         w = self.surrogate_weight
         return "proxy" if w == 0 else f"surrogate (weight {w:.2f}) + proxy"
 
-    def features(self, config: CompressionConfig, cost: ModelCost) -> np.ndarray:
+    def features(self, config: CompressionConfig, cost: ModelCost, finetuned: bool = True) -> np.ndarray:
+        """The surrogate's inputs; the last one says whether the score is a fine-tuned (real) one."""
         mse = self.estimator.mse(config)
-        return config_features(self.bg, config, cost, mse, self.estimator.agreement(mse), self.sensitivity,
-                               self.min_keep)
+        x = config_features(self.bg, config, cost, mse, self.estimator.agreement(mse), self.sensitivity,
+                            self.min_keep)
+        return np.append(x, 1.0 if finetuned else 0.0)
 
     def refit(self, proxy_observations: list[ProxyObservation],
-              real: list[tuple[CompressionConfig, ModelCost, float]]) -> None:
-        """Recalibrate the proxy estimator, then retrain the surrogate on every real measurement."""
+              real: list[tuple[CompressionConfig, ModelCost, float]],
+              warmup: list[tuple[CompressionConfig, ModelCost, float]] = ()) -> None:
+        """Recalibrate the proxy estimator, then retrain the surrogate on every real measurement.
+
+        warmup: proxy-scored configs with their measured (not fine-tuned) score, when `warmup_weight`
+        > 0: many cheap points that teach the MLP the shape of the damage; a flag feature separates
+        them from the few fine-tuned points, and predictions are made for the fine-tuned flag. The
+        surrogate starts with one real point when it has warm-up points, else with `min_points`."""
         self.estimator.calibrate(proxy_observations)
         self.n_points = len(real)
-        if self.n_points >= self.min_points:
-            x = np.stack([self.features(config, cost) for config, cost, _ in real])
-            self.surrogate.fit(x, np.array([score for _, _, score in real]))
+        self.n_warmup = len(warmup) if self.warmup_weight > 0 else 0
+        if self.n_points >= (1 if self.n_warmup else self.min_points):
+            rows = [(c, cost, s, True) for c, cost, s in real] + [(c, cost, s, False) for c, cost, s in warmup][:self.n_warmup]
+            x = np.stack([self.features(config, cost, ft) for config, cost, _, ft in rows])
+            self.surrogate.fit(x, np.array([score for _, _, score, _ in rows]))
         self._cache.clear()
 
     def predict(self, config: CompressionConfig, cost: ModelCost, key: str | None = None) -> AccuracyEstimate:

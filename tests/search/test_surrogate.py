@@ -125,7 +125,23 @@ def test_accuracy_model_hands_over_to_the_surrogate(bg, perturbation):
     warm = model.predict(config, cost)
     assert warm.proxy_accuracy == pytest.approx(cold.proxy_accuracy)
     assert warm.accuracy != cold.accuracy
-    assert len(model.features(config, cost)) == len(config_features(bg, config, cost, 0.1, 0.9, sens, 0.25))
+    assert len(model.features(config, cost)) == len(config_features(bg, config, cost, 0.1, 0.9, sens, 0.25)) + 1
+
+
+def test_warm_up_points_start_the_surrogate_with_one_real_point(bg, perturbation):
+    est = _estimator(bg, perturbation)
+    sens = {n: 0.5 for n in bg.kernels}
+    model = AccuracyModel(bg, est, sens, 0.25, min_points=2, prior_points=4.0, n_models=2, warmup_weight=0.25)
+    configs = [CompressionConfig({n: KernelConfig(bits=b) for n in bg.kernels}) for b in (2, 3, 4, 6, 8)]
+    warmup = [(c, model_cost(bg, c), s) for c, s in zip(configs, (0.3, 0.6, 0.85, 0.95, 0.98))]
+    real = [(configs[2], model_cost(bg, configs[2]), 0.97)]
+    model.refit([], real)
+    assert model.surrogate_weight == 0  # one real point alone: below min_points
+    model.refit([], real, warmup)
+    assert model.surrogate_weight == pytest.approx((1 + 0.25 * 5) / (1 + 0.25 * 5 + 4.0))
+    # the fine-tuned flag: the real point's config is predicted near its fine-tuned score, not its warm-up one
+    mean, _ = model.surrogate.predict(model.features(configs[2], real[0][1]))
+    assert abs(mean[0] - 0.97) < abs(mean[0] - 0.85)
 
 
 def test_config_key_ignores_explicit_fp32_entries(bg):

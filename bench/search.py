@@ -1,0 +1,280 @@
+"""`make bench-search`: do the search methods separate? HiReLC against its own prior and the baselines.
+
+On models where compression really costs accuracy (EfficientNet-Lite0 on photo crops, MiniLM on
+sentences, the CTC recognizer on rendered lines), at one true-bytes budget: `hirelc`, `knapsack`
+(HiReLC's estimator and greedy fit without the agents), `random`, `uniform-l1`, each with the same
+real evaluations and the same fixed fine-tuning epochs, over several seeds; ORT's own int8 (static
+for the CNNs, dynamic for MiniLM) once, as it has no seed. Every score is measured on held-out data
+the search never saw (1000 samples by default: one is worth 0.1 point). Writes `bench/SEARCH.md`
+(mean, spread and range per cell; HiReLC's winning source per seed) and `bench/search.json` (rows
+with the fields of `bench/results.json`: model, method, seed, ratio, score, seconds).
+
+    python -m bench.search [--quick] [--models efficientnet-lite0,minilm-l6,text-recognizer]
+                           [--methods hirelc,knapsack] [--seeds 0,1,2] [--budget 6] [--evaluations 4]
+                           [--finetune-epochs 1] [--held-out 1000] [--out bench/]
+
+The digits references (`resnet20`, `vgg`) are accepted too, as a cheap check (scored on the
+test split compress holds out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger("bench.search")
+
+MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
+SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
+METHODS = (*SEARCHED, "ort-int8", "hirelc-before")
+"""hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
+rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
+prediction), to measure what the changes moved."""
+DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
+            "search_samples": 400}
+QUICK = {"models": "text-recognizer", "methods": "hirelc,knapsack,ort-int8", "seeds": "0", "evaluations": 2,
+         "finetune_epochs": 0, "held_out": 64, "search_samples": 64}
+
+
+@dataclass
+class Task:
+    """One model: its file, the data the search sees, and how an emitted model is scored on held-out data."""
+
+    path: Any
+    data: Any
+    metric: str
+    n: int
+    score: Callable[[Any, Any], float] | None  # (emitted model, compress result) -> held-out score
+    extra: dict
+
+
+def _predict(model, inputs) -> np.ndarray:
+    from hirelc_onnx.evaluate.runner import predict
+
+    return predict(model, inputs)
+
+
+def make_task(name: str, work: Path, held_out: int, search_samples: int) -> Task:
+    """The data and held-out scoring of `name` (bench/real_models.py's and bench/run.py's sources)."""
+    from hirelc_onnx.evaluate.data import Dataset
+    from hirelc_onnx.graph.loader import load_model
+
+    if name == "efficientnet-lite0":
+        from examples.reference_models import effnet_crops, efficientnet_lite0
+        from hirelc_onnx.evaluate.metrics import top1_agreement
+
+        path = efficientnet_lite0()
+        held = Dataset(effnet_crops(held_out, seed=1), None, "held-out photo crops")
+        ref = _predict(load_model(path), held)
+        return Task(path, Dataset(effnet_crops(search_samples, seed=0), None, "photo crops"),
+                    "top-1 agreement with fp32", len(held), lambda m, r: top1_agreement(_predict(m, held), ref), {})
+    if name == "minilm-l6":
+        from examples.embedding_metrics import mean_cosine
+        from examples.minilm import minilm_l6, tokenize, write_sentences_npz
+        from examples.sentences import sentence_corpus
+
+        from bench.real_models import SENTENCES
+
+        path, corpus = minilm_l6(), sentence_corpus()
+        lo = SENTENCES["held_out"][0]
+        held = Dataset(tokenize(corpus[lo:lo + held_out]), None, "held-out sentences")
+        ref = _predict(load_model(path), held)
+        data = str(write_sentences_npz(work / "sentences.npz", corpus[:search_samples]))
+        return Task(path, data, "mean cosine to fp32", len(held), lambda m, r: mean_cosine(_predict(m, held), ref), {})
+    if name == "text-recognizer":
+        from examples.ctc_metric import char_accuracy
+        from examples.reference_models import reference_model_path
+        from examples.text_lines import render_lines, write_lines_npz
+
+        from bench.real_models import LINES
+
+        path = reference_model_path("text_recognizer")
+        data = str(write_lines_npz(work / "lines.npz", n=search_samples, seed=LINES["search_seed"]))
+        x, y = render_lines(held_out, seed=LINES["held_out_seed"])
+        return Task(path, data, "character accuracy", len(y), lambda m, r: char_accuracy(_predict(m, x), y),
+                    {"metric": "examples.ctc_metric:char_accuracy"})
+    from examples.reference_models import build_reference_model
+
+    return Task(build_reference_model(name), "digits", "accuracy (compress's test split)", 0,
+                lambda m, r: r.report["accuracy"]["compressed"], {})
+
+
+def _minilm_dynamic(task: Task) -> tuple[Any, float]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from hirelc_onnx.graph.loader import load_model
+    from passes.storage import initializer_nbytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "dyn.onnx"
+        quantize_dynamic(str(task.path), str(out), weight_type=QuantType.QInt8)
+        model = load_model(out)
+        return model, initializer_nbytes(load_model(task.path)) / initializer_nbytes(model)
+
+
+def _before():
+    from hirelc_onnx.search.agents import AgentSettings
+    from hirelc_onnx.search.hirelc import HiReLCSettings
+
+    return HiReLCSettings(episode_steps=2, high_steps=96, low_steps=48, agent=AgentSettings(n_steps=4),
+                          warmup_configs=0, warmup_weight=0.0, fill_votes=True,
+                          select_by_prediction=False)
+
+
+def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) -> dict:
+    """One (model, method, seed) row."""
+    from hirelc_onnx.compress import compress
+
+    row: dict[str, Any] = {"model": name, "method": method, "seed": seed, "metric": task.metric}
+    t0 = time.perf_counter()
+    if method == "ort-int8" and name == "minilm-l6":
+        model, ratio = _minilm_dynamic(task)
+        row.update(method="ort-int8 (dynamic)", ratio=ratio, score=task.score(model, None), evaluations=0)
+    else:
+        kw: dict[str, Any] = dict(method=method, data=task.data, seed=seed, latency_runs=2,
+                                  out_dir=str(work / f"{name}-{method}-{seed}"), **task.extra)
+        if method == "ort-int8":
+            kw.update(target="ort-cpu")
+            row["method"] = "ort-int8 (static)"
+        else:
+            if method == "hirelc-before":
+                kw.update(method="hirelc", settings=_before())
+            kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
+        result = compress(task.path, **kw)
+        rep = result.report
+        row.update(ratio=rep["size"]["ratio"], score=task.score(result.model, result),
+                   evaluations=(rep.get("accuracy") or {}).get("evaluations"))
+        winner = rep["search"].get("winner")
+        if winner:
+            row.update(winner_source=winner["source"], evaluations_by_source=winner["evaluations_by_source"])
+        if task.n == 0:
+            row["n"] = (rep.get("accuracy") or {}).get("n")
+    row["seconds"] = time.perf_counter() - t0
+    row.setdefault("n", task.n)
+    row.update(finetune_epochs=None if method == "ort-int8" else args.finetune_epochs)
+    return row
+
+
+def cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(model, method) -> mean, spread (sample standard deviation; 0 for one seed), range and seeds."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if "score" in r:
+            out.setdefault((r["model"], r["method"]), {"scores": [], "rows": []})
+            out[(r["model"], r["method"])]["scores"].append(r["score"])
+            out[(r["model"], r["method"])]["rows"].append(r)
+    for c in out.values():
+        s = c["scores"]
+        c.update(mean=statistics.fmean(s), spread=statistics.stdev(s) if len(s) > 1 else 0.0, lo=min(s), hi=max(s),
+                 ratio=statistics.fmean(r["ratio"] for r in c["rows"]),
+                 seconds=statistics.fmean(r["seconds"] for r in c["rows"]))
+    return out
+
+
+def verdicts(table: dict[tuple[str, str], dict]) -> list[str]:
+    """Per model: is HiReLC's mean >= every baseline's, and above knapsack's by more than the larger spread?"""
+    lines = []
+    for model in dict.fromkeys(m for m, _ in table):
+        h, k = table.get((model, "hirelc")), table.get((model, "knapsack"))
+        if h is None:
+            continue
+        others = [(meth, c["mean"]) for (m, meth), c in table.items() if m == model and meth != "hirelc"]
+        best_other = max(others, key=lambda o: o[1], default=None)
+        line = f"- {model}: hirelc {h['mean']:.4f}"
+        if best_other:
+            line += f"; best baseline {best_other[0]} {best_other[1]:.4f} ({'hirelc ahead' if h['mean'] >= best_other[1] else 'hirelc behind'})"
+        if k is not None:
+            margin, spread = h["mean"] - k["mean"], max(h["spread"], k["spread"])
+            line += (f"; vs knapsack {100 * margin:+.2f} pts, larger spread {100 * spread:.2f} pts "
+                     f"({'separates' if margin > spread else 'does not separate'})")
+        lines.append(line)
+    return lines
+
+
+def write_results(out: Path, rows: list[dict], meta: dict) -> None:
+    table = cells(rows)
+    a = meta["settings"]
+    v = meta["versions"]
+    lines = ["# hirelc-onnx: do the search methods separate?", "",
+             f"Run {meta['date']} on {v['cpu']} ({v['cores']} cores), onnxruntime {v['onnxruntime']}"
+             f"{' (--quick: a smoke run, not the benchmark)' if meta['quick'] else ''}; total {meta['seconds']:.0f} s.",
+             f"Budget {a['budget']:g}x true bytes; seeds {a['seeds']}; {a['evaluations']} real evaluations and "
+             f"{a['finetune_epochs']} fine-tuning epoch(s) each for every searched method; ORT int8 once (no seed).",
+             f"Search data: {a['search_samples']} samples per model; scores on {a['held_out']} held-out samples "
+             "(never seen by the search; digits models: compress's own test split).",
+             "spread: sample standard deviation over seeds.", "",
+             "| model | method | seeds | ratio | mean score | spread | min..max | n | mean seconds | HiReLC winner per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, method), c in table.items():
+        winners = ", ".join(f"{r['seed']}: {r['winner_source']}" for r in c["rows"] if "winner_source" in r)
+        lines.append(f"| {model} | {method} | {len(c['scores'])} | {c['ratio']:.2f}x | {c['mean']:.4f} | "
+                     f"{c['spread']:.4f} | {c['lo']:.4f}..{c['hi']:.4f} | {c['rows'][0].get('n')} | "
+                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'hirelc-before', 'knapsack') else ''} |")
+    lines += ["", "## Verdicts", ""] + verdicts(table)
+    errors = [r for r in rows if "error" in r]
+    lines += [""] + [f"- {r['model']} {r['method']} seed {r['seed']}: error: {r['error']}" for r in errors]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "SEARCH.md").write_text("\n".join(lines).rstrip() + "\n")
+    (out / "search.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.run import _versions
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="A smoke run (the test suite's): recognizer, one seed, tiny data.")
+    ap.add_argument("--models", default=None, help=f"Comma-separated (default {','.join(MODELS)}; resnet20, vgg too).")
+    ap.add_argument("--methods", default=None, help=f"Comma-separated, of {','.join(METHODS)} (default all).")
+    ap.add_argument("--seeds", default=None)
+    ap.add_argument("--budget", type=float, default=None, help="True-bytes ratio (default 6).")
+    ap.add_argument("--evaluations", type=int, default=None)
+    ap.add_argument("--finetune-epochs", type=int, default=None)
+    ap.add_argument("--held-out", type=int, default=None)
+    ap.add_argument("--search-samples", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = ap.parse_args(argv)
+    base = {**DEFAULTS, "models": ",".join(MODELS), "methods": ",".join(METHODS), **(QUICK if args.quick else {})}
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    models, methods = [m for m in args.models.split(",") if m], [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)}")
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="hirelc-bench-search-") as tmp:
+        for name in models:
+            task = make_task(name, Path(tmp), args.held_out, args.search_samples)
+            for method in methods:
+                for seed in (seeds[:1] if method == "ort-int8" else seeds):
+                    try:
+                        row = run_cell(name, task, method, seed, args, Path(tmp))
+                    except Exception as exc:  # a failing cell is a line of the table, not the end of the bench
+                        log.exception("%s %s seed %d failed", name, method, seed)
+                        row = {"model": name, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+                    print(json.dumps(row, default=float), flush=True)
+                    rows.append(row)
+    settings = {k: getattr(args, k) for k in ("seeds", "budget", "evaluations", "finetune_epochs", "held_out",
+                                              "search_samples")}
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
+            "settings": settings, "quick": args.quick, "seconds": time.perf_counter() - start,
+            "models": models, "methods": methods}
+    write_results(args.out, rows, meta)
+    print(f"wrote {args.out / 'SEARCH.md'} in {meta['seconds']:.0f} s")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

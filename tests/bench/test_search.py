@@ -1,0 +1,33 @@
+"""A small version of `make bench-search`: rows measured, cells tabled, HiReLC's winning source named."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.search import cells, main, verdicts
+
+
+def test_cells_and_verdicts_from_rows():
+    rows = [{"model": "m", "method": meth, "seed": s, "ratio": 6.0, "score": score, "seconds": 1.0}
+            for meth, scores in (("hirelc", (0.9, 0.92)), ("knapsack", (0.8, 0.8))) for s, score in enumerate(scores)]
+    rows.append({"model": "m", "method": "random", "seed": 0, "error": "boom"})
+    table = cells(rows)
+    assert set(table) == {("m", "hirelc"), ("m", "knapsack")}
+    assert table[("m", "hirelc")]["mean"] == pytest.approx(0.91)
+    assert table[("m", "knapsack")]["spread"] == 0.0
+    assert "separates" in verdicts(table)[0] and "+11.00 pts" in verdicts(table)[0]
+
+
+@pytest.mark.slow
+def test_quick_search_bench(tmp_path, reference_models):
+    reference_models("text_recognizer")
+    assert main(["--quick", "--methods", "hirelc,ort-int8", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "search.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["hirelc", "ort-int8 (static)"]
+    hirelc = rows[0]
+    assert hirelc["ratio"] >= 6.0 - 1e-6 and 0.0 < hirelc["score"] <= 1.0 and hirelc["n"] == 64
+    assert hirelc["winner_source"] in hirelc["evaluations_by_source"]
+    assert sum(hirelc["evaluations_by_source"].values()) == 2
+    text = (tmp_path / "SEARCH.md").read_text()
+    assert f"{hirelc['score']:.4f}" in text and f"0: {hirelc['winner_source']}" in text
