@@ -58,6 +58,8 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "kernels": per_kernel_rows(bg, result.config, emitted, cost),
         "history": result.history,
         "search": {"seconds": seconds, **result.extra},
+        # what produced the emitted candidate (graph-rl: "policy" or a ranking's cut), when the method says
+        "source": result.extra.get("source"),
         "versions": versions(),
     }
     if ctx is not None:

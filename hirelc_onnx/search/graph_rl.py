@@ -70,7 +70,7 @@ from hirelc_onnx.search.masked_proxy import proxy_scorer
 from hirelc_onnx.search.pruning_space import PruningSpace, resource_constraints
 from hirelc_onnx.search.selection import Selection
 
-__all__ = ["GraphRLSettings", "run_graph_rl"]
+__all__ = ["GraphRLSettings", "PRIORS", "SOURCES", "run_graph_rl"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,17 @@ class GraphRLSettings:
     prior_scale: float = 6.0
     """Starting keep logit of a channel: prior_scale * (importance rank in its group in [0, 1] -
     (1 - uniform keep)); the starting greedy episode keeps each group's most important channels."""
+    proxy_rows: int = 64
+    """Rows of the context's proxy batch that score the RL phase's episodes (0: all); the best
+    `rescore` distinct episodes are scored again on the whole batch for the final ranking."""
+    rescore: int = 24
+    """Episodes re-scored on the whole proxy batch before the real evaluations."""
+    bias_lr: float = 0.05
+    """Adam learning rate of the free per-channel keep biases (the GAT and head use `lr`): large
+    enough that a few hundred noisy updates can move a channel's logit by several units."""
+    prior: str = "l1-fisher"
+    """"l1-fisher": start from the importance ranking and measure its cuts (above); "none": every
+    channel starts at the uniform keep logit and only the policy's episodes are measured."""
 
 
 def _rollout(policy: ChannelPolicy, obs: GraphObservation, batch: int, greedy: bool = False):
@@ -153,20 +164,42 @@ def _key(masks: list[np.ndarray]) -> bytes:
     return np.packbits(np.concatenate(masks)).tobytes()
 
 
+PRIORS = ("l1-fisher", "none")
+"""--prior: where the policy starts (GraphRLSettings.prior says what each does)."""
+
+SOURCES = {"l1+group-fisher": "ranking-l1-fisher", "group-fisher": "ranking-fisher", "l1": "ranking-l1"}
+"""The source a ranked cut's real evaluation records, by ranking; the policy's episodes record "policy"."""
+
+
+def _bernoulli_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    p, q = np.clip(p, 1e-6, 1 - 1e-6), np.clip(q, 1e-6, 1 - 1e-6)
+    return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+
+
+def _greedy(policy: ChannelPolicy, obs: GraphObservation) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The policy's greedy episode (keep where p > 0.5) and its per-channel keep probabilities."""
+    with torch.no_grad():
+        (masks, probs), _, _ = _rollout(policy, obs, 1, greedy=True)
+    return masks[0], probs[0]
+
+
 def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                  time_limit: float | None = None, seed: int = 0,
                  evaluations: int = 8, progress: Callable[[int, int], None] | None = None,
                  flops: float | None = None, params: float | None = None, bits: int | None = None,
-                 settings: GraphRLSettings | None = None) -> MethodResult:
+                 prior: str | None = None, settings: GraphRLSettings | None = None) -> MethodResult:
     """Graph-attention RL channel pruning under a resource constraint (see the module docstring).
 
     flops / params: fractions of the original MACs / kernel weights; budget: true-bytes ratio;
-    bits: weight bits of the emitted model (overrides `settings.bits`). No max_drop: the method
-    maximises accuracy within the limits.
+    bits: weight bits of the emitted model (overrides `settings.bits`); prior: "l1-fisher" or
+    "none" (overrides `settings.prior`). No max_drop: the method maximises accuracy within the limits.
     """
     if ctx is None:
         raise UserError("--method graph-rl scores candidates on data: give --data")
     s = settings or GraphRLSettings()
+    prior_kind = prior if prior is not None else s.prior
+    if prior_kind not in PRIORS:
+        raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got {prior_kind!r}")
     bits = int(bits if bits is not None else s.bits if s.bits is not None else bits_ladder(target)[1])
     start = time.perf_counter()
     rl_deadline = start + s.search_share * time_limit if time_limit else math.inf
@@ -181,14 +214,23 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     prior = space.uniform_keep()
     scorer = proxy_scorer(bg, ctx, obs, space)
     t_imp = time.perf_counter()
-    rankings = channel_rankings(bg, ctx, obs, scorer, s.importance_samples, seed)
-    start_logits = {name: [s.prior_scale * (scaled_ranks(v) - (1.0 - prior)) for v in scores]
-                    for name, scores in rankings.items()}
-    importance_kind = next(iter(rankings))
-    policy = ChannelPolicy(obs, prior, s.hidden, s.heads, s.layers, channel_logits=start_logits[importance_kind])
-    optimizer = torch.optim.Adam(policy.parameters(), lr=s.lr)
-    log.info("graph-rl: %d prunable groups, %d channels, %s; uniform keep %.3f meets it",
-             len(obs.groups), int(obs.lengths.sum()), ", ".join(c.describe() for c in constraints), prior)
+    if prior_kind == "l1-fisher":
+        rankings = channel_rankings(bg, ctx, obs, scorer, s.importance_samples, seed)
+        start_logits = {name: [s.prior_scale * (scaled_ranks(v) - (1.0 - prior)) for v in scores]
+                        for name, scores in rankings.items()}
+        importance_kind = next(iter(rankings))
+    else:  # uninformative: every channel at the uniform keep logit, no ranked cut
+        start_logits, importance_kind = {}, None
+    policy = ChannelPolicy(obs, prior, s.hidden, s.heads, s.layers,
+                           channel_logits=start_logits[importance_kind] if start_logits else None)
+    optimizer = torch.optim.Adam([{"params": [p for n, p in policy.named_parameters() if n != "channel_bias"]},
+                                  {"params": [policy.channel_bias], "lr": s.bias_lr}], lr=s.lr)
+    rows_of = getattr(scorer, "use_rows", None)  # the torch proxy can score on fewer rows; the ORT one cannot
+    if rows_of and s.proxy_rows:
+        rows_of(s.proxy_rows)
+    log.info("graph-rl: %d prunable groups, %d channels, %s; uniform keep %.3f meets it; prior %s",
+             len(obs.groups), int(obs.lengths.sum()), ", ".join(c.describe() for c in constraints), prior,
+             prior_kind)
 
     updates = max(1, s.episodes // s.batch)
     total_steps = updates + evaluations
@@ -196,17 +238,19 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     best, baseline = -math.inf, None
     scored: dict[bytes, dict] = {}  # projected masks -> proxy result (episodes repeat as the policy sharpens)
     history: list[dict] = []
-    lam_trace, best_curve = [], []
+    lam_trace, best_curve, mean_curve = [], [], []
     with torch_threads(1):  # tiny graphs: one thread is 10x faster than two on a busy 2-core machine
         # --- the starting cuts: each ranking's greedy episode (every group's top channels), projected;
-        # the first is the untrained policy's own greedy episode
+        # the first is the untrained policy's own greedy episode (none without a prior)
         starts, start_of = [], {}
         for name, logits in start_logits.items():
             masks, _ = space.project([lg > 0 for lg in logits], [1.0 / (1.0 + np.exp(-lg)) for lg in logits])
             scored.setdefault(_key(masks), {"masks": masks, "score": scorer(masks)[0]})
             starts.append(masks)
-            start_of.setdefault(_key(masks), name)
-        best = max(scored[_key(m)]["score"] for m in starts)  # the record to beat starts there
+            start_of.setdefault(_key(masks), SOURCES[name])
+        if starts:
+            best = max(scored[_key(m)]["score"] for m in starts)  # the record to beat starts there
+        first_masks, first_probs = _greedy(policy, obs)
         importance_seconds = time.perf_counter() - t_imp
         t_rl = time.perf_counter()
         for update in range(updates):
@@ -250,22 +294,33 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
             lam = np.maximum(0.0, lam + s.dual_lr * violations.mean(axis=0))
             lam_trace.append(lam.tolist())
             best_curve.append(best)
+            mean_curve.append(float(scores.mean()))
             log.debug("graph-rl update %d: best %.4f mean %.4f lambda %s", update, best, scores.mean(), lam)
             if progress:
                 progress(update + 1, total_steps)
 
         # --- the greedy policy's episode (keep where p > 0.5, projected), first in line for real evaluation
-        with torch.no_grad():
-            (g_masks, g_probs), _, _ = _rollout(policy, obs, 1, greedy=True)
-        greedy, _ = space.project(g_masks[0], g_probs[0])
+        g_masks, g_probs = _greedy(policy, obs)
+        greedy, _ = space.project(g_masks, g_probs)
         if _key(greedy) not in scored:
             scored[_key(greedy)] = {"masks": greedy, "score": scorer(greedy)[0]}
+        # --- the final ranking on the whole proxy batch: the starts, the greedy episode, the best episodes
+        if rows_of and s.proxy_rows:
+            rows_of(None)
+            top = sorted(scored.values(), key=lambda r: -r["score"])[:s.rescore]
+            finalists = _distinct(starts + [greedy] + [r["masks"] for r in top])
+            scored = {_key(m): {"masks": m, "score": scorer(m)[0]} for m in finalists}
     rl_seconds = time.perf_counter() - t_rl
+    # how far training moved the policy: along its greedy episode, before vs after
+    shift = {"mean_kl": float(np.mean(np.concatenate([_bernoulli_kl(a, b) for a, b in zip(g_probs, first_probs)]))),
+             "mean_abs_prob_change": float(np.mean(np.abs(np.concatenate(g_probs) - np.concatenate(first_probs)))),
+             "flipped_fraction": float(np.mean(np.concatenate(g_masks) != np.concatenate(first_masks)))}
 
     # --- real evaluation: the starting cuts, the greedy episode, then the best by proxy score
     by_proxy = [r["masks"] for r in sorted(scored.values(), key=lambda r: -r["score"])]
     ranked = _distinct(starts + [greedy] + by_proxy)
     measured: list[tuple[Measurement, float, float]] = []  # (measurement, selection score, selection loss)
+    sources: list[str] = []
     select = Selection(ctx)
     t_measure = time.perf_counter()
     for rank, masks in enumerate(ranked[:max(1, evaluations)]):
@@ -277,19 +332,23 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         proxy = scored[_key(masks)]["score"]
         feasible = space.feasible(space.usage_of(m.cost))
         chosen_by = select(m.model)
-        history.append(candidate_record(m, "real", method="graph-rl", rank=rank,
-                                        start=start_of.get(_key(masks)), greedy=_key(masks) == _key(greedy),
+        source = start_of.get(_key(masks), "policy")
+        history.append(candidate_record(m, "real", method="graph-rl", rank=rank, source=source,
+                                        greedy=_key(masks) == _key(greedy),
                                         proxy_score=proxy, selection_score=chosen_by[0], selection_loss=chosen_by[1],
                                         feasible=feasible, kept_channels=int(counts.sum())))
         if feasible:
             measured.append((m, *chosen_by))
+            sources.append(source)
         if progress:
             progress(updates + rank + 1, total_steps)
     best_m = select.pick(measured)  # the selection score decides; within one row of the best, the loss
     if best_m is None:  # projection makes every candidate feasible: reaching here is a cost-model bug
         raise RuntimeError("graph-rl: no measured candidate met the resource limits")
     extra = {"constraints": [{"kind": c.kind, "limit": c.limit, "text": c.describe()} for c in constraints],
-             "lagrange_multipliers": lam_trace, "best_proxy_curve": best_curve, "prior_keep": prior,
+             "source": next(src for (m, _, _), src in zip(measured, sources) if m is best_m), "prior": prior_kind,
+             "lagrange_multipliers": lam_trace, "best_proxy_curve": best_curve, "learning_curve": mean_curve,
+             "policy_shift": shift, "prior_keep": prior,
              "proxy_metric": "-normalised logit MSE, pruned fp32 with re-estimated channel statistics",
              "episodes": len(best_curve) * s.batch, "distinct_episodes": len(scored), "bits": bits,
              "channel_importance": importance_kind, "importance_seconds": importance_seconds,
