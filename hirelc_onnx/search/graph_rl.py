@@ -5,12 +5,22 @@ policy (`gat.ChannelPolicy`) reads the graph observation -- layers and channel g
 and coupling edges, the keep state so far -- and samples a keep/prune bit for every channel of the
 current group. When every group is decided the environment makes the choice feasible and scores it.
 
-The start. Each channel's keep logit starts at prior_scale * (its importance rank in its group -
-(1 - u)), u the uniform keep ratio meeting the target, so the untrained policy's greedy episode
-keeps every group's most important channels (a uniform cut, data-aware) and sampling explores
-around the cut. Importance (`channel_importance.channel_rankings`, where the module says why) is
-the sum of the channel's rank by L1 magnitude and its rank by group Fisher; L1 alone when the
-model cannot go through the torch bridge.
+The start (`--prior`). With "l1-fisher", each channel's keep logit starts at prior_scale * (its
+importance rank in its group - (1 - u)), u the uniform keep ratio meeting the target, so the
+untrained policy's greedy episode keeps every group's most important channels (a uniform cut,
+data-aware) and sampling explores around the cut. Importance (`channel_importance.channel_rankings`,
+where the module says why) is the sum of the channel's rank by L1 magnitude and its rank by group
+Fisher; L1 alone when the model cannot go through the torch bridge. With "none", every channel
+starts at the logit of u (the policy knows the channels only through its observation) and no
+ranked cut is scored or measured: what is emitted comes from the policy alone.
+
+The training. Every episode is scored by the cheap masked proxy, so the policy takes hundreds of
+updates (`episodes` / `batch`); the episodes are scored on the first `proxy_rows` rows of the proxy
+batch (4x cheaper than all of it), the free per-channel biases learn at `bias_lr`, larger than the
+network's `lr`, so the logits can travel several units from wherever they started. The result
+records the learning curve (the batch's mean proxy score per update, and the best so far) and how
+far training moved the policy (`policy_shift`: along its greedy episode, the mean Bernoulli KL from
+the starting policy and the share of channels whose decision flipped).
 
 The constraint (constrained MDP). The resource target is one or more usage limits, each a fraction
 of the original model measured by the cost model on the emitted model (`pruning_space`): MACs
@@ -37,9 +47,12 @@ the batch's reward spread, and a small entropy bonus.
 
 The result. Within `evaluations`, distinct episodes are measured for real -- pruned with their
 exact channel sets, fine-tuned (the context's budget, the same for every candidate), quantized to
-`bits`, scored on the validation split through ORT -- in this order: the starting cut (channels
-ranked by L1 + Fisher ranks), the same cut ranked by Fisher alone, the trained policy's greedy
-episode (keep where p > 0.5, projected), then the best by proxy score. The pick is made on the
+`bits`, scored on the validation split through ORT -- in this order: with the prior, the starting
+cut (channels ranked by L1 + Fisher ranks) and the same cut ranked by Fisher alone; then the
+trained policy's greedy episode (keep where p > 0.5, projected), then the best by proxy score
+(the best `rescore` episodes re-scored on the whole proxy batch). Each real evaluation records its
+source ("ranking-l1-fisher", "ranking-fisher", "ranking-l1" or "policy"), and the result the
+emitted candidate's (`extra["source"]`, the report's "source"). The pick is made on the
 validation plus calibration rows (`selection.Selection`: why not validation alone): the highest
 score wins, except that scores within one row of the best count as tied (on a few hundred rows
 one image is noise), and among tied candidates the lower loss (cross-entropy, or KL to fp32
