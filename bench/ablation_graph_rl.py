@@ -12,6 +12,10 @@ bench/ablation_graph_rl.json (every figure, the learning curves too), rewritten 
 a killed bench keeps what it measured.
 
     python -m bench.ablation_graph_rl [--models resnet20,vgg] [--seeds 0,1,2] [--epochs 3] [--out bench]
+    python -m bench.ablation_graph_rl --merge a/ablation_graph_rl.json b/ablation_graph_rl.json --out bench
+
+`--merge` joins runs made in parallel (one process per model and seed: on a shared machine each
+process gets its own share of the cores) into one table.
 """
 from __future__ import annotations
 
@@ -112,7 +116,7 @@ def write(out: Path, rows: list[dict], spec: dict, meta: dict) -> None:
                                                            default=float))
     head = [f"# Graph-rl ablation: the learned policy vs its prior vs uniform L1", "",
             f"{meta['date']}; {meta['versions']}; command: `{meta['command']}`; "
-            f"{meta.get('seconds', 0):.0f} s so far.", ""]
+            f"{meta.get('seconds', 0):.0f} s of wall time (the longest process).", ""]
     (out / "ABLATION_GRAPH_RL.md").write_text("\n".join(head + tables(rows, spec)) + "\n")
 
 
@@ -124,8 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluations", type=int, default=ABLATION["evaluations"])
     ap.add_argument("--arms", default=",".join(ARMS), help="which of l1, none, l1-fisher to run")
     ap.add_argument("--out", default="bench")
+    ap.add_argument("--merge", nargs="+", help="ablation_graph_rl.json files of parallel runs: join them into --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = sorted((r for p in parts for r in p["rows"]),
+                      key=lambda r: (ABLATION["models"].index(r["model"]) if r["model"] in ABLATION["models"] else 99,
+                                     r["seed"], ARMS.index(r["arm"])))
+        meta = {**parts[0]["meta"], "command": "; ".join(p["meta"]["command"] for p in parts),
+                "seconds": max(p["meta"].get("seconds", 0) for p in parts)}
+        write(Path(args.out), rows, parts[0]["spec"], meta)
+        print("\n".join(tables(rows, parts[0]["spec"])))
+        return 0
     spec = {"models": args.models.split(","), "seeds": [int(s) for s in args.seeds.split(",")],
             "epochs": args.epochs, "evaluations": args.evaluations}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
