@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"models": args.models.split(","), "seeds": [int(s) for s in args.seeds.split(",")],
             "epochs": args.epochs, "evaluations": args.evaluations}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
-            "command": "python -m bench.ablation_graph_rl " + " ".join(argv if argv is not None else [])}
+            "command": "python -m bench.ablation_graph_rl " + " ".join(sys.argv[1:] if argv is None else argv)}
     out, rows, t0 = Path(args.out), [], time.perf_counter()
     for model in spec["models"]:
         for seed in spec["seeds"]:
