@@ -316,3 +316,11 @@ def test_runs_on_light_resnet50():
     assert model_cost(bg, result.config).macs_fraction <= 0.5
     assert [h["kind"] for h in result.history].count("real") == 1
     assert result.extra["channel_importance"] == "l1"
+
+
+def test_the_command_line_offers_every_prior():
+    from hirelc_onnx.commands.compress import compress
+    from hirelc_onnx.search.graph_rl import PRIORS
+
+    option = next(p for p in compress.params if p.name == "prior")
+    assert tuple(option.type.choices) == PRIORS and option.default is None  # the method's own default when not given
