@@ -92,8 +92,10 @@ log = logging.getLogger(__name__)
 class GraphRLSettings:
     """Knobs of the graph-RL search (defaults sized for the digits references on 2 CPU cores)."""
 
-    episodes: int = 256
-    """Proxy-scored episodes in the RL phase (rounded down to whole updates)."""
+    episodes: int = 512
+    """Proxy-scored episodes in the RL phase (rounded down to whole updates). 64 updates: on VGG
+    without a prior the batch's mean proxy score rose from -0.14 to -0.07 over them (to -0.11
+    after 32), and about a third of the greedy decisions flipped."""
     batch: int = 8
     """Episodes per policy update."""
     lr: float = 3e-3
