@@ -232,7 +232,7 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_epochs=1, proxy_size=64)
     steps = []
     wall = time.perf_counter()
-    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY,
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY, prior="l1-fisher",
                           progress=lambda i, n: steps.append((i, n)))
     wall = time.perf_counter() - wall
     assert model_cost(bg, result.config).macs_fraction <= 0.5
@@ -272,7 +272,7 @@ def test_without_the_torch_bridge_the_proxy_falls_back_to_ort(reference_models, 
     monkeypatch.setattr(masked_proxy, "MaskedProxy", no_bridge)
     bg = build_block_graph(load_model(reference_models("vgg")))
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0, proxy_size=32)
-    result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY)
+    result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY, prior="l1-fisher")
     proxy = [h for h in result.history if h["kind"] == "proxy"]
     assert proxy and all(h["logit_mse"] >= 0 for h in proxy)
     assert result.extra["channel_importance"] == "l1"  # no bridge, no gradients: channels ranked by magnitude
@@ -312,7 +312,7 @@ def test_runs_on_light_resnet50():
     data = Dataset(np.random.default_rng(0).random((16, 3, 224, 224), dtype=np.float32), None, "noise")
     ctx = SearchContext(bg, split_dataset(data, 0), "storage", proxy_size=2, calib_size=2, finetune_seconds=0)
     settings = GraphRLSettings(episodes=2, batch=2, hidden=16, heads=2, fisher_samples=2, importance_samples=2)
-    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=1, settings=settings)
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=1, settings=settings, prior="l1-fisher")
     assert model_cost(bg, result.config).macs_fraction <= 0.5
     assert [h["kind"] for h in result.history].count("real") == 1
     assert result.extra["channel_importance"] == "l1"
