@@ -77,22 +77,33 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
              "| model | seed | fp32 | l1 | none | l1-fisher | none - l1 (images) | l1-fisher - l1 (images) "
              "| source (none) | source (l1-fisher) |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["model"], r["seed"], r["arm"]): r for r in rows}
+
+    def cell(r: dict | None, fmt: str = ".4f") -> str:
+        return "n/a" if r is None else format(r["score"], fmt)
+
+    def images(r: dict | None, l1: dict) -> str:
+        return "n/a" if r is None else f"{round((r['score'] - l1['score']) * l1['test_n']):+d}"
+
     for model in dict.fromkeys(r["model"] for r in rows):
-        seeds = [s for s in dict.fromkeys(r["seed"] for r in rows if r["model"] == model)
-                 if all((model, s, a) in by for a in ARMS)]
+        seeds = [s for s in dict.fromkeys(r["seed"] for r in rows if r["model"] == model) if (model, s, "l1") in by]
         for seed in seeds:
-            l1, none, prior = (by[(model, seed, a)] for a in ARMS)
-            n = l1["test_n"]
-            lines.append(f"| {model} | {seed} | {l1['fp32']:.4f} | {l1['score']:.4f} | {none['score']:.4f} "
-                         f"| {prior['score']:.4f} | {round((none['score'] - l1['score']) * n):+d} "
-                         f"| {round((prior['score'] - l1['score']) * n):+d} | {none['source']} | {prior['source']} |")
+            l1, none, prior = (by.get((model, seed, a)) for a in ARMS)
+            lines.append(f"| {model} | {seed} | {l1['fp32']:.4f} | {l1['score']:.4f} | {cell(none)} | {cell(prior)} "
+                         f"| {images(none, l1)} | {images(prior, l1)} | {none['source'] if none else 'n/a'} "
+                         f"| {prior['source'] if prior else 'n/a'} |")
         if len(seeds) > 1:
-            mean = {a: np.mean([by[(model, s, a)]["score"] for s in seeds]) for a in ARMS}
-            fp32 = np.mean([by[(model, s, "l1")]["fp32"] for s in seeds])
             n = by[(model, seeds[0], "l1")]["test_n"]
-            lines.append(f"| {model} | **mean** | {fp32:.4f} | {mean['l1']:.4f} | {mean['none']:.4f} "
-                         f"| {mean['l1-fisher']:.4f} | {(mean['none'] - mean['l1']) * n:+.1f} "
-                         f"| {(mean['l1-fisher'] - mean['l1']) * n:+.1f} | | |")
+            fp32 = np.mean([by[(model, s, "l1")]["fp32"] for s in seeds])
+            mean = {a: (np.mean([by[(model, s, a)]["score"] for s in seeds])
+                        if all((model, s, a) in by for s in seeds) else None) for a in ARMS}
+
+            def shown(a: str, diff: bool = False) -> str:
+                if mean[a] is None:
+                    return "n/a"
+                return f"{(mean[a] - mean['l1']) * n:+.1f}" if diff else f"{mean[a]:.4f}"
+
+            lines.append(f"| {model} | **mean** | {fp32:.4f} | {shown('l1')} | {shown('none')} | {shown('l1-fisher')} "
+                         f"| {shown('none', True)} | {shown('l1-fisher', True)} | | |")
     lines += ["", "## The policy: how far it moved, what it learned, what it cost", "",
               "Shift: along the policy's greedy episode, mean Bernoulli KL from the starting policy and the share of "
               "channels whose keep decision flipped. Proxy: the batch's mean proxy score (minus the normalised logit "

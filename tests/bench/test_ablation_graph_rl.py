@@ -34,3 +34,12 @@ def test_merge_joins_parallel_runs_into_one_table_with_means(tmp_path):
     assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9537 | 0.9500 | +1.5 | +0.0 | | |" in md
     joined = json.loads((tmp_path / "out" / "ablation_graph_rl.json").read_text())
     assert [(r["seed"], r["arm"]) for r in joined["rows"]] == [(s, a) for s in (0, 1) for a in ("l1", "none", "l1-fisher")]
+
+
+def test_an_arm_not_run_is_shown_as_not_available():
+    from bench.ablation_graph_rl import tables
+
+    rows = [_row("vgg", "l1", s, 0.95) for s in (0, 1)] + [_row("vgg", "none", s, 0.9525) for s in (0, 1)]
+    md = "\n".join(tables(rows, {"epochs": 3, "evaluations": 4}))
+    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +1 | n/a | policy | n/a |" in md
+    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +1.0 | n/a | | |" in md
