@@ -116,8 +116,9 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
             lines.append(f"| {r['model']} | l1 | {r['seed']} | | | | | {r['seconds']:.0f} | | | |")
             continue
         cands = ", ".join(f"{c['source']}: {c['score']:.3f}" for c in r["candidates"])
-        lines.append(f"| {r['model']} | {r['arm']} | {r['seed']} | {r['episodes']} | {r['policy_shift']['mean_kl']:.3f} "
-                     f"| {r['policy_shift']['flipped_fraction']:.2f} | {r['proxy_first']:.3f} -> {r['proxy_last']:.3f} "
+        shift = r["policy_shift"]
+        lines.append(f"| {r['model']} | {r['arm']} | {r['seed']} | {r['episodes']} | {shift['mean_kl']:.3f} "
+                     f"| {shift['flipped_fraction']:.2f} | {r['proxy_first']:.3f} -> {r['proxy_last']:.3f} "
                      f"| {r['seconds']:.0f} | {r['rl_seconds']:.0f} | {r['measure_seconds']:.0f} | {cands} |")
     return lines
 

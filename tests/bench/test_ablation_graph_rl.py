@@ -33,7 +33,8 @@ def test_merge_joins_parallel_runs_into_one_table_with_means(tmp_path):
     assert "| vgg | 1 | 0.9900 | 0.9500 | 0.9550 | 0.9500 | +2 | +0 | policy | policy |" in md
     assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9537 | 0.9500 | +1.5 | +0.0 | | |" in md
     joined = json.loads((tmp_path / "out" / "ablation_graph_rl.json").read_text())
-    assert [(r["seed"], r["arm"]) for r in joined["rows"]] == [(s, a) for s in (0, 1) for a in ("l1", "none", "l1-fisher")]
+    order = [(s, a) for s in (0, 1) for a in ("l1", "none", "l1-fisher")]
+    assert [(r["seed"], r["arm"]) for r in joined["rows"]] == order
 
 
 def test_an_arm_not_run_is_shown_as_not_available():
