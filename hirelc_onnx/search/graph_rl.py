@@ -143,9 +143,9 @@ class GraphRLSettings:
     """"l1-fisher": start from the importance ranking and measure its cuts (above); "none": every
     channel starts at the uniform keep logit and only the policy's episodes are measured.
     The default is the one measured to beat uniform L1 on ResNet-20 at 3 epochs (mean of 3 seeds,
-    +55 test images, bench/RESULTS.md); on VGG "none" did better than it (mean test accuracy 0.9896
-    at 64 updates, 0.9881 at 32, vs 0.9829; bench/ABLATION_GRAPH_RL.md) but neither beat L1 (0.9911),
-    and both priors were not measured side by side on both models in time to switch."""
+    +55 test images at 32 updates, bench/RESULTS.md). At 64 updates (bench/ABLATION_GRAPH_RL.md)
+    "none" matched it on ResNet-20 (0.9807 vs that 0.9814; +54.7 images over L1) and beat it on VGG
+    (0.9896 vs 0.9866; L1 0.9911): the switch waits for ResNet-20 with the prior at 64 updates."""
 
 
 def _rollout(policy: ChannelPolicy, obs: GraphObservation, batch: int, greedy: bool = False):
