@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage bench-search fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl fuzz clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-search: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench
+
+# graph-rl --prior none / l1-fisher vs uniform L1 at 50% MACs, 3 epochs, 3 seeds, ResNet-20 and VGG:
+# writes bench/ABLATION_GRAPH_RL.md and bench/ablation_graph_rl.json
+bench-ablation-graph-rl: $(STAMP)
+	$(PY) -m bench.ablation_graph_rl
 
 # the long fuzz campaign (the quick part runs in make test): writes bench/fuzz/report.{md,json}
 FUZZ_CASES ?= 400

@@ -112,7 +112,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       finetune_epochs: instead of the clock, exactly this many epochs (at most; patience may end
       sooner), so every candidate gets the same training and a run is repeatable, 0 disables it;
       resume: continue a killed search from the state in `out_dir`; bits / keep / qtype /
-      granularity: uniform's choice (keep also l1-int8's); flops / params: graph-rl's limits;
+      granularity: uniform's choice (keep also l1-int8's); flops / params: graph-rl's limits; prior: its start;
       settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings);
       channel_multiple: every method that prunes rounds its kept channel counts to a multiple of it
       (default DEFAULT_CHANNEL_MULTIPLE; 1: any count), recorded in the emitted config.

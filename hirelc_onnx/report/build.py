@@ -67,6 +67,8 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         "search": {"seconds": seconds, **{k: v for k, v in result.extra.items() if k not in _SEARCH_INTERNAL},
                    **_execution(ctx), **winner_source(result.history, result.extra)},
         "sensitivity": sensitivity_shares(bg, result.extra),
+        # what produced the emitted candidate (graph-rl: "policy" or a ranking's cut), when the method says
+        "source": result.extra.get("source"),
         "versions": versions(),
     }
     if ctx is not None:

@@ -66,7 +66,8 @@ class MaskedProxy:
         from hirelc_onnx.bridge.convert import to_torch, torch_inputs
 
         self.module = to_torch(bg.model)
-        self.x = torch_inputs(x)  # the proxy batch, one tensor per graph input (ids stay integers)
+        self.batch = torch_inputs(x)  # the proxy batch, one tensor per graph input (ids stay integers)
+        self.x = self.batch  # the rows scored now (`use_rows`)
         self.recalibrate = recalibrate
         self.lengths = obs.lengths.astype(int)
         self.column = {gid: j for j, gid in enumerate(obs.groups)}
@@ -91,13 +92,23 @@ class MaskedProxy:
         self._taps: list[tuple[int, torch.Tensor]] | None = None  # producer outputs, while scoring importance
         for i, (sub, *_) in enumerate(self.hooked):
             sub.register_forward_hook(functools.partial(self._hook, i))
-        with torch.no_grad():
-            self.ref = _numpy_outputs(self.module(*self.x))
+        self.use_rows(None)
         if objective is None:  # no run's objective: every output by its kind, labels given to it are class indices
             kinds = tuple(classify(None, r) for r in self.ref)
             objective = Objective(tuple(o.name for o in bg.model.graph.output), kinds,
                                   0 if kinds[0] == "class-scores" else None)
         self.objective = objective
+
+    def use_rows(self, rows: int | None) -> None:
+        """Score on the first `rows` rows of the proxy batch from now on (None: all of it).
+
+        Graph RL's policy updates score thousands of episodes, each a forward pass: a quarter of
+        the batch makes them about 4x cheaper, and the final ranking re-scores its best episodes
+        on the whole batch. The fp32 reference and the recalibration targets follow the rows."""
+        self.x = self.batch if rows is None else [t[:rows] for t in self.batch]
+        self.stats = {}  # the next pass, unpruned, sets the targets on these rows
+        with torch.no_grad():
+            self.ref = _numpy_outputs(self.module(*self.x))
 
     def _positions(self, cmap: ChannelMap, cols: list[int | None]) -> torch.Tensor | None:
         if self.masks is None or all(c is None for c in cols):

@@ -72,7 +72,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "hierarchical RL ensembles pick bits / keep / qtype / granularity per kernel (default)",
            frozenset({"seed", "progress", "state_path"}), default_budget=4.0),
     Method("graph-rl", "hirelc_onnx.search.graph_rl:run_graph_rl", True,
-           _SEARCH | {"flops", "params", "bits", "time_limit", "settings", *SPEED_OPTIONS},
+           _SEARCH | {"flops", "params", "bits", "prior", "time_limit", "settings", *SPEED_OPTIONS},
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
            frozenset({"seed", "progress"})),
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,

@@ -230,10 +230,10 @@ def test_masked_proxy_computes_what_the_pruning_pass_emits(reference_models, nam
 
 def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_models):
     bg = replace(build_block_graph(load_model(reference_models("resnet20"))), channel_multiple=4)  # 16-wide groups: 8 steps of 4
-    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_seconds=2, proxy_size=64)
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "storage", finetune_epochs=1, proxy_size=64)
     steps = []
     wall = time.perf_counter()
-    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY,
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=2, seed=0, settings=TINY, prior="l1-fisher",
                           progress=lambda phase, i, n: steps.append((phase, i, n)))
     wall = time.perf_counter() - wall
     assert model_cost(bg, result.config).macs_fraction <= 0.5
@@ -242,15 +242,15 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     assert len(real) == 2 and all(h["feasible"] and h["finetuned"] and h["macs_fraction"] <= 0.5 for h in real)
     assert proxy and all(h["macs_fraction"] <= 0.5 for h in proxy)
     # the two starting cuts are measured first: L1 + Fisher ranks, then Fisher alone (distinct on ResNet-20)
-    assert [h["start"] for h in real] == ["l1+group-fisher", "group-fisher"]
-    assert result.extra["channel_importance"] == "l1+group-fisher"
+    assert [h["source"] for h in real] == ["ranking-l1-fisher", "ranking-fisher"]
+    assert result.extra["channel_importance"] == "l1+group-fisher" and result.extra["prior"] == "l1-fisher"
     # the winner: within one row of the best score on validation + calibration rows, then the lowest loss
     rows = np.concatenate([ctx.splits.val.y, ctx.splits.calib.y])
     logits = predict(result.model, np.concatenate([ctx.splits.val.x, ctx.splits.calib.x]))
     row = 1 / len(rows)
     tied = [h for h in real if h["selection_score"] >= max(r["selection_score"] for r in real) - row - 1e-9]
     chosen = min(tied, key=lambda h: h["selection_loss"])
-    assert result.val_score == chosen["score"]
+    assert result.val_score == chosen["score"] and result.extra["source"] == chosen["source"]
     assert np.isclose(chosen["selection_score"], (logits.argmax(1) == rows).mean())
     times = result.extra
     # the phases are consecutive parts of the run, and measuring holds every candidate's own time
@@ -258,6 +258,8 @@ def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_mode
     assert phases <= wall and times["measure_seconds"] >= sum(h["seconds"] for h in real)
     assert ctx.test_score(result.model) > 0.3  # 50% of MACs gone: about 0.1 before fine-tuning
     assert len(result.extra["lagrange_multipliers"]) == len(result.extra["best_proxy_curve"]) == 2
+    assert len(result.extra["learning_curve"]) == 2
+    assert all(c >= m for c, m in zip(result.extra["best_proxy_curve"], result.extra["learning_curve"]))
     assert result.extra["best_proxy_curve"] == sorted(result.extra["best_proxy_curve"])
     assert steps[-1] == ("graph-rl: policy updates, then real evaluations", 4, 4)
 
@@ -271,13 +273,34 @@ def test_without_the_torch_bridge_the_proxy_falls_back_to_ort(reference_models, 
     monkeypatch.setattr(masked_proxy, "MaskedProxy", no_bridge)
     bg = build_block_graph(load_model(reference_models("vgg")))
     ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0, proxy_size=32)
-    result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY)
+    result = run_graph_rl(bg, ctx, "ort-cpu", params=0.5, evaluations=1, settings=TINY, prior="l1-fisher")
     proxy = [h for h in result.history if h["kind"] == "proxy"]
     assert proxy and all(h["logit_mse"] >= 0 for h in proxy)
     assert result.extra["channel_importance"] == "l1"  # no bridge, no gradients: channels ranked by magnitude
-    assert [h["start"] for h in result.history if h["kind"] == "real"] == ["l1"]
+    assert [h["source"] for h in result.history if h["kind"] == "real"] == ["ranking-l1"]
     assert result.extra["bits"] == 7 and result.config.get("/features/features.0/Conv").bits == 7
     assert result.extra["constraints"][0]["kind"] == "params"
+
+
+def test_without_a_prior_only_the_trained_policy_is_measured_and_it_moves(reference_models):
+    bg = build_block_graph(load_model(reference_models("vgg")))
+    ctx = SearchContext(bg, split_dataset(load_digits(), 0), "ort-cpu", finetune_seconds=0, proxy_size=32)
+    with pytest.raises(UserError, match="--prior must be one of l1-fisher, none"):
+        run_graph_rl(bg, ctx, "ort-cpu", prior="fisher", settings=TINY)
+    settings = GraphRLSettings(episodes=48, batch=4, hidden=16, heads=2, fisher_samples=8, proxy_rows=16, rescore=4)
+    result = run_graph_rl(bg, ctx, "ort-cpu", flops=0.5, evaluations=3, prior="none", settings=settings)
+    real = [h for h in result.history if h["kind"] == "real"]
+    # no ranking was computed, scored or measured: every candidate is one of the policy's episodes
+    assert result.extra["prior"] == "none" and result.extra["channel_importance"] is None
+    assert len(real) == 3 and {h["source"] for h in real} == {"policy"} and result.extra["source"] == "policy"
+    assert real[0]["greedy"] and model_cost(bg, result.config).macs_fraction <= 0.5
+    # 12 updates move every channel's keep probability from the uniform start (0.047 measured; frozen: 0)
+    assert len(result.extra["learning_curve"]) == 12
+    assert result.extra["policy_shift"]["mean_abs_prob_change"] > 0.02
+    frozen = GraphRLSettings(episodes=8, batch=4, hidden=16, heads=2, fisher_samples=0, proxy_rows=16, rescore=2,
+                             lr=0.0, bias_lr=0.0)
+    still = run_graph_rl(bg, ctx, "ort-cpu", flops=0.5, evaluations=1, prior="none", settings=frozen)
+    assert still.extra["policy_shift"]["mean_abs_prob_change"] < 1e-6
 
 
 @pytest.mark.slow
@@ -290,7 +313,15 @@ def test_runs_on_light_resnet50():
     data = Dataset(np.random.default_rng(0).random((16, 3, 224, 224), dtype=np.float32), None, "noise")
     ctx = SearchContext(bg, split_dataset(data, 0), "storage", proxy_size=2, calib_size=2, finetune_seconds=0)
     settings = GraphRLSettings(episodes=2, batch=2, hidden=16, heads=2, fisher_samples=2, importance_samples=2)
-    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=1, settings=settings)
+    result = run_graph_rl(bg, ctx, "storage", flops=0.5, evaluations=1, settings=settings, prior="l1-fisher")
     assert model_cost(bg, result.config).macs_fraction <= 0.5
     assert [h["kind"] for h in result.history].count("real") == 1
     assert result.extra["channel_importance"] == "l1"
+
+
+def test_the_command_line_offers_every_prior():
+    from hirelc_onnx.commands.compress import compress
+    from hirelc_onnx.search.graph_rl import PRIORS
+
+    option = next(p for p in compress.params if p.name == "prior")
+    assert tuple(option.type.choices) == PRIORS

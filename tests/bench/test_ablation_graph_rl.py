@@ -1,0 +1,46 @@
+"""The graph-rl ablation's tables: per-seed rows, means in test images, the merge of parallel runs."""
+from __future__ import annotations
+
+import json
+
+from bench.ablation_graph_rl import main
+
+
+def _row(model: str, arm: str, seed: int, score: float) -> dict:
+    row = {"model": model, "arm": arm, "seed": seed, "epochs": 3, "fp32": 0.99, "test_n": 400, "score": score,
+           "val": score, "macs": 0.49, "seconds": 10.0, "source": "uniform-l1" if arm == "l1" else "policy"}
+    if arm != "l1":
+        row.update({"rl_seconds": 5.0, "measure_seconds": 4.0, "episodes": 16, "learning_curve": [-0.2, -0.1],
+                    "best_proxy_curve": [-0.2, -0.1], "proxy_first": -0.2, "proxy_last": -0.1,
+                    "policy_shift": {"mean_kl": 0.1, "flipped_fraction": 0.3, "mean_abs_prob_change": 0.2},
+                    "candidates": [{"source": "policy", "score": score, "proxy": -0.1}]})
+    return row
+
+
+def test_merge_joins_parallel_runs_into_one_table_with_means(tmp_path):
+    files = []
+    for seed in (0, 1):
+        rows = [_row("vgg", "l1", seed, 0.95), _row("vgg", "none", seed, 0.95 + 0.0025 * (seed + 1)),
+                _row("vgg", "l1-fisher", seed, 0.95)]
+        meta = {"date": "d", "versions": {}, "command": f"--seeds {seed}", "seconds": 5.0 + seed}
+        spec = {"models": ["vgg"], "seeds": [seed], "epochs": 3, "evaluations": 4}
+        path = tmp_path / f"{seed}.json"
+        path.write_text(json.dumps({"meta": meta, "spec": spec, "rows": rows}))
+        files.append(str(path))
+    assert main(["--merge", *files, "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "ABLATION_GRAPH_RL.md").read_text()
+    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | 0.9500 | +1 | +0 | policy | policy |" in md
+    assert "| vgg | 1 | 0.9900 | 0.9500 | 0.9550 | 0.9500 | +2 | +0 | policy | policy |" in md
+    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9537 | 0.9500 | +1.5 | +0.0 | | |" in md
+    joined = json.loads((tmp_path / "out" / "ablation_graph_rl.json").read_text())
+    order = [(s, a) for s in (0, 1) for a in ("l1", "none", "l1-fisher")]
+    assert [(r["seed"], r["arm"]) for r in joined["rows"]] == order
+
+
+def test_an_arm_not_run_is_shown_as_not_available():
+    from bench.ablation_graph_rl import tables
+
+    rows = [_row("vgg", "l1", s, 0.95) for s in (0, 1)] + [_row("vgg", "none", s, 0.9525) for s in (0, 1)]
+    md = "\n".join(tables(rows, {"epochs": 3, "evaluations": 4}))
+    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +1 | n/a | policy | n/a |" in md
+    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +1.0 | n/a | | |" in md
