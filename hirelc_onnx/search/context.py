@@ -173,12 +173,13 @@ class SearchContext:
         return Measurement(config, score, self.cost(config), model, finetuned, time.perf_counter() - start)
 
     def measure_batch(self, configs: list[CompressionConfig], done: Callable[[int], None] | None = None,
-                      finetune_seconds: float | None = None) -> list[Measurement | None]:
+                      finetune_seconds: float | None = None, keeps: list | None = None) -> list[Measurement | None]:
         """`measure` of each config, on the executor, in candidate order; None where its worker died
         every attempt (recorded in `evaluation_log` with the reason). `done(n)` after each finished
         evaluation, n counting the batch's finished ones. The first fine-tune of a run settles the
         learning rate the later ones start from, so while none has, the first candidate runs alone
-        first: every executor then gives the answer the in-process loop gives."""
+        first: every executor then gives the answer the in-process loop gives. keeps: per config, the
+        channels each pruned group keeps (`measure`'s keep), or None."""
         start = time.perf_counter()
         configs = [self._targeted(c) for c in configs]
         finished = [0]
@@ -192,10 +193,13 @@ class SearchContext:
         seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
         tunes = self.finetune_epochs != 0 if self.finetune_epochs is not None else seconds > 0
         first = 1 if tunes and self.finetune_lr is None and self.bridge_error is None else 0
-        for part in (configs[:first], configs[first:]):
+        keeps = list(keeps) if keeps is not None else [None] * len(configs)
+        for lo, hi in ((0, first), (first, len(configs))):
+            part = configs[lo:hi]
             if not part:
                 continue
-            tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds) for c in part]
+            tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds, k)
+                     for c, k in zip(part, keeps[lo:hi])]
             for config, result in zip(part, self.executor.run(self, tasks, one_done)):
                 out.append(self._adopt(config, result))
         self.batch_log.append({"size": len(configs), "seconds": time.perf_counter() - start})

@@ -51,6 +51,8 @@ class EvaluationTask:
     finetune_lr: float | None
     bridge_error: str | None
     finetune_seconds: float | None = None
+    keep: Any = None
+    """Which channels each pruned group keeps (graph-rl's per-channel choice; None: by L1 rank)."""
 
 
 @dataclass
@@ -94,7 +96,7 @@ def run_task(ctx: Any, task: EvaluationTask, worker: str, node: str) -> TaskOutc
     """Measure one candidate on `ctx` (a worker's copy of the context) as the driver would."""
     started = time.time()
     ctx.finetune_lr, ctx.bridge_error = task.finetune_lr, task.bridge_error
-    m = ctx.measure(task.config, finetune_seconds=task.finetune_seconds)
+    m = ctx.measure(task.config, keep=task.keep, finetune_seconds=task.finetune_seconds)
     return TaskOutcome(m, ctx.finetune_lr, ctx.bridge_error, worker, node, started, time.time() - started)
 
 

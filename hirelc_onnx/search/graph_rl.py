@@ -347,12 +347,21 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     sources: dict[int, str] = {}  # id of a measurement -> what proposed it
     select = Selection(ctx)
     t_measure = time.perf_counter()
-    for rank, masks in enumerate(ranked[:max(1, evaluations)]):
+    chosen = ranked[:max(1, evaluations)]
+    # one batch (run side by side under --workers / --ray); under a time limit one at a time, so the
+    # limit can stop between evaluations
+    batch = None if time_limit else ctx.measure_batch(
+        [space.config(space.counts(masks)) for masks in chosen],
+        lambda n: notify(progress, PHASE_GRAPH_RL, updates + n, total_steps),
+        keeps=[space.keep(masks) for masks in chosen])
+    for rank, masks in enumerate(chosen):
         if rank and time_limit and time.perf_counter() - start > time_limit:
             log.info("graph-rl: time limit reached after %d real evaluations", rank)
             break
         counts = space.counts(masks)
-        m = ctx.measure(space.config(counts), keep=space.keep(masks))
+        m = ctx.measure(space.config(counts), keep=space.keep(masks)) if batch is None else batch[rank]
+        if m is None:  # its worker died every attempt (ctx.evaluation_log says why)
+            continue
         proxy = scored[_key(masks)]["score"]
         feasible = space.feasible(space.usage_of(m.cost))
         progress_log.info("graph-rl real evaluation %d/%d: MACs %.3f of fp32, %.2fx, measured %.4f", rank + 1,
