@@ -171,6 +171,29 @@ def data_free_rows(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def _section_of(row: dict) -> str:
+    """Which section a row came from (rows written before rows named their section: by model and data)."""
+    if "section" in row:
+        return row["section"]
+    if row.get("data") == "none":
+        return "data-free"
+    return "minilm" if row.get("model", "").startswith("minilm") else "recognizer"
+
+
+def _other_sections(out: Path, run: list[str]) -> tuple[list[dict], dict[str, str]]:
+    """The rows of an earlier real.json for the sections not run now, and their run dates: a bench run
+    with --only adds to the table instead of dropping what the other sections measured."""
+    path = out / "real.json"
+    if not path.is_file():
+        return [], {}
+    old = json.loads(path.read_text())
+    meta = old.get("meta", {})
+    rows = [r for r in old.get("rows", []) if _section_of(r) not in run]
+    dates = {sec: meta.get("section_dates", {}).get(sec, meta.get("date", "?"))
+             for sec in {_section_of(r) for r in rows}}
+    return rows, dates
+
+
 def _settings(quick: bool) -> dict:
     return {k: QUICK[k] for k in SETTINGS} if quick else dict(SETTINGS)
 
@@ -193,7 +216,9 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
              "Ratios are true stored bytes (fp32 weights / emitted initializers). Every score is measured on held-out",
              "data the search never saw: sentences 2782-3781 of the docstring corpus, lines rendered with seed 1,",
              "photo crops of the images scikit-image ships.",
-             f"Sections run: {', '.join(meta.get('sections', SECTIONS))}.", ""]
+             "Sections and when each was run: " + ", ".join(
+                 f"{sec} ({meta.get('section_dates', {}).get(sec, meta['date'])})"
+                 for sec in meta.get("sections", SECTIONS)) + ".", ""]
     groups = [
         ("## all-MiniLM-L6-v2 (sentence embeddings)", "minilm-l6", False,
          "| method | data | ratio | mean cosine | top-10 overlap | n | seconds |",
@@ -245,11 +270,16 @@ def main(argv: list[str] | None = None) -> int:
                 log.exception("section %s failed", name)
                 got = [{"section": name, "error": f"{type(exc).__name__}: {exc}"}]
             for r in got:
+                r.setdefault("section", name)
                 print(json.dumps(r, default=float), flush=True)
             rows += got
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    kept, kept_dates = _other_sections(args.out, sections) if not args.quick else ([], {})
+    meta = {"date": date, "versions": _versions(),
             "settings": _settings(args.quick), "quick": args.quick, "seconds": time.perf_counter() - start,
-            "sections": sections}
+            "sections": [s for s in SECTIONS if s in sections or s in kept_dates],
+            "section_dates": {**kept_dates, **{s: date for s in sections}}}
+    rows = kept + rows
     write_results(args.out, rows, meta)
     print(f"wrote {args.out / 'REAL.md'} in {meta['seconds']:.0f} s")
     return 1 if any("error" in r for r in rows) else 0
