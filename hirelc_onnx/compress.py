@@ -217,6 +217,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         if target == "ort-cpu" and configured and result.config is not None:  # never slower than fp32, timed whole
             result.model, speed_record["whole_model_fallbacks"] = ort_speed.whole_model_check(
                 bg.model, result.model, latency_table, ctx.sample_shapes)
+        if result.config is not None and result.config.channel_multiple is None:
+            result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         notify(progress, "measuring the emitted model")
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
@@ -233,8 +235,6 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             reached = goal.measure(result.model)
             report["speed_goal"] = {"speedup": speedup, "batch": goal.batch, "measured_speedup": reached,
                                     "met": reached >= speedup}
-        if result.config is not None and result.config.channel_multiple is None:
-            result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
         if out_dir is not None:
             notify(progress, "writing the outputs")
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,

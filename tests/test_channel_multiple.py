@@ -79,5 +79,5 @@ def test_compress_records_the_multiple_and_refuses_it_where_nothing_is_pruned(tm
     bg = replace(build_block_graph(onnx.load(path)), channel_multiple=8)
     counts = group_keep_counts(bg, result.config)
     assert counts and all(c % 8 == 0 for c in counts.values())
-    with pytest.raises(UserError, match="does not take --channel-multiple"):
+    with pytest.raises(UserError, match="does not take channel_multiple="):
         compress(path, method="ort-int8", data="digits", channel_multiple=4)

@@ -199,14 +199,17 @@ def footprints(report: dict, result: MethodResult, shown=lambda v: v) -> dict:
     Candidates are scored on the validation split (the search's); the emitted model's test score is
     in "emitted". `shown` turns a searched score into the metric's own (a --metric-mode min loss)."""
     emitted_config = result.config.to_dict() if result.config is not None else None
+    multiple = (emitted_config or {}).get("channel_multiple")  # the run's rounding, so `apply` reproduces a point
     candidates = []
     for h in result.history:
         if h.get("config") is None or h.get("kind", "real") != "real":
             continue
+        config = h["config"] if multiple is None or "channel_multiple" in h["config"] else \
+            {**h["config"], "channel_multiple": multiple}
         entry = {"id": len(candidates),
                  **{k: v for k, v in h.items() if k not in ("config", "kind", "timing", "levels", "score")},
                  "score": shown(h["score"]) if isinstance(h.get("score"), (int, float)) else h.get("score"),
-                 "config": h["config"]}
+                 "config": config}
         candidates.append(entry)
     front = set(pareto_front([(c["ratio"], c["score"]) for c in candidates if c.get("score") is not None]))
     chosen = None
