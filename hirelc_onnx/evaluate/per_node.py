@@ -28,13 +28,11 @@ import onnxruntime as ort
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
 from hirelc_onnx.errors import ModelLoadError
+from hirelc_onnx.graph.stored import KERNEL_OPS, weight_input  # ops that hold a weight, before and after quantization
 
 __all__ = ["NodeRow", "KERNEL_OPS", "compressed_kernels", "profile_nodes", "match_kernels", "kernel_snr",
            "per_node_rows"]
 
-# ops that hold a weight: the kernels of a model, before and after quantization
-KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "QLinearConv", "QLinearMatMul",
-                        "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", "GatherBlockQuantized"})
 _QUANTIZED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm",
                             "GatherBlockQuantized"})
 # single-input elementwise ops a kernel's output flows through before the next kernel sees it
@@ -75,14 +73,6 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def _weight_input(node: onnx.NodeProto) -> str | None:
-    if node.op_type in ("Gather", "GatherBlockQuantized"):
-        return node.input[0] if node.input else None
-    if node.op_type in ("QLinearConv", "QLinearMatMul"):
-        return node.input[3] if len(node.input) > 3 else None
-    return node.input[1] if len(node.input) > 1 else None
-
-
 def compressed_kernels(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Kernel nodes whose weight is stored compressed: a quantized op, or a weight decoded in-graph."""
     inits = _initializers(model)
@@ -91,7 +81,7 @@ def compressed_kernels(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for node in model.graph.node:
         if node.op_type not in KERNEL_OPS:
             continue
-        weight = _weight_input(node)
+        weight = weight_input(node)
         if node.op_type in _QUANTIZED_OPS or (weight and weight not in inits
                                               and _decoded(weight, model, inits, producers)):
             out.append(node)
@@ -183,7 +173,7 @@ def match_kernels(model: onnx.ModelProto, optimized: onnx.ModelProto,
         if hit is None:
             continue
         nodes = [hit]
-        weight = _weight_input(hit)
+        weight = weight_input(hit)
         decode = opt_producers.get(weight) if weight else None
         if decode is not None and decode.op_type in ("DequantizeLinear", "Cast", "Mul", "Sub"):
             nodes.append(decode)

@@ -19,7 +19,7 @@ from onnx import TensorProto, numpy_helper
 
 from passes.storage import initializer_nbytes, tensor_nbytes
 
-__all__ = ["StoredKernel", "StoredModel", "stored_model", "KERNEL_OPS"]
+__all__ = ["StoredKernel", "StoredModel", "stored_model", "KERNEL_OPS", "weight_input"]
 
 # ops that hold a weight, as written (quantized ops included)
 KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "QLinearConv", "QLinearMatMul",
@@ -86,7 +86,7 @@ def stored_model(model: onnx.ModelProto) -> StoredModel:
     for node in model.graph.node:
         if node.op_type not in KERNEL_OPS:
             continue
-        weight = _weight_input(node)
+        weight = weight_input(node)
         if not weight or weight not in constant or all(i in constant for i in node.input if i):
             continue  # no stored weight, or a node of a weight's decode (a codebook Gather): not a kernel
         try:
@@ -102,7 +102,8 @@ def stored_model(model: onnx.ModelProto) -> StoredModel:
                        sorted(TensorProto.DataType.Name(t) for t in types), _needs(model, types))
 
 
-def _weight_input(node: onnx.NodeProto) -> str | None:
+def weight_input(node: onnx.NodeProto) -> str | None:
+    """The input of a (possibly rewritten) kernel node that carries its weight."""
     if node.op_type in ("Gather", "GatherBlockQuantized"):
         return node.input[0] if node.input else None
     if node.op_type in ("QLinearConv", "QLinearMatMul"):
