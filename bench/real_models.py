@@ -44,7 +44,7 @@ SETTINGS = {"evaluations": 4, "finetune_epochs": 1}
 # evaluation, no fine-tuning: 6.00x, mean cosine 0.991, top-10 overlap 0.906 on the held-out sentences)
 MINILM = {"evaluations": 2, "finetune_epochs": 0}
 QUICK = {"sentences": (0, 200), "held_out_sentences": (2782, 2982), "lines": 200, "crops": 64,
-         "evaluations": 2, "finetune_epochs": 0}
+         "evaluations": 1, "finetune_epochs": 0}
 
 
 def _compress(path, out: Path, **kwargs):
@@ -53,6 +53,16 @@ def _compress(path, out: Path, **kwargs):
     t0 = time.perf_counter()
     result = compress(str(path), out_dir=str(out), seed=SEED, latency_runs=10, **kwargs)
     return result, time.perf_counter() - t0
+
+
+def _quick_hirelc() -> dict:
+    """Under --quick, HiReLC's agents and surrogate shrunk to a smoke test of the bench's machinery
+    (the table's figures come from the defaults)."""
+    from hirelc_onnx.search.agents import AgentSettings
+    from hirelc_onnx.search.hirelc import HiReLCSettings
+
+    return {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
+                                       episode_steps=2, warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))}
 
 
 def _ratio(result) -> float:
@@ -124,7 +134,7 @@ def recognizer_rows(work: Path, quick: bool) -> list[dict]:
                          ("hirelc 6x, default per-position objective", {})):
         result, sec = _compress(path, work / f"recognizer-{len(rows)}", data=str(search), budget="6x",
                                 method="hirelc", evaluations=s["evaluations"], finetune_epochs=s["finetune_epochs"],
-                                **extra)
+                                **extra, **(_quick_hirelc() if quick else {}))
         acc = char_accuracy(_predict(result.model, x), y)
         rows.append({"model": "text-recognizer", "method": label, "data": f"{n} lines", "ratio": _ratio(result),
                      "seconds": sec, "char_accuracy": acc, "fp32_char_accuracy": fp32,
