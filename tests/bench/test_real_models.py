@@ -19,3 +19,23 @@ def test_quick_recognizer_section(tmp_path, reference_models):
         assert r["drop_points"] == pytest.approx(100 * (r["fp32_char_accuracy"] - r["char_accuracy"]))
     text = (tmp_path / "REAL.md").read_text()
     assert "## CTC text-line recognizer" in text and f"| {rows[0]['char_accuracy']:.4f} |" in text
+
+
+def test_a_section_run_alone_keeps_the_others_rows_dates_and_times(tmp_path):
+    from bench.real_models import _other_sections, write_results
+
+    meta = {"date": "d1", "versions": {"cpu": "x", "cores": 2, "onnxruntime": "1"}, "settings": {"evaluations": 1,
+            "finetune_epochs": 0}, "seconds": 60.0, "sections": ["minilm", "data-free"],
+            "section_dates": {"minilm": "d1", "data-free": "d0"}, "section_seconds": {"minilm": 60.0, "data-free": 90.0}}
+    rows = [{"section": "minilm", "model": "minilm-l6", "method": "hirelc 6x", "data": "1000 sentences", "ratio": 6.0,
+             "seconds": 50.0, "mean_cosine": 0.99, "top10_overlap": 0.91, "n": 1000},
+            {"section": "data-free", "model": "minilm-l6", "method": "hirelc 7.5x", "data": "none", "ratio": 7.5,
+             "seconds": 80.0, "metric": "mean cosine", "score_on_real_data": 0.95, "vs_uniform": 0.02,
+             "ort_loads": True, "n": 1000}]
+    write_results(tmp_path, rows, meta)
+    text = (tmp_path / "REAL.md").read_text()
+    assert "minilm (d1, 1.0 min)" in text and "data-free (d0, 1.5 min)" in text
+    assert "| minilm-l6 | hirelc 7.5x | 7.50x | 0.9500 | +0.0200 | mean cosine | 1000 | yes | 80 |" in text
+    kept, dates, seconds = _other_sections(tmp_path, ["minilm"])
+    assert [r["method"] for r in kept] == ["hirelc 7.5x"] and dates == {"data-free": "d0"}
+    assert seconds == {"data-free": 90.0}
