@@ -27,6 +27,11 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
                       fine-tuning rate, the ensembles' weights and optimizer states) is written
                       atomically, so `resume=True` continues with the next round
 
+A last round that measures the prior (a one-evaluation run, one pick per round) skips steps 2-4:
+nothing could use what the agents learn or what the proxy checks record, and the prior is the same
+without them (a one-evaluation run is the calibrated knapsack). Resuming such a run with more
+evaluations trains the agents from then on, and says it differs from an uninterrupted run.
+
 Resuming replays: everything a round depends on is either in the state or derived from
 (seed, round) -- the round's numpy Generator and the global streams the RL learners draw from
 (`agents.seeded_streams`) -- so a run killed at any point and resumed emits the model the
@@ -202,6 +207,11 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                     seed=_agent_seed(seed), **ensemble)
     low = [Ensemble(lambda w, b=b: BlockEnv(problem, b, w, settings.episode_steps), settings.reward,
                     seed=_agent_seed(seed, b), **ensemble) for b in range(len(bg.blocks))]
+    if resumed_from is not None and resumed_from < evaluations and any(
+            h.get("adopted", {}).get("agents_idle") for h in state.history if h.get("kind") == "real"):
+        log.warning("the search resumed from %s ended after round %d without training its agents (a last round "
+                    "that measures the prior cannot use them): they start now, so this run will differ from an "
+                    "uninterrupted one with %d evaluations", state_path, resumed_from, evaluations)
     if state.agents is not None:  # what they learnt in the rounds done
         try:
             load_ensembles(state.agents, [high, *low])
@@ -231,6 +241,12 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real],
                            _warmup_points(ctx, state) if settings.warmup_weight > 0 else [])
             problem.begin_round()
+        # a last round that measures the prior (nothing measured yet, one pick) cannot use what the
+        # agents learn or the proxy checks record: skipped (a one-evaluation run is the calibrated knapsack)
+        agents_idle = rnd == evaluations - 1 and not measured and settings.batch_size == 1
+        if agents_idle:
+            adopted = {"agents_idle": True}  # a resume asking for more rounds says the agents start this round
+        if not time_limited and not agents_idle:
             # the RL learners' random draws come from streams seeded by (seed, round): replayable on resume
             with seeded_streams([seed, rnd]):
                 # 2. high level: budget levels per block, voted by the ensemble, shifted by sensitivity;
@@ -250,11 +266,12 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                     if problem.block_reward(b, kernels) >= problem.block_reward(b, before):
                         problem.current.update(kernels)
                         adopted["blocks"].append(b)
+        if not time_limited:
             timing["rl"] = time.perf_counter() - round_start
         voted = problem.config(problem.current)
         # 4. proxy check of the voted config and the best of the pool (cached by config hash)
         checks = [("voted", voted)] + [("pool", c) for c in problem.best_pool(settings.proxy_checks)]
-        for role, config in ([] if time_limited else checks):
+        for role, config in ([] if time_limited or agents_idle else checks):
             _record_proxy(ctx, state, config, rnd, role)
         # 5. real evaluation: repair to the budget, choose by acquisition when already measured; with
         #    batch_size > 1 the next choices too, measured side by side (ctx.measure_batch: --workers, --ray)

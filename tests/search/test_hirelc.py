@@ -92,10 +92,10 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
 @pytest.mark.slow
 def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     state_path = tmp_path / "search_state.json"
-    first = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, state_path=state_path, **TINY)
+    first = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0, state_path=state_path, **TINY)
     state = json.loads(state_path.read_text())
-    assert state["next_round"] == 1 and len(state["measurements"]) == 1
-    assert (tmp_path / "search_state.best.r0.onnx").exists() and (tmp_path / "search_state.agents.r1.pt").exists()
+    assert state["next_round"] == 2 and len(state["measurements"]) == 2
+    assert (tmp_path / "search_state.agents.r2.pt").exists()
     measured_before = ctx.evaluations
     probes = []
     proxy = ctx.proxy
@@ -103,13 +103,13 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
 
     resumed = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, state_path=state_path,
                          resume=True, **TINY)
-    # rounds 2 and 3 measured; the resumed run's count includes the evaluation made before the resume
-    assert ctx.evaluations - measured_before == 2 + 1
+    # round 3 measured; the resumed run's count includes the evaluations made before the resume
+    assert ctx.evaluations - measured_before == 1 + 2
     assert len(probes) < len(bg.kernels)  # the per-kernel sensitivity probes were not run again
     real = [h for h in resumed.history if h["kind"] == "real"]
     assert [h["round"] for h in real] == [0, 1, 2]
-    assert real[0] == [h for h in first.history if h["kind"] == "real"][0]
-    assert resumed.extra["rounds"] == 3 and resumed.extra["resumed_from"] == 1
+    assert real[:2] == [h for h in first.history if h["kind"] == "real"]
+    assert resumed.extra["rounds"] == 3 and resumed.extra["resumed_from"] == 2
     state = json.loads(state_path.read_text())
     assert state["next_round"] == 3
     keys = [m["key"] for m in state["measurements"]]
@@ -119,6 +119,21 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     whole = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, **TINY)
     assert _rounds(resumed) == _rounds(whole)
     assert resumed.config == whole.config and resumed.model.SerializeToString() == whole.model.SerializeToString()
+
+
+@pytest.mark.slow
+def test_a_one_evaluation_run_measures_the_prior_without_training_agents(bg, ctx, tmp_path, caplog):
+    state_path = tmp_path / "search_state.json"
+    one = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0, state_path=state_path, **TINY)
+    (real,) = [h for h in one.history if h["kind"] == "real"]
+    assert real["source"] == "prior" and real["adopted"] == {"agents_idle": True}
+    # no voted or pool proxy checks: nothing after the last round could read them
+    assert {h["role"] for h in one.history if h["kind"] == "proxy"} == {"warmup", "measured"}
+    with caplog.at_level("WARNING", logger="hirelc_onnx.search.hirelc"):
+        more = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0, state_path=state_path,
+                          resume=True, **TINY)
+    assert "without training its agents" in caplog.text
+    assert [h["round"] for h in more.history if h["kind"] == "real"] == [0, 1]
 
 
 def _rounds(result) -> list[tuple]:
