@@ -254,8 +254,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     v = meta["versions"]
     lines = ["# hirelc-onnx: real models, real tasks", "",
              f"Run {meta['date']} on {v['cpu']} ({v['cores']} cores), onnxruntime {v['onnxruntime']}; seed {SEED}; "
-             f"HiReLC: {meta['settings']['evaluations']} real evaluations, {meta['settings']['finetune_epochs']} "
-             f"fine-tuning epoch(s) each (MiniLM: {MINILM['evaluations']} evaluation(s) without fine-tuning; "
+             f"HiReLC on the recognizer: {meta['settings']['evaluations']} real evaluations, "
+             f"{meta['settings']['finetune_epochs']} fine-tuning epoch(s) each (MiniLM: {MINILM['evaluations']} evaluation(s) without fine-tuning; "
              f"data-free runs: {DATA_FREE['evaluations']}, none fine-tuned); total {meta['seconds']:.0f} s.",
              "Ratios are true stored bytes (fp32 weights / emitted initializers). Every score is measured on held-out",
              "data the search never saw: sentences 2782-3781 of the docstring corpus, lines rendered with seed 1,",
