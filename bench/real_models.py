@@ -285,12 +285,38 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
         if chosen:
             lines += [title, "", header, "|" + "---|" * (header.count("|") - 1)]
             lines += [fmt(r) for r in chosen] + [""]
+    checks = acceptance(rows)
+    if checks:
+        lines += ["## Issue 14's acceptance, as these rows stand", ""] + [
+            f"- {'holds' if ok else 'MISSED'}: {what}" for what, ok in checks] + [""]
     for r in rows:
         if "error" in r:
             lines.append(f"- {r['section']}: error: {r['error']}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "REAL.md").write_text("\n".join(lines) + "\n")
     (out / "real.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+
+
+def acceptance(rows: list[dict]) -> list[tuple[str, bool]]:
+    """Issue 14's acceptance points that these rows can judge: (what, whether it holds)."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            continue
+        if r.get("model") == "minilm-l6" and r.get("method") == "hirelc 6x":
+            out.append((f"MiniLM at 6x: ratio {r['ratio']:.2f} >= 6.0, mean cosine {r['mean_cosine']:.4f} >= 0.97, "
+                        f"top-10 overlap {r['top10_overlap']:.3f} >= 0.90",
+                        r["ratio"] >= 6.0 - 1e-9 and r["mean_cosine"] >= 0.97 and r["top10_overlap"] >= 0.90))
+        elif r.get("model") == "text-recognizer":
+            limit = 1.0 if "--metric" in r["method"] else 2.0
+            out.append((f"recognizer, {r['method']}: {r['ratio']:.2f}x, drop {r['drop_points']:.2f} <= {limit:g} points",
+                        r["ratio"] >= 6.0 - 1e-9 and r["drop_points"] <= limit))
+        elif r.get("data") == "none" and "vs_uniform" in r:
+            out.append((f"data-free {r['model']}, {r['method']}: ORT loads it, {r['ratio']:.2f}x scores "
+                        f"{r['score_on_real_data']:.4f} ({r['metric']}) against uniform 4-bit's "
+                        f"{r['score_on_real_data'] - r['vs_uniform']:.4f} at no greater ratio",
+                        bool(r.get("ort_loads")) and r["vs_uniform"] >= 0))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

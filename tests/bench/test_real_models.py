@@ -32,10 +32,19 @@ def test_a_section_run_alone_keeps_the_others_rows_dates_and_times(tmp_path):
             {"section": "data-free", "model": "minilm-l6", "method": "hirelc 7.5x", "data": "none", "ratio": 7.5,
              "seconds": 80.0, "metric": "mean cosine", "score_on_real_data": 0.95, "vs_uniform": 0.02,
              "ort_loads": True, "n": 1000}]
+    missed = {"section": "recognizer", "model": "text-recognizer", "method": "hirelc 6x, --metric char_accuracy",
+              "data": "1000 lines", "ratio": 6.01, "seconds": 9.0, "char_accuracy": 0.97, "fp32_char_accuracy": 0.985,
+              "drop_points": 1.5, "n": 1000}
+    from bench.real_models import acceptance
+
+    assert acceptance([missed]) == [("recognizer, hirelc 6x, --metric char_accuracy: 6.01x, drop 1.50 <= 1 points",
+                                     False)]
     write_results(tmp_path, rows, meta)
     text = (tmp_path / "REAL.md").read_text()
     assert "minilm (d1, 1.0 min)" in text and "data-free (d0, 1.5 min)" in text
     assert "| minilm-l6 | hirelc 7.5x | 7.50x | 0.9500 | +0.0200 | mean cosine | 1000 | yes | 80 |" in text
+    assert "- holds: MiniLM at 6x: ratio 6.00 >= 6.0, mean cosine 0.9900 >= 0.97, top-10 overlap 0.910 >= 0.90" in text
+    assert "- holds: data-free minilm-l6, hirelc 7.5x: ORT loads it" in text
     kept, dates, seconds = _other_sections(tmp_path, ["minilm"])
     assert [r["method"] for r in kept] == ["hirelc 7.5x"] and dates == {"data-free": "d0"}
     assert seconds == {"data-free": 90.0}
