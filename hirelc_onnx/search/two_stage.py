@@ -60,8 +60,8 @@ from hirelc_onnx.search.baselines import MethodResult, keep_for_flops
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.two_stage_envs import (PruneEnv, QuantEnv, WalkAgentSettings, ladder_index, policy_episode,
-                                               train_walk_agent)
-from hirelc_onnx.search.two_stage_sizes import (StageSizes, emit_stage, magnitude_masked, onto_flops,
+                                               rung_top, train_walk_agent)
+from hirelc_onnx.search.two_stage_sizes import (StageSizes, emit_stage, fill_size, magnitude_masked, onto_flops,
                                                 project_densities, repair_size, with_choices)
 from hirelc_onnx.specs import weight_spec
 from passes.storage import initializer_nbytes
@@ -97,6 +97,11 @@ class TwoStageSettings:
     """Agent episodes per stage = this x `evaluations` (each a rewrite and a proxy run)."""
     real_candidates: int = 2
     """Best episodes per stage measured for real, beside the policy's walk and the fallback."""
+    fill: bool = True
+    """Stage 2 walks within the size goal (each kernel's rung clamped so the rest can still meet it)
+    and gives the bytes left under it back, a rung at a time, where they cut the damage most
+    (`fill_size`), so every agent candidate spends the goal's bytes as the uniform choice does.
+    False: the agent's rungs as chosen, lowered by the byte-greedy repair until the goal holds."""
     fallback: bool = True
     """Measure the stage's fallback beside the agent's candidates (the report says which won)."""
     probe_epochs: int = 2
@@ -332,8 +337,19 @@ def _agent_stage2(bg, ctx, s, names, stage1_model, pruned_config, sizes, goal_by
     def bits_of(fractions: np.ndarray) -> dict[str, int]:
         return {n: ladder[ladder_index(float(f[0]), len(ladder))] for n, f in zip(names, fractions)}
 
-    sens = _sensitivity(names, lambda n: damage(apply_quantization(bg, stage1_model,
-                                                                   with_choices(pruned_config, bits={n: lowest}))))
+    unquantized = damage(stage1_model)
+    alone_cache: dict[tuple[str, int], float] = {}
+
+    def cost(name: str, bits: int) -> float:
+        """Proxy damage of the stage-1 model with kernel `name` alone at `bits` (cached)."""
+        if bits >= 32:
+            return unquantized
+        if (name, bits) not in alone_cache:
+            alone_cache[(name, bits)] = damage(apply_quantization(bg, stage1_model,
+                                                                  with_choices(pruned_config, bits={name: bits})))
+        return alone_cache[(name, bits)]
+
+    sens = _sensitivity(names, lambda n: cost(n, lowest))
 
     def resources(t: int, done: np.ndarray) -> list[float]:
         chosen = bits_of(done) if t else {}
@@ -341,26 +357,37 @@ def _agent_stage2(bg, ctx, s, names, stage1_model, pruned_config, sizes, goal_by
         high = sizes.total(with_choices(pruned_config, bits={**{n: 32 for n in names}, **chosen}))
         return [math.log(low / goal_bytes), math.log(high / goal_bytes)]
 
+    def bound(t: int, done: np.ndarray) -> list[float]:
+        """AMC's clamp: the highest rung for kernel t that leaves the goal reachable at the lowest rung after it."""
+        rest = {**{n: lowest for n in names}, **(bits_of(done) if t else {})}
+        for r in range(len(ladder) - 1, 0, -1):
+            if sizes.total(with_choices(pruned_config, bits={**rest, names[t]: ladder[r]})) <= goal_bytes:
+                return [rung_top(r, len(ladder))]
+        return [rung_top(0, len(ladder))]
+
     cache: dict[tuple[int, ...], float] = {}
 
     def judge(fractions: np.ndarray) -> tuple[float, dict]:
         if time_limit and time.perf_counter() - start > time_limit:
             return -math.log(1.0 + _EPS), {"skipped": True}
         t0 = time.perf_counter()
-        config = repair_size(sizes, with_choices(pruned_config, bits=bits_of(fractions)), goal_bytes)
+        walked = repair_size(sizes, with_choices(pruned_config, bits=bits_of(fractions)), goal_bytes,
+                             cost if s.fill else None)
+        config = fill_size(sizes, walked, goal_bytes, cost) if s.fill else walked
         key = tuple(config.get(n).bits for n in names)
         if key not in cache:
             cache[key] = damage(apply_quantization(bg, stage1_model, config))
         d = cache[key]
         reward = -math.log(d + _EPS)
+        filled = sorted(n for n in names if config.get(n).bits != walked.get(n).bits)
         history.append({"kind": "proxy", "stage": 2, "step": len(env.episodes), "method": "two-stage",
                         "logit_mse": d, "ratio": bg.weight_bytes / sizes.total(config), "reward": reward,
-                        "bits": {n: config.get(n).bits for n in names}, "finetuned": False,
+                        "bits": {n: config.get(n).bits for n in names}, "filled": filled, "finetuned": False,
                         "seconds": time.perf_counter() - t0})
         tick()
-        return reward, {"config": config}
+        return reward, {"config": config, "filled": filled}
 
-    env = QuantEnv(bg, names, sens, judge, resources)
+    env = QuantEnv(bg, names, sens, judge, resources, bound if s.fill else None)
     agent = train_walk_agent(env, episodes, seed, 2, s.agent)
     candidates = _best_episodes(env, s.real_candidates)
     policy = policy_episode(agent, env, s.agent.threads)

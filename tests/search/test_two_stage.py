@@ -16,6 +16,7 @@ from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.two_stage import TwoStageSettings
 from hirelc_onnx.search.two_stage_sizes import StageSizes as _Sizes
 from hirelc_onnx.search.two_stage_sizes import emit_stage as _emit
+from hirelc_onnx.search.two_stage_sizes import fill_size as _fill_size
 from hirelc_onnx.search.two_stage_sizes import onto_flops as _onto_flops
 from hirelc_onnx.search.two_stage_sizes import repair_size as _repair_size
 from hirelc_onnx.search.two_stage_sizes import with_choices as _with
@@ -97,6 +98,36 @@ def test_repair_meets_the_size_goal(vgg):
     # 2 bits wherever that is smaller: a tiny kernel's 2-bit grid stays in INT4, at its 4-bit cost
     floor_bits = {floor.get(n).bits for n in vgg.kernels}
     assert 2 in floor_bits and floor_bits <= {2, 4}
+
+
+def test_fill_spends_the_bytes_left_under_the_goal_where_they_cut_damage(vgg):
+    """After the repair lands below the goal, the fill raises rungs until no further step fits; the
+    damage-aware repair lowers the cheap kernels first."""
+    pruned_config = _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)})
+    stage1 = _magnitude_sparse(apply_pruning(vgg, pruned_config), [k.weight for k in vgg.kernel_list()], 0.25)
+    sizes = _Sizes(vgg, stage1, pruned_config, sparse=True)
+    names = list(vgg.kernels)
+    biggest = max(names, key=lambda n: vgg.kernels[n].params)
+    weight = {n: 1e6 if n == biggest else 1.0 for n in names}  # the biggest kernel hurts most, the rest alike
+
+    def cost(name, bits):
+        return weight[name] / bits
+
+    goal_bytes = vgg.weight_bytes / 40
+    repaired = _repair_size(sizes, pruned_config, goal_bytes, cost)
+    assert sizes.total(repaired) <= goal_bytes
+    # the damage-aware repair lowers the kernels that hurt least first (the byte-greedy one the biggest first)
+    greedy = _repair_size(sizes, pruned_config, goal_bytes)
+    assert repaired.get(biggest).bits > greedy.get(biggest).bits
+    assert repaired.get(biggest).bits > max(repaired.get(n).bits for n in names if n != biggest)
+    low = _with(pruned_config, bits={n: 2 for n in names})
+    filled = _fill_size(sizes, low, goal_bytes, cost)
+    assert sizes.total(low) < sizes.total(filled) <= goal_bytes
+    for n in names:  # maximal: no single one-rung raise still fits the goal
+        up = [b for b in (4, 8, 32) if b > filled.get(n).bits]
+        if up:
+            assert sizes.total(_with(filled, bits={n: min(up)})) > goal_bytes
+    assert _fill_size(sizes, filled, goal_bytes, cost) == filled
 
 
 def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
