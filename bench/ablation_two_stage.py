@@ -124,7 +124,7 @@ def table(result: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_md(r) for r in result["rows"]]
     lines += ["", "| model | goal | agent mean | uniform mean | agent - uniform (points) | agent ratio | uniform ratio "
-              "| seeds |", "|---|---|---|---|---|---|---|---|"]
+              "| agent bytes / uniform bytes (per seed) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         arms = {v: [r for r in result["rows"] if r["model"] == model and r["variant"] == v] for v in VARIANTS}
         seeds = sorted({r["seed"] for r in arms["agent"]} & {r["seed"] for r in arms["uniform"]})
@@ -132,9 +132,12 @@ def table(result: dict) -> list[str]:
             continue
         mean = {v: float(np.mean([r["score"] for r in arms[v] if r["seed"] in seeds])) for v in VARIANTS}
         ratio = {v: float(np.mean([r["ratio"] for r in arms[v] if r["seed"] in seeds])) for v in VARIANTS}
+        # the same size: each seed's agent bytes over its uniform bytes (1.000 = the same true bytes)
+        by_seed = {v: {r["seed"]: r["ratio"] for r in arms[v]} for v in VARIANTS}
+        bytes_ratio = " ".join(f"{by_seed['uniform'][sd] / by_seed['agent'][sd]:.3f}" for sd in seeds)
         lines.append(f"| {model} | {arms['agent'][0]['goal']} | {mean['agent']:.4f} | {mean['uniform']:.4f} "
                      f"| {100 * (mean['agent'] - mean['uniform']):+.2f} | {ratio['agent']:.2f}x "
-                     f"| {ratio['uniform']:.2f}x | {len(seeds)} |")
+                     f"| {ratio['uniform']:.2f}x | {bytes_ratio} | {len(seeds)} |")
     return lines
 
 
