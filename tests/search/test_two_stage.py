@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -154,8 +155,10 @@ def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
 def test_end_to_end_on_vgg_reports_both_stages(reference_models):
     from hirelc_onnx.compress import compress
 
+    # probe_trust above 1: no probe is ever trusted, so every stage-1 probe trains on to probe_max_epochs
+    settings = replace(TINY, probe_trust=1.01, probe_max_epochs=2)
     result = compress(reference_models("vgg"), data="digits", method="two-stage", budget="20x", latency_runs=2,
-                      evaluations=2, settings=TINY)
+                      evaluations=2, settings=settings)
     report = result.report
     stages = report["search"]["stages"]
     assert set(stages) == {"stage1", "stage2"}
@@ -176,3 +179,8 @@ def test_end_to_end_on_vgg_reports_both_stages(reference_models):
                for s in source.values())
     assert report["search"]["episodes"] == 4 and len(stages["stage1"]["candidates"]) == 3  # 1 best, policy, fallback
     assert {h["kind"] for h in report["history"] if h["stage"] == 1} == {"proxy", "probe", "real"}
+    probes = [h for h in report["history"] if h["kind"] == "probe"]
+    assert stages["stage1"]["probe_epochs"] == 2 and [h["epochs"] for h in probes] == [1] * 3 + [1] * 3
+    # stage 2 walks within the goal and fills: every agent episode lands at or under the goal's bytes
+    proxies = [h for h in report["history"] if h["kind"] == "proxy" and h["stage"] == 2]
+    assert proxies and all(h["ratio"] >= 20 for h in proxies)
