@@ -96,8 +96,8 @@ def run(models: list[str], seeds: list[int], epochs: int | None, evaluations: in
                            "bits": search["stages"]["stage2"]["bits"], "episodes": search["episodes"],
                            "evaluations": rep["accuracy"].get("evaluations"), "seconds": seconds,
                            "stages": {name: {k: stage.get(k) for k in ("ratio", "val_score", "test_score", "source",
-                                                                         "candidates", "reward_curve", "density_budget", "probe_epochs",
-                                                                         "uniform_tried")}
+                                                                         "candidates", "reward_curve", "density_budget",
+                                                                         "probe_epochs", "uniform_tried")}
                                       for name, stage in search["stages"].items()}}
                     if held_out:
                         row["score"], row["test_n"] = held_out(result_.model)

@@ -34,9 +34,10 @@ Stage 2, quantization
   bytes, as the uniform choice does, rather than being compared at a higher ratio. (Before it,
   the agents landed at 10.2-11.3x against the uniform choice's 10.0x on the recognizer.) A walk
   still past the goal is repaired the other way, lowering the kernel that adds the least damage
-  per byte saved. Reward: -log(damage + 1e-4) of the quantized stage-1 model on the proxy batch. The best episodes, the policy's walk and the fallback (the greedy
-  repair from full precision) are scored on validation without fine-tuning; the best is
-  fine-tuned with the masks held and the weights fake-quantized exactly as stored, and emitted.
+  per byte saved. Reward: -log(damage + 1e-4) of the quantized stage-1 model on the proxy batch.
+  The best episodes, the policy's walk and the fallback (the byte-greedy repair from full
+  precision) are scored on validation without fine-tuning; the best is fine-tuned with the masks
+  held and the weights fake-quantized exactly as stored, and emitted.
 
 `TwoStageSettings.choices = "uniform"` is the ablation: the same pipeline with one keep ratio
 (the MACs target), one density and one bit width for every kernel, the density and width chosen

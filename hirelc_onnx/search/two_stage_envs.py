@@ -21,8 +21,9 @@ fraction per action number that kernel t may take given the choices so far so th
 still be met by the kernels after it; the action is clamped to it before it is recorded, so the
 walk never spends more than the budget and the last kernels get what is left, not a repair after
 the fact. Stage 2 uses it (`QuantEnv`: the highest rung that leaves the lowest rung for the rest
-within the goal's bytes). The reward is 0 until the last step, which scores the whole episode (`judge`: the caller projects
-the choices onto the budgets and measures the result; see search/two_stage.py). Every episode is
+within the goal's bytes). The reward is 0 until the last step, which scores the whole episode
+(`judge`: the caller projects the choices onto the budgets and measures the result; see
+search/two_stage.py). Every episode is
 kept (`episodes`), so the caller can measure the best of them for real.
 
 Why SAC (stable-baselines3): the choices are continuous quantities (a keep ratio, a density, a
