@@ -13,7 +13,7 @@ Every row names the source of the emitted candidate per stage (agent episode, ag
 fallback, uniform). Writes `ablation_two_stage.md` and `ablation_two_stage.json` (rewritten after
 every run, so a stopped run keeps its rows).
 
-    python -m bench.ablation_two_stage [--models vgg,recognizer] [--seeds 0,1,2] [--epochs 6]
+    python -m bench.ablation_two_stage [--models recognizer,vgg] [--seeds 0,1,2] [--epochs N]
         [--evaluations 2] [--out bench/]
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ import numpy as np
 
 log = logging.getLogger("bench.ablation")
 
-# model -> (true-bytes goal, data description); the recognizer's goal is what its attention and
-# head (fp32 biases, norms, positions) leave reachable at 2-8 bits with a quarter of the weights
-MODELS = {"vgg": {"budget": "30x"}, "recognizer": {"budget": "10x"}}
+# model -> true-bytes goal and fine-tuning epochs (every fine-tune and the mask training, both arms);
+# the recognizer's goal is what its attention and head (fp32 biases, norms, positions) leave
+# reachable at 2-8 bits with a quarter of the weights
+MODELS = {"recognizer": {"budget": "10x", "epochs": 3}, "vgg": {"budget": "30x", "epochs": 4}}
 LINES = {"search_seed": 3, "held_out_seed": 1, "search": 1000, "held_out": 1000}
 VARIANTS = ("agent", "uniform")
 
@@ -61,15 +62,16 @@ def _data(model: str, work: Path):
             {"metric": "examples.ctc_metric:char_accuracy"}, held_out)
 
 
-def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out: Path,
+def run(models: list[str], seeds: list[int], epochs: int | None, evaluations: int, out: Path,
         variants: tuple[str, ...] = VARIANTS) -> dict:
+    """epochs: of every fine-tune and the mask training (None: each model's own, `MODELS`)."""
     from hirelc_onnx.compress import compress
     from hirelc_onnx.graph.loader import load_model
     from hirelc_onnx.search.two_stage import TwoStageSettings
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "cores": os.cpu_count(), "load_average_start": os.getloadavg(), "seeds": seeds,
-            "finetune_epochs": epochs, "mask_epochs": epochs, "evaluations": evaluations,
+            "finetune_epochs": {m: epochs or MODELS[m]["epochs"] for m in models}, "evaluations": evaluations,
             "episodes_per_stage": TwoStageSettings().episodes_per_evaluation * evaluations}
     result = {"meta": meta, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +80,8 @@ def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out:
             fp32_held = held_out(load_model(path)) if held_out else None
             for seed in seeds:
                 for variant in variants:
-                    settings = TwoStageSettings(choices=variant, finetune_epochs=epochs, mask_epochs=epochs)
+                    n_epochs = epochs or MODELS[model]["epochs"]
+                    settings = TwoStageSettings(choices=variant, finetune_epochs=n_epochs, mask_epochs=n_epochs)
                     t0 = time.perf_counter()
                     result_ = compress(str(path), data=data, method="two-stage", budget=MODELS[model]["budget"],
                                        seed=seed, evaluations=evaluations, latency_runs=2, settings=settings,
@@ -94,7 +97,7 @@ def run(models: list[str], seeds: list[int], epochs: int, evaluations: int, out:
                            "evaluations": rep["accuracy"].get("evaluations"), "seconds": seconds,
                            "stages": {name: {k: stage.get(k) for k in ("ratio", "val_score", "test_score", "source",
                                                                          "candidates", "reward_curve", "density_budget",
-                                                                         "uniform_tried")}
+                                                                         "probe_epochs", "uniform_tried")}
                                       for name, stage in search["stages"].items()}}
                     if held_out:
                         row["score"], row["test_n"] = held_out(result_.model)
@@ -115,8 +118,8 @@ def table(result: dict) -> list[str]:
     m = result["meta"]
     lines = ["# Two-stage: agents vs uniform choices at the same true-bytes goal", "",
              f"{m['date']}; {m['cores']} cores (load average at start {m['load_average_start'][0]:.1f}); "
-             f"seeds {m['seeds']}; fine-tuning {m['finetune_epochs']} epochs per fine-tune, mask training "
-             f"{m['mask_epochs']} epochs, the same in both arms; {m['episodes_per_stage']} agent episodes per stage "
+             f"seeds {m['seeds']}; fine-tuning epochs per fine-tune and of mask training {m['finetune_epochs']}, "
+             f"the same in both arms; {m['episodes_per_stage']} agent episodes per stage "
              f"({m['evaluations']} evaluations). Score: held-out digits (VGG, top-1) or character accuracy on "
              "held-out rendered lines (recognizer); n: samples it rests on. Source: where the emitted candidate "
              "came from, stage 1 / stage 2.", "",
@@ -124,7 +127,7 @@ def table(result: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_md(r) for r in result["rows"]]
     lines += ["", "| model | goal | agent mean | uniform mean | agent - uniform (points) | agent ratio | uniform ratio "
-              "| seeds |", "|---|---|---|---|---|---|---|---|"]
+              "| agent bytes / uniform bytes (per seed) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         arms = {v: [r for r in result["rows"] if r["model"] == model and r["variant"] == v] for v in VARIANTS}
         seeds = sorted({r["seed"] for r in arms["agent"]} & {r["seed"] for r in arms["uniform"]})
@@ -132,9 +135,12 @@ def table(result: dict) -> list[str]:
             continue
         mean = {v: float(np.mean([r["score"] for r in arms[v] if r["seed"] in seeds])) for v in VARIANTS}
         ratio = {v: float(np.mean([r["ratio"] for r in arms[v] if r["seed"] in seeds])) for v in VARIANTS}
+        # the same size: each seed's agent bytes over its uniform bytes (1.000 = the same true bytes)
+        by_seed = {v: {r["seed"]: r["ratio"] for r in arms[v]} for v in VARIANTS}
+        bytes_ratio = " ".join(f"{by_seed['uniform'][sd] / by_seed['agent'][sd]:.3f}" for sd in seeds)
         lines.append(f"| {model} | {arms['agent'][0]['goal']} | {mean['agent']:.4f} | {mean['uniform']:.4f} "
                      f"| {100 * (mean['agent'] - mean['uniform']):+.2f} | {ratio['agent']:.2f}x "
-                     f"| {ratio['uniform']:.2f}x | {len(seeds)} |")
+                     f"| {ratio['uniform']:.2f}x | {bytes_ratio} | {len(seeds)} |")
     return lines
 
 
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs of every fine-tune and of mask training")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every fine-tune and of mask training (default: each model's own)")
     parser.add_argument("--evaluations", type=int, default=2, help="agent episodes per stage / 25")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="the arms to run (both by default)")
     parser.add_argument("--out", default="bench")

@@ -16,8 +16,14 @@ and the action is the kernel's choice in [-1, 1] per dimension, read as a fracti
   stage 2 (`QuantEnv`):  [bit width], a rung of the target's ladder; resources: log of the bytes
                          if the remaining kernels take the lowest and the highest rung, over the
                          goal's bytes.
-The reward is 0 until the last step, which scores the whole episode (`judge`: the caller projects
-the choices onto the budgets and measures the result; see search/two_stage.py). Every episode is
+Budget-aware steps (AMC's action clamp): an environment may be given `bound(t, done)`, the largest
+fraction per action number that kernel t may take given the choices so far so that the goal can
+still be met by the kernels after it; the action is clamped to it before it is recorded, so the
+walk never spends more than the budget and the last kernels get what is left, not a repair after
+the fact. Stage 2 uses it (`QuantEnv`: the highest rung that leaves the lowest rung for the rest
+within the goal's bytes). The reward is 0 until the last step, which scores the whole episode
+(`judge`: the caller projects the choices onto the budgets and measures the result; see
+search/two_stage.py). Every episode is
 kept (`episodes`), so the caller can measure the best of them for real.
 
 Why SAC (stable-baselines3): the choices are continuous quantities (a keep ratio, a density, a
@@ -45,7 +51,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.search.features import STATIC_FEATURES, kernel_features
 
 __all__ = ["OP_TYPES", "Episode", "LayerWalkEnv", "PruneEnv", "QuantEnv", "WalkAgentSettings", "obs_size",
-           "train_walk_agent", "policy_episode", "ladder_index"]
+           "train_walk_agent", "policy_episode", "ladder_index", "rung_top"]
 
 OP_TYPES = (("Conv", "ConvTranspose"), ("Gemm", "MatMul"), ("Gather",))
 """Op families of the observation's one-hot, in order."""
@@ -71,20 +77,23 @@ class LayerWalkEnv(gym.Env):
 
     judge takes the (L, action_dims) fractions in [0, 1] and returns (reward, info); resources
     takes the step index and the fractions chosen so far and returns the same count of numbers
-    at every step.
+    at every step; bound (optional) takes the same and returns the largest fraction per action
+    number that step may take (the action is clamped to it).
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, bg: BlockGraph, names: Sequence[str], sensitivity: dict[str, float], action_dims: int,
                  judge: Callable[[np.ndarray], tuple[float, dict]],
-                 resources: Callable[[int, np.ndarray], Sequence[float]]) -> None:
+                 resources: Callable[[int, np.ndarray], Sequence[float]],
+                 bound: Callable[[int, np.ndarray], Sequence[float]] | None = None) -> None:
         if not names:
             raise ValueError("a layer walk needs at least one kernel")
         self.names = list(names)
         self.action_dims = action_dims
         self.judge = judge
         self.resources = resources
+        self.bound = bound
         static = kernel_features(bg)
         top = max(max(sensitivity.get(n, 0.0) for n in names), 1e-12)
         last = max(len(names) - 1, 1)
@@ -118,7 +127,10 @@ class LayerWalkEnv(gym.Env):
 
     def step(self, action):
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
-        self._choices[self._t] = (a + 1.0) / 2.0
+        fraction = (a + 1.0) / 2.0
+        if self.bound is not None:
+            fraction = np.minimum(fraction, np.asarray(self.bound(self._t, self._choices[: self._t]), dtype=np.float64))
+        self._choices[self._t] = fraction
         self._t += 1
         if self._t < len(self.names):
             return self.observation(), 0.0, False, False, {}
@@ -133,8 +145,9 @@ class PruneEnv(LayerWalkEnv):
 
     def __init__(self, bg: BlockGraph, names: Sequence[str], sensitivity: dict[str, float],
                  judge: Callable[[np.ndarray], tuple[float, dict]],
-                 resources: Callable[[int, np.ndarray], Sequence[float]]) -> None:
-        super().__init__(bg, names, sensitivity, 2, judge, resources)
+                 resources: Callable[[int, np.ndarray], Sequence[float]],
+                 bound: Callable[[int, np.ndarray], Sequence[float]] | None = None) -> None:
+        super().__init__(bg, names, sensitivity, 2, judge, resources, bound)
 
 
 class QuantEnv(LayerWalkEnv):
@@ -142,8 +155,9 @@ class QuantEnv(LayerWalkEnv):
 
     def __init__(self, bg: BlockGraph, names: Sequence[str], sensitivity: dict[str, float],
                  judge: Callable[[np.ndarray], tuple[float, dict]],
-                 resources: Callable[[int, np.ndarray], Sequence[float]]) -> None:
-        super().__init__(bg, names, sensitivity, 1, judge, resources)
+                 resources: Callable[[int, np.ndarray], Sequence[float]],
+                 bound: Callable[[int, np.ndarray], Sequence[float]] | None = None) -> None:
+        super().__init__(bg, names, sensitivity, 1, judge, resources, bound)
 
 
 @dataclass(frozen=True)
@@ -199,3 +213,8 @@ def policy_episode(model, env: LayerWalkEnv, threads: int = 1) -> Episode:
 def ladder_index(fraction: float, rungs: int) -> int:
     """The rung a fraction in [0, 1] reads as, out of `rungs` (equal shares of the scale)."""
     return min(rungs - 1, int(math.floor(fraction * rungs)))
+
+
+def rung_top(index: int, rungs: int) -> float:
+    """The largest fraction that still reads as rung `index` (the clamp for "at most this rung")."""
+    return 1.0 if index >= rungs - 1 else (index + 1 - 1e-6) / rungs

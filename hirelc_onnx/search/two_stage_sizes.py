@@ -4,13 +4,14 @@
 integers the quantizer writes and `passes.sparse_weights.choose_encoding` (the cost model does not
 know sparse storage), so a stage-2 choice is sized without rewriting the model. `onto_flops` and
 `project_densities` put a stage-1 choice onto its budgets (MACs, nonzero weights) by one factor
-each, keeping the choice's shape; `repair_size` lowers bits until the size goal holds;
+each, keeping the choice's shape; `repair_size` lowers bits until the size goal holds and
+`fill_size` raises them while it still holds (the bytes left under the goal go where they help most);
 `magnitude_masked` is the cheap stand-in for learned masks that the agents' episodes are scored on.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -29,7 +30,7 @@ from passes.sparse_weights import DELTA4_OPSET, SparseWeightsPass, choose_encodi
 from passes.storage import encoded_nbytes, tensor_nbytes
 
 __all__ = ["with_choices", "onto_flops", "project_densities", "magnitude_masked", "StageSizes", "emit_stage",
-           "repair_size"]
+           "repair_size", "fill_size"]
 
 
 def with_choices(config: CompressionConfig, **per_kernel: Mapping[str, object]) -> CompressionConfig:
@@ -152,16 +153,50 @@ def emit_stage(bg: BlockGraph, tuned: onnx.ModelProto, config: CompressionConfig
     return ir.to_proto(ir_model), {name: plan.encoding for name, plan in sparse.chosen.items()}
 
 
-def repair_size(sizes: StageSizes, config: CompressionConfig, goal_bytes: float) -> CompressionConfig:
-    """Lower one kernel one rung at a time (the biggest saving first) until the bytes meet the goal."""
+def repair_size(sizes: StageSizes, config: CompressionConfig, goal_bytes: float,
+                cost: Callable[[str, int], float] | None = None) -> CompressionConfig:
+    """Lower one kernel one rung at a time until the bytes meet the goal.
+
+    cost(kernel, bits): the damage of that kernel alone at that width; with it, each step lowers
+    the kernel whose step adds the least damage per byte saved, without it the kernel whose step
+    saves the most bytes."""
     ladder = bits_ladder(config.target)
     while (current := sizes.total(config)) > goal_bytes:
-        steps = [with_choices(config, bits={n: max(b for b in ladder if b < config.get(n).bits)})
-                 for n in sizes.table if config.get(n).bits > min(ladder)]
+        steps = [(n, max(b for b in ladder if b < config.get(n).bits)) for n in sizes.table
+                 if config.get(n).bits > min(ladder)]
+        saved = {step: current - sizes.total(with_choices(config, bits={step[0]: step[1]})) for step in steps}
+        steps = [step for step in steps if saved[step] > 0]
         if not steps:
             return config
-        best = min(steps, key=sizes.total)
-        if sizes.total(best) >= current:
-            return config
-        config = best
+        if cost is None:
+            name, bits = max(steps, key=lambda st: saved[st])
+        else:
+            name, bits = min(steps, key=lambda st: ((cost(st[0], st[1]) - cost(st[0], config.get(st[0]).bits))
+                                                    / saved[st], -saved[st]))
+        config = with_choices(config, bits={name: bits})
     return config
+
+
+def fill_size(sizes: StageSizes, config: CompressionConfig, goal_bytes: float,
+              cost: Callable[[str, int], float]) -> CompressionConfig:
+    """Give the bytes left under the goal back: raise one kernel one rung at a time, the step that
+    removes the most damage (`cost`, as in `repair_size`) per byte added, while the total stays
+    within `goal_bytes`. A choice that lands short of the goal would otherwise be compared, at a
+    higher ratio, against one that spends the whole budget."""
+    ladder = bits_ladder(config.target)
+    while True:
+        current = sizes.total(config)
+        steps = []
+        for n in sizes.table:
+            up = [b for b in ladder if b > config.get(n).bits]
+            if not up:
+                continue
+            step = (n, min(up))
+            added = sizes.total(with_choices(config, bits={n: step[1]})) - current
+            gain = cost(n, config.get(n).bits) - cost(n, step[1])
+            if current + added <= goal_bytes and gain > 0:
+                steps.append((gain / max(added, 1), step))
+        if not steps:
+            return config
+        _, (name, bits) = max(steps, key=lambda s: s[0])
+        config = with_choices(config, bits={name: bits})

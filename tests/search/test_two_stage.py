@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.two_stage import TwoStageSettings
 from hirelc_onnx.search.two_stage_sizes import StageSizes as _Sizes
 from hirelc_onnx.search.two_stage_sizes import emit_stage as _emit
+from hirelc_onnx.search.two_stage_sizes import fill_size as _fill_size
 from hirelc_onnx.search.two_stage_sizes import onto_flops as _onto_flops
 from hirelc_onnx.search.two_stage_sizes import repair_size as _repair_size
 from hirelc_onnx.search.two_stage_sizes import with_choices as _with
@@ -99,6 +101,36 @@ def test_repair_meets_the_size_goal(vgg):
     assert 2 in floor_bits and floor_bits <= {2, 4}
 
 
+def test_fill_spends_the_bytes_left_under_the_goal_where_they_cut_damage(vgg):
+    """After the repair lands below the goal, the fill raises rungs until no further step fits; the
+    damage-aware repair lowers the cheap kernels first."""
+    pruned_config = _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)})
+    stage1 = _magnitude_sparse(apply_pruning(vgg, pruned_config), [k.weight for k in vgg.kernel_list()], 0.25)
+    sizes = _Sizes(vgg, stage1, pruned_config, sparse=True)
+    names = list(vgg.kernels)
+    biggest = max(names, key=lambda n: vgg.kernels[n].params)
+    weight = {n: 1e6 if n == biggest else 1.0 for n in names}  # the biggest kernel hurts most, the rest alike
+
+    def cost(name, bits):
+        return weight[name] / bits
+
+    goal_bytes = vgg.weight_bytes / 40
+    repaired = _repair_size(sizes, pruned_config, goal_bytes, cost)
+    assert sizes.total(repaired) <= goal_bytes
+    # the damage-aware repair lowers the kernels that hurt least first (the byte-greedy one the biggest first)
+    greedy = _repair_size(sizes, pruned_config, goal_bytes)
+    assert repaired.get(biggest).bits > greedy.get(biggest).bits
+    assert repaired.get(biggest).bits > max(repaired.get(n).bits for n in names if n != biggest)
+    low = _with(pruned_config, bits={n: 2 for n in names})
+    filled = _fill_size(sizes, low, goal_bytes, cost)
+    assert sizes.total(low) < sizes.total(filled) <= goal_bytes
+    for n in names:  # maximal: no single one-rung raise still fits the goal
+        up = [b for b in (4, 8, 32) if b > filled.get(n).bits]
+        if up:
+            assert sizes.total(_with(filled, bits={n: min(up)})) > goal_bytes
+    assert _fill_size(sizes, filled, goal_bytes, cost) == filled
+
+
 def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
     from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
     from passes.quantize import WeightQuantSpec, fake_quantize
@@ -123,8 +155,10 @@ def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
 def test_end_to_end_on_vgg_reports_both_stages(reference_models):
     from hirelc_onnx.compress import compress
 
+    # probe_trust above 1: no probe is ever trusted, so every stage-1 probe trains on to probe_max_epochs
+    settings = replace(TINY, probe_trust=1.01, probe_max_epochs=2)
     result = compress(reference_models("vgg"), data="digits", method="two-stage", budget="20x", latency_runs=2,
-                      evaluations=2, settings=TINY)
+                      evaluations=2, settings=settings)
     report = result.report
     stages = report["search"]["stages"]
     assert set(stages) == {"stage1", "stage2"}
@@ -145,3 +179,8 @@ def test_end_to_end_on_vgg_reports_both_stages(reference_models):
                for s in source.values())
     assert report["search"]["episodes"] == 4 and len(stages["stage1"]["candidates"]) == 3  # 1 best, policy, fallback
     assert {h["kind"] for h in report["history"] if h["stage"] == 1} == {"proxy", "probe", "real"}
+    probes = [h for h in report["history"] if h["kind"] == "probe"]
+    assert stages["stage1"]["probe_epochs"] == 2 and [h["epochs"] for h in probes] == [1] * 3 + [1] * 3
+    # stage 2 walks within the goal and fills: every agent episode lands at or under the goal's bytes
+    proxies = [h for h in report["history"] if h["kind"] == "proxy" and h["stage"] == 2]
+    assert proxies and all(h["ratio"] >= 20 for h in proxies)

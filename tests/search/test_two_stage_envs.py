@@ -8,7 +8,7 @@ import pytest
 from hirelc_onnx.graph import build_block_graph, load_model
 from hirelc_onnx.search.features import STATIC_FEATURES, kernel_features
 from hirelc_onnx.search.two_stage_envs import (OP_TYPES, PruneEnv, QuantEnv, WalkAgentSettings, ladder_index,
-                                               obs_size, policy_episode, train_walk_agent)
+                                               obs_size, policy_episode, rung_top, train_walk_agent)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,26 @@ def test_quant_walk_has_one_action_and_reads_rungs(vgg):
     env, _ = _env(vgg, QuantEnv)
     assert env.action_space.shape == (1,) and env.observation_space.shape == (obs_size(1, 2),)
     assert [ladder_index(f, 4) for f in (0.0, 0.24, 0.25, 0.74, 0.99, 1.0)] == [0, 0, 1, 2, 3, 3]
+
+
+def test_bound_clamps_each_step_before_it_is_recorded(vgg):
+    """AMC's budget-aware step: the action is clamped to what the walk so far leaves, and the next
+    observation sees the clamped choice."""
+    names = _names(vgg)
+    budget = 2.0  # the fractions of a walk may sum to at most this
+
+    def bound(t, done):
+        return [max(0.0, min(1.0, budget - float(done.sum())))]
+
+    env = QuantEnv(vgg, names, {n: 1.0 for n in names}, lambda c: (float(c.sum()), {}), lambda t, d: [0.0, 0.0],
+                   bound)
+    env.reset()
+    for _ in names:
+        obs, *_ = env.step(np.array([1.0], dtype=np.float32))  # always asks for the top
+    choices = env.episodes[0].choices[:, 0]
+    np.testing.assert_allclose(choices, [1.0, 1.0] + [0.0] * (len(names) - 2))
+    assert env.episodes[0].reward == pytest.approx(budget)
+    assert [ladder_index(rung_top(i, 4), 4) for i in range(4)] == [0, 1, 2, 3]
 
 
 def test_sac_agent_is_deterministic_under_a_seed_and_learns(vgg):
