@@ -61,7 +61,9 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
                     "episodes": search["episodes"], "policy_shift": search["policy_shift"],
                     "learning_curve": curve, "best_proxy_curve": search["best_proxy_curve"],
                     "proxy_first": float(np.mean(curve[:tenth])), "proxy_last": float(np.mean(curve[-tenth:])),
-                    "candidates": [{"source": h["source"], "score": h["score"], "proxy": h["proxy_score"]}
+                    "candidates": [{"source": h["source"], "score": h["score"], "proxy": h["proxy_score"],
+                                    "selection_score": h.get("selection_score"),
+                                    "selection_loss": h.get("selection_loss"), "macs": h.get("macs_fraction")}
                                    for h in rep["history"] if h.get("kind") == "real"]})
     return row
 
