@@ -110,19 +110,30 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
               "Shift: along the policy's greedy episode, mean Bernoulli KL from the starting policy and the share of "
               "channels whose keep decision flipped. Proxy: the batch's mean proxy score (minus the normalised logit "
               "MSE on the RL rows) over the first and last tenth of the updates. Seconds: the whole run, its RL "
-              "phase, its real evaluations.", "",
+              "phase, its real evaluations. Candidates: in the order measured; the emitted one has the best selection "
+              "score or, within one standard error of it, the lowest selection loss (`search/selection.py`).", "",
               "| model | arm | seed | episodes | shift KL | flipped | proxy first -> last | seconds | RL s | measure s "
-              "| candidates (source: val) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| candidates (source: val / selection score / selection loss) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["arm"] == "l1":
             lines.append(f"| {r['model']} | l1 | {r['seed']} | | | | | {r['seconds']:.0f} | | | |")
             continue
-        cands = ", ".join(f"{c['source']}: {c['score']:.3f}" for c in r["candidates"])
+        cands = ", ".join(_candidate(c) for c in r["candidates"])
         shift = r["policy_shift"]
         lines.append(f"| {r['model']} | {r['arm']} | {r['seed']} | {r['episodes']} | {shift['mean_kl']:.3f} "
                      f"| {shift['flipped_fraction']:.2f} | {r['proxy_first']:.3f} -> {r['proxy_last']:.3f} "
                      f"| {r['seconds']:.0f} | {r['rl_seconds']:.0f} | {r['measure_seconds']:.0f} | {cands} |")
     return lines
+
+
+def _candidate(c: dict) -> str:
+    """One measured candidate: its source and validation score, and (runs that recorded them) the
+    selection score and loss on validation + calibration rows that picked the emitted one."""
+    text = f"{c['source']}: {c['score']:.3f}"
+    if c.get("selection_score") is not None:
+        text += f" / {c['selection_score']:.4f} / {c['selection_loss']:.3f}"
+    return text
 
 
 def write(out: Path, rows: list[dict], spec: dict, meta: dict) -> None:

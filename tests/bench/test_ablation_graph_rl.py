@@ -44,3 +44,18 @@ def test_an_arm_not_run_is_shown_as_not_available():
     md = "\n".join(tables(rows, {"epochs": 3, "evaluations": 4}))
     assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +1 | n/a | policy | n/a |" in md
     assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +1.0 | n/a | | |" in md
+
+
+def test_candidates_show_their_selection_figures_when_recorded():
+    from bench.ablation_graph_rl import tables
+
+    old = _row("vgg", "none", 0, 0.95)  # a run from before the selection figures were recorded
+    new = _row("vgg", "none", 1, 0.95)
+    new["candidates"] = [{"source": "ranking-l1-fisher", "score": 0.9852, "proxy": -0.06, "selection_score": 0.98889,
+                          "selection_loss": 0.0412, "macs": 0.5},
+                         {"source": "policy", "score": 0.9926, "proxy": -0.05, "selection_score": 0.99111,
+                          "selection_loss": 0.0388, "macs": 0.49}]
+    md = "\n".join(tables([_row("vgg", "l1", 0, 0.95), old, _row("vgg", "l1", 1, 0.95), new],
+                          {"epochs": 3, "evaluations": 4}))
+    assert "| policy: 0.950 |" in md
+    assert "| ranking-l1-fisher: 0.985 / 0.9889 / 0.041, policy: 0.993 / 0.9911 / 0.039 |" in md
