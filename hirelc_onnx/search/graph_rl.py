@@ -99,10 +99,11 @@ PHASE_GRAPH_RL = "graph-rl: policy updates, then real evaluations"
 class GraphRLSettings:
     """Knobs of the graph-RL search (defaults sized for the digits references on 2 CPU cores)."""
 
-    episodes: int = 512
-    """Proxy-scored episodes in the RL phase (rounded down to whole updates). 64 updates: on VGG
-    without a prior the batch's mean proxy score rose from -0.14 to -0.07 over them (to -0.11
-    after 32), and about a third of the greedy decisions flipped."""
+    episodes: int = 1024
+    """Proxy-scored episodes in the RL phase (rounded down to whole updates). 128 updates: on VGG
+    without a prior the batch's mean proxy score was still rising after 64 (from -0.15 to -0.06..-0.09
+    over them, 3 seeds, while the best episode sat at -0.05), so the policy was stopped before
+    its own samples reached the level of its best; 64 updates took 18-26 s of RL on one core."""
     batch: int = 8
     """Episodes per policy update."""
     lr: float = 3e-3

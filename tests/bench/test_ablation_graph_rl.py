@@ -59,3 +59,20 @@ def test_candidates_show_their_selection_figures_when_recorded():
                           {"epochs": 3, "evaluations": 4}))
     assert "| policy: 0.950 |" in md
     assert "| ranking-l1-fisher: 0.985 / 0.9889 / 0.041, policy: 0.993 / 0.9911 / 0.039 |" in md
+
+
+def test_uniform_l1_meets_the_macs_limit_with_the_counts_compress_rounds(reference_models):
+    from dataclasses import replace
+
+    from bench.ablation_graph_rl import l1_keep
+    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
+    from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+    from hirelc_onnx.search.baselines import _uniform_config
+
+    path = reference_models("vgg")
+    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
+    keep = l1_keep(path)
+    macs = model_cost(bg, _uniform_config(bg, "ort-cpu", 7, keep)).macs_fraction
+    assert macs <= 0.5
+    # the next rounded step up breaks the limit: the keep is the largest that meets it
+    assert model_cost(bg, _uniform_config(bg, "ort-cpu", 7, min(1.0, keep + 0.05))).macs_fraction > 0.5
