@@ -5,7 +5,7 @@ Per model and seed, three runs at 50% of the MACs, each fine-tuned for the same 
 epochs, 7-bit weights under ort-cpu (bench/run.py's "l1-flops50" and "graph-rl-flops50" rows):
   * l1        -- uniform L1 channel pruning at the keep ratio that lands on the MACs limit;
   * none      -- graph-rl --prior none: uninformative starting logits, only the policy's episodes measured;
-  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking, its cuts measured too.
+  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking, its cut measured too.
 Each seed re-splits the data. Writes bench/ABLATION_GRAPH_RL.md (tables, with the source of every
 emitted graph-rl model, the policy's shift from its start and the timings) and
 bench/ablation_graph_rl.json (every figure, the learning curves too), rewritten after every run so
@@ -93,7 +93,7 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
     lines = [f"## Graph-rl with and without its prior vs uniform L1 at 0.5 of the MACs ({spec['epochs']} epochs)", "",
              "Held-out test accuracy (449 digits: one image is 0.22 points). l1: uniform L1 channel pruning; "
              "none: graph-rl --prior none (uninformative start, only the policy's episodes measured); l1-fisher: "
-             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start, its cuts measured too). graph-rl measures "
+             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start, its cut measured too). graph-rl measures "
              f"{spec['evaluations']} candidates; every run fine-tunes {spec['epochs']} epochs, 7-bit weights, "
              "ort-cpu. Images: difference with l1 in test images. Source: where the emitted candidate came from.", "",
              "| model | seed | fp32 | l1 | none | l1-fisher | none - l1 (images) | l1-fisher - l1 (images) "

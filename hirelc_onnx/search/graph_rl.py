@@ -147,12 +147,12 @@ class GraphRLSettings:
     """Adam learning rate of the free per-channel keep biases (the GAT and head use `lr`): large
     enough that a few hundred noisy updates can move a channel's logit by several units."""
     prior: str = "l1-fisher"
-    """"l1-fisher": start from the importance ranking and measure its cuts (above); "none": every
+    """"l1-fisher": start from the importance ranking and measure its cut (above); "none": every
     channel starts at the uniform keep logit and only the policy's episodes are measured.
     The default is the one measured to beat uniform L1 on ResNet-20 at 3 epochs (mean of 3 seeds,
-    +55 test images at 32 updates, bench/RESULTS.md). At 64 updates (bench/ABLATION_GRAPH_RL.md,
-    mean of 3 seeds) the two are within two test images of each other: ResNet-20 0.9822 with the
-    prior vs 0.9807 without (L1 0.8589), VGG 0.9866 vs 0.9896 (L1 0.9911)."""
+    bench/ABLATION_GRAPH_RL.md at 128 updates: +80 test images; without the prior +17, one seed's
+    emitted model collapsing on test after the search). On VGG neither beats uniform L1 (prior
+    -2.7 images, none -0.7)."""
 
 
 def _rollout(policy: ChannelPolicy, obs: GraphObservation, batch: int, greedy: bool = False):
