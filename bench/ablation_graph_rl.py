@@ -5,7 +5,7 @@ Per model and seed, three runs at 50% of the MACs, each fine-tuned for the same 
 epochs, 7-bit weights under ort-cpu (bench/run.py's "l1-flops50" and "graph-rl-flops50" rows):
   * l1        -- uniform L1 channel pruning at the keep ratio that lands on the MACs limit;
   * none      -- graph-rl --prior none: uninformative starting logits, only the policy's episodes measured;
-  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking, its cuts measured too.
+  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking, its cut measured too.
 Each seed re-splits the data. Writes bench/ABLATION_GRAPH_RL.md (tables, with the source of every
 emitted graph-rl model, the policy's shift from its start and the timings) and
 bench/ablation_graph_rl.json (every figure, the learning curves too), rewritten after every run so
@@ -37,6 +37,24 @@ ABLATION = {"models": ("resnet20", "vgg"), "seeds": (0, 1, 2), "epochs": 3, "eva
 ARMS = ("l1", "none", "l1-fisher")
 
 
+def l1_keep(path) -> float:
+    """The largest uniform L1 keep ratio whose model, its channel counts rounded to the multiple
+    compress() rounds them to (`DEFAULT_CHANNEL_MULTIPLE`), has at most the MACs graph-rl is held to.
+
+    bench/run.py's "l1-flops50" keep is fitted with unrounded counts: rounded to multiples of 8
+    the VGG reference then kept 0.534 of the MACs (above the 0.5 limit) and ResNet-20 0.447.
+    """
+    from dataclasses import replace
+
+    from bench.run import METHOD_SPECS
+    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
+    from hirelc_onnx.graph import build_block_graph, load_model
+    from hirelc_onnx.search.baselines import keep_for_flops
+
+    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
+    return keep_for_flops(bg, METHOD_SPECS["graph-rl-flops50"][3]["flops"])
+
+
 def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
     """One compress run of `arm` ("l1" or a graph-rl prior) and the figures the tables want."""
     from examples.reference_models import build_reference_model
@@ -44,7 +62,9 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
 
     path = build_reference_model(model_name)
     kind, target, budget, options = _compress_args("l1-flops50" if arm == "l1" else "graph-rl-flops50", path)
-    if arm != "l1":
+    if arm == "l1":
+        options = {**options, "keep": l1_keep(path)}
+    else:
         options = {**options, "prior": arm}
     t0 = time.perf_counter()
     rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed, latency_runs=10,
@@ -61,7 +81,9 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
                     "episodes": search["episodes"], "policy_shift": search["policy_shift"],
                     "learning_curve": curve, "best_proxy_curve": search["best_proxy_curve"],
                     "proxy_first": float(np.mean(curve[:tenth])), "proxy_last": float(np.mean(curve[-tenth:])),
-                    "candidates": [{"source": h["source"], "score": h["score"], "proxy": h["proxy_score"]}
+                    "candidates": [{"source": h["source"], "score": h["score"], "proxy": h["proxy_score"],
+                                    "selection_score": h.get("selection_score"),
+                                    "selection_loss": h.get("selection_loss"), "macs": h.get("macs_fraction")}
                                    for h in rep["history"] if h.get("kind") == "real"]})
     return row
 
@@ -71,7 +93,7 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
     lines = [f"## Graph-rl with and without its prior vs uniform L1 at 0.5 of the MACs ({spec['epochs']} epochs)", "",
              "Held-out test accuracy (449 digits: one image is 0.22 points). l1: uniform L1 channel pruning; "
              "none: graph-rl --prior none (uninformative start, only the policy's episodes measured); l1-fisher: "
-             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start, its cuts measured too). graph-rl measures "
+             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start, its cut measured too). graph-rl measures "
              f"{spec['evaluations']} candidates; every run fine-tunes {spec['epochs']} epochs, 7-bit weights, "
              "ort-cpu. Images: difference with l1 in test images. Source: where the emitted candidate came from.", "",
              "| model | seed | fp32 | l1 | none | l1-fisher | none - l1 (images) | l1-fisher - l1 (images) "
@@ -105,22 +127,34 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
             lines.append(f"| {model} | **mean** | {fp32:.4f} | {shown('l1')} | {shown('none')} | {shown('l1-fisher')} "
                          f"| {shown('none', True)} | {shown('l1-fisher', True)} | | |")
     lines += ["", "## The policy: how far it moved, what it learned, what it cost", "",
-              "Shift: along the policy's greedy episode, mean Bernoulli KL from the starting policy and the share of "
+              "MACs: the emitted model's fraction of fp32's (the limit is 0.5; uniform L1 lands below it, its "
+              "channel counts rounded to multiples of 8). Shift: along the policy's greedy episode, mean Bernoulli KL from the starting policy and the share of "
               "channels whose keep decision flipped. Proxy: the batch's mean proxy score (minus the normalised logit "
               "MSE on the RL rows) over the first and last tenth of the updates. Seconds: the whole run, its RL "
-              "phase, its real evaluations.", "",
-              "| model | arm | seed | episodes | shift KL | flipped | proxy first -> last | seconds | RL s | measure s "
-              "| candidates (source: val) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "phase, its real evaluations. Candidates: in the order measured; the emitted one has the best selection "
+              "score or, within one standard error of it, the lowest selection loss (`search/selection.py`).", "",
+              "| model | arm | seed | MACs | episodes | shift KL | flipped | proxy first -> last | seconds | RL s "
+              "| measure s | candidates (source: val / selection score / selection loss) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["arm"] == "l1":
-            lines.append(f"| {r['model']} | l1 | {r['seed']} | | | | | {r['seconds']:.0f} | | | |")
+            lines.append(f"| {r['model']} | l1 | {r['seed']} | {r['macs']:.3f} | | | | | {r['seconds']:.0f} | | | |")
             continue
-        cands = ", ".join(f"{c['source']}: {c['score']:.3f}" for c in r["candidates"])
+        cands = ", ".join(_candidate(c) for c in r["candidates"])
         shift = r["policy_shift"]
-        lines.append(f"| {r['model']} | {r['arm']} | {r['seed']} | {r['episodes']} | {shift['mean_kl']:.3f} "
+        lines.append(f"| {r['model']} | {r['arm']} | {r['seed']} | {r['macs']:.3f} | {r['episodes']} | {shift['mean_kl']:.3f} "
                      f"| {shift['flipped_fraction']:.2f} | {r['proxy_first']:.3f} -> {r['proxy_last']:.3f} "
                      f"| {r['seconds']:.0f} | {r['rl_seconds']:.0f} | {r['measure_seconds']:.0f} | {cands} |")
     return lines
+
+
+def _candidate(c: dict) -> str:
+    """One measured candidate: its source and validation score, and (runs that recorded them) the
+    selection score and loss on validation + calibration rows that picked the emitted one."""
+    text = f"{c['source']}: {c['score']:.3f}"
+    if c.get("selection_score") is not None:
+        text += f" / {c['selection_score']:.4f} / {c['selection_loss']:.3f}"
+    return text
 
 
 def write(out: Path, rows: list[dict], spec: dict, meta: dict) -> None:

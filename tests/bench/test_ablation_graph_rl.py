@@ -44,3 +44,35 @@ def test_an_arm_not_run_is_shown_as_not_available():
     md = "\n".join(tables(rows, {"epochs": 3, "evaluations": 4}))
     assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +1 | n/a | policy | n/a |" in md
     assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +1.0 | n/a | | |" in md
+
+
+def test_candidates_show_their_selection_figures_when_recorded():
+    from bench.ablation_graph_rl import tables
+
+    old = _row("vgg", "none", 0, 0.95)  # a run from before the selection figures were recorded
+    new = _row("vgg", "none", 1, 0.95)
+    new["candidates"] = [{"source": "ranking-l1-fisher", "score": 0.9852, "proxy": -0.06, "selection_score": 0.98889,
+                          "selection_loss": 0.0412, "macs": 0.5},
+                         {"source": "policy", "score": 0.9926, "proxy": -0.05, "selection_score": 0.99111,
+                          "selection_loss": 0.0388, "macs": 0.49}]
+    md = "\n".join(tables([_row("vgg", "l1", 0, 0.95), old, _row("vgg", "l1", 1, 0.95), new],
+                          {"epochs": 3, "evaluations": 4}))
+    assert "| policy: 0.950 |" in md
+    assert "| ranking-l1-fisher: 0.985 / 0.9889 / 0.041, policy: 0.993 / 0.9911 / 0.039 |" in md
+
+
+def test_uniform_l1_meets_the_macs_limit_with_the_counts_compress_rounds(reference_models):
+    from dataclasses import replace
+
+    from bench.ablation_graph_rl import l1_keep
+    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
+    from hirelc_onnx.graph import build_block_graph, load_model, model_cost
+    from hirelc_onnx.search.baselines import _uniform_config
+
+    path = reference_models("vgg")
+    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
+    keep = l1_keep(path)
+    macs = model_cost(bg, _uniform_config(bg, "ort-cpu", 7, keep)).macs_fraction
+    assert macs <= 0.5
+    # the next rounded step up breaks the limit: the keep is the largest that meets it
+    assert model_cost(bg, _uniform_config(bg, "ort-cpu", 7, min(1.0, keep + 0.05))).macs_fraction > 0.5
