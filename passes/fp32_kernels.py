@@ -2,7 +2,8 @@
 
 ORT fuses a kernel whose activation and weight both arrive through DequantizeLinear into an int8
 kernel (QLinearConv, QGemm, ...); some of those run slower than the fp32 kernel. This pass takes
-named kernels out of that pattern: the activation input bypasses its Quantize -> Dequantize pair,
+named kernels out of that pattern: the activation input bypasses its Quantize -> Dequantize pair
+through a Clip to the pair's range (the quantizer may have folded a Relu into that range),
 the weight's DequantizeLinear becomes `Cast -> Sub -> Mul` by its scale (the storage decode, which a
 default ORT session constant-folds at load: an fp32 weight, the same integers in the file), and an
 int32 bias is dequantized into an fp32 initializer. The kernel's output and its neighbours are
@@ -85,6 +86,36 @@ def _weight_decode(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: 
     return nodes
 
 
+_INT_RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+               onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
+
+
+def _activation_clip(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: str,
+                     new_inits: list[onnx.TensorProto]) -> onnx.NodeProto | None:
+    """`Clip` to the range a per-tensor QuantizeLinear -> DequantizeLinear pair can represent.
+
+    The quantizer folds a Relu or Clip in front of a QuantizeLinear into its range (zero point at the
+    integer minimum): bypassing the pair without that clamp would drop the activation. The Clip keeps
+    the pair's saturation and drops only its rounding. None when the pair is not a per-tensor one
+    with constant parameters (the kernel then keeps its dequantized input)."""
+    if q.op_type != "QuantizeLinear" or q.input[1] not in inits:
+        return None
+    scale = numpy_helper.to_array(inits[q.input[1]])
+    has_zp = len(q.input) > 2 and bool(q.input[2])
+    if has_zp and q.input[2] not in inits:
+        return None
+    zp_t = inits[q.input[2]] if has_zp else None
+    elem = zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8
+    if scale.size != 1 or elem not in _INT_RANGES:
+        return None
+    zp = float(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0.0
+    qmin, qmax = _INT_RANGES[elem]
+    s = float(scale.reshape(-1)[0])
+    new_inits.append(numpy_helper.from_array(np.array((qmin - zp) * s, np.float32), f"{out}_min"))
+    new_inits.append(numpy_helper.from_array(np.array((qmax - zp) * s, np.float32), f"{out}_max"))
+    return helper.make_node("Clip", [q.input[0], f"{out}_min", f"{out}_max"], [out], name=f"{out}_clip")
+
+
 def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of `model` whose kernels `names` (from `int8_kernels`) run as fp32 kernels (module docstring)."""
     m = onnx.ModelProto()
@@ -101,12 +132,14 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
         act = producers.get(node.input[0])
         if act is not None and act.op_type == "DequantizeLinear":
             q = producers.get(act.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[0] = q.input[0]
+            clip = _activation_clip(q, inits, f"{node.name}_fp32_input", new_inits) if q is not None else None
+            if clip is not None:
+                decodes[index] = [clip]
+                node.input[0] = clip.output[0]
         weight = producers.get(node.input[1])
         if _is_weight_dq(weight, inits):
             out = f"{node.name}_fp32_weight"
-            decodes[index] = _weight_decode(weight, inits, out, new_inits)
+            decodes.setdefault(index, []).extend(_weight_decode(weight, inits, out, new_inits))
             node.input[1] = out
         if len(node.input) > 2 and node.input[2]:
             bias = producers.get(node.input[2])
