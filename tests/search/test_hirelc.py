@@ -11,17 +11,15 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
-from hirelc_onnx.search.agents import AgentSettings
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, run_hirelc
+from hirelc_onnx.search.hirelc import QUICK_SETTINGS, HiReLCSettings, _normalise, run_hirelc
 from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
 MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet
 # tiny but complete: both levels, ensembles of two, every phase of the loop (run_hirelc(..., **TINY))
-TINY = {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-                                   episode_steps=2, warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))}
+TINY = {"settings": QUICK_SETTINGS}
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +99,23 @@ def test_resume_continues_without_remeasuring(bg, ctx, tmp_path):
     proxy = ctx.proxy
     ctx.proxy = lambda config: probes.append(config) or proxy(config)
 
-    resumed = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, state_path=state_path,
+    resumed = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0, state_path=state_path,
                          resume=True, **TINY)
-    # rounds 2 and 3 measured; the resumed run's count includes the evaluation made before the resume
-    assert ctx.evaluations - measured_before == 2 + 1
+    # round 2 measured; the resumed run's count includes the evaluation made before the resume
+    assert ctx.evaluations - measured_before == 1 + 1
     assert len(probes) < len(bg.kernels)  # the per-kernel sensitivity probes were not run again
     real = [h for h in resumed.history if h["kind"] == "real"]
-    assert [h["round"] for h in real] == [0, 1, 2]
+    assert [h["round"] for h in real] == [0, 1]
     assert real[0] == [h for h in first.history if h["kind"] == "real"][0]
-    assert resumed.extra["rounds"] == 3 and resumed.extra["resumed_from"] == 1
+    assert resumed.extra["rounds"] == 2 and resumed.extra["resumed_from"] == 1
     state = json.loads(state_path.read_text())
-    assert state["next_round"] == 3
+    assert state["next_round"] == 2
     keys = [m["key"] for m in state["measurements"]]
-    assert len(set(keys)) == 3  # nothing measured twice
+    assert len(set(keys)) == 2  # nothing measured twice
     assert config_key(resumed.config) in keys
-    # a replay: the rounds after the resume chose, predicted and measured what an uninterrupted run does
-    whole = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, **TINY)
+    # a replay: the round after the resume (it uses all the state restores) chose, predicted and measured
+    # what an uninterrupted run does; tests/test_resume.py resumes a 3-round CLI search three times
+    whole = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0, **TINY)
     assert _rounds(resumed) == _rounds(whole)
     assert resumed.config == whole.config and resumed.model.SerializeToString() == whole.model.SerializeToString()
 
