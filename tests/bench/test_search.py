@@ -22,6 +22,7 @@ def test_cells_and_verdicts_from_rows():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
 def test_quick_search_bench(tmp_path, reference_models, monkeypatch):
     reference_models("text_recognizer")
     # the bench's machinery, not HiReLC's quality: the smoke-size agents
