@@ -25,11 +25,13 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# --dist loadgroup: tests marked xdist_group (those needing the CTC recognizer, whose first build in a
+# fresh clone is the longest) run on one worker, first; every other test goes to whichever worker is free
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run

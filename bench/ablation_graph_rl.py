@@ -161,7 +161,7 @@ def write(out: Path, rows: list[dict], spec: dict, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation_graph_rl.json").write_text(json.dumps({"meta": meta, "spec": spec, "rows": rows}, indent=1,
                                                            default=float))
-    head = [f"# Graph-rl ablation: the learned policy vs its prior vs uniform L1", "",
+    head = ["# Graph-rl ablation: the learned policy vs its prior vs uniform L1", "",
             f"{meta['date']}; {meta['versions']}; command: `{meta['command']}`; "
             f"{meta.get('seconds', 0):.0f} s of wall time (the longest process).", ""]
     (out / "ABLATION_GRAPH_RL.md").write_text("\n".join(head + tables(rows, spec)) + "\n")

@@ -67,11 +67,9 @@ def _compress(path, out: Path, **kwargs):
 def _quick_hirelc() -> dict:
     """Under --quick, HiReLC's agents and surrogate shrunk to a smoke test of the bench's machinery
     (the table's figures come from the defaults)."""
-    from hirelc_onnx.search.agents import AgentSettings
-    from hirelc_onnx.search.hirelc import HiReLCSettings
+    from hirelc_onnx.search.hirelc import QUICK_SETTINGS
 
-    return {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-                                       episode_steps=2, warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))}
+    return {"settings": QUICK_SETTINGS}
 
 
 def _ratio(result) -> float:

@@ -15,12 +15,7 @@ from hirelc_onnx.compress import _load_data
 from hirelc_onnx.errors import interface
 from hirelc_onnx.evaluate.data import load_digits
 from hirelc_onnx.graph import build_block_graph, load_model
-from hirelc_onnx.search.agents import AgentSettings
-from hirelc_onnx.search.hirelc import HiReLCSettings
-
-# a complete HiReLC loop at the smallest size (both levels, ensembles of two)
-TINY = HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-                      agent=AgentSettings(n_envs=2, n_steps=4))
+from hirelc_onnx.search.hirelc import QUICK_SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +99,7 @@ def test_numpy_data_and_the_progress_callback_on_a_real_hirelc_run(resnet, digit
     x, y = digits
     calls, progress = _recorder()
     result = hirelc_onnx.compress(resnet, data=(x, y), method="hirelc", budget="6x", evaluations=2,
-                                  finetune_epochs=0, settings=TINY, latency_runs=2, progress=progress,
+                                  finetune_epochs=0, settings=QUICK_SETTINGS, latency_runs=2, progress=progress,
                                   out_dir=tmp_path / "out")
     assert result.ratio >= 6.0 and 0.5 < result.test_score <= 1.0
     assert result.report["data"]["inputs"] == {"input": {"shape": [1, 8, 8], "dtype": "float32"}}

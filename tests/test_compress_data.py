@@ -18,13 +18,12 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import split_dataset
 from hirelc_onnx.evaluate.loaders import load_data
 from hirelc_onnx.evaluate.synthetic import DEFAULT_DIM, synthesize
-from hirelc_onnx.search.agents import AgentSettings
-from hirelc_onnx.search.hirelc import HiReLCSettings
+from hirelc_onnx.search import hirelc
+from hirelc_onnx.search.hirelc import QUICK_SETTINGS
 from tests.light import light_path
+from tests.quick_cli import with_quick_settings
 
 VOCAB, SEQ, FEATS, HIDDEN, CLASSES = 20, 4, 8, 64, 5
-TINY = HiReLCSettings(ensemble_size=2, high_steps=8, low_steps=8, surrogate_models=2,
-                      agent=AgentSettings(n_envs=2, n_steps=4))
 
 
 def _two_input_model(seq: int | str = SEQ) -> onnx.ModelProto:
@@ -105,15 +104,16 @@ def test_two_input_hirelc_fine_tunes_through_the_bridge(two_input, tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, y=ref, **arrays)
     result = compress(two_input, method="hirelc", data=str(npz), budget="2x", evaluations=2, finetune_epochs=1,
-                      settings=TINY, latency_runs=2)
+                      settings=QUICK_SETTINGS, latency_runs=2)
     acc = result.report["accuracy"]
     assert acc["metric"] == "top-1 accuracy" and acc["task_accuracy_measured"]
     assert acc["finetune_warning"] is None  # fine-tuning ran: the bridge took the integer inputs
     assert result.ratio >= 2.0 and acc["n"] == 40 and acc["sample_warning"]
 
 
-def test_data_free_two_input_run(two_input, tmp_path):
+def test_data_free_two_input_run(two_input, tmp_path, monkeypatch):
     """No --data: ids below the table's rows, masks all ones, fidelity to fp32, no fine-tuning, said plainly."""
+    monkeypatch.setattr(hirelc, "run_hirelc", with_quick_settings(hirelc.run_hirelc))  # small agents, same path
     ds, plans = synthesize(onnx.load(two_input), seed=3)
     assert ds.inputs["input_ids"].dtype == np.int64 and ds.inputs["input_ids"].max() < VOCAB
     assert ds.inputs["input_ids"].max() > VOCAB // 2  # drawn across the table, not zeros

@@ -14,8 +14,10 @@ from hirelc_onnx.compress import compress
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.evaluate.metrics import cosine_similarity, per_position_agreement, top1_accuracy
 from hirelc_onnx.evaluate.runner import predict_outputs
+from hirelc_onnx.search import hirelc
 from tests.bridge import tiny_cnn
 from tests.kind_models import sequence_model, two_output_model
+from tests.quick_cli import with_quick_settings
 
 
 @pytest.fixture()
@@ -61,7 +63,8 @@ def test_two_outputs_score_the_worst_relative_to_fp32(saved):
 
 @pytest.mark.parametrize("method, options", [("uniform", ["--bits", "3"]),
                                              ("hirelc", ["--budget", "4x", "--evaluations", "2"])])
-def test_a_metric_plugin_drives_the_search_and_the_report(saved, tmp_path, method, options):
+def test_a_metric_plugin_drives_the_search_and_the_report(saved, tmp_path, monkeypatch, method, options):
+    monkeypatch.setattr(hirelc, "run_hirelc", with_quick_settings(hirelc.run_hirelc))  # the plugin's path, small agents
     path = saved(tiny_cnn(), "tiny")
     plugins.CALLS.clear()
     out = tmp_path / "out"

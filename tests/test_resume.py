@@ -43,7 +43,8 @@ def _run(argv: list[str], kill_at: str | None = None, timeout: float = 600) -> s
 
 
 def _compress_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "hirelc_onnx", "compress", str(model), *SEARCH, "--out", str(out), "--json", *extra]
+    # the CLI with HiReLC's agents shrunk (tests/quick_cli.py): the replay does not depend on their size
+    return ["-m", "tests.quick_cli", "compress", str(model), *SEARCH, "--out", str(out), "--json", *extra]
 
 
 def _compress(model: Path, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:

@@ -345,12 +345,13 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
         return _cache[key]
     bound_heap()
     cost = _session_cost(model)
-    evicted = False
+    evicted = freed = 0
     while _cache and (len(_cache) >= _CACHE_SIZE or sum(r.cost for r in _cache.values()) + cost > _CACHE_BYTES):
-        _cache.popitem(last=False)  # dropped before the new session is built, so both never coexist
+        freed += _cache.popitem(last=False)[1].cost  # dropped before the new session is built, so both never coexist
         evicted = True
     if evicted or cost > FILE_SESSION_BYTES:  # and a big rewrite's garbage is gone before a big session
-        release_freed_memory()
+        # the full collection only around big models: a search evicts a small session per candidate
+        release_freed_memory(collect=max(freed, cost) > FILE_SESSION_BYTES)
     runner = OrtRunner(model, config, cost)
     _cache[key] = runner
     if cost > FILE_SESSION_BYTES:

@@ -68,7 +68,7 @@ from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
 from hirelc_onnx.search.speed import SpeedGoal, speed_repair
 
-__all__ = ["HiReLCSettings", "run_hirelc"]
+__all__ = ["HiReLCSettings", "QUICK_SETTINGS", "run_hirelc"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,12 @@ class HiReLCSettings:
     """Fill a voted config up to the budget (`budget.repair(fill=True)`: the estimator's greedy
     knapsack spends the slack) before measuring it. Off: a vote is repaired only as far as the
     budget needs, so what is measured is the agents' choice (an ablation switch)."""
+
+
+QUICK_SETTINGS = HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2, episode_steps=2,
+                                warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))
+"""The smallest complete loop (both levels, ensembles of two, every phase) for smoke runs: `bench --quick`
+and the tests. Its runs show the machinery works, not how well HiReLC searches."""
 
 
 def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,

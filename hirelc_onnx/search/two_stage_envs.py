@@ -180,7 +180,6 @@ def train_walk_agent(env: LayerWalkEnv, episodes: int, seed: int, stream: int,
 
     stream: a number that tells apart the agents of one run (stage 1, stage 2), mixed into the seed.
     """
-    import torch  # noqa: F401 - stable-baselines3 needs it; imported with the method, not the package
     from stable_baselines3 import SAC
 
     from hirelc_onnx.bridge.convert import torch_threads

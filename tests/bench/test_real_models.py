@@ -9,6 +9,7 @@ from bench.real_models import main
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
 def test_quick_recognizer_section(tmp_path, reference_models):
     reference_models("text_recognizer")
     assert main(["--quick", "--only", "recognizer", "--out", str(tmp_path)]) == 0

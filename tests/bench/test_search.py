@@ -6,6 +6,8 @@ import json
 import pytest
 
 from bench.search import cells, main, verdicts
+from hirelc_onnx.search import hirelc as hirelc_module
+from tests.quick_cli import with_quick_settings
 
 
 def test_cells_and_verdicts_from_rows():
@@ -20,8 +22,11 @@ def test_cells_and_verdicts_from_rows():
 
 
 @pytest.mark.slow
-def test_quick_search_bench(tmp_path, reference_models):
+@pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
+def test_quick_search_bench(tmp_path, reference_models, monkeypatch):
     reference_models("text_recognizer")
+    # the bench's machinery, not HiReLC's quality: the smoke-size agents
+    monkeypatch.setattr(hirelc_module, "run_hirelc", with_quick_settings(hirelc_module.run_hirelc))
     assert main(["--quick", "--methods", "hirelc,ort-int8", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "search.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["hirelc", "ort-int8 (static)"]

@@ -60,6 +60,7 @@ def test_minilm_onnx_agrees_with_torch_and_has_the_agreed_interface(reference_mo
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
 def test_text_recognizer_reads_held_out_lines(reference_models):
     from examples.ctc_metric import char_accuracy
     from examples.text_lines import render_lines

@@ -30,7 +30,8 @@ SEARCH = ("--method", "random", "--data", "digits", "--budget", "6x", "--evaluat
 
 def _run(model: Path, out: Path, search: tuple, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "hirelc_onnx", "compress", str(model), *search, "--out", str(out),
+    # the CLI with HiReLC's agents shrunk (tests/quick_cli.py); random search runs as under hirelc_onnx
+    return subprocess.run([sys.executable, "-m", "tests.quick_cli", "compress", str(model), *search, "--out", str(out),
                            "--json", *extra], capture_output=True, text=True, env=env, timeout=900)
 
 

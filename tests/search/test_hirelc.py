@@ -11,17 +11,15 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
-from hirelc_onnx.search.agents import AgentSettings
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import HiReLCSettings, _normalise, run_hirelc
+from hirelc_onnx.search.hirelc import QUICK_SETTINGS, HiReLCSettings, _normalise, run_hirelc
 from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
 MAX_DROP = 0.5  # points: a goal a 6x model without fine-tuning may or may not meet
 # tiny but complete: both levels, ensembles of two, every phase of the loop (run_hirelc(..., **TINY))
-TINY = {"settings": HiReLCSettings(ensemble_size=2, high_steps=16, low_steps=16, surrogate_models=2,
-                                   episode_steps=2, warmup_configs=4, agent=AgentSettings(n_envs=2, n_steps=4))}
+TINY = {"settings": QUICK_SETTINGS}
 
 
 @pytest.fixture(scope="module")
