@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.runner import TASK_CPUS_ENV
 from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["MAX_ATTEMPTS", "EvaluationTask", "Executor", "FailedEvaluation", "InProcess", "LocalProcesses",
@@ -39,8 +41,15 @@ __all__ = ["MAX_ATTEMPTS", "EvaluationTask", "Executor", "FailedEvaluation", "In
 MAX_ATTEMPTS = 3
 """Tries per evaluation (the first plus two retries) before it is recorded as failed."""
 
-TASK_CPUS_ENV = "HIRELC_TASK_CPUS"
-"""Set in a worker to the CPUs its task was given: the bridge sizes torch's threads by it."""
+
+
+def _pin_threads(cpus: int) -> None:
+    """A worker's task runs on the `cpus` it was given: ORT sessions (evaluate/runner.py) and the
+    bridge's fine-tunes of big models size their threads by TASK_CPUS_ENV, torch's own pool by
+    OMP_NUM_THREADS (read when torch starts) or set_num_threads (once it has)."""
+    os.environ[TASK_CPUS_ENV] = os.environ["OMP_NUM_THREADS"] = str(cpus)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(cpus)
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ def _context_payload(ctx: Any) -> bytes:
 def _worker_main(conn: Any, name: str, cpus: int) -> None:
     """A local worker: receive the context once, then evaluate tasks until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops us
-    os.environ[TASK_CPUS_ENV] = str(cpus)
+    _pin_threads(cpus)
     ctx = None
     node = socket.gethostname()
     while True:
@@ -199,15 +208,19 @@ class LocalProcesses(Executor):
     def describe(self) -> dict:
         return {**super().describe(), "workers": self.workers, "cpus_per_worker": self.cpus}
 
-    def _start(self, slot: int) -> None:
-        parent, child = self._mp.Pipe()
-        self._started += 1
-        proc = self._mp.Process(target=_worker_main, args=(child, f"local-{slot}.{self._started}", self.cpus),
-                                daemon=True, name=f"hirelc-worker-{slot}")
-        proc.start()
-        child.close()
-        parent.send(("context", self._payload))
-        self._slots[slot] = (proc, parent)
+    def _start(self, *slots: int) -> None:
+        """Spawn the workers of `slots`, then send each the context: they import side by side (a
+        send blocks until its worker reads, so sending as each starts would start them one by one)."""
+        for slot in slots:
+            parent, child = self._mp.Pipe()
+            self._started += 1
+            proc = self._mp.Process(target=_worker_main, args=(child, f"local-{slot}.{self._started}", self.cpus),
+                                    daemon=True, name=f"hirelc-worker-{slot}")
+            proc.start()
+            child.close()
+            self._slots[slot] = (proc, parent)
+        for slot in slots:
+            self._slots[slot][1].send(("context", self._payload))
 
     def _stop(self, slot: int) -> None:
         proc, conn = self._slots.pop(slot)
@@ -221,9 +234,7 @@ class LocalProcesses(Executor):
             for slot in list(self._slots):
                 self._stop(slot)
             self._payload, self._payload_of = _context_payload(ctx), id(ctx)
-        for slot in range(self.workers):
-            if slot not in self._slots:
-                self._start(slot)
+        self._start(*(slot for slot in range(self.workers) if slot not in self._slots))
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
         submitted = [time.time()] * len(tasks)
@@ -298,8 +309,7 @@ def _ray_evaluate(token: str, payload_ref: list, task: EvaluationTask) -> TaskOu
     """The Ray task: the context comes from the object store once per worker process, then is cached."""
     import ray
 
-    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
-    os.environ[TASK_CPUS_ENV] = str(cpus)
+    _pin_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1)
     if token not in _RAY_CONTEXTS:
         _RAY_CONTEXTS.clear()
         _RAY_CONTEXTS[token] = pickle.loads(ray.get(payload_ref[0]))

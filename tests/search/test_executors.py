@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.graph import build_block_graph, load_model
@@ -128,3 +129,47 @@ def test_ray_without_the_extra_says_how_to_install_it(monkeypatch):
 def test_ray_and_workers_together_are_refused():
     with pytest.raises(UserError, match="--ray and --workers"):
         make_executor(workers=2, ray="auto")
+
+
+def _random_feed(session) -> dict:
+    rng = np.random.default_rng(0)
+    feed = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else (16 if k == 0 else 8) for k, d in enumerate(i.shape)]
+        feed[i.name] = (rng.integers(0, 100, shape) if "int" in i.type else rng.standard_normal(shape)).astype(
+            np.int64 if "int" in i.type else np.float32)
+    return feed
+
+
+def test_a_worker_pins_ort_threads_and_the_bytes_do_not_move(reference_models, batch, monkeypatch):
+    """Workers run ORT on their task's CPUs (evaluate/runner.py: default_session_config); every
+    reference model, and a search's quantized candidates (calibrated through ORT), give the same
+    output bytes on 1, 2 and 4 intra-op threads, and a candidate measured pinned to 1 thread is the
+    in-process one byte for byte."""
+    import onnxruntime as ort
+
+    from hirelc_onnx.evaluate.runner import TASK_CPUS_ENV, default_session_config, get_runner
+
+    monkeypatch.delenv(TASK_CPUS_ENV, raising=False)
+    assert default_session_config().intra_op_threads == 0  # in-process: ORT's own choice
+    ctx, configs = batch
+    ctx.executor = make_executor(1)
+    quantized = CompressionConfig(dict(configs[0].kernels), target="ort-cpu")
+    qctx = SearchContext(ctx.bg, split_dataset(load_digits(), 0), target="ort-cpu", finetune_epochs=0)
+    free = qctx.measure(quantized)
+    monkeypatch.setenv(TASK_CPUS_ENV, "1")  # as `_pin_threads` sets it in a worker
+    assert default_session_config().intra_op_threads == 1
+    pinned = qctx.measure(quantized)
+    assert get_runner(pinned.model).config.intra_op_threads == 1
+    assert pinned.model.SerializeToString() == free.model.SerializeToString() and pinned.score == free.score
+
+    names = ("resnet20", "vgg", "mobilenetv2", "vit", "text_recognizer", "efficientnet_lite0", "minilm_l6")
+    models = [load_model(reference_models(n)).SerializeToString() for n in names] + [free.model.SerializeToString()]
+    for model in models:
+        outputs = []
+        for threads in (1, 2, 4):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.log_severity_level = threads, 3
+            session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            outputs.append([o.tobytes() for o in session.run(None, _random_feed(session))])
+        assert outputs[0] == outputs[1] == outputs[2]
