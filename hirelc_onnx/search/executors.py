@@ -15,6 +15,7 @@ queued before it started, attempts.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -38,6 +39,8 @@ from hirelc_onnx.kill_points import kill_point
 __all__ = ["MAX_ATTEMPTS", "EvaluationTask", "Executor", "FailedEvaluation", "InProcess", "LocalProcesses",
            "Placement", "RayCluster", "TaskOutcome", "executor_closed", "make_executor", "run_task"]
 
+log = logging.getLogger(__name__)
+
 MAX_ATTEMPTS = 3
 """Tries per evaluation (the first plus two retries) before it is recorded as failed."""
 
@@ -56,12 +59,15 @@ def _pin_threads(cpus: int) -> None:
 class EvaluationTask:
     """One evaluation as a worker receives it: the config and the driver's fine-tuning state."""
 
-    config: CompressionConfig
+    config: CompressionConfig | None
     finetune_lr: float | None
     bridge_error: str | None
     finetune_seconds: float | None = None
     keep: Any = None
     """Which channels each pruned group keeps (graph-rl's per-channel choice; None: by L1 rank)."""
+    job: Callable[[Any], Any] | None = None
+    """A method's own evaluation (SearchContext.measure_jobs), called with the context instead of
+    `measure(config)`: picklable (a module-level class or function), it returns a Measurement."""
 
 
 @dataclass
@@ -96,7 +102,7 @@ class Placement:
 class FailedEvaluation:
     """An evaluation whose worker died `attempts` times: the search goes on without it."""
 
-    config: CompressionConfig
+    config: CompressionConfig | None  # None: a method's own job (EvaluationTask.job)
     reason: str
     attempts: int
 
@@ -105,7 +111,10 @@ def run_task(ctx: Any, task: EvaluationTask, worker: str, node: str) -> TaskOutc
     """Measure one candidate on `ctx` (a worker's copy of the context) as the driver would."""
     started = time.time()
     ctx.finetune_lr, ctx.bridge_error = task.finetune_lr, task.bridge_error
-    m = ctx.measure(task.config, keep=task.keep, finetune_seconds=task.finetune_seconds)
+    if task.job is not None:
+        m = task.job(ctx)
+    else:
+        m = ctx.measure(task.config, keep=task.keep, finetune_seconds=task.finetune_seconds)
     return TaskOutcome(m, ctx.finetune_lr, ctx.bridge_error, worker, node, started, time.time() - started)
 
 
@@ -318,6 +327,20 @@ def _ray_evaluate(token: str, payload_ref: list, task: EvaluationTask) -> TaskOu
     return run_task(_RAY_CONTEXTS[token], task, f"ray-worker {rt.get_worker_id()[:8]} pid {os.getpid()}", node)
 
 
+def _cancelled(ray: Any, refs: list, timeout: float = 10.0) -> int:
+    """How many of the `refs` just cancelled the cluster reports cancelled (waiting at most `timeout`)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    n = 0
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.TaskCancelledError:
+            n += 1
+        except ray.exceptions.RayError:
+            pass
+    return n
+
+
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install hirelc-onnx[ray]"
 
 
@@ -417,6 +440,8 @@ class RayCluster(Executor):
         except BaseException:  # Ctrl-C: outstanding tasks are cancelled on the cluster
             for ref in refs:
                 ray.cancel(ref, force=True)
+            log.warning("interrupted: %d of %d outstanding evaluation(s) cancelled on the cluster",
+                        _cancelled(ray, list(refs)), len(refs))
             raise
         return results
 

@@ -173,3 +173,33 @@ def test_a_worker_pins_ort_threads_and_the_bytes_do_not_move(reference_models, b
             session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
             outputs.append([o.tobytes() for o in session.run(None, _random_feed(session))])
         assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.slow
+def test_two_stage_candidates_on_two_workers_are_the_in_process_ones(reference_models):
+    """Two-stage's stage-1 probes and stage-2 candidates are batches on the executor (measure_jobs):
+    two local workers emit the in-process model and the same figures."""
+    from hirelc_onnx.search.two_stage import TwoStageSettings, run_two_stage
+
+    settings = TwoStageSettings(density=0.25, episodes_per_evaluation=2, real_candidates=1, probe_epochs=1,
+                                mask_epochs=1, finetune_epochs=1)
+    runs = []
+    for executor in (make_executor(1), LocalProcesses(2)):
+        bg = build_block_graph(load_model(reference_models("vgg")))
+        ctx = SearchContext(bg, split_dataset(load_digits(), 0))
+        ctx.executor = executor
+        try:
+            result = run_two_stage(bg, ctx, "storage", budget=20.0, evaluations=2, seed=1, settings=settings)
+        finally:
+            executor.close()
+        runs.append((result, ctx))
+    (alone, alone_ctx), (two, two_ctx) = runs
+    assert two.model.SerializeToString() == alone.model.SerializeToString()
+    figures = [[(h["kind"], h["stage"], h.get("source"), h.get("score")) for h in r.history if h["kind"] != "proxy"]
+               for r in (alone, two)]
+    assert figures[0] == figures[1] and len(figures[0]) == 3 + 3 + 2  # 3 probes, 3 stage-2 candidates, 2 stages
+    assert alone.extra["source"] == two.extra["source"]
+    assert [b["size"] for b in two_ctx.batch_log] == [b["size"] for b in alone_ctx.batch_log] == [3, 3]
+    assert two_ctx.evaluations == alone_ctx.evaluations == 3 + 2  # the probes and the two stages' fine-tunes
+    assert {r["worker"].split(".")[0] for r in two_ctx.evaluation_log} == {"local-0", "local-1"}
+    assert all(r["status"] == "ok" and r["wall_seconds"] > 0 for r in two_ctx.evaluation_log)
