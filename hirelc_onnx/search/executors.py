@@ -12,6 +12,13 @@ exception raised by the evaluation itself is the same on any worker: it propagat
 Ctrl-C (KeyboardInterrupt in the driver) cancels outstanding tasks and stops the local workers.
 Each finished evaluation is accounted for (`Placement`): worker, node, wall seconds, seconds
 queued before it started, attempts.
+
+Threads: a worker runs ORT and torch on the CPUs its task was given (`_pin_threads`), so N workers
+on N cores do not spin N x N threads. ORT's output bytes do not move with its thread count
+(measured on every reference model). The bridge fine-tunes a model under 1M weights on one torch
+thread wherever it runs; a bigger one's fine-tune takes the task's CPUs, and torch's training sums
+do move with the thread count (measured: 1 and 2 threads train other weights), so for such a model
+byte-identical answers need the same CPUs per evaluation on each executor.
 """
 from __future__ import annotations
 
