@@ -335,13 +335,14 @@ def _ray_evaluate(token: str, payload_ref: list, task: EvaluationTask) -> TaskOu
 
 
 def _cancelled(ray: Any, refs: list, timeout: float = 10.0) -> int:
-    """How many of the `refs` just cancelled the cluster reports cancelled (waiting at most `timeout`)."""
+    """How many of the `refs` just force-cancelled the cluster reports ended by it (waiting at most
+    `timeout`): a task not started yet as cancelled, a running one as its worker killed."""
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
     n = 0
     for ref in ready:
         try:
             ray.get(ref, timeout=0)
-        except ray.exceptions.TaskCancelledError:
+        except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError):
             n += 1
         except ray.exceptions.RayError:
             pass
