@@ -135,9 +135,10 @@ def _markdown(r: dict) -> str:
     b = r["evaluations"]
     best = b / (1 + math.ceil((b - 1) / 2)) if r["finetune_epochs"] else min(b, 2)
     lines += ["", f"Emitted models byte-identical across executors: {'yes' if r['identical_models'] else 'NO'}. "
-              f"{r['ray_note']}. Two workers or nodes can at best run {best:.2f}x the evaluations per minute of one "
-              "here: the first evaluation of a fine-tuned run runs alone (it settles the learning rate the others "
-              "start from).", "",
+              f"{r['ray_note']}. At equal evaluation times, two workers or nodes run at most {best:.2f}x the "
+              "evaluations per minute of one here: the first evaluation of a fine-tuned run runs alone (it settles "
+              "the learning rate the others start from). Beyond that, a worker's evaluation can be shorter than "
+              "in-process (one ORT thread per worker on a 2-core machine shared with other jobs).", "",
               "## Projection (not measured): evaluations per minute on k nodes, one task per node", "",
               f"From the {r['projection_basis']['from']} row: {r['projection_basis']['evaluation_seconds']:.1f} s per "
               f"evaluation and {r['projection_basis']['batch_overhead_seconds']:.1f} s overhead per batch; a batch of "
