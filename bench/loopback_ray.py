@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,52 @@ def _node2_task_running(node2: set[int]) -> bool:
     return False
 
 
+def _task_pids() -> set[int]:
+    """Processes of the namespace running an evaluation task now."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter():
+        try:
+            if TASK_TITLE in " ".join(p.cmdline()):
+                pids.add(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def _interrupted(argv: list[str], env: dict, after: float, timeout: float) -> dict:
+    """Run a driver, SIGINT it `after` seconds into its first running task (Ctrl-C), and follow the
+    task processes running then: which ended while the driver still ran (cancelled by it, not
+    reaped with its job), which are left once it exited."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tasks: set[int] = set()
+    while proc.poll() is None and time.perf_counter() - start < timeout:
+        tasks = _task_pids()
+        if tasks:
+            break
+        time.sleep(0.2)
+    if tasks:
+        time.sleep(after)
+        tasks = _task_pids() or tasks
+    proc.send_signal(signal.SIGINT)
+    signalled = time.perf_counter()
+    gone_before_exit: set[int] = set()
+    while proc.poll() is None and time.perf_counter() - signalled < 60:
+        gone_before_exit |= {pid for pid in tasks if not psutil.pid_exists(pid)}
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate()
+    return {"argv": argv, "rc": proc.returncode, "seconds": time.perf_counter() - start,
+            "exit_seconds": time.perf_counter() - signalled, "task_pids": sorted(tasks),
+            "ended_before_driver_exit": sorted(gone_before_exit),
+            "tasks_left": sorted(_task_pids()), "stdout": stdout[-200_000:], "stderr": stderr[-5000:]}
+
+
 def _kill_tree(pids: set[int]) -> int:
     import psutil
 
@@ -108,8 +155,10 @@ def _kill_tree(pids: set[int]) -> int:
 
 
 def _main(spec_path: str) -> None:
-    """Inside the namespace: spec = {commands: [[argv...], ...], cpus: [head, node2], kill_node2: bool,
-    tmp, result}. Each command gets ADDRESS replaced by the head's address."""
+    """Inside the namespace: spec = {commands: [[argv...] or {argv, kill_node2, interrupt}, ...],
+    cpus: [head, node2], kill_node2: bool (the default of each command), tmp, result}. Each command
+    gets ADDRESS replaced by the head's address; `interrupt` (seconds into its first task) runs it
+    as `_interrupted` does."""
     import psutil
 
     spec = json.loads(Path(spec_path).read_text())
@@ -128,22 +177,25 @@ def _main(spec_path: str) -> None:
     out["cluster_start_seconds"] = time.perf_counter() - t0
     seen: set[str] = set()
     stop = threading.Event()
-    kill = spec.get("kill_node2", False)
+    kill = [False]  # the running command's: kill node 2 once a task runs there (once per run)
 
     def watch() -> None:
-        nonlocal kill
         while not stop.is_set():
             _sockets(seen)
-            if kill and _node2_task_running(node2):
+            if kill[0] and not out["killed"] and _node2_task_running(node2):
                 time.sleep(spec.get("kill_after", 2.0))  # mid-task
                 out["killed"] = _kill_tree(node2)
-                kill = False
             stop.wait(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    for argv in spec["commands"]:
-        argv = [a.replace("ADDRESS", address) for a in argv]
+    for entry in spec["commands"]:
+        entry = entry if isinstance(entry, dict) else {"argv": entry}
+        argv = [a.replace("ADDRESS", address) for a in entry["argv"]]
+        kill[0] = entry.get("kill_node2", spec.get("kill_node2", False))
+        if "interrupt" in entry:
+            out["commands"].append(_interrupted(argv, env, entry["interrupt"], spec.get("command_timeout", 900)))
+            continue
         start = time.perf_counter()
         res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=spec.get("command_timeout", 900))
         out["commands"].append({"argv": argv, "rc": res.returncode, "seconds": time.perf_counter() - start,

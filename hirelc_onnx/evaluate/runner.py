@@ -39,6 +39,8 @@ __all__ = [
     "OrtRunner",
     "load_onnx",
     "get_runner",
+    "default_session_config",
+    "TASK_CPUS_ENV",
     "clear_cache",
     "predict",
     "predict_outputs",
@@ -336,9 +338,21 @@ def _cache_key(model: ModelLike, config: SessionConfig) -> tuple:
     return ("path", str(p), st.st_mtime_ns, st.st_size, config)
 
 
+TASK_CPUS_ENV = "HIRELC_TASK_CPUS"
+"""Set in a scaled-out search's worker (search/executors.py) to the CPUs its task was given."""
+
+
+def default_session_config() -> SessionConfig:
+    """The settings a session gets when the caller names none: ORT's own thread count, or in a worker
+    of a scaled-out search the CPUs its task was given (N workers on N cores, not N x N threads).
+    The bytes do not move with it: MLAS splits an operator's outputs over threads, never one sum
+    (tests/search/test_executors.py checks every reference model at 1, 2 and 4 threads)."""
+    return SessionConfig(intra_op_threads=int(os.environ.get(TASK_CPUS_ENV) or 0))
+
+
 def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunner:
     """A cached runner per (model file state or model bytes, settings): sessions are slow to build."""
-    config = config or SessionConfig()
+    config = config or default_session_config()
     key = _cache_key(model, config)
     if key in _cache:
         _cache.move_to_end(key)

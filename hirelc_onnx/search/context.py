@@ -182,13 +182,7 @@ class SearchContext:
         channels each pruned group keeps (`measure`'s keep), or None."""
         start = time.perf_counter()
         configs = [self._targeted(c) for c in configs]
-        finished = [0]
-
-        def one_done(_: int) -> None:
-            finished[0] += 1
-            if done:
-                done(finished[0])
-
+        done = _counting(done)
         out: list[Measurement | None] = []
         seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
         tunes = self.finetune_epochs != 0 if self.finetune_epochs is not None else seconds > 0
@@ -200,12 +194,26 @@ class SearchContext:
                 continue
             tasks = [EvaluationTask(c, self.finetune_lr, self.bridge_error, finetune_seconds, k)
                      for c, k in zip(part, keeps[lo:hi])]
-            for config, result in zip(part, self.executor.run(self, tasks, one_done)):
+            for config, result in zip(part, self.executor.run(self, tasks, done)):
                 out.append(self._adopt(config, result))
         self.batch_log.append({"size": len(configs), "seconds": time.perf_counter() - start})
         return out
 
-    def _adopt(self, config: CompressionConfig, result) -> Measurement | None:
+    def measure_jobs(self, jobs: list[Callable[["SearchContext"], Measurement]],
+                     done: Callable[[int], None] | None = None) -> list[Measurement | None]:
+        """A method's own real evaluations, batched on the executor like `measure_batch`: each job is
+        a picklable callable that judges one candidate on a context (the worker's copy of this one)
+        and returns its Measurement (two-stage's masked fine-tunes). In candidate order, None where
+        the worker died every attempt; logged like measure_batch's, not counted in `evaluations`
+        (the method counts what it calls an evaluation)."""
+        start = time.perf_counter()
+        tasks = [EvaluationTask(None, self.finetune_lr, self.bridge_error, job=job) for job in jobs]
+        results = self.executor.run(self, tasks, _counting(done))
+        out = [self._adopt(None, result, counted=False) for result in results]
+        self.batch_log.append({"size": len(jobs), "seconds": time.perf_counter() - start})
+        return out
+
+    def _adopt(self, config: CompressionConfig | None, result, counted: bool = True) -> Measurement | None:
         """One executor result into the driver: its fine-tuning state, the count, the log."""
         index = len(self.evaluation_log)
         if isinstance(result, FailedEvaluation):
@@ -219,7 +227,7 @@ class SearchContext:
         if self.bridge_error is None and outcome.bridge_error is not None:
             self.bridge_error = outcome.bridge_error
             log.warning("fine-tuning disabled: %s", outcome.bridge_error)
-        if not isinstance(self.executor, InProcess):
+        if counted and not isinstance(self.executor, InProcess):
             self.evaluations += 1  # in-process, measure counted it
         m = outcome.measurement
         m.placement = placement
@@ -272,6 +280,18 @@ class SearchContext:
             self.finetune_lr = result.lr
         return result.model, True
 
+
+
+def _counting(done: Callable[[int], None] | None) -> Callable[[int], None]:
+    """An executor's per-evaluation callback (its batch index) as `done(n)`, n finished so far."""
+    finished = [0]
+
+    def one_done(_: int) -> None:
+        finished[0] += 1
+        if done:
+            done(finished[0])
+
+    return one_done
 
 
 def _split_strides(splits: Splits) -> dict:

@@ -12,14 +12,24 @@ exception raised by the evaluation itself is the same on any worker: it propagat
 Ctrl-C (KeyboardInterrupt in the driver) cancels outstanding tasks and stops the local workers.
 Each finished evaluation is accounted for (`Placement`): worker, node, wall seconds, seconds
 queued before it started, attempts.
+
+Threads: a worker runs ORT and torch on the CPUs its task was given (`_pin_threads`), so N workers
+on N cores do not spin N x N threads. ORT's output bytes do not move with its thread count
+(measured on every reference model). The bridge fine-tunes a model under 1M weights on one torch
+thread wherever it runs; a bigger one's fine-tune takes the task's CPUs, and torch's training sums
+do move with the thread count (measured: 1 and 2 threads train other weights), so for such a model
+byte-identical answers need the same CPUs per evaluation on each executor.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import pickle
 import signal
 import socket
+import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -31,28 +41,41 @@ from typing import Any, Callable, Iterator
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
+from hirelc_onnx.evaluate.runner import TASK_CPUS_ENV
 from hirelc_onnx.kill_points import kill_point
 
 __all__ = ["MAX_ATTEMPTS", "EvaluationTask", "Executor", "FailedEvaluation", "InProcess", "LocalProcesses",
            "Placement", "RayCluster", "TaskOutcome", "executor_closed", "make_executor", "run_task"]
 
+log = logging.getLogger(__name__)
+
 MAX_ATTEMPTS = 3
 """Tries per evaluation (the first plus two retries) before it is recorded as failed."""
 
-TASK_CPUS_ENV = "HIRELC_TASK_CPUS"
-"""Set in a worker to the CPUs its task was given: the bridge sizes torch's threads by it."""
+
+
+def _pin_threads(cpus: int) -> None:
+    """A worker's task runs on the `cpus` it was given: ORT sessions (evaluate/runner.py) and the
+    bridge's fine-tunes of big models size their threads by TASK_CPUS_ENV, torch's own pool by
+    OMP_NUM_THREADS (read when torch starts) or set_num_threads (once it has)."""
+    os.environ[TASK_CPUS_ENV] = os.environ["OMP_NUM_THREADS"] = str(cpus)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(cpus)
 
 
 @dataclass(frozen=True)
 class EvaluationTask:
     """One evaluation as a worker receives it: the config and the driver's fine-tuning state."""
 
-    config: CompressionConfig
+    config: CompressionConfig | None
     finetune_lr: float | None
     bridge_error: str | None
     finetune_seconds: float | None = None
     keep: Any = None
     """Which channels each pruned group keeps (graph-rl's per-channel choice; None: by L1 rank)."""
+    job: Callable[[Any], Any] | None = None
+    """A method's own evaluation (SearchContext.measure_jobs), called with the context instead of
+    `measure(config)`: picklable (a module-level class or function), it returns a Measurement."""
 
 
 @dataclass
@@ -87,7 +110,7 @@ class Placement:
 class FailedEvaluation:
     """An evaluation whose worker died `attempts` times: the search goes on without it."""
 
-    config: CompressionConfig
+    config: CompressionConfig | None  # None: a method's own job (EvaluationTask.job)
     reason: str
     attempts: int
 
@@ -96,7 +119,10 @@ def run_task(ctx: Any, task: EvaluationTask, worker: str, node: str) -> TaskOutc
     """Measure one candidate on `ctx` (a worker's copy of the context) as the driver would."""
     started = time.time()
     ctx.finetune_lr, ctx.bridge_error = task.finetune_lr, task.bridge_error
-    m = ctx.measure(task.config, keep=task.keep, finetune_seconds=task.finetune_seconds)
+    if task.job is not None:
+        m = task.job(ctx)
+    else:
+        m = ctx.measure(task.config, keep=task.keep, finetune_seconds=task.finetune_seconds)
     return TaskOutcome(m, ctx.finetune_lr, ctx.bridge_error, worker, node, started, time.time() - started)
 
 
@@ -149,10 +175,17 @@ def _context_payload(ctx: Any) -> bytes:
 
 # --- local processes ---------------------------------------------------------------------------
 
-def _worker_main(conn: Any, name: str, cpus: int) -> None:
+_PRELOAD = ["hirelc_onnx.search.context", "hirelc_onnx.bridge.finetune"]
+"""What the fork server imports once (numpy, ORT, torch, the bridge): a worker forked from it starts
+in well under a second instead of importing them itself (seconds per worker, on the batch's clock)."""
+
+
+def _worker_main(conn: Any, name: str, cpus: int, env: dict[str, str]) -> None:
     """A local worker: receive the context once, then evaluate tasks until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops us
-    os.environ[TASK_CPUS_ENV] = str(cpus)
+    os.environ.clear()  # the driver's environment now, not the fork server's from when it started
+    os.environ.update(env)
+    _pin_threads(cpus)
     ctx = None
     node = socket.gethostname()
     while True:
@@ -190,7 +223,15 @@ class LocalProcesses(Executor):
             raise UserError(f"--workers must be >= 1, got {workers}")
         self.workers = workers
         self.cpus = max(1, (os.cpu_count() or 1) // workers)
-        self._mp = multiprocessing.get_context("spawn")  # no forked torch / ORT thread pools
+        # workers come from a fork server that imported the heavy modules once and never ran a thread
+        # pool (a plain fork of the driver would copy torch's and ORT's running pools); it starts now,
+        # importing while the driver loads the model and data. Spawn where there is no fork server.
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            self._mp = multiprocessing.get_context("forkserver")
+            self._mp.set_forkserver_preload(_PRELOAD)
+            forkserver.ensure_running()
+        else:
+            self._mp = multiprocessing.get_context("spawn")
         self._slots: dict[int, tuple[Any, Any]] = {}
         self._payload: bytes | None = None
         self._payload_of: int | None = None
@@ -199,15 +240,19 @@ class LocalProcesses(Executor):
     def describe(self) -> dict:
         return {**super().describe(), "workers": self.workers, "cpus_per_worker": self.cpus}
 
-    def _start(self, slot: int) -> None:
-        parent, child = self._mp.Pipe()
-        self._started += 1
-        proc = self._mp.Process(target=_worker_main, args=(child, f"local-{slot}.{self._started}", self.cpus),
-                                daemon=True, name=f"hirelc-worker-{slot}")
-        proc.start()
-        child.close()
-        parent.send(("context", self._payload))
-        self._slots[slot] = (proc, parent)
+    def _start(self, *slots: int) -> None:
+        """Spawn the workers of `slots`, then send each the context: they import side by side (a
+        send blocks until its worker reads, so sending as each starts would start them one by one)."""
+        for slot in slots:
+            parent, child = self._mp.Pipe()
+            self._started += 1
+            proc = self._mp.Process(target=_worker_main, daemon=True, name=f"hirelc-worker-{slot}",
+                                    args=(child, f"local-{slot}.{self._started}", self.cpus, dict(os.environ)))
+            proc.start()
+            child.close()
+            self._slots[slot] = (proc, parent)
+        for slot in slots:
+            self._slots[slot][1].send(("context", self._payload))
 
     def _stop(self, slot: int) -> None:
         proc, conn = self._slots.pop(slot)
@@ -221,9 +266,7 @@ class LocalProcesses(Executor):
             for slot in list(self._slots):
                 self._stop(slot)
             self._payload, self._payload_of = _context_payload(ctx), id(ctx)
-        for slot in range(self.workers):
-            if slot not in self._slots:
-                self._start(slot)
+        self._start(*(slot for slot in range(self.workers) if slot not in self._slots))
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
         submitted = [time.time()] * len(tasks)
@@ -298,14 +341,28 @@ def _ray_evaluate(token: str, payload_ref: list, task: EvaluationTask) -> TaskOu
     """The Ray task: the context comes from the object store once per worker process, then is cached."""
     import ray
 
-    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
-    os.environ[TASK_CPUS_ENV] = str(cpus)
+    _pin_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1)
     if token not in _RAY_CONTEXTS:
         _RAY_CONTEXTS.clear()
         _RAY_CONTEXTS[token] = pickle.loads(ray.get(payload_ref[0]))
     rt = ray.get_runtime_context()
     node = f"{ray.util.get_node_ip_address()}/{rt.get_node_id()[:8]}"
     return run_task(_RAY_CONTEXTS[token], task, f"ray-worker {rt.get_worker_id()[:8]} pid {os.getpid()}", node)
+
+
+def _cancelled(ray: Any, refs: list, timeout: float = 10.0) -> int:
+    """How many of the `refs` just force-cancelled the cluster reports ended by it (waiting at most
+    `timeout`): a task not started yet as cancelled, a running one as its worker killed."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    n = 0
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError):
+            n += 1
+        except ray.exceptions.RayError:
+            pass
+    return n
 
 
 RAY_MISSING = "--ray needs Ray, an optional extra: pip install hirelc-onnx[ray]"
@@ -407,6 +464,8 @@ class RayCluster(Executor):
         except BaseException:  # Ctrl-C: outstanding tasks are cancelled on the cluster
             for ref in refs:
                 ray.cancel(ref, force=True)
+            log.warning("interrupted: %d of %d outstanding evaluation(s) cancelled on the cluster",
+                        _cancelled(ray, list(refs)), len(refs))
             raise
         return results
 

@@ -68,7 +68,7 @@ from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.progress import ProgressFn, notify
 from hirelc_onnx.search.baselines import MethodResult, keep_for_flops
 from hirelc_onnx.search.budget import bits_ladder
-from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.two_stage_envs import (PruneEnv, QuantEnv, WalkAgentSettings, ladder_index, policy_episode,
                                                rung_top, train_walk_agent)
 from hirelc_onnx.search.two_stage_sizes import (StageSizes, emit_stage, fill_size, magnitude_masked, onto_flops,
@@ -152,8 +152,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
     validation and a miss logged; the report measures it on the held-out split.
     """
     # the torch bridge, imported when the method runs
-    from hirelc_onnx.bridge.convert import BridgeError
-    from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
+    from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks
 
     if ctx is None:
         raise UserError(f"{option('method', 'two-stage')} fine-tunes and measures candidates: give {option('data')}")
@@ -180,13 +179,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
         return float(ctx.proxy_of(model).logit_mse)
 
     def finetune(model: onnx.ModelProto, epochs: int, **kw):
-        try:
-            # epochs, not the bridge's default wall clock, end every fine-tune: the ablation's arms get the
-            # same fine-tuning however loaded the machine is
-            return masked_finetune(model, splits.finetune, splits.val, teacher, epochs=epochs, seed=seed,
-                                   kinds=kinds, time_budget_s=math.inf, **kw)
-        except BridgeError as exc:
-            raise UserError(f"{option('method', 'two-stage')} needs the torch bridge for fine-tuning and masks: {exc}") from exc
+        return _masked_finetune(ctx, model, epochs, seed, **kw)
 
     # --- stage 1a: channel keep ratios and element-wise densities -----------------------------------
     if s.choices == "agent":
@@ -329,28 +322,27 @@ def _agent_stage1(bg, ctx, s, names, prunable, weights, base, episodes, seed, da
     if s.fallback:
         config, densities = _stage1_projection(bg, s, names, prunable, base, np.ones((len(names), 2)))
         candidates.append(Candidate("fallback (uniform)", config, densities))
-    probes = {}
+    # the candidates' probes are one batch on the run's executor (in-process, local workers or Ray)
+    probe_models: dict[str, onnx.ModelProto] = {}
 
-    def probe(c: Candidate, model: onnx.ModelProto, epochs: int) -> None:
-        t0 = time.perf_counter()
-        probes[c.source] = finetune(model, epochs, sparse=list(weights.values())).model
-        c.val_score = ctx.score_model(probes[c.source], ctx.splits.val)
-        ctx.evaluations += 1
-        history.append({"kind": "probe", "stage": 1, "method": "two-stage", "source": c.source, "score": c.val_score,
-                        "reward": c.reward, "macs_fraction": model_cost(bg, c.config).macs_fraction,
-                        "epochs": epochs, "finetuned": True, "seconds": time.perf_counter() - t0})
+    def probe(jobs: list[_Probe], epochs: int) -> None:
+        for c, m in _measured(candidates, ctx.measure_jobs(jobs)):
+            c.val_score, probe_models[c.source] = m.score, m.model
+            ctx.evaluations += 1
+            history.append({"kind": "probe", "stage": 1, "method": "two-stage", "source": c.source,
+                            "score": c.val_score, "reward": c.reward,
+                            "macs_fraction": model_cost(bg, c.config).macs_fraction, "epochs": epochs,
+                            "finetuned": True, "seconds": m.seconds})
 
-    for c in candidates:
-        probe(c, magnitude_masked(apply_pruning(bg, c.config), {weights[n]: v for n, v in c.densities.items()}),
-              s.probe_epochs)
+    probe([_Probe(c.config, c.densities, s.probe_epochs, seed) for c in candidates], s.probe_epochs)
     # a probe that has not brought any candidate back near fp32 tells them apart by noise (the CTC
     # recognizer is still near 0 character accuracy after 2 epochs): train every candidate on, doubling
     probe_epochs = s.probe_epochs
     while (max(c.val_score for c in candidates) < s.probe_trust * ctx.fp32_val_score
            and probe_epochs < s.probe_max_epochs):
         more = min(probe_epochs, s.probe_max_epochs - probe_epochs)
-        for c in candidates:
-            probe(c, probes[c.source], more)
+        candidates = [c for c in candidates if c.source in probe_models]
+        probe([_Probe(c.config, c.densities, more, seed, start=probe_models[c.source]) for c in candidates], more)
         probe_epochs += more
     best = max(candidates, key=lambda c: (c.val_score, c.reward))
     return best, {"sensitivity": sens, "candidates": _summary(candidates), "probe_epochs": probe_epochs,
@@ -424,8 +416,8 @@ def _agent_stage2(bg, ctx, s, names, stage1_model, pruned_config, sizes, goal_by
     candidates.append(Candidate("agent (policy)", policy.info["config"], reward=policy.reward))
     if s.fallback:
         candidates.append(Candidate("fallback (greedy repair)", repair_size(sizes, pruned_config, goal_bytes)))
-    for c in candidates:
-        c.val_score = ctx.score_model(apply_quantization(bg, stage1_model, c.config), ctx.splits.val)
+    for c, m in _measured(candidates, ctx.measure_jobs([_QuantScore(stage1_model, c.config) for c in candidates])):
+        c.val_score = m.score
         history.append({"kind": "real", "stage": 2, "method": "two-stage", "source": c.source, "score": c.val_score,
                         "reward": c.reward, "ratio": bg.weight_bytes / sizes.total(c.config), "finetuned": False})
     best = max(candidates, key=lambda c: (c.val_score, c.reward))
@@ -486,6 +478,67 @@ def uniform_choice(bg: BlockGraph, ctx: SearchContext, s: TwoStageSettings, name
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
+def _masked_finetune(ctx: SearchContext, model: onnx.ModelProto, epochs: int, seed: int, **kw):
+    """The bridge's distillation fine-tune holding masks (and fake quantization) on `ctx`'s data."""
+    from hirelc_onnx.bridge.convert import BridgeError
+    from hirelc_onnx.bridge.sparsity import masked_finetune
+
+    try:
+        # epochs, not the bridge's default wall clock, end every fine-tune: the ablation's arms get the
+        # same fine-tuning however loaded the machine is
+        kw.setdefault("time_budget_s", math.inf)
+        return masked_finetune(model, ctx.splits.finetune, ctx.splits.val, ctx.bg.model, epochs=epochs, seed=seed,
+                               kinds=ctx.objective.kinds, **kw)
+    except BridgeError as exc:
+        raise UserError(f"{option('method', 'two-stage')} needs the torch bridge for fine-tuning and masks: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """Stage 1's real evaluation of a candidate, wherever the executor runs it (SearchContext.measure_jobs):
+    prune, keep each kernel's largest entries at its density, a short fine-tune holding those zeros,
+    the validation score."""
+
+    config: CompressionConfig
+    densities: dict[str, float]
+    epochs: int
+    seed: int
+    start: onnx.ModelProto | None = None  # a probe to train on (its zeros held), instead of pruning afresh
+
+    def __call__(self, ctx: SearchContext) -> Measurement:
+        t0 = time.perf_counter()
+        weights = {n: k.weight for n, k in ctx.bg.kernels.items()}
+        masked = self.start if self.start is not None else magnitude_masked(
+            apply_pruning(ctx.bg, self.config), {weights[n]: v for n, v in self.densities.items()})
+        probe = _masked_finetune(ctx, masked, self.epochs, self.seed, sparse=[k.weight for k in ctx.bg.kernel_list()])
+        return Measurement(self.config, ctx.score_model(probe.model, ctx.splits.val), ctx.cost(self.config),
+                           probe.model, True, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _QuantScore:
+    """Stage 2's real evaluation of a candidate: the stage-1 model quantized to its bit widths, scored
+    on validation (no fine-tuning)."""
+
+    stage1_model: onnx.ModelProto
+    config: CompressionConfig
+
+    def __call__(self, ctx: SearchContext) -> Measurement:
+        t0 = time.perf_counter()
+        model = apply_quantization(ctx.bg, self.stage1_model, self.config)
+        return Measurement(self.config, ctx.score_model(model, ctx.splits.val), ctx.cost(self.config), model, False,
+                           time.perf_counter() - t0)
+
+
+def _measured(candidates: list[Candidate], results: list) -> list[tuple[Candidate, Measurement]]:
+    """The candidates whose evaluation came back (a worker that died every attempt leaves its
+    candidate unscored, never chosen); none back is an error."""
+    pairs = [(c, m) for c, m in zip(candidates, results) if m is not None]
+    if not pairs:
+        raise UserError("two-stage: every candidate's evaluation failed (its worker died); see the log")
+    return pairs
+
+
 def _sensitivity(names: list[str], damage_of: Callable[[str], float]) -> dict[str, float]:
     """Per kernel, the proxy damage of compressing it alone (the stage's own way), over their sum."""
     raw = {n: max(damage_of(n), 0.0) for n in names}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.graph import build_block_graph, load_model
@@ -129,3 +130,77 @@ def test_ray_without_the_extra_says_how_to_install_it(monkeypatch):
 def test_ray_and_workers_together_are_refused():
     with pytest.raises(UserError, match="--ray and --workers"):
         make_executor(workers=2, ray="auto")
+
+
+def _random_feed(session) -> dict:
+    rng = np.random.default_rng(0)
+    feed = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else (16 if k == 0 else 8) for k, d in enumerate(i.shape)]
+        feed[i.name] = (rng.integers(0, 100, shape) if "int" in i.type else rng.standard_normal(shape)).astype(
+            np.int64 if "int" in i.type else np.float32)
+    return feed
+
+
+def test_a_worker_pins_ort_threads_and_the_bytes_do_not_move(reference_models, batch, monkeypatch):
+    """Workers run ORT on their task's CPUs (evaluate/runner.py: default_session_config); every
+    reference model, and a search's quantized candidates (calibrated through ORT), give the same
+    output bytes on 1, 2 and 4 intra-op threads, and a candidate measured pinned to 1 thread is the
+    in-process one byte for byte."""
+    import onnxruntime as ort
+
+    from hirelc_onnx.evaluate.runner import TASK_CPUS_ENV, default_session_config, get_runner
+
+    monkeypatch.delenv(TASK_CPUS_ENV, raising=False)
+    assert default_session_config().intra_op_threads == 0  # in-process: ORT's own choice
+    ctx, configs = batch
+    ctx.executor = make_executor(1)
+    quantized = CompressionConfig(dict(configs[0].kernels), target="ort-cpu")
+    qctx = SearchContext(ctx.bg, split_dataset(load_digits(), 0), target="ort-cpu", finetune_epochs=0)
+    free = qctx.measure(quantized)
+    monkeypatch.setenv(TASK_CPUS_ENV, "1")  # as `_pin_threads` sets it in a worker
+    assert default_session_config().intra_op_threads == 1
+    pinned = qctx.measure(quantized)
+    assert get_runner(pinned.model).config.intra_op_threads == 1
+    assert pinned.model.SerializeToString() == free.model.SerializeToString() and pinned.score == free.score
+
+    names = ("resnet20", "vgg", "mobilenetv2", "vit", "text_recognizer", "efficientnet_lite0", "minilm_l6")
+    models = [load_model(reference_models(n)).SerializeToString() for n in names] + [free.model.SerializeToString()]
+    for model in models:
+        outputs = []
+        for threads in (1, 2, 4):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.log_severity_level = threads, 3
+            session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            outputs.append([o.tobytes() for o in session.run(None, _random_feed(session))])
+        assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.slow
+def test_two_stage_candidates_on_two_workers_are_the_in_process_ones(reference_models):
+    """Two-stage's stage-1 probes and stage-2 candidates are batches on the executor (measure_jobs):
+    two local workers emit the in-process model and the same figures."""
+    from hirelc_onnx.search.two_stage import TwoStageSettings, run_two_stage
+
+    settings = TwoStageSettings(density=0.25, episodes_per_evaluation=2, real_candidates=1, probe_epochs=1,
+                                mask_epochs=1, finetune_epochs=1)
+    runs = []
+    for executor in (make_executor(1), LocalProcesses(2)):
+        bg = build_block_graph(load_model(reference_models("vgg")))
+        ctx = SearchContext(bg, split_dataset(load_digits(), 0))
+        ctx.executor = executor
+        try:
+            result = run_two_stage(bg, ctx, "storage", budget=20.0, evaluations=2, seed=1, settings=settings)
+        finally:
+            executor.close()
+        runs.append((result, ctx))
+    (alone, alone_ctx), (two, two_ctx) = runs
+    assert two.model.SerializeToString() == alone.model.SerializeToString()
+    figures = [[(h["kind"], h["stage"], h.get("source"), h.get("score")) for h in r.history if h["kind"] != "proxy"]
+               for r in (alone, two)]
+    assert figures[0] == figures[1] and len(figures[0]) == 3 + 3 + 2  # 3 probes, 3 stage-2 candidates, 2 stages
+    assert alone.extra["source"] == two.extra["source"]
+    assert [b["size"] for b in two_ctx.batch_log] == [b["size"] for b in alone_ctx.batch_log] == [3, 3]
+    assert two_ctx.evaluations == alone_ctx.evaluations == 3 + 2  # the probes and the two stages' fine-tunes
+    assert {r["worker"].split(".")[0] for r in two_ctx.evaluation_log} == {"local-0", "local-1"}
+    assert all(r["status"] == "ok" and r["wall_seconds"] > 0 for r in two_ctx.evaluation_log)
