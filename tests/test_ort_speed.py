@@ -59,9 +59,15 @@ def test_fp32_kernels_turns_an_int8_kernel_back_keeping_its_integers(resnet):
     assert len(out.SerializeToString()) < 1.01 * len(int8.SerializeToString())
 
 
-def test_latency_table_measures_every_kernel_and_is_cached(resnet, tmp_path):
+def test_latency_table_measures_every_kernel_and_is_cached(resnet, tmp_path, monkeypatch):
+    import hirelc_onnx.evaluate.kernel_latency as kernel_latency
+
     bg, feeds, int8, _ = resnet
     kernels = sorted(bg.kernels)
+    monkeypatch.setattr(kernel_latency, "_load", lambda: 1e3)  # a busy machine: measured, not kept
+    table, cached = kernel_table(bg.model, int8, {1: feeds}, kernels, runs=2, cache=tmp_path)
+    assert not cached and set(table) == set(kernels) and not list(tmp_path.iterdir())
+    monkeypatch.setattr(kernel_latency, "_load", lambda: 0.0)
     table, cached = kernel_table(bg.model, int8, {1: feeds}, kernels, runs=2, cache=tmp_path)
     assert not cached and set(table) == set(kernels)
     assert all(row.fp32_ms[1] > 0 and row.int8_ms[1] > 0 and row.model_ms[1] >= row.fp32_ms[1]
