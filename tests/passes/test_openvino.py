@@ -36,6 +36,7 @@ ENCODINGS = [
     ("qdq", 4, "per-channel", "symmetric", 1.0),
     ("ort-cpu", 7, "per-channel", "symmetric", 1.0),
     ("ort-cpu", 7, "per-channel", "symmetric", 0.5),
+    ("ort-cpu", 7, "per-group", "asymmetric", 0.5),  # no int8 kernel: the storage encoding, not a blocked DQ
 ]
 
 
