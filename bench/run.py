@@ -57,14 +57,14 @@ METHOD_SPECS: dict[str, tuple[str, str, str | None, dict]] = {
 }
 SPEED_ROWS = ("hirelc-speed", "graph-rl-speed", "random-speed", "l1-speed")
 DIGIT_MODELS = ("resnet20", "vgg", "mobilenetv2", "vit")
-# What each model is benchmarked with (the issues' acceptance rows), within about 15 minutes.
+# What each model is benchmarked with (the issues' acceptance rows; bench/SPEED.md: what they cost).
 FULL_PLAN = {
     "resnet20": ["uniform8", "uniform4", "l1-int8", "ort-int8", "random", "uniform-l1", "hirelc", "hirelc-12x",
-                 "hirelc-ort"],
-    "vgg": ["uniform4", "ort-int8", "two-stage", "hirelc-ort"],
+                 "hirelc-ort", *SPEED_ROWS],
+    "vgg": ["uniform4", "ort-int8", "two-stage", "hirelc-ort", *SPEED_ROWS],
     "mobilenetv2": ["uniform4", "ort-int8", "hirelc", "graph-rl-flops50", "hirelc-ort"],
     "vit": ["uniform4", "ort-int8", "hirelc", "hirelc-ort"],
-    "efficientnet-lite0": ["ort-int8", "hirelc", "hirelc-ort"],
+    "efficientnet-lite0": ["ort-int8", "hirelc", "hirelc-ort", *SPEED_ROWS],
 }
 # Per-model departures from the run's evaluations / fine-tuning seconds. EfficientNet-Lite0: 400 photo
 # crops (100 held out, so one crop is a point, not 2.5), and fine-tuning long enough for a few epochs

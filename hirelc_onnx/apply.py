@@ -72,6 +72,10 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
 
     pinned = {w: s for w, s in specs.items() if fusable(w, s)}
     weight_only = {w: s for w, s in specs.items() if not fusable(w, s)}
+    if config.target == "ort-cpu":  # no int8 kernel for them: the encoding ORT folds at load, not a
+        # DequantizeLinear it keeps (a per-group one ran every call: ResNet-20 at 0.5x; OpenVINO
+        # refuses one whose blocks do not divide the axis)
+        targets = {w: "storage" if w in weight_only else t for w, t in targets.items()}
     unpinned_kernels = [name for name in bg.kernels if bg.kernels[name].weight not in pinned]
     if not pinned:
         return _weight_passes(weight_only, targets)

@@ -2,8 +2,7 @@
 
 ORT fuses a kernel whose activation and weight both arrive through DequantizeLinear into an int8
 kernel (QLinearConv, QGemm, ...); some of those run slower than the fp32 kernel. This pass takes
-named kernels out of that pattern: the activation input bypasses its Quantize -> Dequantize pair
-through a Clip to the pair's range (the quantizer may have folded a Relu into that range),
+named kernels out of that pattern: the activation input bypasses its Quantize -> Dequantize pair,
 the weight's DequantizeLinear becomes `Cast -> Sub -> Mul` by its scale (the storage decode, which a
 default ORT session constant-folds at load: an fp32 weight, the same integers in the file), and an
 int32 bias is dequantized into an fp32 initializer. The kernel's output and its neighbours are
@@ -19,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from passes.cleanup import cleanup
 
-__all__ = ["KERNEL_OPS", "int8_kernels", "fp32_kernels"]
+__all__ = ["KERNEL_OPS", "int8_kernels", "fp32_kernels", "fp32_activations"]
 
 KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -63,6 +62,32 @@ def _dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.nd
     return ((q - zp) * scale).astype(np.float32)
 
 
+_QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+           onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
+
+
+def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
+           produced: set[str]) -> onnx.NodeProto | None:
+    """The Clip a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's quantizer
+    drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the zero point
+    doing its work: bypassing that pair without a Clip would drop the activation too."""
+    if q.input[1] not in inits:
+        return None
+    scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
+    zp_t = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    zp = numpy_helper.to_array(zp_t).astype(np.int64) if zp_t is not None else np.zeros((), np.int64)
+    lo, hi = _QRANGE.get(zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8, (0, 255))
+    if scale.size != 1 or zp.size != 1 or int(zp.reshape(())) != lo:
+        return None
+    base = f"{q.output[0]}_fp32_clamp"
+    clip = helper.make_node("Clip", [q.input[0], f"{base}_min", f"{base}_max"], [base], name=base)
+    if base in produced:  # an earlier pass made it: read, not made again (the caller inserts nothing)
+        return clip
+    new_inits.append(numpy_helper.from_array(np.zeros((), np.float32), f"{base}_min"))
+    new_inits.append(numpy_helper.from_array(np.asarray((hi - lo) * float(scale.reshape(())), np.float32), f"{base}_max"))
+    return clip
+
+
 def _weight_decode(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: str,
                    new_inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
     """Cast -> (Sub zero point) -> Mul scale, producing `out` from the DQ's integers."""
@@ -86,36 +111,6 @@ def _weight_decode(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: 
     return nodes
 
 
-_INT_RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
-               onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
-
-
-def _activation_clip(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: str,
-                     new_inits: list[onnx.TensorProto]) -> onnx.NodeProto | None:
-    """`Clip` to the range a per-tensor QuantizeLinear -> DequantizeLinear pair can represent.
-
-    The quantizer folds a Relu or Clip in front of a QuantizeLinear into its range (zero point at the
-    integer minimum): bypassing the pair without that clamp would drop the activation. The Clip keeps
-    the pair's saturation and drops only its rounding. None when the pair is not a per-tensor one
-    with constant parameters (the kernel then keeps its dequantized input)."""
-    if q.op_type != "QuantizeLinear" or q.input[1] not in inits:
-        return None
-    scale = numpy_helper.to_array(inits[q.input[1]])
-    has_zp = len(q.input) > 2 and bool(q.input[2])
-    if has_zp and q.input[2] not in inits:
-        return None
-    zp_t = inits[q.input[2]] if has_zp else None
-    elem = zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8
-    if scale.size != 1 or elem not in _INT_RANGES:
-        return None
-    zp = float(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0.0
-    qmin, qmax = _INT_RANGES[elem]
-    s = float(scale.reshape(-1)[0])
-    new_inits.append(numpy_helper.from_array(np.array((qmin - zp) * s, np.float32), f"{out}_min"))
-    new_inits.append(numpy_helper.from_array(np.array((qmax - zp) * s, np.float32), f"{out}_max"))
-    return helper.make_node("Clip", [q.input[0], f"{out}_min", f"{out}_max"], [out], name=f"{out}_clip")
-
-
 def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of `model` whose kernels `names` (from `int8_kernels`) run as fp32 kernels (module docstring)."""
     m = onnx.ModelProto()
@@ -126,16 +121,20 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     producers = _producers(g)
     new_inits: list[onnx.TensorProto] = []
     decodes: dict[int, list[onnx.NodeProto]] = {}  # index of the kernel -> nodes inserted before it
+    clamps: dict[str, onnx.NodeProto | None] = {}  # Quantize output -> the Clip standing in for its pair
     for index, node in enumerate(g.node):
         if node.name not in wanted or node.op_type not in KERNEL_OPS:
             continue
         act = producers.get(node.input[0])
         if act is not None and act.op_type == "DequantizeLinear":
             q = producers.get(act.input[0])
-            clip = _activation_clip(q, inits, f"{node.name}_fp32_input", new_inits) if q is not None else None
-            if clip is not None:
-                decodes[index] = [clip]
-                node.input[0] = clip.output[0]
+            if q is not None and q.op_type == "QuantizeLinear":
+                if q.output[0] not in clamps:
+                    clamps[q.output[0]] = _clamp(q, inits, new_inits, set(producers))
+                    if clamps[q.output[0]] is not None and clamps[q.output[0]].output[0] not in producers:
+                        decodes.setdefault(index, []).append(clamps[q.output[0]])
+                clamp = clamps[q.output[0]]
+                node.input[0] = clamp.output[0] if clamp is not None else q.input[0]
         weight = producers.get(node.input[1])
         if _is_weight_dq(weight, inits):
             out = f"{node.name}_fp32_weight"
@@ -158,5 +157,60 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     g.initializer.extend(new_inits)
     out = cleanup(m)
     if not model.graph.value_info:  # onnx-ir writes a value_info per tensor: keep the file as lean as it was
+        del out.graph.value_info[:]
+    return out
+
+
+def fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where every activation's Quantize -> Dequantize pair is bypassed (its
+    readers take the fp32 tensor): after every kernel is back in fp32, the pairs left around the
+    other ops (Add, LayerNormalization, Softmax, an attention MatMul of two activations) are only
+    rounding and time. Weight Dequantize nodes stay (`fp32_kernels` decodes those). Returns `model`
+    itself when it has no such pair."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    producers = _producers(g)
+    inits = {t.name: t for t in g.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    bypass, clamps = {}, {}
+    for node in g.node:
+        if node.op_type == "DequantizeLinear":
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                if q.name not in clamps:
+                    clamps[q.name] = _clamp(q, inits, new_inits, set(producers))
+                clamp = clamps[q.name]
+                bypass[node.output[0]] = clamp.output[0] if clamp is not None else q.input[0]
+    if not bypass:
+        return model
+    ordered = []
+    for node in g.node:  # each Clip right after its Quantize (its input is ready there)
+        ordered.append(node)
+        if (node.op_type == "QuantizeLinear" and clamps.get(node.name) is not None
+                and clamps[node.name].output[0] not in producers):
+            ordered.append(clamps[node.name])
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(new_inits)
+    producers = _producers(g)
+    outputs = {o.name for o in g.output}
+    renamed = {}  # a pair in front of a graph output: its fp32 producer writes the output's name
+    for dq, src in list(bypass.items()):
+        if dq in outputs:
+            del bypass[dq]
+            if src in producers and src not in outputs:
+                renamed[src] = dq
+    for node in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in renamed.values()]:
+        g.node.remove(node)  # its Quantize, read by nothing now, goes in the cleanup
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            name = bypass.get(name, name)
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name in renamed:
+                node.output[i] = renamed[name]
+    out = cleanup(m)
+    if not model.graph.value_info:
         del out.graph.value_info[:]
     return out

@@ -91,7 +91,8 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
                       fmt_speed(v["speedup"]))
     console.print(t)
     speed = report.get("ort_cpu_speed") or {}
-    kept = len(speed.get("kept_fp32", {})) + len(speed.get("whole_model_fallbacks", []))
+    kept = len(speed.get("kept_fp32", {})) + sum(not f["kernel"].startswith("(")  # "(activation ...)": no kernel
+                                                 for f in speed.get("whole_model_fallbacks", []))
     if kept:
         console.print(f"ort-cpu: {kept} kernel(s) run as fp32 kernels, ORT being slower with their int8 version "
                       "(report.json: ort_cpu_speed)", highlight=False)

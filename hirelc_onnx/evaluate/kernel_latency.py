@@ -33,6 +33,19 @@ SLOWER_MARGIN = 0.002
 share of the fp32 model's time (profile times of tiny kernels scatter on a busy machine)."""
 
 
+BUSY_LOAD = 1.5
+"""Load average per core above which a measured table is not cached: profile times taken while
+other processes share the cores scatter (measured here: speedups of the same models from 0.8x to
+6x under a load of 3-4 on 2 cores), and a cached table steers every later run on the machine."""
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return 0.0
+
+
 @dataclass(frozen=True)
 class KernelLatency:
     """One kernel's median profile time (ms) per batch size, fp32 and int8, and the whole fp32
@@ -141,18 +154,23 @@ def kernel_table(fp32: onnx.ModelProto, int8: onnx.ModelProto, feeds: Mapping[in
                  kernels: Sequence[str], runs: int = 20, threads: int = 0,
                  cache: Path | None = None) -> tuple[LatencyTable, bool]:
     """`measure_table`, read from the cache when this machine measured the same models before;
-    returns (table, whether it came from the cache). A cache that cannot be written is skipped."""
+    returns (table, whether it came from the cache). A cache that cannot be written is skipped, and
+    so is a table measured on a busy machine (load average above BUSY_LOAD per core)."""
     path = (cache or cache_dir()) / f"{table_key(fp32, int8, sorted(feeds))}.json"
     try:
         data = json.loads(path.read_text())
         return {name: KernelLatency.from_dict(row) for name, row in data["kernels"].items()}, True
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    load = _load()
     table = measure_table(fp32, int8, feeds, kernels, runs, threads)
+    load = max(load, _load())
+    if load > BUSY_LOAD * (os.cpu_count() or 1):  # used once, not kept: it would steer every later run
+        return table, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"cpu": cpu_signature(), "onnxruntime": ort.__version__,
+        tmp.write_text(json.dumps({"cpu": cpu_signature(), "onnxruntime": ort.__version__, "load_average": load,
                                    "kernels": {n: k.as_dict() for n, k in table.items()}}, indent=1))
         os.replace(tmp, path)
     except OSError:

@@ -444,6 +444,12 @@ def evaluate(
     return out
 
 
+BLOCK_RUNS = 5
+"""Timed runs of one model in a row in `benchmark_side_by_side`, before the next model's block."""
+SETTLE_S = 0.05
+"""Pause before each block: ORT's idle workers spin for up to about 2**20 pause instructions."""
+
+
 def _latency_stats(times_s: Sequence[float], batch_size: int) -> dict[str, float]:
     ms = np.asarray(times_s) * 1e3
     median = float(np.median(ms))
@@ -467,7 +473,13 @@ def benchmark_side_by_side(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     sample_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, float]]:
-    """Latency of several models, runs interleaved so machine-load drift hits them all alike.
+    """Latency of several models, interleaved in blocks so machine-load drift hits them all alike.
+
+    Each model runs `BLOCK_RUNS` times in a row, after a pause of `SETTLE_S` and one untimed run:
+    every session has its own thread pool, whose workers spin for milliseconds after a run (ORT's
+    default), so a run right after another session's competes with its spinning threads for the
+    cores; run by run interleaving measured the same models 1.7-2x slower, each by a different
+    factor (ResNet-20, VGG at batch 32 on 2 cores). A deployed session never has that neighbour.
 
     input_shapes: full shapes of inputs with symbolic dims; sample_shapes: one sample's dims per
     input (the data's), the batch axis filled with `batch_size`."""
@@ -479,11 +491,16 @@ def benchmark_side_by_side(
         for _ in range(max(1, warmup)):
             r.run(f)  # first run checks the feed and surfaces errors in one line
     times: list[list[float]] = [[] for _ in runners]
-    for _ in range(runs):
+    while len(times[0]) < runs:
+        block = min(BLOCK_RUNS, runs - len(times[0]))
         for i, (r, f) in enumerate(zip(runners, feeds)):
-            t0 = time.perf_counter()
-            r.session.run(None, f)
-            times[i].append(time.perf_counter() - t0)
+            if len(runners) > 1:
+                time.sleep(SETTLE_S)  # the previous session's workers stop spinning
+                r.session.run(None, f)  # and this one's caches and threads are warm again
+            for _ in range(block):
+                t0 = time.perf_counter()
+                r.session.run(None, f)
+                times[i].append(time.perf_counter() - t0)
     return [_latency_stats(t, batch_size) for t in times]
 
 

@@ -7,7 +7,8 @@ flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight
 encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
 same choice. After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
 while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
-fp32 one (`passes/fp32_kernels.py`), its integers kept.
+fp32 one (`passes/fp32_kernels.py`), its integers kept; when every kernel is fp32 and the model is
+still slower, the activations' Quantize / Dequantize pairs left are removed too.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
 from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.search.speed import SpeedGoal
-from passes.fp32_kernels import fp32_kernels, int8_kernels
+from passes.fp32_kernels import fp32_activations, fp32_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
 
@@ -82,13 +83,22 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
     timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step). Returns the model and one
-    record per kernel turned back, with the speedups that made it so."""
+    kernels a step); with none left, the activation Q/DQ pairs go (`fp32_activations`). Returns the
+    model and one record per kernel turned back (and one for the pairs), with the speedups that made it so."""
     fallbacks: list[dict] = []
     speed = _speedups(fp32, model, sample_shapes, batches, runs)
     while speed and min(speed.values()) < tolerance:
         left = int8_kernels(model)
-        if not left:
+        if not left:  # every kernel fp32: the activations' Quantize / Dequantize pairs left cost the time
+            bare = fp32_activations(model)
+            if bare is model:
+                break
+            slow_at = min(speed, key=speed.get)
+            fallbacks.append({"kernel": "(activation Quantize / Dequantize pairs)",
+                              "reason": f"with every kernel fp32 the model still ran {1 / speed[slow_at]:.2f}x "
+                                        f"slower than fp32 at batch {slow_at}: the pairs left were removed",
+                              "speedups_before": {str(b): v for b, v in speed.items()}})
+            model, speed = bare, {}
             break
         # the slowest-relative first: one a step, then a quarter of those already turned back (a big
         # model's whole timing is dear; the steps grow geometrically)

@@ -185,6 +185,36 @@ def test_benchmark_latency_reports_real_timings(model_path, perturbed_path):
     assert [p["runs"] for p in pair] == [3, 3]
 
 
+def test_side_by_side_times_each_model_in_blocks(model_path, perturbed_path, monkeypatch):
+    """Runs come in blocks per model (one untimed run first), never alternating run by run: each
+    session's idle workers spin after its run and would slow the next session's."""
+    import hirelc_onnx.evaluate.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "SETTLE_S", 0.0)
+    calls: list[int] = []
+    for i, path in enumerate((model_path, perturbed_path)):
+        runner = get_runner(path)
+
+        class Spy:
+            def __init__(self, real, i):
+                self.real, self.i = real, i
+
+            def run(self, *args, **kwargs):
+                calls.append(self.i)
+                return self.real.run(*args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        monkeypatch.setattr(runner, "session", Spy(runner.session, i))
+    pair = benchmark_side_by_side([model_path, perturbed_path], batch_size=2, warmup=0, runs=7)
+    assert [p["runs"] for p in pair] == [7, 7]
+    block = runner_module.BLOCK_RUNS
+    timed_first = [1 + block, 1 + 7 - block]  # blocks of BLOCK_RUNS timed runs, each after one untimed
+    expected = [0] + [1] + [0] * timed_first[0] + [1] * timed_first[0] + [0] * timed_first[1] + [1] * timed_first[1]
+    assert calls == expected
+
+
 def test_benchmark_symbolic_dims_need_a_shape(tmp_path):
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
