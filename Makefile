@@ -33,8 +33,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
+# the methods table and the pass-level latency table (the graph-rl vs L1 comparison is
+# bench-ablation-graph-rl's): writes bench/RESULTS.md, bench/results.json
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run --skip-pruning
 
 bench-latency: $(STAMP)
 	$(PY) -m bench.run --latency-only --out bench/latency

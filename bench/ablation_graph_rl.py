@@ -37,24 +37,6 @@ ABLATION = {"models": ("resnet20", "vgg"), "seeds": (0, 1, 2), "epochs": 3, "eva
 ARMS = ("l1", "none", "l1-fisher")
 
 
-def l1_keep(path) -> float:
-    """The largest uniform L1 keep ratio whose model, its channel counts rounded to the multiple
-    compress() rounds them to (`DEFAULT_CHANNEL_MULTIPLE`), has at most the MACs graph-rl is held to.
-
-    bench/run.py's "l1-flops50" keep is fitted with unrounded counts: rounded to multiples of 8
-    the VGG reference then kept 0.534 of the MACs (above the 0.5 limit) and ResNet-20 0.447.
-    """
-    from dataclasses import replace
-
-    from bench.run import METHOD_SPECS
-    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
-    from hirelc_onnx.graph import build_block_graph, load_model
-    from hirelc_onnx.search.baselines import keep_for_flops
-
-    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
-    return keep_for_flops(bg, METHOD_SPECS["graph-rl-flops50"][3]["flops"])
-
-
 def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
     """One compress run of `arm` ("l1" or a graph-rl prior) and the figures the tables want."""
     from examples.reference_models import build_reference_model
@@ -62,9 +44,7 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
 
     path = build_reference_model(model_name)
     kind, target, budget, options = _compress_args("l1-flops50" if arm == "l1" else "graph-rl-flops50", path)
-    if arm == "l1":
-        options = {**options, "keep": l1_keep(path)}
-    else:
+    if arm != "l1":  # l1's keep is fitted on rounded channel counts (`l1_keep`, in _compress_args)
         options = {**options, "prior": arm}
     t0 = time.perf_counter()
     rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed, latency_runs=10,

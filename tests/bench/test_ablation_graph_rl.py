@@ -64,7 +64,7 @@ def test_candidates_show_their_selection_figures_when_recorded():
 def test_uniform_l1_meets_the_macs_limit_with_the_counts_compress_rounds(reference_models):
     from dataclasses import replace
 
-    from bench.ablation_graph_rl import l1_keep
+    from bench.run import l1_keep
     from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
     from hirelc_onnx.graph import build_block_graph, load_model, model_cost
     from hirelc_onnx.search.baselines import _uniform_config
