@@ -111,7 +111,10 @@ def _interrupted(argv: list[str], env: dict, after: float, timeout: float) -> di
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from hirelc_onnx.kill_points import default_sigint
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     tasks: set[int] = set()
     while proc.poll() is None and time.perf_counter() - start < timeout:
         tasks = _task_pids()

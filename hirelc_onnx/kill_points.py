@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["ENV_VAR", "SIGNAL_VAR", "kill_point"]
+__all__ = ["ENV_VAR", "SIGNAL_VAR", "kill_point", "default_sigint"]
 
 ENV_VAR = "HIRELC_TEST_KILL_AT"
 SIGNAL_VAR = "HIRELC_TEST_KILL_SIGNAL"
@@ -37,3 +37,9 @@ def kill_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == (int(nth) if nth else 1):
         os.kill(os.getpid(), signal.SIGINT if os.environ.get(SIGNAL_VAR) == "INT" else signal.SIGKILL)
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child the tests Ctrl-C: a shell's background job (`make test &`) starts with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from hirelc_onnx.cli import main
 from hirelc_onnx.commands.compress import EXIT_CODES, GOAL_MISSED, goal_line, resume_hint
-from hirelc_onnx.kill_points import ENV_VAR, SIGNAL_VAR
+from hirelc_onnx.kill_points import ENV_VAR, SIGNAL_VAR, default_sigint
 from hirelc_onnx.report.outputs import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _cli(*args, interrupt_at: str | None = None, cwd: Path = REPO) -> subprocess
         env.update({ENV_VAR: interrupt_at, SIGNAL_VAR: "INT"})
     # the CLI with HiReLC's agents shrunk (tests/quick_cli.py): the statuses do not depend on their size
     return subprocess.run([sys.executable, "-m", "tests.quick_cli", "compress", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=cwd)
+                          text=True, timeout=600, env=env, cwd=cwd, preexec_fn=default_sigint)
 
 
 def test_exit_codes_are_in_the_help():
