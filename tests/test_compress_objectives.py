@@ -94,7 +94,8 @@ def test_a_metric_plugin_drives_the_search_and_the_report(saved, tmp_path, monke
     (["--metric", "tests.metric_plugins:error_rate"], "--metric only matters with --data"),
     (["--data", "digits", "--metric", "tests.metric_plugins:nope"], "has no attribute 'nope'"),
 ])
-def test_scoring_options_are_checked_in_one_line(saved, args, expect):
+def test_scoring_options_are_checked_in_one_line(saved, args, expect, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out (tiny.hirelc/) is made here, not in a folder another worker shares
     path = saved(tiny_cnn(), "tiny")
     res = CliRunner().invoke(main, ["compress", str(path), "--method", "uniform", *args])
     assert res.exit_code != 0 and expect in res.output, res.output
