@@ -10,7 +10,7 @@ untouched. The input model is not modified.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import numpy as np
 import onnx
@@ -67,7 +67,7 @@ _QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
 
 
 def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
-           produced: set[str]) -> onnx.NodeProto | None:
+           produced: Container[str]) -> onnx.NodeProto | None:
     """The Clip a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's quantizer
     drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the zero point
     doing its work: bypassing that pair without a Clip would drop the activation too."""
@@ -130,7 +130,7 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
             q = producers.get(act.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 if q.output[0] not in clamps:
-                    clamps[q.output[0]] = _clamp(q, inits, new_inits, set(producers))
+                    clamps[q.output[0]] = _clamp(q, inits, new_inits, producers)
                     if clamps[q.output[0]] is not None and clamps[q.output[0]].output[0] not in producers:
                         decodes.setdefault(index, []).append(clamps[q.output[0]])
                 clamp = clamps[q.output[0]]
@@ -179,7 +179,7 @@ def fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
             q = producers.get(node.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 if q.name not in clamps:
-                    clamps[q.name] = _clamp(q, inits, new_inits, set(producers))
+                    clamps[q.name] = _clamp(q, inits, new_inits, producers)
                 clamp = clamps[q.name]
                 bypass[node.output[0]] = clamp.output[0] if clamp is not None else q.input[0]
     if not bypass:
