@@ -38,7 +38,7 @@ from hirelc_onnx.bridge.training import OPTIMIZERS, Distillation, TrainSettings,
 from hirelc_onnx.bridge.writeback import write_back
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.evaluate.data import Dataset
-from hirelc_onnx.evaluate.runner import ModelLike
+from hirelc_onnx.evaluate.runner import TASK_CPUS_ENV, ModelLike
 from hirelc_onnx.graph.blockgraph import build_block_graph
 from hirelc_onnx.specs import weight_spec
 from passes.quantize import WeightQuantSpec
@@ -129,7 +129,7 @@ def _auto_threads(model: onnx.ModelProto) -> int:
 
     weights = sum(math.prod(t.dims) for t in model.graph.initializer)
     # a worker of a scaled-out search (search/executors.py) uses the CPUs its task was given
-    cpus = int(os.environ.get("HIRELC_TASK_CPUS") or 0) or os.cpu_count() or 1
+    cpus = int(os.environ.get(TASK_CPUS_ENV) or 0) or os.cpu_count() or 1
     return 1 if weights < SMALL_MODEL_WEIGHTS else max(1, cpus)
 
 
