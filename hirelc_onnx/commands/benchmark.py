@@ -38,7 +38,9 @@ def _batch_sizes(value: str) -> list[int]:
 @click.argument("model")
 @click.option("--against", help="Another model (e.g. the fp32 original) measured side by side.")
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,32.")
-@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model and batch size.")
+@click.option("--runs", type=int, default=30, show_default=True, help="At least this many timed runs per model and batch size.")
+@click.option("--time-budget", type=float, default=None,
+              help="Seconds of alternating timing rounds per batch size [default: $HIRELC_TIMING_BUDGET_S or 3].")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
 @input_shape_option("[name=]1x3x224x224 for inputs with symbolic dims (repeatable or comma-separated).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Peak RSS over its baseline, measured in a fresh process per model.")
@@ -53,6 +55,7 @@ def benchmark(
     against: str | None,
     batch_sizes: str,
     runs: int,
+    time_budget: float | None,
     warmup: int,
     input_shape: tuple[str, ...],
     memory: bool,
@@ -75,7 +78,7 @@ def benchmark(
     shapes = parse_input_shapes(input_shape, [i.name for i in runners[0].inputs])
     entries = [{"path": m, "file_size_bytes": model_file_size(m), "results": []} for m in models]
     for bs in sizes:
-        stats = benchmark_side_by_side(models, bs, warmup, runs, config, shapes)
+        stats = benchmark_side_by_side(models, bs, warmup, runs, config, shapes, budget_s=time_budget)
         for entry, st in zip(entries, stats):
             if memory:
                 st.update(measure_peak_memory(entry["path"], bs, config, shapes))
@@ -84,9 +87,12 @@ def benchmark(
     if against:
         report["against"] = entries[1]
         report["size_ratio"] = entries[1]["file_size_bytes"] / max(1, entries[0]["file_size_bytes"])
-        report["speedup"] = {
-            str(a["batch_size"]): a["median_ms"] / m["median_ms"] for m, a in zip(entries[0]["results"], entries[1]["results"])
-        }
+        # MODEL's speed against --against: the reciprocal of the timer's --against / MODEL figures
+        # (the median of per-round ratios and their interquartile range)
+        against_results = entries[1]["results"]
+        report["speedup"] = {str(a["batch_size"]): 1 / a["speedup"] for a in against_results}
+        report["speedup_iqr"] = {str(a["batch_size"]): [1 / a["speedup_iqr"][1], 1 / a["speedup_iqr"][0]]
+                                 for a in against_results}
         report["speed"] = {batch: fmt_speed(v) for batch, v in report["speedup"].items()}  # as the table says it
     rows: list[NodeRow] = []
     if per_node:
@@ -142,7 +148,9 @@ def _print_table(report: dict[str, Any], memory: bool) -> None:
             if memory:
                 row.append(fmt_bytes(r["delta_bytes"], exact=False))
             if len(roles) > 1:
-                row.append(fmt_speed(report["speedup"][str(first["batch_size"])]) if role == "model" else "")
+                batch = str(first["batch_size"])
+                q1, q3 = report["speedup_iqr"][batch]
+                row.append(f"{fmt_speed(report['speedup'][batch])} (IQR {q1:.2f}-{q3:.2f})" if role == "model" else "")
             table.add_row(*row)
     console = Console()
     console.print(table)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -41,6 +41,10 @@ __all__ = [
     "get_runner",
     "default_session_config",
     "TASK_CPUS_ENV",
+    "TIMING_BUDGET_ENV",
+    "timing_config",
+    "timing_budget_s",
+    "ratio_stats",
     "clear_cache",
     "predict",
     "predict_outputs",
@@ -102,6 +106,11 @@ class SessionConfig:
     """Threads per operator; 0 lets ORT choose (one per physical core)."""
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     """Execution providers in priority order."""
+    allow_spinning: bool | None = None
+    """Whether idle intra-op workers spin waiting for work; None leaves ORT's default (they spin)."""
+    stop_spinning_after_run: bool = False
+    """Workers stop spinning when a run returns (ORT's session.force_spinning_stop): a session timed
+    right after another's is not slowed by the other's spinning workers (`timing_config`)."""
 
     def session_options(self) -> ort.SessionOptions:
         if self.graph_optimization_level not in _OPT_LEVELS:
@@ -117,6 +126,10 @@ class SessionConfig:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.graph_optimization_level])
         so.intra_op_num_threads = self.intra_op_threads
         so.log_severity_level = 3  # errors only: ORT's optimiser warnings are noise to a user
+        if self.allow_spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.stop_spinning_after_run:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
 
@@ -444,10 +457,50 @@ def evaluate(
     return out
 
 
-BLOCK_RUNS = 5
-"""Timed runs of one model in a row in `benchmark_side_by_side`, before the next model's block."""
-SETTLE_S = 0.05
-"""Pause before each block: ORT's idle workers spin for up to about 2**20 pause instructions."""
+TIMING_BUDGET_ENV = "HIRELC_TIMING_BUDGET_S"
+"""Seconds `benchmark_side_by_side` times for, per call (one batch size), when the caller gives no budget."""
+DEFAULT_BUDGET_S = 3.0
+"""The budget without the variable: A/A ratios of the reference models within 0.97-1.03 on 2 busy cores."""
+SLOT_RUNS = 2
+"""Timed runs of one model in a row within a round, after one untimed run (its caches warm again)."""
+MIN_ROUNDS = 5
+_ROUND_STAT = np.median
+"""Rounds every timing has, whatever its budget: the spread needs a few ratios."""
+
+
+def available_cpus() -> int:
+    """The CPUs this process is given: its task's (`TASK_CPUS_ENV`), else its affinity mask."""
+    given = int(os.environ.get(TASK_CPUS_ENV) or 0)
+    if given > 0:
+        return given
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
+
+
+def timing_config(config: SessionConfig | None = None) -> SessionConfig:
+    """The settings every model of a side-by-side timing gets, alike: `config` (default:
+    `default_session_config()`) with its intra-op threads fixed to the CPUs given when it leaves the
+    choice to ORT, workers spinning during a run as deployed, and stopping when it returns (else a
+    session's workers spin on for about 40 ms after a run, competing with the next session's)."""
+    base = config or default_session_config()
+    return replace(base, intra_op_threads=base.intra_op_threads or available_cpus(), allow_spinning=True,
+                   stop_spinning_after_run=True)
+
+
+def timing_budget_s() -> float:
+    """`TIMING_BUDGET_ENV` when set (a number of seconds >= 0), else DEFAULT_BUDGET_S."""
+    value = os.environ.get(TIMING_BUDGET_ENV)
+    if not value:
+        return DEFAULT_BUDGET_S
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = -1.0
+    if not budget >= 0:
+        raise UserError(f"{TIMING_BUDGET_ENV} must be a number of seconds >= 0, got {value!r}")
+    return budget
 
 
 def _latency_stats(times_s: Sequence[float], batch_size: int) -> dict[str, float]:
@@ -464,6 +517,15 @@ def _latency_stats(times_s: Sequence[float], batch_size: int) -> dict[str, float
     }
 
 
+def ratio_stats(ratios: Sequence[float]) -> dict[str, Any]:
+    """The median of per-round ratios and their interquartile range, taken on a log scale so that
+    the figures of 1 / ratio are exactly the reciprocals (an even count's median is the geometric
+    mean of the middle two)."""
+    logs = np.log(np.asarray(ratios, dtype=float))
+    q1, median, q3 = np.exp(np.percentile(logs, [25, 50, 75]))
+    return {"speedup": float(median), "speedup_iqr": [float(q1), float(q3)]}
+
+
 def benchmark_side_by_side(
     models: Sequence[ModelLike],
     batch_size: int = 1,
@@ -472,36 +534,60 @@ def benchmark_side_by_side(
     config: SessionConfig | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     sample_shapes: Mapping[str, Sequence[int]] | None = None,
-) -> list[dict[str, float]]:
-    """Latency of several models, interleaved in blocks so machine-load drift hits them all alike.
+    budget_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """Latency of several models timed in alternating rounds, and each one's speed against the first.
 
-    Each model runs `BLOCK_RUNS` times in a row, after a pause of `SETTLE_S` and one untimed run:
-    every session has its own thread pool, whose workers spin for milliseconds after a run (ORT's
-    default), so a run right after another session's competes with its spinning threads for the
-    cores; run by run interleaving measured the same models 1.7-2x slower, each by a different
-    factor (ResNet-20, VGG at batch 32 on 2 cores). A deployed session never has that neighbour.
+    A round runs the models in order and back (A B B A), each `SLOT_RUNS` timed runs after one
+    untimed run, so a load that drifts during the round hits every model alike; the round gives each
+    model the median of its runs, and every model after the first the ratio first / it. Its
+    "speedup" is the median of those per-round ratios (not the ratio of medians: the rounds pair
+    runs made moments apart), "speedup_iqr" their interquartile range (a spread that includes 1.0
+    says the difference is within the noise). Every model gets the same settings (`timing_config`:
+    threads fixed, workers' spinning stopped after each run, else it slowed the next model's run
+    1.7-2x on 2 cores) and `warmup` untimed runs first; sessions and inputs are made once. Rounds go
+    on until the first model has `runs` timed runs, `MIN_ROUNDS` rounds are done and `budget_s`
+    seconds have passed (default: `timing_budget_s()`). Each result: the `_latency_stats` of all
+    its timed runs and "rounds".
 
     input_shapes: full shapes of inputs with symbolic dims; sample_shapes: one sample's dims per
     input (the data's), the batch axis filled with `batch_size`."""
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise UserError(f"need runs >= 1, warmup >= 0 and batch size >= 1 (got {runs}, {warmup}, {batch_size})")
+    budget = timing_budget_s() if budget_s is None else budget_s
+    if not budget >= 0:
+        raise UserError(f"the timing budget must be >= 0 seconds, got {budget_s}")
+    config = timing_config(config)
     runners = [get_runner(m, config) for m in models]
     feeds = [r.random_feed(batch_size, input_shapes, sample_shapes=sample_shapes) for r in runners]
     for r, f in zip(runners, feeds):
         for _ in range(max(1, warmup)):
-            r.run(f)  # first run checks the feed and surfaces errors in one line
-    times: list[list[float]] = [[] for _ in runners]
-    while len(times[0]) < runs:
-        block = min(BLOCK_RUNS, runs - len(times[0]))
-        for i, (r, f) in enumerate(zip(runners, feeds)):
-            if len(runners) > 1:
-                time.sleep(SETTLE_S)  # the previous session's workers stop spinning
-                r.session.run(None, f)  # and this one's caches and threads are warm again
-            for _ in range(block):
-                t0 = time.perf_counter()
-                r.session.run(None, f)
-                times[i].append(time.perf_counter() - t0)
-    return [_latency_stats(t, batch_size) for t in times]
+            r.run(f)  # the first run checks the feed and surfaces errors in one line
+    calls = [(r.session.run, f) for r, f in zip(runners, feeds)]
+    order = list(range(len(calls))) + list(range(len(calls)))[::-1]
+    times: list[list[float]] = [[] for _ in calls]
+    rounds: list[list[float]] = []  # per round, each model's median run
+    clock = time.perf_counter
+    start = clock()
+    while len(rounds) < MIN_ROUNDS or len(times[0]) < runs or clock() - start < budget:
+        this_round: list[list[float]] = [[] for _ in calls]
+        for i in order:
+            run, feed = calls[i]
+            run(None, feed)
+            for _ in range(SLOT_RUNS):
+                t0 = clock()
+                run(None, feed)
+                this_round[i].append(clock() - t0)
+        for i, t in enumerate(this_round):
+            times[i].extend(t)
+        rounds.append([float(_ROUND_STAT(t)) for t in this_round])
+    out: list[dict[str, Any]] = []
+    for i, t in enumerate(times):
+        stats: dict[str, Any] = {**_latency_stats(t, batch_size), "rounds": len(rounds)}
+        if i > 0:
+            stats.update(ratio_stats([r[0] / max(r[i], 1e-12) for r in rounds]))
+        out.append(stats)
+    return out
 
 
 def benchmark_latency(
@@ -511,9 +597,10 @@ def benchmark_latency(
     runs: int = 30,
     config: SessionConfig | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, float]:
+    budget_s: float | None = None,
+) -> dict[str, Any]:
     """median_ms, p90_ms, mean_ms, min_ms, throughput_per_s on a random input of the model's shape."""
-    return benchmark_side_by_side([model], batch_size, warmup, runs, config, input_shapes)[0]
+    return benchmark_side_by_side([model], batch_size, warmup, runs, config, input_shapes, budget_s=budget_s)[0]
 
 
 def model_file_size(model: ModelLike) -> int:

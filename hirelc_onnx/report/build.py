@@ -323,7 +323,8 @@ def reference_points(bg: BlockGraph, ctx: SearchContext, target: str) -> dict:
 def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
              input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Median ORT latency of both models at batch 1 and 32 (a fixed-batch model: its batch), timed
-    interleaved; symbolic dims from `input_shapes` (one sample's dims). An error says why not.
+    in alternating rounds: the speedup is the median per-round ratio, with its interquartile range
+    ("speedup_iqr"); symbolic dims from `input_shapes` (one sample's dims). An error says why not.
 
     Models too big for two sessions at once (`fit_together`) are timed one after the other instead,
     and the entry says so ("interleaved": false).
@@ -342,10 +343,13 @@ def _latency(fp32: onnx.ModelProto, emitted: onnx.ModelProto, runs: int,
         except UserError as exc:
             latency[f"batch{batch}"] = {"error": str(exc)}
             continue
-        speedup = fp["median_ms"] / max(comp["median_ms"], 1e-9)
+        # timed together: the median of per-round ratios and their spread; else the ratio of medians
+        speedup = comp["speedup"] if together else fp["median_ms"] / max(comp["median_ms"], 1e-9)
         latency[f"batch{batch}"] = {"fp32_ms": fp["median_ms"], "compressed_ms": comp["median_ms"],
                                     "speedup": speedup, "speed": fmt_speed(speedup)}
-        if not together:
+        if together:
+            latency[f"batch{batch}"].update(speedup_iqr=comp["speedup_iqr"], rounds=comp["rounds"])
+        else:
             latency[f"batch{batch}"]["interleaved"] = False
     return latency
 

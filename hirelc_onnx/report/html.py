@@ -161,7 +161,9 @@ def render_html(report: dict) -> str:
     for key, v in lat.items():
         if isinstance(v, dict) and "speedup" in v:
             summary.append({"figure": f"latency {key} fp32 / compressed (median ms)",
-                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({fmt_speed(v['speedup'])})"})
+                            "value": f"{v['fp32_ms']:.3f} / {v['compressed_ms']:.3f} ({fmt_speed(v['speedup'])})"
+                                     + (", IQR of per-round ratios {:.2f}-{:.2f}".format(*v["speedup_iqr"])
+                                        if v.get("speedup_iqr") else "")})
     if report.get("latency_note"):
         notes.append(f"latency: {report['latency_note']}")
     outputs = (acc or {}).get("outputs") or []

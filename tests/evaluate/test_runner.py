@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import numpy as np
 import onnx
@@ -12,7 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hirelc_onnx.errors import DataError, ModelLoadError, UserError
 from hirelc_onnx.evaluate.data import Dataset, load_digits
+import hirelc_onnx.evaluate.runner as runner_module
 from hirelc_onnx.evaluate.runner import (
+    TASK_CPUS_ENV,
+    TIMING_BUDGET_ENV,
     SessionConfig,
     benchmark_latency,
     benchmark_side_by_side,
@@ -22,6 +26,8 @@ from hirelc_onnx.evaluate.runner import (
     measure_peak_memory,
     model_file_size,
     predict,
+    ratio_stats,
+    timing_config,
 )
 
 
@@ -178,22 +184,22 @@ def test_session_uses_requested_settings(model_path):
 
 def test_benchmark_latency_reports_real_timings(model_path, perturbed_path):
     st = benchmark_latency(model_path, batch_size=8, warmup=1, runs=5)
-    assert st["runs"] == 5 and st["batch_size"] == 8
+    assert st["runs"] >= 5 and st["batch_size"] == 8 and st["rounds"] >= runner_module.MIN_ROUNDS
     assert 0 < st["median_ms"] <= st["p90_ms"]
     assert st["throughput_per_s"] == pytest.approx(8e3 / st["median_ms"])
+    assert "speedup" not in st  # one model: nothing to compare with
     pair = benchmark_side_by_side([model_path, perturbed_path], batch_size=2, warmup=0, runs=3)
-    assert [p["runs"] for p in pair] == [3, 3]
+    assert pair[0]["runs"] == pair[1]["runs"] >= 3 and pair[0]["rounds"] == pair[1]["rounds"]
+    assert "speedup" not in pair[0]
+    q1, q3 = pair[1]["speedup_iqr"]
+    assert 0 < q1 <= pair[1]["speedup"] <= q3
 
 
-def test_side_by_side_times_each_model_in_blocks(model_path, perturbed_path, monkeypatch):
-    """Runs come in blocks per model (one untimed run first), never alternating run by run: each
-    session's idle workers spin after its run and would slow the next session's."""
-    import hirelc_onnx.evaluate.runner as runner_module
-
-    monkeypatch.setattr(runner_module, "SETTLE_S", 0.0)
+def _spy_on_runs(monkeypatch, paths, config) -> list[int]:
+    """The index of the model each session.run call went to, in order."""
     calls: list[int] = []
-    for i, path in enumerate((model_path, perturbed_path)):
-        runner = get_runner(path)
+    for i, path in enumerate(paths):
+        runner = get_runner(path, config)
 
         class Spy:
             def __init__(self, real, i):
@@ -207,12 +213,76 @@ def test_side_by_side_times_each_model_in_blocks(model_path, perturbed_path, mon
                 return getattr(self.real, name)
 
         monkeypatch.setattr(runner, "session", Spy(runner.session, i))
-    pair = benchmark_side_by_side([model_path, perturbed_path], batch_size=2, warmup=0, runs=7)
-    assert [p["runs"] for p in pair] == [7, 7]
-    block = runner_module.BLOCK_RUNS
-    timed_first = [1 + block, 1 + 7 - block]  # blocks of BLOCK_RUNS timed runs, each after one untimed
-    expected = [0] + [1] + [0] * timed_first[0] + [1] * timed_first[0] + [0] * timed_first[1] + [1] * timed_first[1]
-    assert calls == expected
+    return calls
+
+
+def test_side_by_side_alternates_rounds_with_one_setting(model_path, perturbed_path, monkeypatch):
+    """Rounds run A B B A, each slot one untimed run then SLOT_RUNS timed ones; both sessions get the
+    same settings: threads fixed to the CPUs given, spinning stopped after each run."""
+    monkeypatch.delenv(TASK_CPUS_ENV, raising=False)
+    config = timing_config()
+    assert config == timing_config(SessionConfig())
+    assert config.intra_op_threads == len(os.sched_getaffinity(0)) and config.stop_spinning_after_run
+    calls = _spy_on_runs(monkeypatch, (model_path, perturbed_path), config)
+    pair = benchmark_side_by_side([model_path, perturbed_path], batch_size=2, warmup=2, runs=1, budget_s=0)
+    slot = 1 + runner_module.SLOT_RUNS
+    rounds = runner_module.MIN_ROUNDS
+    assert pair[1]["rounds"] == rounds and pair[0]["runs"] == pair[1]["runs"] == rounds * 2 * runner_module.SLOT_RUNS
+    assert calls == [0, 0, 1, 1] + ([0] * slot + [1] * slot * 2 + [0] * slot) * rounds
+    for path in (model_path, perturbed_path):
+        options = get_runner(path, config).session.get_session_options()
+        assert options.intra_op_num_threads == config.intra_op_threads
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    monkeypatch.setenv(TASK_CPUS_ENV, "3")  # a scaled-out search's worker: its task's CPUs
+    assert timing_config().intra_op_threads == 3 and timing_config(SessionConfig(intra_op_threads=1)).intra_op_threads == 1
+
+
+def _matmul_chain(layers: int, seed: int = 0) -> onnx.ModelProto:
+    """x (N, 256) through `layers` MatMuls by 256x256 weights: work proportional to `layers`."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, f"chain{layers}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 256])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_side_by_side_sees_double_work_and_keeps_its_budget():
+    """A model doing twice the work measures clearly slower than the first (its whole spread below
+    1), and the timing lasts at least the budget it was given."""
+    single, double = _matmul_chain(6), _matmul_chain(12)
+    start = time.perf_counter()
+    first, second = benchmark_side_by_side([single, double], batch_size=32, warmup=2, runs=1, budget_s=0.5)
+    assert time.perf_counter() - start >= 0.5
+    assert second["rounds"] >= runner_module.MIN_ROUNDS
+    assert second["speedup"] < 0.9 and second["speedup_iqr"][0] <= second["speedup"] <= second["speedup_iqr"][1]
+    assert second["median_ms"] > first["median_ms"]
+
+
+def test_timing_budget_and_ratio_figures():
+    stats = ratio_stats([0.5, 2.0, 1.25, 0.8])
+    back = ratio_stats([1 / r for r in (0.5, 2.0, 1.25, 0.8)])  # reciprocal ratios: reciprocal figures
+    assert stats["speedup"] == pytest.approx(1.0) and back["speedup"] == pytest.approx(1 / stats["speedup"])
+    assert back["speedup_iqr"] == pytest.approx([1 / stats["speedup_iqr"][1], 1 / stats["speedup_iqr"][0]])
+    assert ratio_stats([0.9, 1.1, 1.0])["speedup"] == pytest.approx(1.0)
+
+
+def test_timing_budget_from_the_environment(model_path, monkeypatch):
+    monkeypatch.setenv(TIMING_BUDGET_ENV, "2.5")
+    assert runner_module.timing_budget_s() == 2.5
+    monkeypatch.delenv(TIMING_BUDGET_ENV)
+    assert runner_module.timing_budget_s() == runner_module.DEFAULT_BUDGET_S
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(TIMING_BUDGET_ENV, bad)
+        with pytest.raises(UserError, match=TIMING_BUDGET_ENV):
+            benchmark_latency(model_path, runs=1)
+    with pytest.raises(UserError, match="timing budget"):
+        benchmark_latency(model_path, runs=1, budget_s=-0.5)
 
 
 def test_benchmark_symbolic_dims_need_a_shape(tmp_path):
@@ -226,7 +296,7 @@ def test_benchmark_symbolic_dims_need_a_shape(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(DataError, match="symbolic dim 'seq' at axis 1"):
         benchmark_latency(path, runs=1)
-    assert benchmark_latency(path, runs=1, input_shapes={"x": (2, 5, 4)})["runs"] == 1
+    assert benchmark_latency(path, runs=1, input_shapes={"x": (2, 5, 4)})["runs"] >= 1
 
 
 def test_multi_input_model_takes_one_array_per_input(tmp_path, digits):
