@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl fuzz clean
+.PHONY: venv demo test test-fast bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl fuzz clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 
 bench-latency: $(STAMP)
 	$(PY) -m bench.run --latency-only --out bench/latency
+
+# the A/A check of the latency timer: fp32 against a byte-different copy of itself (resnet20, vit,
+# vgg at batch 1 and 32, 5 timings each; run it alone): writes bench/timer_aa.md, bench/timer_aa.json
+bench-timer: $(STAMP)
+	$(PY) -m bench.timer_aa --out bench/timer_aa
 
 # peak RSS of inspect (1B params, sparse) and compress (100M params) on generated models with
 # external data: writes bench/memory.md and bench/memory.json (a few minutes; ~5 GB of temp space)

@@ -280,7 +280,8 @@ def run_pass_latency(models, runs: int) -> list[dict]:
         for batch in (1, 32):
             fp, pr, q = benchmark_side_by_side([bg.model, pruned, int8], batch_size=batch, runs=runs, warmup=3)
             rows.append({"model": name, "batch": batch, "fp32_ms": fp["median_ms"], "pruned50_ms": pr["median_ms"],
-                         "int8_ms": q["median_ms"], "pruned_speedup": pr["speedup"], "int8_speedup": q["speedup"]})
+                         "int8_ms": q["median_ms"], "pruned_speedup": pr["speedup"], "int8_speedup": q["speedup"],
+                         "pruned_speedup_iqr": pr["speedup_iqr"], "int8_speedup_iqr": q["speedup_iqr"]})
     return rows
 
 
