@@ -464,7 +464,6 @@ DEFAULT_BUDGET_S = 3.0
 SLOT_RUNS = 2
 """Timed runs of one model in a row within a round, after one untimed run (its caches warm again)."""
 MIN_ROUNDS = 5
-_ROUND_STAT = np.median
 """Rounds every timing has, whatever its budget: the spread needs a few ratios."""
 
 
@@ -540,7 +539,8 @@ def benchmark_side_by_side(
 
     A round runs the models in order and back (A B B A), each `SLOT_RUNS` timed runs after one
     untimed run, so a load that drifts during the round hits every model alike; the round gives each
-    model the median of its runs, and every model after the first the ratio first / it. Its
+    model its fastest run (other processes on the machine only ever slow a run: the fastest of a few
+    is the least disturbed), and every model after the first the ratio first / it. Its
     "speedup" is the median of those per-round ratios (not the ratio of medians: the rounds pair
     runs made moments apart), "speedup_iqr" their interquartile range (a spread that includes 1.0
     says the difference is within the noise). Every model gets the same settings (`timing_config`:
@@ -566,7 +566,7 @@ def benchmark_side_by_side(
     calls = [(r.session.run, f) for r, f in zip(runners, feeds)]
     order = list(range(len(calls))) + list(range(len(calls)))[::-1]
     times: list[list[float]] = [[] for _ in calls]
-    rounds: list[list[float]] = []  # per round, each model's median run
+    rounds: list[list[float]] = []  # per round, each model's fastest run
     clock = time.perf_counter
     start = clock()
     while len(rounds) < MIN_ROUNDS or len(times[0]) < runs or clock() - start < budget:
@@ -580,7 +580,7 @@ def benchmark_side_by_side(
                 this_round[i].append(clock() - t0)
         for i, t in enumerate(this_round):
             times[i].extend(t)
-        rounds.append([float(_ROUND_STAT(t)) for t in this_round])
+        rounds.append([min(t) for t in this_round])  # other processes only ever slow a run
     out: list[dict[str, Any]] = []
     for i, t in enumerate(times):
         stats: dict[str, Any] = {**_latency_stats(t, batch_size), "rounds": len(rounds)}
