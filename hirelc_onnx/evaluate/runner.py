@@ -460,7 +460,7 @@ def evaluate(
 TIMING_BUDGET_ENV = "HIRELC_TIMING_BUDGET_S"
 """Seconds `benchmark_side_by_side` times for, per call (one batch size), when the caller gives no budget."""
 DEFAULT_BUDGET_S = 3.0
-"""The budget without the variable: A/A ratios of the reference models within 0.97-1.03 on 2 busy cores."""
+"""The budget without the variable, per call (a batch size): the A/A ratios it gives are in bench/timer_aa.md."""
 SLOT_RUNS = 2
 """Timed runs of one model in a row within a round, after one untimed run (its caches warm again)."""
 MIN_ROUNDS = 5
