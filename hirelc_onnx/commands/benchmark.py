@@ -150,7 +150,8 @@ def _print_table(report: dict[str, Any], memory: bool) -> None:
             if len(roles) > 1:
                 batch = str(first["batch_size"])
                 q1, q3 = report["speedup_iqr"][batch]
-                row.append(f"{fmt_speed(report['speedup'][batch])} (IQR {q1:.2f}-{q3:.2f})" if role == "model" else "")
+                spread = f"IQR of rounds: {fmt_speed(q1)} to {fmt_speed(q3)}"
+                row.append(f"{fmt_speed(report['speedup'][batch])} ({spread})" if role == "model" else "")
             table.add_row(*row)
     console = Console()
     console.print(table)
