@@ -57,7 +57,7 @@ from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.kill_points import kill_point
-from hirelc_onnx.progress import ProgressFn, notify, progress_log
+from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
@@ -184,8 +184,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
-        notify(progress, "hirelc: sensitivity and proxy probes")
-        state = _first_state(bg, ctx, budget, target, seed, settings)
+        state = _first_state(bg, ctx, budget, target, seed, settings, progress)
     log.info("sensitivity from %s", state.sensitivity_source)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
@@ -198,7 +197,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
-        _warm_up(bg, ctx, state, estimator, budget, settings)
+        _warm_up(bg, ctx, state, estimator, budget, settings, progress)
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
@@ -352,10 +351,15 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 # --- the first state: probes and sensitivity ---------------------------------------------------
 
 def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str, seed: int,
-                 settings: HiReLCSettings) -> HiReLCState:
+                 settings: HiReLCSettings, progress: ProgressFn | None = None) -> HiReLCState:
     """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give."""
-    probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + 1)
+    probes = []
+    for name in bg.kernels:
+        probes.append(_proxy(ctx, CompressionConfig({name: PROBE}, target)))
+        steps.step()
     kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
+    steps.step()
     return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes,
                        kernel_sens, block_sens, source, kernel_share=share)
 
@@ -415,13 +419,15 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 
 def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
-             settings: HiReLCSettings) -> None:
+             settings: HiReLCSettings, progress: ProgressFn | None = None) -> None:
     """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1)."""
     rng = np.random.default_rng([state.seed, 17_017])
+    steps = PhaseSteps(progress, "hirelc: warm-up proxy scores", settings.warmup_configs)
     for _ in range(settings.warmup_configs):
         config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
                         damage=estimator.kernel_mse, fill=False)
         _record_proxy(ctx, state, config, -1, "warmup")
+        steps.step()
 
 
 def _warmup_points(ctx: SearchContext, state: HiReLCState) -> list[tuple[CompressionConfig, Any, float]]:

@@ -73,7 +73,9 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     assert any(h["kind"] == "proxy" for h in result.history)
     rounds = [c for c in calls if c[0] == "hirelc: real evaluations"]
     assert rounds == [("hirelc: real evaluations", 0, 2), ("hirelc: real evaluations", 1, 2), ("hirelc: real evaluations", 2, 2)]
-    assert calls[0] == ("hirelc: sensitivity and proxy probes", 0, 1)  # a label before the first round ends
+    probes = len(bg.kernels) + 1  # one proxy probe per kernel, then the sensitivity
+    assert calls[0] == ("hirelc: sensitivity and proxy probes", 0, probes)  # a label before the first step ends
+    assert [c[1] for c in calls if c[0] == "hirelc: sensitivity and proxy probes"] == list(range(probes + 1))
     extra = result.extra
     assert extra["rounds"] == 2 and extra["resumed_from"] is None
     assert set(extra["block_sensitivity"]) == {b.id for b in bg.blocks}
