@@ -184,7 +184,10 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
+        probes_start = time.perf_counter()
         state = _first_state(bg, ctx, budget, target, seed, settings, progress)
+        _warn_if_slow(bg, (time.perf_counter() - probes_start) / (len(bg.kernels) + 1), evaluations, time_limit,
+                      settings)
     log.info("sensitivity from %s", state.sensitivity_source)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
@@ -197,7 +200,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
-        _warm_up(bg, ctx, state, estimator, budget, settings, progress)
+        _warm_up(bg, ctx, state, estimator, budget, settings, progress,
+                 None if time_limit is None else start + time_limit / 2)
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
@@ -364,6 +368,25 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
                        kernel_sens, block_sens, source, kernel_share=share)
 
 
+SLOW_RUN_SECONDS = 600.0
+"""A search whose rewrites and ORT passes alone are forecast to take longer than this is warned about."""
+
+
+def _warn_if_slow(bg: BlockGraph, per_candidate: float, evaluations: int, time_limit: float | None,
+                  settings: HiReLCSettings) -> None:
+    """Say, once the probes have timed one candidate, when the rest of the search will take long and
+    which options bound it (a big model: every candidate is a rewrite and an ORT session of every weight)."""
+    candidates = settings.warmup_configs + evaluations * (settings.proxy_checks + 1 + settings.batch_size)
+    forecast = per_candidate * candidates
+    if time_limit is None and forecast > SLOW_RUN_SECONDS:
+        log.warning("each candidate of this model takes about %.0fs to rewrite and score through ONNX Runtime "
+                    "(%d kernels, %.0f MB of fp32 weights): the %d warm-up scores and %d rounds will take about "
+                    "%.0f min more, their agents' training besides; %s bounds the run (the warm-up included), "
+                    "%s N makes fewer rounds, %s knapsack has no agents", per_candidate, len(bg.kernels),
+                    bg.weight_bytes / 1e6, settings.warmup_configs, evaluations, forecast / 60,
+                    option("time_limit"), option("evaluations"), option("method"))
+
+
 def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservation],
                  settings: HiReLCSettings) -> tuple[dict[str, float], dict[int, float], str, dict[str, float]]:
     """Per-kernel and per-block sensitivity in [0, 1]: Fisher when the bridge provides it, else the probes;
@@ -419,11 +442,16 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 
 def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
-             settings: HiReLCSettings, progress: ProgressFn | None = None) -> None:
-    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1)."""
+             settings: HiReLCSettings, progress: ProgressFn | None = None, deadline: float | None = None) -> None:
+    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1);
+    fewer when `deadline` (perf_counter seconds: half of --time-limit) passes first."""
     rng = np.random.default_rng([state.seed, 17_017])
     steps = PhaseSteps(progress, "hirelc: warm-up proxy scores", settings.warmup_configs)
-    for _ in range(settings.warmup_configs):
+    for i in range(settings.warmup_configs):
+        if deadline is not None and time.perf_counter() > deadline:
+            log.warning("time limit: the warm-up stops after %d of %d proxy scores (half the time is spent)", i,
+                        settings.warmup_configs)
+            break
         config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
                         damage=estimator.kernel_mse, fill=False)
         _record_proxy(ctx, state, config, -1, "warmup")
