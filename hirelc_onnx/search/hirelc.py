@@ -48,7 +48,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -184,10 +184,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
-        probes_start = time.perf_counter()
-        state = _first_state(bg, ctx, budget, target, seed, settings, progress)
-        _warn_if_slow(bg, (time.perf_counter() - probes_start) / (len(bg.kernels) + 1), evaluations, time_limit,
-                      settings)
+        state = _first_state(bg, ctx, budget, target, seed, settings, progress,
+                             lambda seconds: _warn_if_slow(bg, seconds, evaluations, time_limit, settings))
     log.info("sensitivity from %s", state.sensitivity_source)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
@@ -355,12 +353,17 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 # --- the first state: probes and sensitivity ---------------------------------------------------
 
 def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str, seed: int,
-                 settings: HiReLCSettings, progress: ProgressFn | None = None) -> HiReLCState:
-    """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give."""
+                 settings: HiReLCSettings, progress: ProgressFn | None = None,
+                 first_probe: Callable[[float], None] | None = None) -> HiReLCState:
+    """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give.
+    first_probe: told the seconds the first probe took (what every later candidate will cost)."""
     steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + 1)
     probes = []
     for name in bg.kernels:
+        probe_start = time.perf_counter()
         probes.append(_proxy(ctx, CompressionConfig({name: PROBE}, target)))
+        if len(probes) == 1 and first_probe is not None:
+            first_probe(time.perf_counter() - probe_start)
         steps.step()
     kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
     steps.step()
@@ -376,14 +379,15 @@ def _warn_if_slow(bg: BlockGraph, per_candidate: float, evaluations: int, time_l
                   settings: HiReLCSettings) -> None:
     """Say, once the probes have timed one candidate, when the rest of the search will take long and
     which options bound it (a big model: every candidate is a rewrite and an ORT session of every weight)."""
-    candidates = settings.warmup_configs + evaluations * (settings.proxy_checks + 1 + settings.batch_size)
+    candidates = len(bg.kernels) + settings.warmup_configs + evaluations * (settings.proxy_checks + 1 +
+                                                                             settings.batch_size)
     forecast = per_candidate * candidates
     if time_limit is None and forecast > SLOW_RUN_SECONDS:
         log.warning("each candidate of this model takes about %.0fs to rewrite and score through ONNX Runtime "
-                    "(%d kernels, %.0f MB of fp32 weights): the %d warm-up scores and %d rounds will take about "
-                    "%.0f min more, their agents' training besides; %s bounds the run (the warm-up included), "
+                    "(%d kernels, %.0f MB of fp32 weights): the %d probes, %d warm-up scores and %d rounds will "
+                    "take about %.0f min, their agents' training besides; %s bounds the run after the probes, "
                     "%s N makes fewer rounds, %s knapsack has no agents", per_candidate, len(bg.kernels),
-                    bg.weight_bytes / 1e6, settings.warmup_configs, evaluations, forecast / 60,
+                    bg.weight_bytes / 1e6, len(bg.kernels), settings.warmup_configs, evaluations, forecast / 60,
                     option("time_limit"), option("evaluations"), option("method"))
 
 
