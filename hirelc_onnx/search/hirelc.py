@@ -371,7 +371,7 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
                        kernel_sens, block_sens, source, kernel_share=share)
 
 
-SLOW_RUN_SECONDS = 600.0
+SLOW_RUN_SECONDS = 300.0
 """A search whose rewrites and ORT passes alone are forecast to take longer than this is warned about."""
 
 
