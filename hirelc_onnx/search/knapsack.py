@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
@@ -50,6 +50,9 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         raise UserError("--method knapsack measures candidates: give --data")
     if budget is None:
         raise UserError("--method knapsack fits a budget: give --budget")
+    if evaluations < 1:  # its loop would end with nothing measured
+        raise UserError(f"{option('method', 'knapsack')} needs at least one real evaluation, got "
+                        f"{option('evaluations')} {evaluations}")
     check_reachable(bg, budget, target)
     steps = PhaseSteps(progress, "knapsack: proxy probes", len(bg.kernels))
     probes = []
