@@ -17,7 +17,16 @@ __all__ = ["l1_channel_scores", "channel_ranking", "kept_channels"]
 
 
 def l1_channel_scores(bg: BlockGraph, group_id: int) -> np.ndarray:
-    """Per-channel L1 importance of a channel group (larger = more important)."""
+    """Per-channel L1 importance of a channel group (larger = more important); computed once per
+    graph (`BlockGraph.channel_scores`), a read-only array."""
+    if group_id not in bg.channel_scores:
+        scores = _l1_channel_scores(bg, group_id)
+        scores.setflags(write=False)
+        bg.channel_scores[group_id] = scores
+    return bg.channel_scores[group_id]
+
+
+def _l1_channel_scores(bg: BlockGraph, group_id: int) -> np.ndarray:
     group = bg.groups[group_id]
     inits = {t.name: t for t in bg.model.graph.initializer}
     total = np.zeros(group.length, np.float64)

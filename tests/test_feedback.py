@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hirelc_onnx.cli import main
 from hirelc_onnx.commands.feedback import (configure_logging, progress_display, report_repeats,
                                            split_verbosity)
-from hirelc_onnx.progress import progress_log
+from hirelc_onnx.progress import PROGRESS_LOGGER, PhaseSteps, progress_log
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +159,20 @@ def test_the_tools_own_defaults_trigger_no_saturation_warning(reference_models, 
         quantize_activations(bg.model, calib, weight_grids=grids)
     saturation = [r for r in caplog.records if "saturate" in r.getMessage()]
     assert len(saturation) == 1 and saturation[0].getMessage().startswith("5 weight(s) have 8-bit")
+
+
+def test_phase_steps_report_each_step_and_log_only_slow_phases(caplog):
+    calls = []
+    record = lambda phase, done, total: calls.append((phase, done, total))  # noqa: E731
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        quick = PhaseSteps(record, "probes", 3)  # steps far quicker than its interval: no line
+        for _ in range(3):
+            quick.step()
+        assert calls == [("probes", 0, 3), ("probes", 1, 3), ("probes", 2, 3), ("probes", 3, 3)]
+        assert not caplog.records
+        slow = PhaseSteps(None, "warm-up", 2, every=0.0)  # every step counts as slow
+        slow.step()
+        slow.step()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("warm-up 1/2 after ") and "left" in lines[0]
+    assert lines[1].startswith("warm-up 2/2 after ") and "left" not in lines[1]

@@ -80,6 +80,9 @@ class BlockGraph:
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
     channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
+    channel_scores: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """`importance.l1_channel_scores` per group, computed once (a search asks for them per candidate:
+    a second per call on AlexNet's 37M-weight Gemm); `replace` starts a new graph with an empty one."""
 
 
     @property

@@ -188,6 +188,9 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     """Random search with the same number of real evaluations as the RL methods."""
     if ctx is None:
         raise UserError(f"{option('method', 'random')} measures candidates: give {option('data')}")
+    if evaluations < 1:  # nothing measured, nothing to return
+        raise UserError(f"{option('method', 'random')} needs at least one real evaluation, got "
+                        f"{option('evaluations')} {evaluations}")
     rng = np.random.default_rng(seed)
     goal = getattr(ctx, "speed_goal", None)  # --speedup: pruned to the estimate, rejected when measured slower
     best: Measurement | None = None

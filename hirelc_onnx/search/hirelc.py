@@ -48,7 +48,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,7 +57,7 @@ from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.objective import expected_score
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.kill_points import kill_point
-from hirelc_onnx.progress import ProgressFn, notify, progress_log
+from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
@@ -184,8 +184,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     # --- sensitivity and the cold-start accuracy estimator ------------------------------------
     if state is None:
-        notify(progress, "hirelc: sensitivity and proxy probes")
-        state = _first_state(bg, ctx, budget, target, seed, settings)
+        state = _first_state(bg, ctx, budget, target, seed, settings, progress,
+                             lambda seconds: _warn_if_slow(bg, seconds, evaluations, time_limit, settings))
     log.info("sensitivity from %s", state.sensitivity_source)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
@@ -198,7 +198,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     if resumed_from is None:
         initial = _proxy(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
-        _warm_up(bg, ctx, state, estimator, budget, settings)
+        _warm_up(bg, ctx, state, estimator, budget, settings, progress,
+                 None if time_limit is None else start + time_limit / 2)
     else:
         problem.current = dict(state.current.kernels)
         problem.block_levels = np.asarray(state.levels, dtype=np.int64)
@@ -352,12 +353,42 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 # --- the first state: probes and sensitivity ---------------------------------------------------
 
 def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str, seed: int,
-                 settings: HiReLCSettings) -> HiReLCState:
-    """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give."""
-    probes = [_proxy(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+                 settings: HiReLCSettings, progress: ProgressFn | None = None,
+                 first_probe: Callable[[float], None] | None = None) -> HiReLCState:
+    """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give.
+    first_probe: told the seconds the first probe took (what every later candidate will cost)."""
+    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + 1)
+    probes = []
+    for name in bg.kernels:
+        probe_start = time.perf_counter()
+        probes.append(_proxy(ctx, CompressionConfig({name: PROBE}, target)))
+        if len(probes) == 1 and first_probe is not None:
+            first_probe(time.perf_counter() - probe_start)
+        steps.step()
     kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
+    steps.step()
     return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes,
                        kernel_sens, block_sens, source, kernel_share=share)
+
+
+SLOW_RUN_SECONDS = 300.0
+"""A search whose rewrites and ORT passes alone are forecast to take longer than this is warned about."""
+
+
+def _warn_if_slow(bg: BlockGraph, per_candidate: float, evaluations: int, time_limit: float | None,
+                  settings: HiReLCSettings) -> None:
+    """Say, once the probes have timed one candidate, when the rest of the search will take long and
+    which options bound it (a big model: every candidate is a rewrite and an ORT session of every weight)."""
+    candidates = len(bg.kernels) + settings.warmup_configs + evaluations * (settings.proxy_checks + 1 +
+                                                                             settings.batch_size)
+    forecast = per_candidate * candidates
+    if time_limit is None and forecast > SLOW_RUN_SECONDS:
+        log.warning("each candidate of this model takes about %.0fs to rewrite and score through ONNX Runtime "
+                    "(%d kernels, %.0f MB of fp32 weights): the %d probes, %d warm-up scores and %d rounds will "
+                    "take about %.0f min, their agents' training besides; %s bounds the run after the probes, "
+                    "%s N makes fewer rounds, %s knapsack has no agents", per_candidate, len(bg.kernels),
+                    bg.weight_bytes / 1e6, len(bg.kernels), settings.warmup_configs, evaluations, forecast / 60,
+                    option("time_limit"), option("evaluations"), option("method"))
 
 
 def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservation],
@@ -415,13 +446,20 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 
 def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
-             settings: HiReLCSettings) -> None:
-    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1)."""
+             settings: HiReLCSettings, progress: ProgressFn | None = None, deadline: float | None = None) -> None:
+    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1);
+    fewer when `deadline` (perf_counter seconds: half of --time-limit) passes first."""
     rng = np.random.default_rng([state.seed, 17_017])
-    for _ in range(settings.warmup_configs):
+    steps = PhaseSteps(progress, "hirelc: warm-up proxy scores", settings.warmup_configs)
+    for i in range(settings.warmup_configs):
+        if deadline is not None and time.perf_counter() > deadline:
+            log.warning("time limit: the warm-up stops after %d of %d proxy scores (half the time is spent)", i,
+                        settings.warmup_configs)
+            break
         config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
                         damage=estimator.kernel_mse, fill=False)
         _record_proxy(ctx, state, config, -1, "warmup")
+        steps.step()
 
 
 def _warmup_points(ctx: SearchContext, state: HiReLCState) -> list[tuple[CompressionConfig, Any, float]]:

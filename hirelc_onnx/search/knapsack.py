@@ -20,9 +20,9 @@ import logging
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.progress import ProgressFn, notify, progress_log
+from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
@@ -50,9 +50,15 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         raise UserError("--method knapsack measures candidates: give --data")
     if budget is None:
         raise UserError("--method knapsack fits a budget: give --budget")
+    if evaluations < 1:  # its loop would end with nothing measured
+        raise UserError(f"{option('method', 'knapsack')} needs at least one real evaluation, got "
+                        f"{option('evaluations')} {evaluations}")
     check_reachable(bg, budget, target)
-    notify(progress, "knapsack: proxy probes")
-    probes = [_observe(ctx, CompressionConfig({name: PROBE}, target)) for name in bg.kernels]
+    steps = PhaseSteps(progress, "knapsack: proxy probes", len(bg.kernels))
+    probes = []
+    for name in bg.kernels:
+        probes.append(_observe(ctx, CompressionConfig({name: PROBE}, target)))
+        steps.step()
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
     scored: list[ProxyObservation] = []
     rng = np.random.default_rng([seed, 17])

@@ -13,7 +13,7 @@ from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import QUICK_SETTINGS, HiReLCSettings, _normalise, run_hirelc
+from hirelc_onnx.search.hirelc import QUICK_SETTINGS, HiReLCSettings, _normalise, _warn_if_slow, run_hirelc
 from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
@@ -73,7 +73,9 @@ def test_hirelc_meets_budget_with_real_history(bg, ctx):
     assert any(h["kind"] == "proxy" for h in result.history)
     rounds = [c for c in calls if c[0] == "hirelc: real evaluations"]
     assert rounds == [("hirelc: real evaluations", 0, 2), ("hirelc: real evaluations", 1, 2), ("hirelc: real evaluations", 2, 2)]
-    assert calls[0] == ("hirelc: sensitivity and proxy probes", 0, 1)  # a label before the first round ends
+    probes = len(bg.kernels) + 1  # one proxy probe per kernel, then the sensitivity
+    assert calls[0] == ("hirelc: sensitivity and proxy probes", 0, probes)  # a label before the first step ends
+    assert [c[1] for c in calls if c[0] == "hirelc: sensitivity and proxy probes"] == list(range(probes + 1))
     extra = result.extra
     assert extra["rounds"] == 2 and extra["resumed_from"] is None
     assert set(extra["block_sensitivity"]) == {b.id for b in bg.blocks}
@@ -164,3 +166,18 @@ def test_a_round_measures_a_batch_the_pick_then_the_next_best(bg, ctx):
     assert len({(h["ratio"], h["score"]) for h in real}) == 2 and ctx.batch_log[-1]["size"] == 2
     assert all(BUDGET <= h["ratio"] for h in real)
     assert result.val_score == max(h["score"] for h in real)
+
+
+def test_a_slow_candidate_is_forecast_with_the_options_that_bound_the_run(bg, caplog):
+    settings = HiReLCSettings()
+    candidates = len(bg.kernels) + settings.warmup_configs + 8 * (settings.proxy_checks + 1 + settings.batch_size)
+    with caplog.at_level("WARNING", logger="hirelc_onnx.search.hirelc"):
+        _warn_if_slow(bg, 1.0, 8, None, settings)  # a run of candidates * 1 s: under the threshold
+        assert candidates < 300 and not caplog.records
+        _warn_if_slow(bg, 10.0, 8, 60.0, settings)  # slow, but bounded by time_limit already
+        assert not caplog.records
+        _warn_if_slow(bg, 10.0, 8, None, settings)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert f"about {candidates * 10 / 60:.0f} min" in message
+    assert "time_limit=" in message and "evaluations=" in message and "method=" in message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.context import SearchContext
@@ -36,3 +37,10 @@ def test_knapsack_is_a_registered_method_that_needs_data():
     method = get_method("knapsack")
     assert method.needs_data and "budget" in method.options
     assert method.load() is run_knapsack
+
+
+@pytest.mark.parametrize("method", ["knapsack", "random"])
+def test_no_real_evaluation_is_refused_before_any_work(method):
+    bg = object()  # never reached: the refusal comes first
+    with pytest.raises(UserError, match="at least one real evaluation"):
+        get_method(method).load()(bg, object(), "storage", budget=6.0, evaluations=0)
