@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl fuzz clean
+.PHONY: venv demo test test-fast test-zoo bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl fuzz clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,14 @@ demo: $(STAMP)
 # --dist loadgroup: tests marked xdist_group (those needing the CTC recognizer, whose first build in a
 # fresh clone is the longest) run on one worker, first; every other test goes to whichever worker is free
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not zoo" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not zoo" $(PYTEST_ARGS)
+
+# every onnx light model (alexnet, vgg19, resnet50, ...) compressed data-free end to end: tens of minutes
+test-zoo: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m zoo $(PYTEST_ARGS)
 
 # the methods table and the pass-level latency table (the graph-rl vs L1 comparison is
 # bench-ablation-graph-rl's): writes bench/RESULTS.md, bench/results.json

@@ -67,7 +67,7 @@ def test_squeezenet_with_a_few_samples_meets_the_budget_and_keeps_the_reference_
     assert report["data"]["samples"] == 16 and not report["data"]["data_free"]
 
 
-@pytest.mark.slow
+@pytest.mark.zoo  # minutes per model: `make test-zoo`
 @pytest.mark.parametrize("name", ALL)
 def test_every_light_model_compresses_data_free(name, tmp_path):
     report = _compress_and_check(name, tmp_path / "out")
