@@ -69,6 +69,7 @@ class MaskedProxy:
         self.batch = torch_inputs(x)  # the proxy batch, one tensor per graph input (ids stay integers)
         self.x = self.batch  # the rows scored now (`use_rows`)
         self.recalibrate = recalibrate
+        self.raw_weight = 0.0  # `raw_weight`: the share of the unrecalibrated damage added to the score
         self.lengths = obs.lengths.astype(int)
         self.column = {gid: j for j, gid in enumerate(obs.groups)}
         producer = {out: node.name for node in bg.model.graph.node for out in node.output}
@@ -205,9 +206,18 @@ class MaskedProxy:
         try:
             with torch.no_grad():
                 outs = _numpy_outputs(self.module(*self.x))
+                raw = None
+                if self.raw_weight and self.recalibrate:
+                    self.recalibrate = False
+                    try:
+                        raw = _numpy_outputs(self.module(*self.x))
+                    finally:
+                        self.recalibrate = True
         finally:
             self.masks = None
         damage, agreement = self.objective.proxy(outs, self.ref)
+        if raw is not None:
+            damage = damage + self.raw_weight * self.objective.proxy(raw, self.ref)[0]
         return -damage, damage, agreement
 
 

@@ -196,6 +196,18 @@ def test_projection_moves_the_least_probable_channels_first(resnet, sampled):
         assert set(np.flatnonzero(m)) == set(np.argsort(-p)[: m.sum()])
 
 
+def test_uniform_counts_are_the_largest_uniform_allocation_meeting_the_limit(resnet):
+    """The uniform allocation the policy starts from: rounded to the unit, above the floors, on the limit."""
+    bg, obs = resnet
+    space = PruningSpace(bg, obs, [Constraint("flops", 0.5)], "storage", 8, 0.125, channel_multiple=4)
+    keep = space.uniform_keep()
+    counts = space.uniform_counts(keep)
+    assert 0.5 < keep < 1.0 and (counts % 4 == 0).all() and (counts >= space.floors).all()
+    assert space.feasible(space.usage(counts)[0])  # the largest uniform keep meets the limit ...
+    assert not space.feasible(space.usage(space.uniform_counts(min(1.0, keep + 0.05)))[0])  # ... a larger one does not
+    assert (space.uniform_counts(1.0) == obs.lengths).all() and (space.uniform_counts(0.0) == space.floors).all()
+
+
 def test_resource_constraints_and_unreachable_targets(resnet):
     bg, obs = resnet
     assert resource_constraints() == [Constraint("flops", 0.5)]
