@@ -38,7 +38,9 @@ of the original model measured by the cost model on the emitted model (`pruning_
 
 The reward (self-competition). The proxy score is -(logit MSE vs fp32)/(fp32 logit variance) of
 the pruned model with its per-channel statistics re-estimated (`masked_proxy.MaskedProxy`: why,
-and why not the raw pruned model). The reward is score - (best feasible score before this update)
+and why not the raw pruned model alone), minus `raw_weight` times that of the raw pruned model:
+fine-tuning starts from the raw one, and the recalibrated damage alone cannot tell a strong
+channel from a weak one whose loss re-standardisation hides (`GraphRLSettings.raw_weight`). The reward is score - (best feasible score before this update)
 - Lagrangian penalty: the agent competes with its own record, which starts at the best starting
 cut (below).
 REINFORCE, with an exponential-moving-average baseline of past rewards (after a new record the
@@ -402,7 +404,8 @@ def run_graph_rl(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
              "source": sources[id(best_m)], "prior": prior_kind,
              "lagrange_multipliers": lam_trace, "best_proxy_curve": best_curve, "learning_curve": mean_curve,
              "policy_shift": shift, "prior_keep": prior,
-             "proxy_metric": "-normalised logit MSE, pruned fp32 with re-estimated channel statistics",
+             "proxy_metric": "-normalised logit MSE, pruned fp32 with re-estimated channel statistics"
+                             + (f" + {s.raw_weight:g} x that without" if getattr(scorer, "raw_weight", 0) else ""),
              "episodes": len(best_curve) * s.batch, "distinct_episodes": len(scored), "bits": bits,
              "channel_importance": importance_kind, "importance_seconds": importance_seconds,
              "rl_seconds": rl_seconds, "measure_seconds": time.perf_counter() - t_measure}

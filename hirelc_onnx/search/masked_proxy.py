@@ -58,6 +58,11 @@ class MaskedProxy:
     the kernel outputs because BatchNorm is folded into the kernels here. Measured on six 50%-MACs
     ResNet-20 candidates, the rank correlation with validation accuracy after 2 fine-tuning epochs
     was 0.94 for the recalibrated score and 0.66 for the raw one.
+
+    Fine-tuning starts from the raw pruned model, though, and re-standardisation hides what
+    dropping a strong channel costs it: `raw_weight` > 0 adds that share of the raw model's damage
+    (a second forward pass). On VGG the recalibrated score alone led graph-rl to channel sets that
+    fine-tuned worse than uniform L1 (`graph_rl.GraphRLSettings.raw_weight`).
     """
 
     def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray | Mapping[str, np.ndarray],

@@ -237,7 +237,13 @@ def test_masked_proxy_computes_what_the_pruning_pass_emits(reference_models, nam
     # recalibration leaves the unpruned model untouched and changes a pruned one
     recal = MaskedProxy(bg, obs, x)
     assert recal([np.ones(int(n), bool) for n in obs.lengths])[1] < 1e-10
-    assert recal(masks)[1] != mse
+    recalibrated = recal(masks)[1]
+    assert recalibrated != mse
+    # raw_weight adds the raw pruned model's damage (the pruning pass's, above) to the recalibrated one
+    recal.raw_weight = 0.5
+    score, damage, _ = recal(masks)
+    assert np.isclose(damage, recalibrated + 0.5 * mse, rtol=1e-4) and score == -damage
+    assert recal([np.ones(int(n), bool) for n in obs.lengths])[1] < 1e-10
 
 
 def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_models):
@@ -308,6 +314,7 @@ def test_without_a_prior_only_the_trained_policy_is_measured_and_it_moves(refere
     real = [h for h in result.history if h["kind"] == "real"]
     # no ranking was computed, scored or measured: every candidate is one of the policy's episodes
     assert result.extra["prior"] == "none" and result.extra["channel_importance"] is None
+    assert result.extra["proxy_metric"].endswith("+ 1 x that without")  # the raw pruned model's damage counts too
     assert len(real) == 3 and {h["source"] for h in real} == {"policy"} and result.extra["source"] == "policy"
     assert real[0]["greedy"] and model_cost(bg, result.config).macs_fraction <= 0.5
     # 12 updates move every channel's keep probability from the uniform start (0.047 measured; frozen: 0)
