@@ -110,7 +110,7 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
               "MACs: the emitted model's fraction of fp32's (the limit is 0.5; uniform L1 lands below it, its "
               "channel counts rounded to multiples of 8). Shift: along the policy's greedy episode, mean Bernoulli KL from the starting policy and the share of "
               "channels whose keep decision flipped. Proxy: the batch's mean proxy score (minus the normalised logit "
-              "MSE on the RL rows) over the first and last tenth of the updates. Seconds: the whole run, its RL "
+              "MSE on the RL rows, recalibrated plus raw: `GraphRLSettings.raw_weight`) over the first and last tenth of the updates. Seconds: the whole run, its RL "
               "phase, its real evaluations. Candidates: in the order measured; the emitted one has the best selection "
               "score or, within one standard error of it, the lowest selection loss (`search/selection.py`).", "",
               "| model | arm | seed | MACs | episodes | shift KL | flipped | proxy first -> last | seconds | RL s "

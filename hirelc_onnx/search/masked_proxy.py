@@ -58,6 +58,11 @@ class MaskedProxy:
     the kernel outputs because BatchNorm is folded into the kernels here. Measured on six 50%-MACs
     ResNet-20 candidates, the rank correlation with validation accuracy after 2 fine-tuning epochs
     was 0.94 for the recalibrated score and 0.66 for the raw one.
+
+    Fine-tuning starts from the raw pruned model, though, and re-standardisation hides what
+    dropping a strong channel costs it: `raw_weight` > 0 adds that share of the raw model's damage
+    (a second forward pass). On VGG the recalibrated score alone led graph-rl to channel sets that
+    fine-tuned worse than uniform L1 (`graph_rl.GraphRLSettings.raw_weight`).
     """
 
     def __init__(self, bg: BlockGraph, obs: GraphObservation, x: np.ndarray | Mapping[str, np.ndarray],
@@ -69,6 +74,7 @@ class MaskedProxy:
         self.batch = torch_inputs(x)  # the proxy batch, one tensor per graph input (ids stay integers)
         self.x = self.batch  # the rows scored now (`use_rows`)
         self.recalibrate = recalibrate
+        self.raw_weight = 0.0  # `raw_weight`: the share of the unrecalibrated damage added to the score
         self.lengths = obs.lengths.astype(int)
         self.column = {gid: j for j, gid in enumerate(obs.groups)}
         producer = {out: node.name for node in bg.model.graph.node for out in node.output}
@@ -205,9 +211,18 @@ class MaskedProxy:
         try:
             with torch.no_grad():
                 outs = _numpy_outputs(self.module(*self.x))
+                raw = None
+                if self.raw_weight and self.recalibrate:
+                    self.recalibrate = False
+                    try:
+                        raw = _numpy_outputs(self.module(*self.x))
+                    finally:
+                        self.recalibrate = True
         finally:
             self.masks = None
         damage, agreement = self.objective.proxy(outs, self.ref)
+        if raw is not None:
+            damage = damage + self.raw_weight * self.objective.proxy(raw, self.ref)[0]
         return -damage, damage, agreement
 
 

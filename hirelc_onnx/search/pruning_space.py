@@ -121,13 +121,17 @@ class PruningSpace:
             raise BudgetError(f"{self.constraints[worst].describe()} is unreachable by pruning: every prunable "
                               f"group at its floor still uses {usage[worst]:.3f}")
 
+    def uniform_counts(self, keep: float) -> np.ndarray:
+        """Every group's kept channels at one keep fraction, rounded to its unit (at least its floor)."""
+        return np.minimum(self.lengths, np.maximum(self.floors, np.round(keep * self.lengths / self.units)
+                                                   * self.units)).astype(int)
+
     def uniform_keep(self) -> float:
         """The largest uniform keep fraction meeting every limit (the policy's starting point)."""
         lo, hi = 0.0, 1.0
         for _ in range(12):
             mid = (lo + hi) / 2
-            counts = np.maximum(self.floors, np.round(mid * self.lengths / self.units) * self.units).astype(int)
-            lo, hi = (mid, hi) if self.feasible(self.usage(counts)[0]) else (lo, mid)
+            lo, hi = (mid, hi) if self.feasible(self.usage(self.uniform_counts(mid))[0]) else (lo, mid)
         return max(lo, 0.05)
 
     def project(self, masks: list[np.ndarray], probs: list[np.ndarray]) -> tuple[list[np.ndarray], ModelCost]:

@@ -196,6 +196,18 @@ def test_projection_moves_the_least_probable_channels_first(resnet, sampled):
         assert set(np.flatnonzero(m)) == set(np.argsort(-p)[: m.sum()])
 
 
+def test_uniform_counts_are_the_largest_uniform_allocation_meeting_the_limit(resnet):
+    """The uniform allocation the policy starts from: rounded to the unit, above the floors, on the limit."""
+    bg, obs = resnet
+    space = PruningSpace(bg, obs, [Constraint("flops", 0.5)], "storage", 8, 0.125, channel_multiple=4)
+    keep = space.uniform_keep()
+    counts = space.uniform_counts(keep)
+    assert 0.5 < keep < 1.0 and (counts % 4 == 0).all() and (counts >= space.floors).all()
+    assert space.feasible(space.usage(counts)[0])  # the largest uniform keep meets the limit ...
+    assert not space.feasible(space.usage(space.uniform_counts(min(1.0, keep + 0.05)))[0])  # ... a larger one does not
+    assert (space.uniform_counts(1.0) == obs.lengths).all() and (space.uniform_counts(0.0) == space.floors).all()
+
+
 def test_resource_constraints_and_unreachable_targets(resnet):
     bg, obs = resnet
     assert resource_constraints() == [Constraint("flops", 0.5)]
@@ -225,7 +237,13 @@ def test_masked_proxy_computes_what_the_pruning_pass_emits(reference_models, nam
     # recalibration leaves the unpruned model untouched and changes a pruned one
     recal = MaskedProxy(bg, obs, x)
     assert recal([np.ones(int(n), bool) for n in obs.lengths])[1] < 1e-10
-    assert recal(masks)[1] != mse
+    recalibrated = recal(masks)[1]
+    assert recalibrated != mse
+    # raw_weight adds the raw pruned model's damage (the pruning pass's, above) to the recalibrated one
+    recal.raw_weight = 0.5
+    score, damage, _ = recal(masks)
+    assert np.isclose(damage, recalibrated + 0.5 * mse, rtol=1e-4) and score == -damage
+    assert recal([np.ones(int(n), bool) for n in obs.lengths])[1] < 1e-10
 
 
 def test_end_to_end_on_resnet20_returns_a_feasible_measured_model(reference_models):
@@ -296,6 +314,7 @@ def test_without_a_prior_only_the_trained_policy_is_measured_and_it_moves(refere
     real = [h for h in result.history if h["kind"] == "real"]
     # no ranking was computed, scored or measured: every candidate is one of the policy's episodes
     assert result.extra["prior"] == "none" and result.extra["channel_importance"] is None
+    assert result.extra["proxy_metric"].endswith("+ 1 x that without")  # the raw pruned model's damage counts too
     assert len(real) == 3 and {h["source"] for h in real} == {"policy"} and result.extra["source"] == "policy"
     assert real[0]["greedy"] and model_cost(bg, result.config).macs_fraction <= 0.5
     # 12 updates move every channel's keep probability from the uniform start (0.047 measured; frozen: 0)
