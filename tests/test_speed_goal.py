@@ -70,4 +70,4 @@ def test_speedup_options_are_checked(reference_models):
     with pytest.raises(UserError, match="batch= sets the batch size speedup="):
         compress(path, method="random", data="digits", batch=32)
     with pytest.raises(UserError, match="does not take speedup="):
-        compress(path, method="uniform", data="digits", speedup="1.5x")
+        compress(path, method="knapsack", data="digits", speedup="1.5x")

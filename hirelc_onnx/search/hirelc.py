@@ -297,6 +297,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             speed = goal.measure(m.model) if goal is not None else None
             if speed is not None and speed < goal.factor:  # measured whole: slower than the goal, never returned
                 too_slow.add(point.key)
+                goal.observe(bg, m.config, speed)  # the estimate recalibrated: later picks prune more
             else:
                 _keep_best(point, m, [p for p in state.real if p.key not in too_slow], threshold)
             state.real.append(point)
