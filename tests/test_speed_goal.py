@@ -59,6 +59,10 @@ def test_speed_repair_prunes_until_the_estimate_meets_the_goal(resnet):
     assert model_cost(bg, fitted).total_bytes < model_cost(bg, start).total_bytes  # a budget met stays met
     with pytest.raises(BudgetError, match="beyond pruning"):
         speed_repair(bg, start, SpeedGoal(50.0, 32, goal.table, bg.model))
+    # once whole timings lowered the estimate, the table reached it: the most pruned config, timed by the caller
+    floor = speed_repair(bg, start, SpeedGoal(50.0, 32, goal.table, bg.model, scale=0.5))
+    assert all(floor.get(k).keep_ratio <= 0.25 + 1e-9 for g in bg.groups if g.prunable and g.producers
+               for k in g.producers)
 
 
 def test_graph_rl_latency_constraint_uses_the_estimate(resnet):

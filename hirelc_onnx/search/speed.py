@@ -153,7 +153,8 @@ def speed_repair(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal, mar
     """Prune until the estimated speedup reaches the goal (times `margin`): each step lowers the
     keep of the prunable group whose step buys the most estimated speed (`_lower_keep`: at least one
     unit of `--channel-multiple`), down to MIN_KEEP. Raises BudgetError when every group at
-    MIN_KEEP still misses it."""
+    MIN_KEEP still misses it by the table; once whole timings have lowered the estimate
+    (`SpeedGoal.scale` < 1), returns the most pruned config instead (its timing says how far it got)."""
     kernels = {name: config.get(name) for name in bg.kernels}
     like = {"target": config.target, "channel_multiple": config.channel_multiple}
     multiple = channel_multiple(bg, config)
@@ -175,6 +176,10 @@ def speed_repair(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal, mar
         if best is None:
             if current >= goal.factor:
                 break
+            if goal.scale < 1.0:  # the table alone reaches it, whole timings said less: as fast as pruning goes
+                log.warning("%s: pruning every channel group to %.0f%% is estimated at %.2fx after calibration "
+                            "against whole-model timings", goal.describe(), 100 * MIN_KEEP, current)
+                break
             raise BudgetError(f"{goal.describe()} is beyond pruning every channel group to {MIN_KEEP:.0%}: "
                               f"estimated {current:.2f}x from the per-kernel latency table")
         kernels, current = best, best_speed
@@ -190,12 +195,10 @@ def fit_measured(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal,
     last config and its measured speedup (below the goal when every round missed or pruning ran out)."""
     speed = 0.0
     for _ in range(max(1, rounds)):
-        try:
-            config = speed_repair(bg, config, goal, margin)
-        except BudgetError:
-            if speed:  # pruned as far as the repair goes: the last one measured stands
-                break
-            raise
+        pruned = speed_repair(bg, config, goal, margin)
+        if speed and all(pruned.get(n) == config.get(n) for n in bg.kernels):
+            break  # pruned as far as the repair goes: the last one timed stands
+        config = pruned
         speed = goal.measure(build(config))
         if speed >= goal.factor or not goal.observe(bg, config, speed):
             break
