@@ -171,6 +171,12 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 "ort_cpu_fallbacks": [f["kernel"] for f in (rep.get("ort_cpu_speed") or {}).get("whole_model_fallbacks", [])],
             })
             print(_row_md(rows[-1]), flush=True)
+            if rep.get("speed_goal"):  # the goal's final whole timing, beside the table (stderr)
+                g = rep["speed_goal"]
+                print(f"{model_name} {method}: speedup goal {g['speedup']:g}x at batch {g['batch']} "
+                      f"{'met' if g['met'] else 'NOT met'}, measured {g['measured_speedup']:.2f}x, MACs "
+                      f"{_fmt(rep['size'].get('macs_fraction'))}, scale {g.get('scale', 1.0):.3f}, "
+                      f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     return rows
 
 
