@@ -113,7 +113,7 @@ def test_fit_measured_recalibrates_until_the_whole_timing_meets_the_goal(resnet,
     timer.timed.clear()
     fitted, speed = fit_measured(bg, start, goal, timer.build)
     assert speed == timer.timed[-1] >= 1.5  # what it returns is what the timer said of the last model built
-    assert len(timer.timed) <= ROUNDS and len(timer.timed) >= 2  # the first repair missed, a later one met it
+    assert 3 <= len(timer.timed) <= 2 * ROUNDS  # the first repair missed (timed twice), a later one met it
     assert goal.scale == pytest.approx(0.75)  # measured / table estimate of the candidate that missed
     assert goal.record()["calibrations"][0]["measured"] == timer.timed[0]
     assert model_cost(bg, fitted).macs_fraction < model_cost(bg, uncalibrated).macs_fraction
@@ -128,7 +128,7 @@ def test_fit_measured_stops_after_its_rounds_and_says_what_it_measured(resnet, m
     monkeypatch.setattr(goal, "measure", timer.measure)
     start = CompressionConfig.uniform(bg.kernels, target="storage", bits=8)
     fitted, speed = fit_measured(bg, start, goal, timer.build, rounds=1)
-    assert timer.timed == [speed] and speed < 1.5  # one timing, missed: the caller reports it
+    assert timer.timed == [speed, speed] and speed < 1.5  # one candidate, its miss timed twice: the caller reports it
 
 
 def test_speed_repair_prunes_whole_channel_units(resnet):

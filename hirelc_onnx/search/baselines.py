@@ -112,7 +112,7 @@ def _uniform_keep_for_speed(bg: BlockGraph, ctx: SearchContext, goal: SpeedGoal,
         config = config_at(float(k))
         if goal.estimate(bg, config) < goal.factor * SPEED_MARGIN and k != keeps[-1]:
             continue
-        speed = goal.measure(apply_config(bg, config, calib_batches=calib))
+        speed = goal.timed(apply_config(bg, config, calib_batches=calib))
         timed += 1
         progress_log.info("uniform under %s: keep %.4f measured %.2fx whole", goal.describe(), k, speed)
         if speed >= goal.factor or timed >= SPEED_ROUNDS:

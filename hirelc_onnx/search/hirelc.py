@@ -295,7 +295,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             timing["measure"] = m.seconds
             point = RealPoint(rnd, m.config, config_key(candidate), m.score, m.cost, m.finetuned, m.seconds, source,
                               guess)
-            speed = goal.measure(m.model) if goal is not None else None
+            speed = goal.timed(m.model) if goal is not None else None
             if speed is not None:
                 speeds[point.key] = speed
             if speed is not None and speed < goal.factor:  # measured whole: slower than the goal, never returned
