@@ -49,11 +49,12 @@ METHOD_SPECS: dict[str, tuple[str, str, str | None, dict]] = {
     "hirelc-ort": ("hirelc", "ort-cpu", "4x", {}),
     # --speedup 1.5x --batch 32 (issue 15), every method under the same constraint: hirelc also at
     # 4x (its budget), graph-rl and random under the latency limit alone; "l1-speed" is uniform L1
-    # pruning at the largest keep whose estimated speedup meets it (`_compress_args`), 7-bit ort-cpu
+    # pruning, 7-bit ort-cpu, at the largest keep meeting it by the same calibrated estimate and
+    # whole-model timing (search/baselines.py: _uniform_keep_for_speed)
     "hirelc-speed": ("hirelc", "ort-cpu", "4x", {"speedup": "1.5x", "batch": 32}),
     "graph-rl-speed": ("graph-rl", "ort-cpu", None, {"speedup": "1.5x", "batch": 32}),
     "random-speed": ("random", "ort-cpu", None, {"speedup": "1.5x", "batch": 32}),
-    "l1-speed": ("uniform", "ort-cpu", None, {"bits": 7}),
+    "l1-speed": ("uniform", "ort-cpu", None, {"bits": 7, "speedup": "1.5x", "batch": 32}),
 }
 SPEED_ROWS = ("hirelc-speed", "graph-rl-speed", "random-speed", "l1-speed")
 DIGIT_MODELS = ("resnet20", "vgg", "mobilenetv2", "vit")
@@ -119,31 +120,7 @@ def _compress_args(method: str, path) -> tuple[str, str, str | None, dict]:
     kind, target, budget, options = METHOD_SPECS[method]
     if method == "l1-flops50":
         options = {**options, "keep": l1_keep(path)}
-    if method == "l1-speed":
-        options = {**options, "keep": _keep_for_speedup(path, **METHOD_SPECS["hirelc-speed"][3])}
     return kind, target, budget, options
-
-
-def _keep_for_speedup(path, speedup: str, batch: int) -> float:
-    """The largest uniform keep (in 1/16 steps) whose speedup, estimated from the per-kernel latency
-    table at `batch` (7-bit ort-cpu kernels, channels rounded to multiples of 8), meets `speedup`."""
-    from dataclasses import replace
-
-    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
-    from hirelc_onnx.evaluate.runner import get_runner
-    from hirelc_onnx.graph import build_block_graph, load_model
-    from hirelc_onnx.search.baselines import _uniform_config
-    from hirelc_onnx.search.ort_speed import flag_slow_kernels, int8_latency_table
-    from hirelc_onnx.search.speed import SpeedGoal, parse_speedup
-
-    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
-    table, _ = int8_latency_table(bg, [get_runner(bg.model).random_feed(batch)])
-    bg, _ = flag_slow_kernels(bg, table)
-    goal = SpeedGoal(parse_speedup(speedup), batch, table, bg.model)
-    for keep in np.arange(16, 3, -1) / 16:
-        if goal.estimate(bg, _uniform_config(bg, "ort-cpu", 7, float(keep))) >= goal.factor * 1.05:
-            return float(keep)
-    return 0.25
 
 
 def _taken(kind: str, **run_wide) -> dict:
@@ -194,6 +171,12 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 "ort_cpu_fallbacks": [f["kernel"] for f in (rep.get("ort_cpu_speed") or {}).get("whole_model_fallbacks", [])],
             })
             print(_row_md(rows[-1]), flush=True)
+            if rep.get("speed_goal"):  # the goal's final whole timing, beside the table (stderr)
+                g = rep["speed_goal"]
+                print(f"{model_name} {method}: speedup goal {g['speedup']:g}x at batch {g['batch']} "
+                      f"{'met' if g['met'] else 'NOT met'}, measured {g['measured_speedup']:.2f}x, MACs "
+                      f"{_fmt(rep['size'].get('macs_fraction'))}, scale {g.get('scale', 1.0):.3f}, "
+                      f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     return rows
 
 

@@ -234,7 +234,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             goal = ctx.speed_goal
             reached = goal.measure(result.model)
             report["speed_goal"] = {"speedup": speedup, "batch": goal.batch, "measured_speedup": reached,
-                                    "met": reached >= speedup}
+                                    "met": reached >= speedup, **goal.record()}
         if out_dir is not None:
             notify(progress, "writing the outputs")
             write_outputs(Path(out_dir), Path(model_path), result.model, result.config, report,

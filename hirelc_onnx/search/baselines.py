@@ -28,7 +28,9 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.progress import ProgressFn, notify, progress_log
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
-from hirelc_onnx.search.speed import speed_repair
+from hirelc_onnx.search.speed import MARGIN as SPEED_MARGIN
+from hirelc_onnx.search.speed import ROUNDS as SPEED_ROUNDS
+from hirelc_onnx.search.speed import SpeedGoal, speed_repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from passes.quantize_activations import quantize_activations
 from passes.storage import initializer_nbytes
@@ -86,10 +88,37 @@ def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits:
     if bits is None:
         bits = 7 if target == "ort-cpu" else 8
     config = _uniform_config(bg, target, bits, keep, qtype, granularity)
+    goal = getattr(ctx, "speed_goal", None)  # --speedup: the largest keep up to `keep` that meets it, timed whole
+    if goal is not None:
+        config = _uniform_keep_for_speed(bg, ctx, goal, lambda k: _uniform_config(bg, target, bits, k, qtype, granularity),
+                                         keep)
     if ctx is None:
         return MethodResult(config, apply_config(bg, config), None)
     m = ctx.measure(config)
     return MethodResult(config, m.model, m.score, [candidate_record(m, method="uniform")])
+
+
+def _uniform_keep_for_speed(bg: BlockGraph, ctx: SearchContext, goal: SpeedGoal,
+                            config_at: Callable[[float], CompressionConfig], keep: float) -> CompressionConfig:
+    """Uniform L1 under --speedup, by the rule the searches follow: the largest keep (in 1/16 steps,
+    at most `keep`) whose calibrated estimate meets the goal with the repair's margin, built and
+    timed whole; while it misses, the estimate is recalibrated (`SpeedGoal.observe`) and the next
+    keep down is tried, at most `speed.ROUNDS` timings. The last one tried when none met it (the
+    report then says the goal was missed, with the figure)."""
+    calib = ctx.calib_batches if ctx.target in ("ort-cpu", "qdq") else None
+    keeps = [k for k in np.arange(16, 3, -1) / 16 if k <= keep + 1e-9] or [keep]
+    config, timed = config_at(keeps[-1]), 0
+    for k in keeps:
+        config = config_at(float(k))
+        if goal.estimate(bg, config) < goal.factor * SPEED_MARGIN and k != keeps[-1]:
+            continue
+        speed = goal.timed(apply_config(bg, config, calib_batches=calib))
+        timed += 1
+        progress_log.info("uniform under %s: keep %.4f measured %.2fx whole", goal.describe(), k, speed)
+        if speed >= goal.factor or timed >= SPEED_ROUNDS:
+            break
+        goal.observe(bg, config, speed)
+    return config
 
 
 def _largest_keep(fits: Callable[[float], bool], lo: float, iterations: int) -> float:

@@ -24,7 +24,7 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
 from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.search.speed import SpeedGoal
+from hirelc_onnx.search.speed import SpeedGoal, calibrate
 from passes.fp32_kernels import fp32_activations, fp32_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
@@ -129,10 +129,13 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
 
 def speed_goal(bg: BlockGraph, ctx, factor: float, batch: int, table: LatencyTable | None = None) -> SpeedGoal:
     """The --speedup goal of a run: `table` (ort-cpu's, at batch 1 and 32) when it holds `batch`, else
-    the table measured at `batch` (a fixed-batch model: at its own batch)."""
+    the table measured at `batch` (a fixed-batch model: at its own batch); its estimate calibrated
+    against whole-model timings (`speed.calibrate`)."""
     fixed = get_runner(bg.model).fixed_batch
     batch = fixed or batch
     if table is None or not all(batch in row.model_ms for row in table.values()):
         table, _ = int8_latency_table(bg, ctx.calib_batches, ctx.sample_shapes,
                                       batches=BATCHES if batch in BATCHES else (batch,))
-    return SpeedGoal(factor, batch, table, bg.model, ctx.sample_shapes)
+    goal = SpeedGoal(factor, batch, table, bg.model, ctx.sample_shapes)
+    calib = ctx.calib_batches if ctx.target in ("ort-cpu", "qdq") else None
+    return calibrate(bg, goal, ctx.target, lambda config: apply_config(bg, config, calib_batches=calib))
