@@ -10,7 +10,7 @@ untouched. The input model is not modified.
 """
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -66,12 +66,19 @@ _QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
            onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
 
 
+_NON_NEGATIVE = frozenset({"Softmax", "Sigmoid", "Relu"})  # outputs a Clip at 0 would not change
+
+
 def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
-           produced: Container[str]) -> onnx.NodeProto | None:
+           produced: Mapping[str, onnx.NodeProto]) -> onnx.NodeProto | None:
     """The Clip a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's quantizer
     drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the zero point
-    doing its work: bypassing that pair without a Clip would drop the activation too."""
+    doing its work: bypassing that pair without a Clip would drop the activation too. After an op
+    whose output is never negative (a Softmax) no Relu was dropped, and none is left."""
     if q.input[1] not in inits:
+        return None
+    source = produced.get(q.input[0])
+    if source is not None and source.op_type in _NON_NEGATIVE:
         return None
     scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
     zp_t = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
