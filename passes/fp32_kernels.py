@@ -177,7 +177,9 @@ def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     constant it keeps for QDQ fusion, and runs every call). On a small ViT those pairs around Add,
     LayerNormalization and Softmax and the constants' dequantization cost more than the int8
     MatMuls gain. The same bytes: the constants' integers, scales and zero points are kept as they
-    are. Returns `model` itself when there is nothing to change."""
+    are. Returns `model` itself when there is nothing to change.
+    With int8 kernels left, OpenVINO 2026.4 crashed (SIGFPE) compiling the result on the ViT:
+    `search/ort_speed.py` calls it once every kernel is fp32 (then every pair goes)."""
     g = model.graph
     kernels = {n.name: n for n in g.node if n.name in set(int8_kernels(model))}
     producers = _producers(g)

@@ -111,8 +111,7 @@ def test_with_every_kernel_fp32_and_still_slower_the_activation_pairs_go(resnet,
     model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     assert not int8_kernels(model) and fallbacks[-1]["kernel"].startswith("(activation")
-    assert fallbacks[0]["kernel"].startswith("(Quantize / Dequantize outside")  # tried first
-    assert {f["kernel"] for f in fallbacks[1:-1]} == set(bg.kernels)
+    assert {f["kernel"] for f in fallbacks[:-1]} == set(bg.kernels)
     # the weights' integers are kept (decoded at load); the output is the fp32 model's up to their rounding
     want, got = _run(bg.model, feeds), _run(model, feeds)
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()

@@ -89,21 +89,11 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
     timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step). Before the first kernel, and with none left, the Q/DQ no int8 kernel reads or
-    writes go (`fp32_outside_kernels`). Returns the
+    kernels a step); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
+    decodes folded at load (`fp32_outside_kernels`). Returns the
     model and one record per kernel turned back (and one for the pairs), with the speedups that made it so."""
     fallbacks: list[dict] = []
     speed = _speedups(fp32, model, sample_shapes, batches, runs)
-    if speed and min(speed.values()) < tolerance:  # first: int8 only where an int8 kernel runs
-        islands = fp32_outside_kernels(model)
-        if islands is not model:
-            slow_at = min(speed, key=speed.get)
-            fallbacks.append({"kernel": "(Quantize / Dequantize outside the int8 kernels)",
-                              "reason": f"the model ran {1 / speed[slow_at]:.2f}x slower than fp32 at batch {slow_at}: "
-                                        "the activation pairs and constant decodes no int8 kernel needs were removed",
-                              "speedups_before": {str(b): v for b, v in speed.items()}})
-            model = islands
-            speed = _speedups(fp32, model, sample_shapes, batches, runs)
     while speed and min(speed.values()) < tolerance:
         left = int8_kernels(model)
         if not left:  # every kernel fp32: the activations' Quantize / Dequantize pairs left cost the time
