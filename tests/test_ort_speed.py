@@ -165,3 +165,21 @@ def test_outside_the_int8_kernels_the_quantize_dequantize_go(reference_models):
     ran = _ran(out, feeds)
     assert not any(op == "DequantizeLinear" for name, op in ran.items() if "_decode" in name)
     assert fp32_outside_kernels(fp32_kernels(out, int8_kernels(out))).graph.node  # nothing int8 left: all fp32
+
+
+def test_with_no_int8_kernel_the_pairs_go_before_any_timing(resnet, monkeypatch):
+    """Every kernel kept fp32 by the table (the ViT in bench run D2): the quantizer's pairs around the
+    other ops go whatever a (noisy) whole-model timing says."""
+    import hirelc_onnx.search.ort_speed as ort_speed
+
+    bg, feeds, int8, _ = resnet
+    monkeypatch.setattr(ort_speed, "_speedups", lambda *args: {1: 1.0})  # "not slower"
+    none_int8 = fp32_kernels(int8, int8_kernels(int8))
+    assert any(n.op_type == "QuantizeLinear" for n in none_int8.graph.node)
+    model, fallbacks = ort_speed.whole_model_check(bg.model, none_int8, {}, batches=(1,))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    assert [f["kernel"] for f in fallbacks] == ["(activation Quantize / Dequantize pairs)"]
+    want, got = _run(none_int8, feeds), _run(model, feeds)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
+    assert model is int8 and not fallbacks  # int8 kernels and not slower: left as it is
