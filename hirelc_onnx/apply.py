@@ -16,7 +16,7 @@ import onnx
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.importance import kept_channels
-from hirelc_onnx.specs import group_keep_counts, weight_spec, weight_target
+from hirelc_onnx.specs import group_keep_counts, int8_kernel, weight_spec, weight_target
 from passes.cleanup import cleanup
 from passes.prune_channels import prune_channels
 from passes.quantize_activations import quantize_activations
@@ -66,12 +66,11 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
             targets[kernel.weight] = weight_target(kernel, config.target)
     if not (config.target in ("ort-cpu", "qdq") and calib_batches):
         return _weight_passes(specs, targets)
-    def fusable(weight: str, spec) -> bool:  # tables and kernels ORT runs slower in int8 get the storage encoding
-        return targets[weight] != "storage" and (
-            spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4))
-
-    pinned = {w: s for w, s in specs.items() if fusable(w, s)}
-    weight_only = {w: s for w, s in specs.items() if not fusable(w, s)}
+    # tables and kernels ORT runs slower in int8 get the storage encoding (specs.int8_kernel)
+    int8 = {k.weight for k in bg.kernels.values() if k.weight in specs
+            and int8_kernel(k, specs[k.weight], config.target)}
+    pinned = {w: s for w, s in specs.items() if w in int8}
+    weight_only = {w: s for w, s in specs.items() if w not in int8}
     if config.target == "ort-cpu":  # no int8 kernel for them: the encoding ORT folds at load, not a
         # DequantizeLinear it keeps (a per-group one ran every call: ResNet-20 at 0.5x; OpenVINO
         # refuses one whose blocks do not divide the axis)

@@ -10,7 +10,7 @@ from passes.quantize import WeightQuantSpec
 if TYPE_CHECKING:  # annotations only: graph.cost imports this module
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 
-__all__ = ["weight_spec", "weight_target", "keep_count", "channel_unit", "round_to_unit", "channel_multiple",
+__all__ = ["weight_spec", "weight_target", "int8_kernel", "keep_count", "channel_unit", "round_to_unit", "channel_multiple",
            "group_keep_counts"]
 
 
@@ -36,6 +36,15 @@ def weight_target(kernel: "Kernel", target: str) -> str:
     """
     slow = kernel.op == "Gather" or bool(getattr(kernel, "int8_slower", ""))
     return "storage" if slow and target == "ort-cpu" else target
+
+
+def int8_kernel(kernel: "Kernel", spec: WeightQuantSpec | None, target: str) -> bool:
+    """Whether ORT's static quantizer gets this kernel as an int8 kernel (its grid pinned, its bias
+    int32, its input activation quantized): a quantized weight written in the target's own encoding
+    (not storage), on a grid that is one 8-bit DequantizeLinear (per-tensor, per-channel, log2 up
+    to 4 bits). Under ort-cpu / qdq with calibration data (`apply.quantization_passes`)."""
+    return spec is not None and weight_target(kernel, target) != "storage" and (
+        spec.granularity in ("per-tensor", "per-channel") or (spec.granularity == "log2" and spec.bits <= 4))
 
 
 def keep_count(ratio: float, length: int) -> int:

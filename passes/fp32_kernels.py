@@ -10,7 +10,7 @@ untouched. The input model is not modified.
 """
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from passes.cleanup import cleanup
 
-__all__ = ["KERNEL_OPS", "int8_kernels", "fp32_kernels", "fp32_activations"]
+__all__ = ["KERNEL_OPS", "int8_kernels", "fp32_kernels", "fp32_outside_kernels"]
 
 KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -66,12 +66,19 @@ _QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
            onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
 
 
+_NON_NEGATIVE = frozenset({"Softmax", "Sigmoid", "Relu"})  # outputs a Clip at 0 would not change
+
+
 def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
-           produced: Container[str]) -> onnx.NodeProto | None:
+           produced: Mapping[str, onnx.NodeProto]) -> onnx.NodeProto | None:
     """The Clip a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's quantizer
     drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the zero point
-    doing its work: bypassing that pair without a Clip would drop the activation too."""
+    doing its work: bypassing that pair without a Clip would drop the activation too. After an op
+    whose output is never negative (a Softmax) no Relu was dropped, and none is left."""
     if q.input[1] not in inits:
+        return None
+    source = produced.get(q.input[0])
+    if source is not None and source.op_type in _NON_NEGATIVE:
         return None
     scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
     zp_t = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
@@ -161,12 +168,87 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return out
 
 
-def fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` where every activation's Quantize -> Dequantize pair is bypassed (its
-    readers take the fp32 tensor): after every kernel is back in fp32, the pairs left around the
-    other ops (Add, LayerNormalization, Softmax, an attention MatMul of two activations) are only
-    rounding and time. Weight Dequantize nodes stay (`fp32_kernels` decodes those). Returns `model`
-    itself when it has no such pair."""
+def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where only the int8 kernels (`int8_kernels`) keep their Quantize /
+    Dequantize: the activation pairs into and out of them stay (ORT fuses those into QLinearMatMul,
+    QLinearConv, ...), every other pair is bypassed, and every other constant's DequantizeLinear (a
+    LayerNormalization's scale, an Add's bias, a position table ORT's quantizer stored in 8 bits)
+    becomes `Cast -> Sub -> Mul`, which a default session folds at load (a DequantizeLinear of a
+    constant it keeps for QDQ fusion, and runs every call). On a small ViT those pairs around Add,
+    LayerNormalization and Softmax and the constants' dequantization cost more than the int8
+    MatMuls gain. The same bytes: the constants' integers, scales and zero points are kept as they
+    are. Returns `model` itself when there is nothing to change.
+    With int8 kernels left, OpenVINO 2026.4 crashed (SIGFPE) compiling the result on the ViT:
+    `search/ort_speed.py` calls it once every kernel is fp32 (then every pair goes)."""
+    g = model.graph
+    kernels = {n.name: n for n in g.node if n.name in set(int8_kernels(model))}
+    producers = _producers(g)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    keep = set()  # the Quantize nodes of the pairs an int8 kernel reads or writes
+    for node in kernels.values():
+        dq = producers[node.input[0]]
+        if dq.input[0] in producers and producers[dq.input[0]].op_type == "QuantizeLinear":
+            keep.add(producers[dq.input[0]].name)
+        keep.update(q.name for out in node.output for q, _ in consumers.get(out, []) if q.op_type == "QuantizeLinear")
+    out = _bypass_pairs(model, keep)
+    return _decode_constants(out, set(kernels))
+
+
+def _decode_constants(model: onnx.ModelProto, kernels: Container[str]) -> onnx.ModelProto:
+    """Every DequantizeLinear of a constant that is not an int8 kernel's weight or bias (of
+    `kernels`) written as Cast -> (Cast zero point, Sub) -> Mul by its scale, its stored tensors kept."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    decodes = {}
+    for node in g.node:
+        if not _is_weight_dq(node, inits):
+            continue
+        readers = consumers.get(node.output[0], [])
+        if readers and all(r.name in kernels and i in (1, 2) for r, i in readers):
+            continue
+        decodes[node.name] = node
+    if not decodes:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = []
+    for node in g.node:
+        if node.name not in decodes:
+            nodes.append(node)
+            continue
+        q = inits[node.input[0]]
+        base = f"{node.output[0]}_decode"
+        shape = [1] * len(q.dims)
+        scale = inits[node.input[1]]
+        if len(scale.dims) == 1 and scale.dims[0] > 1:
+            shape[_axis(node) % len(q.dims)] = scale.dims[0]
+            for t in [scale] + ([inits[node.input[2]]] if len(node.input) > 2 and node.input[2] else []):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).reshape(shape), t.name))
+        nodes.append(helper.make_node("Cast", [q.name], [f"{base}_float"], name=f"{base}_cast", to=onnx.TensorProto.FLOAT))
+        current = f"{base}_float"
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("Cast", [node.input[2]], [f"{base}_zp"], name=f"{base}_zp_cast",
+                                          to=onnx.TensorProto.FLOAT))
+            nodes.append(helper.make_node("Sub", [current, f"{base}_zp"], [f"{base}_centered"], name=f"{base}_sub"))
+            current = f"{base}_centered"
+        nodes.append(helper.make_node("Mul", [current, node.input[1]], [node.output[0]], name=f"{base}_mul"))
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def _bypass_pairs(model: onnx.ModelProto, keep: Container[str]) -> onnx.ModelProto:
+    """A copy of `model` with every activation Quantize -> Dequantize pair but those whose Quantize
+    is named in `keep` bypassed (a Clip left where the pair's range did a Relu's work)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -177,7 +259,7 @@ def fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in g.node:
         if node.op_type == "DequantizeLinear":
             q = producers.get(node.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
+            if q is not None and q.op_type == "QuantizeLinear" and q.name not in keep:
                 if q.name not in clamps:
                     clamps[q.name] = _clamp(q, inits, new_inits, producers)
                 clamp = clamps[q.name]

@@ -129,3 +129,57 @@ def test_every_kernel_turned_back_keeps_the_activations_the_quantizer_folded(res
     scale = np.abs(fp32).max()
     assert np.abs(got - fp32).max() < 0.1 * scale  # only the weights' and activations' rounding is left
     assert np.abs(got - want).max() < 0.1 * scale
+
+
+def test_outside_the_int8_kernels_the_quantize_dequantize_go(reference_models):
+    """`fp32_outside_kernels` on the ViT: the int8 MatMuls keep their pairs, the pairs around Add,
+    LayerNormalization and Softmax go, and the constants ORT's quantizer stored in 8 bits (norm
+    scales, biases, the position table) are decoded by nodes ORT folds at load, in the same bytes."""
+    from passes.fp32_kernels import fp32_outside_kernels
+    from passes.storage import initializer_nbytes
+
+    bg = build_block_graph(load_model(reference_models("vit")))
+    feeds = random_feeds(bg.model)
+    int8 = apply_config(bg, CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7), calib_batches=[feeds])
+    out = fp32_outside_kernels(int8)
+    kept = set(int8_kernels(int8))
+    assert set(int8_kernels(out)) == kept and kept
+    producers = {o: n for n in out.graph.node for o in n.output}
+    inits = {t.name for t in out.graph.initializer}
+    readers = {}
+    for node in out.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    for dq in out.graph.node:  # every activation pair left is one an int8 kernel reads or writes
+        q = producers.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            assert kept & set(readers.get(dq.output[0], [])) or producers[q.input[0]].name in kept, dq.name
+    assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) < sum(
+        n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and n.input[0].startswith(("pos", "norm", "layers.0.norm")) for n in out.graph.node)
+    assert initializer_nbytes(out) <= initializer_nbytes(int8)
+    fp32, want, got = _run(bg.model, feeds), _run(int8, feeds), _run(out, feeds)
+    scale = np.abs(fp32).max()
+    assert np.abs(got - fp32).max() <= np.abs(want - fp32).max() + 0.05 * scale
+    ran = _ran(out, feeds)
+    assert not any(op == "DequantizeLinear" for name, op in ran.items() if "_decode" in name)
+    assert fp32_outside_kernels(fp32_kernels(out, int8_kernels(out))).graph.node  # nothing int8 left: all fp32
+
+
+def test_with_no_int8_kernel_the_pairs_go_before_any_timing(resnet, monkeypatch):
+    """Every kernel kept fp32 by the table (the ViT in bench run D2): the quantizer's pairs around the
+    other ops go whatever a (noisy) whole-model timing says."""
+    import hirelc_onnx.search.ort_speed as ort_speed
+
+    bg, feeds, int8, _ = resnet
+    monkeypatch.setattr(ort_speed, "_speedups", lambda *args: {1: 1.0})  # "not slower"
+    none_int8 = fp32_kernels(int8, int8_kernels(int8))
+    assert any(n.op_type == "QuantizeLinear" for n in none_int8.graph.node)
+    model, fallbacks = ort_speed.whole_model_check(bg.model, none_int8, {}, batches=(1,))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    assert [f["kernel"] for f in fallbacks] == ["(activation Quantize / Dequantize pairs)"]
+    want, got = _run(none_int8, feeds), _run(model, feeds)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
+    assert model is int8 and not fallbacks  # int8 kernels and not slower: left as it is

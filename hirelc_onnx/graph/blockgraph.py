@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from hirelc_onnx.errors import NothingToCompressError
+from hirelc_onnx.graph.ort_cpu_bytes import OrtCpuBytes
 from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, embedding_table_input,
                                    kernel_weight_input, node_attr, tensor_shapes)
 from passes.normalize import infer_shapes, normalize, opset_of
@@ -80,6 +81,7 @@ class BlockGraph:
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
     channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
+    ort_cpu_bytes: OrtCpuBytes | None = None  # what ORT's quantizer adds under ort-cpu (graph/ort_cpu_bytes.py)
     channel_scores: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """`importance.l1_channel_scores` per group, computed once (a search asks for them per candidate:
     a second per call on AlexNet's 37M-weight Gemm); `replace` starts a new graph with an empty one."""

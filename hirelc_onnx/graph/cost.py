@@ -13,7 +13,8 @@ import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.specs import group_keep_counts, weight_spec, weight_target
+from hirelc_onnx.graph.ort_cpu_bytes import OrtCpuBytes
+from hirelc_onnx.specs import group_keep_counts, int8_kernel, weight_spec, weight_target
 from passes.weight_encoding import encoding, storage_layout
 from passes.storage import encoded_nbytes
 
@@ -70,6 +71,7 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         shape_of.setdefault(bg.analysis.nodes[node].input[idx], shape)
     weight_kernel = {k.weight: k for k in bg.kernels.values()}
 
+    added = _ort_added(bg, config)
     kernel_costs: dict[str, KernelCost] = {}
     total = kernel_bytes = decode = 0
     for init in bg.model.graph.initializer:
@@ -80,7 +82,7 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         per_elem = stored / max(math.prod(dims), 1)
         kernel = weight_kernel.get(init.name)
         if kernel is None:
-            total += int(round(elems * per_elem))
+            total += _other_nbytes(init.name, elems, per_elem, added)
             continue
         kc = config.get(kernel.name)
         nbytes = weight_nbytes(kernel, kc, tuple(shape), stored, config.target)
@@ -91,6 +93,7 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         full = math.prod(dims)
         kernel_costs[kernel.name] = KernelCost(kernel.name, elems, int(round(kernel.macs * elems / max(full, 1))),
                                                nbytes, stored, tuple(shape))
+    total += added[0].activation_bytes if added else 0
     nominal = np.mean([config.get(k).bits / 32 * config.get(k).keep_ratio for k in bg.kernels])
     return ModelCost(
         total_bytes=total, original_bytes=bg.weight_bytes, kernel_bytes=kernel_bytes,
@@ -98,6 +101,43 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         original_macs=bg.total_macs, kernels=kernel_costs, nominal_ratio=float(1.0 / nominal),
         file_bytes=total + bg.structure_bytes + decode,
     )
+
+
+def _ort_added(bg: BlockGraph, config: CompressionConfig) -> tuple[OrtCpuBytes, dict[str, int], set[str]] | None:
+    """Under ort-cpu with ORT's quantizer in play (some kernel int8, `bg.ort_cpu_bytes` read from
+    its output): that reading; per int8 kernel's bias the number of weight scales (its int32 bias
+    stores a scale and a zero point per scale; 0: one a channel kept); the constants that stay as
+    stored, next to a kernel left fp32. None otherwise: nothing but the weights changes."""
+    added = bg.ort_cpu_bytes
+    if added is None or config.target != "ort-cpu":
+        return None
+    scales, as_stored, any_int8 = {}, set(), False
+    for name, kernel in bg.kernels.items():
+        spec = weight_spec(kernel, config.get(name))
+        if int8_kernel(kernel, spec, config.target):
+            any_int8 = True
+            if kernel.bias in added.int8_biases:
+                scales[kernel.bias] = 1 if spec.granularity == "per-tensor" else 0  # 0: one a channel kept
+        else:  # ORT leaves this kernel fp32: its bias, and the constants after it, stay as stored
+            as_stored.update(c for c, k in added.dropped_with.items() if k == name)
+            if kernel.bias in added.int8_biases:
+                as_stored.add(kernel.bias)
+    return (added, scales, as_stored) if any_int8 else None
+
+
+def _other_nbytes(name: str, elems: int, per_elem: float, added) -> int:
+    """Bytes of an initializer that is not a kernel weight, `elems` of its elements kept: as stored,
+    or as ORT's quantizer writes it (`graph/ort_cpu_bytes.py`): an int8 kernel's bias as int32 with
+    a float scale and an int32 zero point per weight scale, a constant it quantizes at the bytes per
+    element it was measured to take; an int32 bias of a kernel left out of int8 stays as stored."""
+    if added is None:
+        return int(round(elems * per_elem))
+    reading, scales, as_stored = added
+    if name in scales:
+        return 4 * elems + 8 * (scales[name] or elems)
+    if name in as_stored or name not in reading.per_element:
+        return int(round(elems * per_elem))
+    return int(round(elems * reading.per_element[name]))
 
 
 def weight_nbytes(kernel, kc, shape: tuple[int, ...], stored_bytes: int, target: str) -> int:

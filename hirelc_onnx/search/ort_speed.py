@@ -24,8 +24,9 @@ from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
 from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.ort_cpu_bytes import ort_cpu_bytes
 from hirelc_onnx.search.speed import SpeedGoal, calibrate
-from passes.fp32_kernels import fp32_activations, fp32_kernels, int8_kernels
+from passes.fp32_kernels import fp32_kernels, fp32_outside_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
 
@@ -42,17 +43,22 @@ def _feeds(model: onnx.ModelProto, sample_shapes: Mapping[str, Sequence[int]] | 
     return {b: runner.random_feed(b, sample_shapes=sample_shapes) for b in ((fixed,) if fixed else batches)}
 
 
+def _int8_config(bg: BlockGraph) -> CompressionConfig:
+    """Every kernel (embedding tables aside) int8 as ort-cpu emits it: 7-bit per-channel weights."""
+    return CompressionConfig.uniform([n for n, k in bg.kernels.items() if k.op != "Gather"], target="ort-cpu", bits=7)
+
+
 def int8_latency_table(bg: BlockGraph, calib_batches: list[dict] | None,
                        sample_shapes: Mapping[str, Sequence[int]] | None = None,
-                       batches: Sequence[int] = BATCHES, runs: int = 20) -> tuple[LatencyTable, bool]:
+                       batches: Sequence[int] = BATCHES, runs: int = 20,
+                       int8: onnx.ModelProto | None = None) -> tuple[LatencyTable, bool]:
     """Per kernel (embedding tables aside): its profile time in the fp32 model and in the model with
-    every kernel int8 as ort-cpu emits it; (table, whether it came from the cache)."""
-    kernels = [n for n, k in bg.kernels.items() if k.op != "Gather"]
-    if not kernels or not calib_batches:
+    every kernel int8 as ort-cpu emits it (`int8`, else built); (table, whether it came from the cache)."""
+    config = _int8_config(bg)
+    if not config.kernels or not calib_batches:
         return {}, False
-    config = CompressionConfig.uniform(kernels, target="ort-cpu", bits=7)
-    int8 = apply_config(bg, config, calib_batches=calib_batches)
-    return kernel_table(bg.model, int8, _feeds(bg.model, sample_shapes, batches), kernels, runs=runs)
+    int8 = int8 if int8 is not None else apply_config(bg, config, calib_batches=calib_batches)
+    return kernel_table(bg.model, int8, _feeds(bg.model, sample_shapes, batches), list(config.kernels), runs=runs)
 
 
 def flag_slow_kernels(bg: BlockGraph, table: LatencyTable) -> tuple[BlockGraph, dict[str, str]]:
@@ -83,14 +89,22 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
     timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step); with none left, the activation Q/DQ pairs go (`fp32_activations`). Returns the
+    kernels a step); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
+    decodes folded at load (`fp32_outside_kernels`). Returns the
     model and one record per kernel turned back (and one for the pairs), with the speedups that made it so."""
     fallbacks: list[dict] = []
+    if not int8_kernels(model):  # no int8 kernel (all kept fp32 by the table): the pairs ORT's quantizer
+        bare = fp32_outside_kernels(model)  # put around Add / LayerNorm / Softmax are time for nothing
+        if bare is not model:  # (the ViT in D2: 0.88x at batch 1 with every kernel fp32 and them left)
+            fallbacks.append({"kernel": "(activation Quantize / Dequantize pairs)",
+                              "reason": "no kernel runs in int8: the pairs and constant decodes left only cost time",
+                              "speedups_before": {}})
+            model = bare
     speed = _speedups(fp32, model, sample_shapes, batches, runs)
     while speed and min(speed.values()) < tolerance:
         left = int8_kernels(model)
         if not left:  # every kernel fp32: the activations' Quantize / Dequantize pairs left cost the time
-            bare = fp32_activations(model)
+            bare = fp32_outside_kernels(model)
             if bare is model:
                 break
             slow_at = min(speed, key=speed.get)
@@ -120,7 +134,12 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
             sample_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[BlockGraph, LatencyTable, dict]:
     """Before an ort-cpu search: the latency table, `bg` with the kernels ORT runs slower in int8
     flagged, and what the report says about it."""
-    table, cached = int8_latency_table(bg, calib_batches, sample_shapes)
+    config = _int8_config(bg)
+    int8 = apply_config(bg, config, calib_batches=calib_batches) if config.kernels and calib_batches else None
+    table, cached = int8_latency_table(bg, calib_batches, sample_shapes, int8=int8)
+    if int8 is not None:  # the bytes ORT's quantizer adds, for the cost model (graph/ort_cpu_bytes.py)
+        bg = replace(bg, ort_cpu_bytes=ort_cpu_bytes(bg.model, int8, bg.kernels.values(),
+                                                     {bg.kernels[n].weight for n in config.kernels}))
     bg, reasons = flag_slow_kernels(bg, table)
     record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
               "kept_fp32": reasons, "whole_model_fallbacks": []}
