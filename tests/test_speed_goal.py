@@ -102,12 +102,18 @@ class _Timer:
         return speed
 
 
-def test_fit_measured_recalibrates_until_the_whole_timing_meets_the_goal(resnet, monkeypatch):
+def _slow_timer_goal(resnet, monkeypatch):
+    """A fresh 1.5x goal on ResNet-20 whose whole timings read 0.75 of the table's estimate, and an
+    8-bit uniform start."""
     bg, table_goal = resnet
     goal = SpeedGoal(1.5, 32, table_goal.table, bg.model)
     timer = _Timer(bg, goal, truth=0.75)
     monkeypatch.setattr(goal, "measure", timer.measure)
-    start = CompressionConfig.uniform(bg.kernels, target="storage", bits=8)
+    return bg, goal, timer, CompressionConfig.uniform(bg.kernels, target="storage", bits=8)
+
+
+def test_fit_measured_recalibrates_until_the_whole_timing_meets_the_goal(resnet, monkeypatch):
+    bg, goal, timer, start = _slow_timer_goal(resnet, monkeypatch)
     uncalibrated = speed_repair(bg, start, goal)
     assert goal.estimate(bg, uncalibrated) >= 1.5 and timer.measure(timer.build(uncalibrated)) < 1.5  # the old miss
     timer.timed.clear()
@@ -122,11 +128,7 @@ def test_fit_measured_recalibrates_until_the_whole_timing_meets_the_goal(resnet,
 
 
 def test_fit_measured_stops_after_its_rounds_and_says_what_it_measured(resnet, monkeypatch):
-    bg, table_goal = resnet
-    goal = SpeedGoal(1.5, 32, table_goal.table, bg.model)
-    timer = _Timer(bg, goal, truth=0.75)
-    monkeypatch.setattr(goal, "measure", timer.measure)
-    start = CompressionConfig.uniform(bg.kernels, target="storage", bits=8)
+    bg, goal, timer, start = _slow_timer_goal(resnet, monkeypatch)
     fitted, speed = fit_measured(bg, start, goal, timer.build, rounds=1)
     assert timer.timed == [speed, speed] and speed < 1.5  # one candidate, its miss timed twice: the caller reports it
 
