@@ -71,6 +71,7 @@ class SpeedGoal:
     """Measured / table-estimated speedup (the calibration, `observe`): the estimate is the table's
     times this."""
     calibrations: list[dict] = field(default_factory=list)  # every change of `scale`, for the report
+    said_floor: bool = False  # `speed_repair` has warned that pruning to MIN_KEEP misses the goal (said once a run)
 
     def int8(self, bg: BlockGraph, config: CompressionConfig) -> set[str]:
         """The kernels that run as int8 kernels under `config`."""
@@ -187,8 +188,10 @@ def speed_repair(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal, mar
             if current >= goal.factor:
                 break
             if goal.scale < 1.0:  # the table alone reaches it, whole timings said less: as fast as pruning goes
-                log.warning("%s: pruning every channel group to %.0f%% is estimated at %.2fx after calibration "
-                            "against whole-model timings", goal.describe(), 100 * MIN_KEEP, current)
+                log.log(logging.DEBUG if goal.said_floor else logging.WARNING,
+                        "%s: pruning every channel group to %.0f%% is estimated at %.2fx after calibration "
+                        "against whole-model timings", goal.describe(), 100 * MIN_KEEP, current)
+                goal.said_floor = True
                 break
             raise BudgetError(f"{goal.describe()} is beyond pruning every channel group to {MIN_KEEP:.0%}: "
                               f"estimated {current:.2f}x from the per-kernel latency table")
