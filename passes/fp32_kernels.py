@@ -27,6 +27,15 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """tensor name -> every (node, input index) that reads it."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    return readers
+
+
 def _is_weight_dq(node: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto]) -> bool:
     return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits
 
@@ -183,10 +192,7 @@ def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     kernels = {n.name: n for n in g.node if n.name in set(int8_kernels(model))}
     producers = _producers(g)
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
+    consumers = _consumers(g)
     keep = set()  # the Quantize nodes of the pairs an int8 kernel reads or writes
     for node in kernels.values():
         dq = producers[node.input[0]]
@@ -202,10 +208,7 @@ def _decode_constants(model: onnx.ModelProto, kernels: Container[str]) -> onnx.M
     `kernels`) written as Cast -> (Cast zero point, Sub) -> Mul by its scale, its stored tensors kept."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
+    consumers = _consumers(g)
     decodes = {}
     for node in g.node:
         if not _is_weight_dq(node, inits):
