@@ -65,12 +65,18 @@ FULL_PLAN = {
     "vgg": ["uniform4", "ort-int8", "two-stage", "hirelc-ort", *SPEED_ROWS],
     "mobilenetv2": ["uniform4", "ort-int8", "hirelc", "graph-rl-flops50", "hirelc-ort"],
     "vit": ["uniform4", "ort-int8", "hirelc", "hirelc-ort"],
-    "efficientnet-lite0": ["ort-int8", "hirelc", "hirelc-ort", *SPEED_ROWS],
+    "efficientnet-lite0": ["ort-int8", "hirelc"],
 }
-# Per-model departures from the run's evaluations / fine-tuning seconds. EfficientNet-Lite0: 400 photo
-# crops (100 held out, so one crop is a point, not 2.5), and fine-tuning long enough for a few epochs
-# of a 224x224 network on 2 cores (an epoch of 200 crops takes about 17 s), with fewer rounds to pay.
-MODEL_SETTINGS = {"efficientnet-lite0": {"crops": 400, "evaluations": 3, "finetune_seconds": 75.0}}
+# Rows `make bench` leaves out because they alone would take it past its 60 minutes (bench/SPEED.md:
+# EfficientNet-Lite0's ort-cpu search with one evaluation ran over 13 minutes); `make bench-speed-effnet`
+# runs them: `python -m bench.run --models efficientnet-lite0 --methods hirelc-ort,hirelc-speed,...`.
+LONG_PLAN = {"efficientnet-lite0": ["hirelc-ort", *SPEED_ROWS]}
+# Per-model departures from the run's evaluations / fine-tuning budget. EfficientNet-Lite0: 400 photo
+# crops (100 held out, so one crop is a point, not 2.5), and fine-tuning for a few epochs of a 224x224
+# network on 2 cores (an epoch of 200 crops takes about 17 s: 4 epochs, or 75 s on the clock when the
+# run fine-tunes by seconds), with fewer rounds to pay.
+MODEL_SETTINGS = {"efficientnet-lite0": {"crops": 400, "evaluations": 3, "finetune_seconds": 75.0,
+                                         "finetune_epochs": 4}}
 QUICK_PLAN = {"resnet20": ["uniform4", "ort-int8"]}
 # Graph-RL vs uniform L1 channel pruning at the same MACs (issue 7's acceptance), on its own table:
 # both fine-tuned for the same fixed number of epochs (no clock, so the comparison is the same on a
@@ -132,9 +138,11 @@ def _taken(kind: str, **run_wide) -> dict:
 
 
 def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: float, quick: bool,
-                finetune_epochs: int | None = None) -> list[dict]:
-    """The methods table. finetune_epochs: digits models fine-tune by epochs instead of the clock
-    (repeatable rows); EfficientNet keeps its own seconds (an epoch there is most of its budget)."""
+                finetune_epochs: int | None = None, on_row=None) -> list[dict]:
+    """The methods table. finetune_epochs: fine-tune by epochs instead of the clock (repeatable rows,
+    whatever the machine's load); a model in MODEL_SETTINGS takes its own epochs (an EfficientNet epoch
+    costs what 20 digits epochs do). on_row(rows) after every row: the bench rewrites its table, so a
+    run stopped early keeps what it measured."""
     from hirelc_onnx.compress import compress
 
     rows = []
@@ -149,11 +157,14 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                                   latency_runs=10 if quick or model_name == "efficientnet-lite0" else 30,
                                   **_taken(kind, evaluations=own.get("evaluations", evaluations),
                                            finetune_seconds=own.get("finetune_seconds", finetune_seconds),
-                                           finetune_epochs=None if model_name in MODEL_SETTINGS else finetune_epochs),
+                                           finetune_epochs=None if finetune_epochs is None
+                                           else own.get("finetune_epochs", finetune_epochs)),
                                   **options)
             except Exception as exc:  # a failing method is a row, not the end of the benchmark
                 log.exception("%s on %s failed", method, model_name)
                 rows.append({"model": model_name, "method": method, "error": f"{type(exc).__name__}: {exc}"})
+                if on_row:
+                    on_row(rows)
                 continue
             rep = result.report
             ov = openvino_agreement(result.model, data)
@@ -171,6 +182,8 @@ def run_methods(plan: dict[str, list[str]], evaluations: int, finetune_seconds: 
                 "ort_cpu_fallbacks": [f["kernel"] for f in (rep.get("ort_cpu_speed") or {}).get("whole_model_fallbacks", [])],
             })
             print(_row_md(rows[-1]), flush=True)
+            if on_row:
+                on_row(rows)
             if rep.get("speed_goal"):  # the goal's final whole timing, beside the table (stderr)
                 g = rep["speed_goal"]
                 print(f"{model_name} {method}: speedup goal {g['speedup']:g}x at batch {g['batch']} "
@@ -313,9 +326,13 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
         + (f"{meta['finetune_epochs']} epochs" if meta.get("finetune_epochs") is not None
            else f"{meta['finetune_seconds']} s")
         + " fine-tuning each"
-        + "".join(f"; {m}: {o.get('evaluations')} evaluations, {o.get('finetune_seconds')} s each, {o.get('crops')} crops"
+        + "".join(f"; {m}: {o.get('evaluations')} evaluations, "
+                  + (f"{o.get('finetune_epochs')} epochs" if meta.get("finetune_epochs") is not None
+                     else f"{o.get('finetune_seconds')} s")
+                  + f" each, {o.get('crops')} crops"
                   for m, o in meta.get("model_settings", {}).items())
-        + f"; total {meta['seconds']:.0f} s.",
+        + (f"; PARTIAL: {len(rows)} rows so far, {meta['seconds']:.0f} s." if meta.get("partial")
+           else f"; total {meta['seconds']:.0f} s."),
         "",
         "Ratios: true stored bytes (fp32 weights / emitted initializers) and file size. Score: held-out top-1",
         "accuracy (digits) or top-1 agreement with fp32 (EfficientNet on photo crops), measured through ORT on",
@@ -382,17 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | method | target | ratio | file ratio | score | drop (pts) | speedup b1 | speedup b32 | real evals | seconds "
           "| OpenVINO |")
     only = args.latency_only or args.pruning_only
-    rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs)
+
+    def meta_now(**extra) -> dict:
+        return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
+                "evaluations": evaluations, "finetune_seconds": finetune, "finetune_epochs": args.finetune_epochs,
+                "model_settings": {} if args.quick else {m: o for m, o in MODEL_SETTINGS.items() if m in plan},
+                "seconds": time.perf_counter() - start, "plan": plan, **extra}
+
+    rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs,
+                                       on_row=lambda so_far: write_results(Path(args.out), so_far, [],
+                                                                           meta_now(partial=True)))
     spec = QUICK_PRUNING if args.quick else PRUNING
     if args.models:
         spec = {**spec, "models": tuple(m for m in spec["models"] if m in plan)}
     pruning = [] if args.latency_only or args.methods or args.skip_pruning else run_pruning_comparison(spec)
     digit_models = [m for m in models if m in DIGIT_MODELS]
     latency = [] if args.pruning_only else run_pass_latency(digit_models, runs=10 if args.quick else 50)
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
-            "evaluations": evaluations, "finetune_seconds": finetune, "finetune_epochs": args.finetune_epochs,
-            "model_settings": {} if args.quick else {m: o for m, o in MODEL_SETTINGS.items() if m in plan},
-            "seconds": time.perf_counter() - start, "plan": plan, "pruning_spec": spec}
+    meta = meta_now(pruning_spec=spec)
     write_results(Path(args.out), rows, latency, meta, pruning)
     print(f"wrote {Path(args.out) / 'RESULTS.md'} in {meta['seconds']:.0f} s")
     return 1 if any("error" in r for r in rows) else 0

@@ -58,3 +58,23 @@ def test_memory_bench_measures_both_cases(tmp_path):
         assert f"| {r['case']} |" in (tmp_path / "memory.md").read_text()
     assert cases["compress"]["output_bytes"] > 0
     assert data["machine"]["cores"] >= 1
+
+
+def test_a_partial_table_says_it_is_partial_and_holds_its_rows(tmp_path):
+    """`make bench` rewrites its table after every row: a run stopped early keeps what it measured, and
+    its header says how far it got (and never claims a total time)."""
+    from bench.run import _versions, write_results
+
+    row = {"model": "resnet20", "method": "uniform4", "target": "storage", "ratio": 7.66, "file_ratio": 7.07,
+           "fp32": 0.9777, "score": 0.9777, "drop_points": 0.0, "speedup_b1": 1.01, "speedup_b32": 1.05,
+           "evaluations": 1, "seconds": 11.0, "openvino_agreement": 1.0}
+    meta = {"date": "2026-11-29 02:00 UTC", "versions": _versions(), "evaluations": 4, "finetune_seconds": 10.0,
+            "finetune_epochs": 20, "model_settings": {"efficientnet-lite0": {"evaluations": 3, "finetune_epochs": 4,
+                                                                             "crops": 400}},
+            "seconds": 42.0, "plan": {}, "partial": True}
+    write_results(tmp_path, [row], [], meta)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "PARTIAL: 1 rows so far, 42 s." in text and "total" not in text
+    assert "20 epochs fine-tuning each; efficientnet-lite0: 3 evaluations, 4 epochs each, 400 crops" in text
+    assert "| resnet20 | uniform4 | storage | 7.66x | 7.07x | 0.9777 |" in text
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == [row]
