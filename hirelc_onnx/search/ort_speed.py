@@ -94,7 +94,7 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     model and one record per kernel turned back (and one for the pairs), with the speedups that made it so."""
     fallbacks: list[dict] = []
     if not int8_kernels(model):  # no int8 kernel (all kept fp32 by the table): the pairs ORT's quantizer
-        bare = fp32_outside_kernels(model)  # put around Add / LayerNorm / Softmax are time for nothing
+        bare = fp32_outside_kernels(model, fp32)  # put around Add / LayerNorm / Softmax are time for nothing
         if bare is not model:  # (the ViT in D2: 0.88x at batch 1 with every kernel fp32 and them left)
             fallbacks.append({"kernel": "(activation Quantize / Dequantize pairs)",
                               "reason": "no kernel runs in int8: the pairs and constant decodes left only cost time",
@@ -104,7 +104,7 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     while speed and min(speed.values()) < tolerance:
         left = int8_kernels(model)
         if not left:  # every kernel fp32: the activations' Quantize / Dequantize pairs left cost the time
-            bare = fp32_outside_kernels(model)
+            bare = fp32_outside_kernels(model, fp32)
             if bare is model:
                 break
             slow_at = min(speed, key=speed.get)
@@ -118,7 +118,7 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
         # model's whole timing is dear; the steps grow geometrically)
         step = max(1, len(fallbacks) // 4)
         worst = sorted(left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
-        model = fp32_kernels(model, worst)
+        model = fp32_kernels(model, worst, fp32)
         slow_at = min(speed, key=speed.get)
         for name in worst:
             why = (f"the whole model ran {1 / speed[slow_at]:.2f}x slower than fp32 at batch {slow_at}; this "
