@@ -252,3 +252,34 @@ def test_when_no_model_timed_is_fast_enough_the_fastest_is_kept(resnet, monkeypa
     model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
     assert not int8_kernels(model) and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert fallbacks[-1]["kernel"].startswith("(activation") and len(fallbacks) == n_int8 + 1
+
+
+def test_flags_that_do_not_pay_off_whole_are_dropped(resnet, monkeypatch):
+    """The table flags kernels one by one; ResNet-20 with its flagged stem, shortcuts and head fp32
+    ran slower than with every kernel int8 (the Q/DQ and Transposes around them). prepare times both
+    whole and keeps the flags only when they make the model faster at its slowest batch."""
+    import hirelc_onnx.search.ort_speed as ort_speed
+
+    bg, feeds, _, _ = resnet
+    slow = {"/stem/stem.0/Conv", "/fc/Gemm"}
+    table = {n: KernelLatency({1: 0.01, 32: 0.02}, {1: 0.02 if n in slow else 0.01, 32: 0.05 if n in slow else 0.01},
+                              {1: 0.2, 32: 1.0}) for n in bg.kernels}
+    monkeypatch.setattr(ort_speed, "int8_latency_table", lambda *a, **k: (table, True))
+    timed = []
+
+    def speedups(flags_pay):
+        def timing(fp32, model, *args):
+            all_int8 = len(int8_kernels(model)) == len(bg.kernels)
+            timed.append(len(int8_kernels(model)))
+            return {1: 1.05 if all_int8 != flags_pay else 0.8, 32: 1.4}
+        return timing
+
+    monkeypatch.setattr(ort_speed, "_speedups", speedups(flags_pay=False))
+    out, _, record = ort_speed.prepare(bg, [feeds])
+    assert not any(k.int8_slower for k in out.kernels.values()) and record["kept_fp32"] == {}
+    assert set(record["kept_fp32_dropped"]["kernels"]) == slow
+    assert sorted(timed) == [len(bg.kernels) - len(slow), len(bg.kernels)]  # both models were timed
+    monkeypatch.setattr(ort_speed, "_speedups", speedups(flags_pay=True))
+    out, _, record = ort_speed.prepare(bg, [feeds])
+    assert {n for n, k in out.kernels.items() if k.int8_slower} == slow == set(record["kept_fp32"])
+    assert "kept_fp32_dropped" not in record

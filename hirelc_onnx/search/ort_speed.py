@@ -3,7 +3,9 @@
 Before a search: every kernel's int8 version (7-bit per-channel weights, int8 activations, what
 ort-cpu emits) is timed against its fp32 version in ORT's profile at batch 1 and 32
 (`evaluate/kernel_latency.py`, cached per model and machine); a kernel ORT runs slower in int8 is
-flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight in the storage
+flagged (`Kernel.int8_slower`) unless, timed whole, keeping the flagged kernels fp32 does not make
+the model faster than with every kernel int8 (the Quantize / Dequantize it adds between int8
+neighbours), and `specs.weight_target` then writes its weight in the storage
 encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
 same choice. After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
 while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
@@ -154,10 +156,38 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
     if int8 is not None:  # the bytes ORT's quantizer adds, for the cost model (graph/ort_cpu_bytes.py)
         bg = replace(bg, ort_cpu_bytes=ort_cpu_bytes(bg.model, int8, bg.kernels.values(),
                                                      {bg.kernels[n].weight for n in config.kernels}))
-    bg, reasons = flag_slow_kernels(bg, table)
+    flagged, reasons = flag_slow_kernels(bg, table)
     record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
               "kept_fp32": reasons, "whole_model_fallbacks": []}
-    return bg, table, record
+    if reasons and int8 is not None:
+        dropped = _flags_cost_more(bg.model, int8, reasons, sample_shapes)
+        if dropped is not None:
+            record["kept_fp32"], record["kept_fp32_dropped"] = {}, dropped
+            return bg, table, record
+    return flagged, table, record
+
+
+def _flags_cost_more(fp32: onnx.ModelProto, int8: onnx.ModelProto, reasons: Mapping[str, str],
+                     sample_shapes: Mapping[str, Sequence[int]] | None, runs: int = 20) -> dict | None:
+    """The per-kernel table weighs a kernel alone; kept fp32 between int8 neighbours it adds what the
+    table does not see: a standalone Quantize and Dequantize and, around ORT's NHWC int8 kernels,
+    Transposes (ResNet-20 with its stem, two 1x1 shortcuts and head kept fp32: 74 nodes, 18 of them
+    Transposes, against 37 with every kernel int8; 0.80-0.85x of fp32 at batch 1 against 1.02-1.08x).
+    So the all-int8 model and the one with the flagged kernels fp32 are timed whole against fp32;
+    when the flags do not make it faster at its slowest batch, they are dropped. Returns what the
+    report says about it then, else None."""
+    with_flags = fp32_kernels(int8, list(reasons), fp32)
+    all_int8 = _speedups(fp32, int8, sample_shapes, BATCHES, runs)
+    flagged = _speedups(fp32, with_flags, sample_shapes, BATCHES, runs)
+    if not all_int8 or not flagged or min(flagged.values()) > min(all_int8.values()):
+        return None
+    log.info("ort-cpu: the kernels the latency table flagged stay int8: kept fp32 the model ran %.2fx of fp32, "
+             "all int8 %.2fx (at its slowest batch)", min(flagged.values()), min(all_int8.values()))
+    return {"kernels": dict(reasons),
+            "reason": "timed whole, the model with these kernels fp32 was not faster than with every kernel int8 "
+                      "(the Quantize / Dequantize and layout changes around them cost more than they save)",
+            "speedups_all_int8": {str(b): v for b, v in all_int8.items()},
+            "speedups_kept_fp32": {str(b): v for b, v in flagged.items()}}
 
 
 def speed_goal(bg: BlockGraph, ctx, factor: float, batch: int, table: LatencyTable | None = None) -> SpeedGoal:
