@@ -3,11 +3,11 @@
 Before a search: every kernel's int8 version (7-bit per-channel weights, int8 activations, what
 ort-cpu emits) is timed against its fp32 version in ORT's profile at batch 1 and 32
 (`evaluate/kernel_latency.py`, cached per model and machine); a kernel ORT runs slower in int8 is
-flagged (`Kernel.int8_slower`) unless, timed whole, keeping the flagged kernels fp32 does not make
-the model faster than with every kernel int8 (the Quantize / Dequantize it adds between int8
-neighbours), and `specs.weight_target` then writes its weight in the storage
+flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight in the storage
 encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
-same choice. After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
+same choice. The flags stand only when, timed whole, the model with those kernels fp32 is faster
+than with every kernel int8 (one kept fp32 between int8 neighbours adds a Quantize, a Dequantize
+and layout changes the table does not see). After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
 while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
 fp32 one (`passes/fp32_kernels.py`), its integers kept; when every kernel is fp32 and the model is
 still slower, the activations' Quantize / Dequantize pairs left are removed too.
