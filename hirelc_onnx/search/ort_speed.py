@@ -177,6 +177,8 @@ def _flags_cost_more(fp32: onnx.ModelProto, int8: onnx.ModelProto, reasons: Mapp
     when the flags do not make it faster at its slowest batch, they are dropped. Returns what the
     report says about it then, else None."""
     with_flags = fp32_kernels(int8, list(reasons), fp32)
+    if not int8_kernels(with_flags):  # every kernel flagged: the pairs would go too (whole_model_check)
+        with_flags = fp32_outside_kernels(with_flags, fp32)
     all_int8 = _speedups(fp32, int8, sample_shapes, BATCHES, runs)
     flagged = _speedups(fp32, with_flags, sample_shapes, BATCHES, runs)
     if not all_int8 or not flagged or min(flagged.values()) > min(all_int8.values()):
