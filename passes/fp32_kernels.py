@@ -78,12 +78,41 @@ _QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
 _NON_NEGATIVE = frozenset({"Softmax", "Sigmoid", "Relu"})  # outputs a Clip at 0 would not change
 
 
+def _reference_activations(reference: onnx.ModelProto | None) -> dict[str, tuple[str, float | None, float | None]]:
+    """Per tensor of `reference` (the fp32 model the quantized one was made from): the op that
+    writes it, and a Clip's constant bounds (else None). The quantizer keeps a dropped activation's
+    output name on the tensor its Quantize reads, so this says which op a clamp stands in for."""
+    if reference is None:
+        return {}
+    g = reference.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    out: dict[str, tuple[str, float | None, float | None]] = {}
+    for node in g.node:
+        out.update({name: (node.op_type, None, None) for name in node.output})
+        names = (list(node.input[1:3]) + ["", ""])[:2]
+        if node.op_type == "Clip" and all(not n or (n in consts and consts[n].size == 1) for n in names):
+            lo, hi = (float(consts[n].reshape(())) if n else d for n, d in zip(names, (-np.inf, np.inf)))
+            out[node.output[0]] = ("Clip", lo, hi)
+    return out
+
+
 def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
-           produced: Mapping[str, onnx.NodeProto]) -> onnx.NodeProto | None:
-    """The Clip a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's quantizer
-    drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the zero point
-    doing its work: bypassing that pair without a Clip would drop the activation too. After an op
-    whose output is never negative (a Softmax) no Relu was dropped, and none is left."""
+           produced: Mapping[str, onnx.NodeProto],
+           activations: Mapping[str, tuple[str, float | None, float | None]] | None = None) -> onnx.NodeProto | None:
+    """The activation a bypassed Quantize -> Dequantize pair must leave behind, or None. ORT's
+    quantizer drops a Relu (or a Clip) before a Quantize whose range starts at 0, the clamp at the
+    zero point doing its work: bypassing that pair without it would drop the activation too. After
+    an op whose output is never negative (a Softmax) no Relu was dropped, and none is left.
+    Where `activations` (`_reference_activations` of the fp32 model) names the op that was dropped,
+    that op comes back as it was (a Relu, or a Clip with its own bounds): ORT fuses it into the
+    Conv before it, or into the Conv + Add of a residual block, as in the fp32 model; where the fp32
+    model wrote the tensor with the op that writes it here (a GlobalAveragePool of non-negative
+    values, its range starting at 0 too), nothing was dropped and nothing is left. Else a Clip to
+    the quantization range, which ORT leaves as a node of its own (and, in its NCHWc layout, a
+    Reorder each side: ResNet-20 ran 0.77x of fp32 at batch 1 with every kernel fp32 and them left)."""
     if q.input[1] not in inits:
         return None
     source = produced.get(q.input[0])
@@ -96,11 +125,19 @@ def _clamp(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], new_inits: lis
     if scale.size != 1 or zp.size != 1 or int(zp.reshape(())) != lo:
         return None
     base = f"{q.output[0]}_fp32_clamp"
+    dropped = (activations or {}).get(q.input[0])
+    if dropped is not None and dropped[0] == "Relu":
+        return helper.make_node("Relu", [q.input[0]], [base], name=base)
+    if dropped is not None and source is not None and dropped[0] == source.op_type:
+        return None
+    if dropped is not None and (dropped[0] != "Clip" or dropped[1] is None):
+        dropped = None  # an op this pass cannot restore: the quantization range's clamp
     clip = helper.make_node("Clip", [q.input[0], f"{base}_min", f"{base}_max"], [base], name=base)
     if base in produced:  # an earlier pass made it: read, not made again (the caller inserts nothing)
         return clip
-    new_inits.append(numpy_helper.from_array(np.zeros((), np.float32), f"{base}_min"))
-    new_inits.append(numpy_helper.from_array(np.asarray((hi - lo) * float(scale.reshape(())), np.float32), f"{base}_max"))
+    low, high = dropped[1:] if dropped is not None else (0.0, (hi - lo) * float(scale.reshape(())))
+    new_inits.append(numpy_helper.from_array(np.asarray(low, np.float32), f"{base}_min"))
+    new_inits.append(numpy_helper.from_array(np.asarray(high, np.float32), f"{base}_max"))
     return clip
 
 
@@ -127,8 +164,11 @@ def _weight_decode(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], out: 
     return nodes
 
 
-def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `model` whose kernels `names` (from `int8_kernels`) run as fp32 kernels (module docstring)."""
+def fp32_kernels(model: onnx.ModelProto, names: Iterable[str],
+                 reference: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A copy of `model` whose kernels `names` (from `int8_kernels`) run as fp32 kernels (module
+    docstring); `reference`, the fp32 model it was quantized from, says which activation the
+    quantizer dropped in front of a bypassed pair (`_clamp`)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -137,7 +177,8 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     producers = _producers(g)
     new_inits: list[onnx.TensorProto] = []
     decodes: dict[int, list[onnx.NodeProto]] = {}  # index of the kernel -> nodes inserted before it
-    clamps: dict[str, onnx.NodeProto | None] = {}  # Quantize output -> the Clip standing in for its pair
+    clamps: dict[str, onnx.NodeProto | None] = {}  # Quantize output -> the activation standing in for its pair
+    activations = _reference_activations(reference)
     for index, node in enumerate(g.node):
         if node.name not in wanted or node.op_type not in KERNEL_OPS:
             continue
@@ -146,7 +187,7 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
             q = producers.get(act.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 if q.output[0] not in clamps:
-                    clamps[q.output[0]] = _clamp(q, inits, new_inits, producers)
+                    clamps[q.output[0]] = _clamp(q, inits, new_inits, producers, activations)
                     if clamps[q.output[0]] is not None and clamps[q.output[0]].output[0] not in producers:
                         decodes.setdefault(index, []).append(clamps[q.output[0]])
                 clamp = clamps[q.output[0]]
@@ -177,7 +218,7 @@ def fp32_kernels(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return out
 
 
-def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+def fp32_outside_kernels(model: onnx.ModelProto, reference: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A copy of `model` where only the int8 kernels (`int8_kernels`) keep their Quantize /
     Dequantize: the activation pairs into and out of them stay (ORT fuses those into QLinearMatMul,
     QLinearConv, ...), every other pair is bypassed, and every other constant's DequantizeLinear (a
@@ -188,7 +229,8 @@ def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     MatMuls gain. The same bytes: the constants' integers, scales and zero points are kept as they
     are. Returns `model` itself when there is nothing to change.
     With int8 kernels left, OpenVINO 2026.4 crashed (SIGFPE) compiling the result on the ViT:
-    `search/ort_speed.py` calls it once every kernel is fp32 (then every pair goes)."""
+    `search/ort_speed.py` calls it once every kernel is fp32 (then every pair goes). `reference`: as
+    for `fp32_kernels`."""
     g = model.graph
     kernels = {n.name: n for n in g.node if n.name in set(int8_kernels(model))}
     producers = _producers(g)
@@ -199,7 +241,7 @@ def fp32_outside_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
         if dq.input[0] in producers and producers[dq.input[0]].op_type == "QuantizeLinear":
             keep.add(producers[dq.input[0]].name)
         keep.update(q.name for out in node.output for q, _ in consumers.get(out, []) if q.op_type == "QuantizeLinear")
-    out = _bypass_pairs(model, keep)
+    out = _bypass_pairs(model, keep, _reference_activations(reference))
     return _decode_constants(out, set(kernels))
 
 
@@ -249,9 +291,10 @@ def _decode_constants(model: onnx.ModelProto, kernels: Container[str]) -> onnx.M
     return m
 
 
-def _bypass_pairs(model: onnx.ModelProto, keep: Container[str]) -> onnx.ModelProto:
+def _bypass_pairs(model: onnx.ModelProto, keep: Container[str],
+                  activations: Mapping[str, tuple[str, float | None, float | None]] | None = None) -> onnx.ModelProto:
     """A copy of `model` with every activation Quantize -> Dequantize pair but those whose Quantize
-    is named in `keep` bypassed (a Clip left where the pair's range did a Relu's work)."""
+    is named in `keep` bypassed (the activation left where the pair's range did its work, `_clamp`)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -264,7 +307,7 @@ def _bypass_pairs(model: onnx.ModelProto, keep: Container[str]) -> onnx.ModelPro
             q = producers.get(node.input[0])
             if q is not None and q.op_type == "QuantizeLinear" and q.name not in keep:
                 if q.name not in clamps:
-                    clamps[q.name] = _clamp(q, inits, new_inits, producers)
+                    clamps[q.name] = _clamp(q, inits, new_inits, producers, activations)
                 clamp = clamps[q.name]
                 bypass[node.output[0]] = clamp.output[0] if clamp is not None else q.input[0]
     if not bypass:

@@ -183,3 +183,103 @@ def test_with_no_int8_kernel_the_pairs_go_before_any_timing(resnet, monkeypatch)
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
     model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
     assert model is int8 and not fallbacks  # int8 kernels and not slower: left as it is
+
+
+def _ops(model, skip=("Cast", "Sub", "Mul")):
+    """op type -> count, the weight decodes ORT folds at load left out."""
+    from collections import Counter
+
+    return Counter(n.op_type for n in model.graph.node if n.op_type not in skip)
+
+
+def test_turned_back_against_the_fp32_model_the_dropped_relus_come_back(resnet):
+    """With the fp32 model as reference, every pair bypassed leaves the Relu the quantizer dropped
+    (ORT fuses it into the Conv, or the Conv + Add of a residual block), not a Clip to the pair's
+    range, and none after an op that was no activation (GlobalAveragePool): ORT runs the graph fp32
+    runs. With Clips ResNet-20 ran 58 nodes (11 Clip, 17 Reorder, 6 Add of their own) against 25."""
+    from passes.fp32_kernels import fp32_outside_kernels
+
+    bg, feeds, int8, _ = resnet
+    out = fp32_outside_kernels(fp32_kernels(int8, int8_kernels(int8), bg.model), bg.model)
+    assert _ops(out) == _ops(bg.model) and _ops(out)["Relu"] > 10
+    assert sorted(_ran(out, feeds).values()) == sorted(_ran(bg.model, feeds).values())
+    fp32, got = _run(bg.model, feeds), _run(out, feeds)
+    assert np.abs(got - fp32).max() < 0.1 * np.abs(fp32).max()  # only the weights' rounding is left
+    bare = fp32_outside_kernels(fp32_kernels(int8, int8_kernels(int8)))  # no reference: the range's Clip
+    assert _ops(bare)["Clip"] > 10 and "Clip" in _ran(bare, feeds).values()
+
+
+def test_a_dropped_relu6_comes_back_with_its_bounds(reference_models):
+    """MobileNetV2's Clip(0, 6): restored as it was, not as Relu and not at the calibrated range."""
+    from onnx import numpy_helper
+
+    from passes.fp32_kernels import fp32_outside_kernels
+
+    bg = build_block_graph(load_model(reference_models("mobilenetv2")))
+    feeds = random_feeds(bg.model, batch=4)
+    int8 = apply_config(bg, CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7), calib_batches=[feeds])
+    assert "Clip" not in _ops(int8)  # the quantizer folded them into the ranges
+    out = fp32_outside_kernels(fp32_kernels(int8, int8_kernels(int8), bg.model), bg.model)
+    assert _ops(out) == _ops(bg.model) and _ops(out)["Clip"] > 0
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert {(float(inits[n.input[1]]), float(inits[n.input[2]])) for n in out.graph.node if n.op_type == "Clip"} == {
+        (0.0, 6.0)}
+    fp32, got = _run(bg.model, feeds), _run(out, feeds)
+    assert np.abs(got - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_when_no_model_timed_is_fast_enough_the_fastest_is_kept(resnet, monkeypatch):
+    """Turning kernels back one by one made ResNet-20 slower (a kernel between int8 neighbours adds a
+    standalone Quantize and Dequantize): when nothing met the tolerance, the fastest model timed is
+    returned with the records of what it turned back, not the last one."""
+    import hirelc_onnx.search.ort_speed as ort_speed
+
+    bg, feeds, int8, _ = resnet
+    n_int8 = len(int8_kernels(int8))
+    seen = []
+
+    def speedups(fp32, model, *args):  # all int8: 0.9; mixed: worse the more are turned back; none: 0.8
+        left = len(int8_kernels(model))
+        seen.append(left)
+        return {1: 0.9 if left == n_int8 else 0.8 if left == 0 else 0.5 * left / n_int8}
+
+    monkeypatch.setattr(ort_speed, "_speedups", speedups)
+    model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
+    assert model is int8 and fallbacks == []
+    assert seen[0] == n_int8 and 0 in seen  # every step was timed, the bare model too
+    bare = lambda model: not any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # noqa: E731
+    monkeypatch.setattr(ort_speed, "_speedups", lambda fp32, model, *a: {1: 0.95 if bare(model) else 0.6})
+    model, fallbacks = ort_speed.whole_model_check(bg.model, int8, {}, batches=(1,))
+    assert not int8_kernels(model) and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert fallbacks[-1]["kernel"].startswith("(activation") and len(fallbacks) == n_int8 + 1
+
+
+def test_flags_that_do_not_pay_off_whole_are_dropped(resnet, monkeypatch):
+    """The table flags kernels one by one; ResNet-20 with its flagged stem, shortcuts and head fp32
+    ran slower than with every kernel int8 (the Q/DQ and Transposes around them). prepare times both
+    whole and keeps the flags only when they make the model faster at its slowest batch."""
+    import hirelc_onnx.search.ort_speed as ort_speed
+
+    bg, feeds, _, _ = resnet
+    slow = {"/stem/stem.0/Conv", "/fc/Gemm"}
+    table = {n: KernelLatency({1: 0.01, 32: 0.02}, {1: 0.02 if n in slow else 0.01, 32: 0.05 if n in slow else 0.01},
+                              {1: 0.2, 32: 1.0}) for n in bg.kernels}
+    monkeypatch.setattr(ort_speed, "int8_latency_table", lambda *a, **k: (table, True))
+    timed = []
+
+    def speedups(flags_pay):
+        def timing(fp32, model, *args):
+            all_int8 = len(int8_kernels(model)) == len(bg.kernels)
+            timed.append(len(int8_kernels(model)))
+            return {1: 1.05 if all_int8 != flags_pay else 0.8, 32: 1.4}
+        return timing
+
+    monkeypatch.setattr(ort_speed, "_speedups", speedups(flags_pay=False))
+    out, _, record = ort_speed.prepare(bg, [feeds])
+    assert not any(k.int8_slower for k in out.kernels.values()) and record["kept_fp32"] == {}
+    assert set(record["kept_fp32_dropped"]["kernels"]) == slow
+    assert sorted(timed) == [len(bg.kernels) - len(slow), len(bg.kernels)]  # both models were timed
+    monkeypatch.setattr(ort_speed, "_speedups", speedups(flags_pay=True))
+    out, _, record = ort_speed.prepare(bg, [feeds])
+    assert {n for n, k in out.kernels.items() if k.int8_slower} == slow == set(record["kept_fp32"])
+    assert "kept_fp32_dropped" not in record
