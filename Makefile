@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast test-zoo bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl bench-speed-effnet fuzz clean
+.PHONY: venv demo test test-fast test-zoo bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl bench-speed fuzz clean
 
 venv: $(STAMP)
 
@@ -45,11 +45,10 @@ BENCH_EPOCHS ?= 20
 bench: $(STAMP)
 	$(PY) -m bench.run --skip-pruning --finetune-epochs $(BENCH_EPOCHS)
 
-# EfficientNet-Lite0's ort-cpu rows (hirelc at 4x and the --speedup 1.5x rows): left out of
-# `make bench`, whose 60 minutes they alone would exceed; writes bench/speed_effnet/RESULTS.md
-bench-speed-effnet: $(STAMP)
-	$(PY) -m bench.run --models efficientnet-lite0 --methods hirelc-ort,hirelc-speed,graph-rl-speed,random-speed,l1-speed \
-		--skip-pruning --finetune-epochs $(BENCH_EPOCHS) --out bench/speed_effnet
+# the --speedup 1.5x rows (ResNet-20, VGG, EfficientNet-Lite0) and EfficientNet-Lite0's hirelc ort-cpu row:
+# left out of `make bench`, whose 60 minutes they would exceed; writes bench/speed/RESULTS.md
+bench-speed: $(STAMP)
+	$(PY) -m bench.run --plan speed --skip-pruning --finetune-epochs $(BENCH_EPOCHS) --out bench/speed
 
 bench-latency: $(STAMP)
 	$(PY) -m bench.run --latency-only --out bench/latency

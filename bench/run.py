@@ -61,16 +61,18 @@ DIGIT_MODELS = ("resnet20", "vgg", "mobilenetv2", "vit")
 # What each model is benchmarked with (the issues' acceptance rows; bench/SPEED.md: what they cost).
 FULL_PLAN = {
     "resnet20": ["uniform8", "uniform4", "l1-int8", "ort-int8", "random", "uniform-l1", "hirelc", "hirelc-12x",
-                 "hirelc-ort", *SPEED_ROWS],
-    "vgg": ["uniform4", "ort-int8", "two-stage", "hirelc-ort", *SPEED_ROWS],
+                 "hirelc-ort"],
+    "vgg": ["uniform4", "ort-int8", "two-stage", "hirelc-ort"],
     "mobilenetv2": ["uniform4", "ort-int8", "hirelc", "graph-rl-flops50", "hirelc-ort"],
     "vit": ["uniform4", "ort-int8", "hirelc", "hirelc-ort"],
     "efficientnet-lite0": ["ort-int8", "hirelc"],
 }
-# Rows `make bench` leaves out because they alone would take it past its 60 minutes (bench/SPEED.md:
-# EfficientNet-Lite0's ort-cpu search with one evaluation ran over 13 minutes); `make bench-speed-effnet`
-# runs them: `python -m bench.run --models efficientnet-lite0 --methods hirelc-ort,hirelc-speed,...`.
-LONG_PLAN = {"efficientnet-lite0": ["hirelc-ort", *SPEED_ROWS]}
+# The `--speedup` rows and EfficientNet-Lite0's ort-cpu rows: `make bench-speed` (`--plan speed`), not
+# `make bench`, which with them ran 67 minutes (2026-11-29 03:30 run: the ResNet-20 and VGG speed rows
+# 1094 s; EfficientNet-Lite0's ort-cpu search with one evaluation ran over 13 minutes, bench/SPEED.md).
+SPEED_PLAN = {"resnet20": list(SPEED_ROWS), "vgg": list(SPEED_ROWS),
+              "efficientnet-lite0": ["hirelc-ort", *SPEED_ROWS]}
+PLANS = {"full": FULL_PLAN, "speed": SPEED_PLAN}
 # Per-model departures from the run's evaluations / fine-tuning budget. EfficientNet-Lite0: 400 photo
 # crops (100 held out, so one crop is a point, not 2.5), and fine-tuning for a few epochs of a 224x224
 # network on 2 cores (an epoch of 200 crops takes about 17 s: 4 epochs, or 75 s on the clock when the
@@ -367,6 +369,9 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="A small version (used by the test suite).")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full",
+                        help="full: the methods table (`make bench`); speed: the --speedup rows and EfficientNet-Lite0's "
+                             "ort-cpu rows (`make bench-speed`).")
     parser.add_argument("--models", default=None)
     parser.add_argument("--methods", default=None)
     parser.add_argument("--evaluations", type=int, default=None)
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    plan = dict(QUICK_PLAN if args.quick else FULL_PLAN)
+    plan = dict(QUICK_PLAN if args.quick else PLANS[args.plan])
     if args.models:
         plan = {m: plan.get(m, FULL_PLAN.get(m, [])) for m in args.models.split(",")}
     if args.methods:
