@@ -125,8 +125,8 @@ def test_byte_count_by_hand():
     w = np.zeros((4, 16), np.float32)
     w.reshape(-1)[[0, 3, 40]] = [1.0, 2.0, 3.0]
     shape = 8 * 2  # X's 2-D shape, int64
-    # values + trailing 0, mask, then shifts, modulus, [-1], [0], [n], axis, Where zero
-    assert sparse_nbytes(w, "bitmask") == 4 * 4 + 64 // 8 + (8 + 1 + 8 + 8 + 8 + 4 + 4) + shape
+    # values + trailing 0, mask, then powers of 1/2 (float[8]), modulus (float), [-1], [0], [n], axis, Where zero
+    assert sparse_nbytes(w, "bitmask") == 4 * 4 + 64 // 8 + (32 + 4 + 8 + 8 + 8 + 4 + 4) + shape
     # values, gaps, then axis and [1, n]
     assert sparse_nbytes(w, "delta8") == 3 * 4 + 3 + (4 + 16) + shape
     assert sparse_nbytes(w, "delta4") == 5 * 4 + 3 + (4 + 16) + shape  # 5 entries: 0, 3, +15, +15, +7
