@@ -85,16 +85,19 @@ def _reference_activations(reference: onnx.ModelProto | None) -> dict[str, tuple
     if reference is None:
         return {}
     g = reference.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    # the tensors, not arrays: only a Clip's scalar bounds are ever read (the fp32 model's weights
+    # are not converted, once per fallback step of `whole_model_check`)
+    consts = {t.name: t for t in g.initializer}
     for node in g.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            consts[node.output[0]] = node.attribute[0].t
     out: dict[str, tuple[str, float | None, float | None]] = {}
     for node in g.node:
         out.update({name: (node.op_type, None, None) for name in node.output})
         names = (list(node.input[1:3]) + ["", ""])[:2]
-        if node.op_type == "Clip" and all(not n or (n in consts and consts[n].size == 1) for n in names):
-            lo, hi = (float(consts[n].reshape(())) if n else d for n, d in zip(names, (-np.inf, np.inf)))
+        if node.op_type == "Clip" and all(not n or (n in consts and int(np.prod(consts[n].dims)) == 1) for n in names):
+            lo, hi = (float(numpy_helper.to_array(consts[n]).reshape(())) if n else d
+                      for n, d in zip(names, (-np.inf, np.inf)))
             out[node.output[0]] = ("Clip", lo, hi)
     return out
 
