@@ -6,6 +6,9 @@ the fp32 reference outputs, and the three ways to judge a config:
   * cost(config)    -- true stored bytes and MACs, from the cost model (no rewrite);
   * proxy(config)   -- apply the config without fine-tuning, run the cached proxy batch through
                        ORT and compare every output with fp32's (the cold-start accuracy signal);
+                       the model is built by swapping in fake-quantized weights
+                       (search/fake_quant_proxy.py) where that computes the rewrite's logits
+                       bit for bit (storage encodings) or the rewrite is dear (a big model);
   * measure(config) -- prune, fine-tune through the bridge (when it can convert the model),
                        quantize, and measure the score on the validation split through ORT;
   * measure_batch(configs) -- the same for candidates that can be judged at once, on the run's
@@ -39,11 +42,17 @@ from hirelc_onnx.evaluate.runner import evict_big_sessions, predict_outputs
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.executors import EvaluationTask, Executor, FailedEvaluation, InProcess, Placement
+from hirelc_onnx.search.fake_quant_proxy import FakeQuantModels
 from hirelc_onnx.specs import weight_spec
 
 __all__ = ["Measurement", "Proxy", "SearchContext"]
 
 log = logging.getLogger(__name__)
+
+FAST_PROXY_WEIGHT_BYTES = 8 << 20
+"""Above this many fp32 weight bytes every target's proxy swaps in fake-quantized weights; below it only
+the storage target's does (bit-identical there; a DequantizeLinear ORT folds differs in the last float
+bit, so small models, whose rewrite is cheap, keep the exact rewrite under ort-cpu / qdq)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class SearchContext:
         self._refs = {id(splits.val): (splits.val, self.val_ref)}  # fp32 outputs per scored split
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
+        self._fake_quant: FakeQuantModels | None = None  # built on the first fast proxy; never pickled
         self.bridge_error: str | None = None
         self.executor: Executor = InProcess()
         """Where measure_batch runs its evaluations (compress sets it from --workers / --ray)."""
@@ -119,7 +129,8 @@ class SearchContext:
     def __getstate__(self) -> dict:
         """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
         state = dict(self.__dict__)
-        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={}, _strides=_split_strides(self.splits))
+        state.update(executor=None, evaluation_log=[], batch_log=[], _refs={}, _strides=_split_strides(self.splits),
+                     _fake_quant=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -135,7 +146,12 @@ class SearchContext:
 
     def proxy(self, config: CompressionConfig) -> Proxy:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
-        return self.proxy_of(apply_config(self.bg, self._targeted(config)))
+        config = self._targeted(config)
+        if config.target == "storage" or self.bg.weight_bytes > FAST_PROXY_WEIGHT_BYTES:
+            if getattr(self, "_fake_quant", None) is None:
+                self._fake_quant = FakeQuantModels(self.bg)
+            return self.proxy_of(self._fake_quant.model(config))
+        return self.proxy_of(apply_config(self.bg, config))
 
     def proxy_of(self, model: onnx.ModelProto) -> Proxy:
         """The proxy figures of an already rewritten model on the proxy batch."""
