@@ -77,6 +77,10 @@ class KernelConfig:
         return self.keep_ratio < 1.0
 
 
+_UNTOUCHED = KernelConfig()
+"""What `CompressionConfig.get` returns for a kernel the config does not name."""
+
+
 @dataclass
 class CompressionConfig:
     """One KernelConfig per kernel name, plus the deployment target the model is emitted for.
@@ -110,7 +114,8 @@ class CompressionConfig:
         return self
 
     def get(self, name: str) -> KernelConfig:
-        return self.kernels.get(name, KernelConfig())
+        kc = self.kernels.get(name)
+        return _UNTOUCHED if kc is None else kc  # shared (frozen): a reward calls this ~10^5 times a round
 
     @classmethod
     def uniform(cls, names: Iterable[str], target: str = "storage", **fields) -> "CompressionConfig":

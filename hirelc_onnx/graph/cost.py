@@ -6,13 +6,15 @@ the quantization pass writes), everything the search did not touch at its stored
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.ort_cpu_bytes import OrtCpuBytes
 from hirelc_onnx.specs import group_keep_counts, int8_kernel, weight_spec, weight_target
 from passes.weight_encoding import encoding, storage_layout
@@ -62,37 +64,38 @@ class ModelCost:
 
 
 def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> ModelCost:
-    """Bytes and MACs of the model `bg` emitted under `config` (None: as it is)."""
+    """Bytes and MACs of the model `bg` emitted under `config` (None: as it is).
+
+    A search's reward calls this for thousands of configs a round: the model's initializer table is
+    read once per BlockGraph (`_initializer_rows`) and each kernel's bytes once per (kernel, choice,
+    shape, target) (`_kernel_bytes`), so a call costs a loop over the initializers, not a protobuf walk
+    and an encoding layout per weight (EfficientNet-Lite0: about 10 ms a call before)."""
     config = config or CompressionConfig()
     counts = group_keep_counts(bg, config)
-    sliced = bg.analysis.pruned_initializer_shapes(counts)
-    shape_of: dict[str, list[int]] = {}
-    for (node, idx), shape in sliced.items():
-        shape_of.setdefault(bg.analysis.nodes[node].input[idx], shape)
-    weight_kernel = {k.weight: k for k in bg.kernels.values()}
+    shape_of: dict[str, tuple[int, ...]] = {}
+    if counts:
+        for (node, idx), shape in bg.analysis.pruned_initializer_shapes(counts).items():
+            shape_of.setdefault(bg.analysis.nodes[node].input[idx], tuple(shape))
 
     added = _ort_added(bg, config)
+    table = _initializer_table(bg)
     kernel_costs: dict[str, KernelCost] = {}
-    total = kernel_bytes = decode = 0
-    for init in bg.model.graph.initializer:
-        stored = bg.initializer_bytes[init.name]
-        dims = list(init.dims)
-        shape = shape_of.get(init.name, dims)
+    kernel_bytes = decode = 0
+    if added is None:  # the others at their stored size, those pruned scaled to what they keep
+        others = table.other_bytes + sum(int(round(math.prod(shape) * table.per_elem[name])) - table.other[name]
+                                         for name, shape in shape_of.items() if name in table.other)
+    else:
+        others = sum(_other_nbytes(name, math.prod(shape_of.get(name, dims)), table.per_elem[name], added)
+                     for name, dims in table.other_dims.items())
+    for name, stored, dims, full, kernel in table.kernels:
+        shape = shape_of.get(name, dims)
         elems = math.prod(shape)
-        per_elem = stored / max(math.prod(dims), 1)
-        kernel = weight_kernel.get(init.name)
-        if kernel is None:
-            total += _other_nbytes(init.name, elems, per_elem, added)
-            continue
-        kc = config.get(kernel.name)
-        nbytes = weight_nbytes(kernel, kc, tuple(shape), stored, config.target)
-        decode += _decode_overhead(kernel.weight, weight_spec(kernel, kc), tuple(shape),
-                                   weight_target(kernel, config.target))
-        total += nbytes
+        nbytes, overhead = _kernel_bytes(kernel, config.get(kernel.name), shape, stored, config.target)
+        decode += overhead
         kernel_bytes += nbytes
-        full = math.prod(dims)
         kernel_costs[kernel.name] = KernelCost(kernel.name, elems, int(round(kernel.macs * elems / max(full, 1))),
-                                               nbytes, stored, tuple(shape))
+                                               nbytes, stored, shape)
+    total = others + kernel_bytes
     total += added[0].activation_bytes if added else 0
     nominal = np.mean([config.get(k).bits / 32 * config.get(k).keep_ratio for k in bg.kernels])
     return ModelCost(
@@ -101,6 +104,61 @@ def model_cost(bg: BlockGraph, config: CompressionConfig | None = None) -> Model
         original_macs=bg.total_macs, kernels=kernel_costs, nominal_ratio=float(1.0 / nominal),
         file_bytes=total + bg.structure_bytes + decode,
     )
+
+
+@dataclass(frozen=True)
+class _InitializerTable:
+    """A graph's initializers as the cost model reads them (`_initializer_table`)."""
+
+    kernels: list[tuple[str, int, tuple[int, ...], int, Kernel]]
+    """(weight name, stored bytes, dims, elements, kernel) per kernel weight, in initializer order."""
+    other: dict[str, int]
+    """Every other initializer's bytes unpruned (its stored bytes, as `_other_nbytes` rounds them)."""
+    other_dims: dict[str, tuple[int, ...]]
+    per_elem: dict[str, float]
+    """Stored bytes per element of every initializer."""
+    other_bytes: int
+    """sum(other.values())."""
+
+
+_TABLES: OrderedDict[tuple[int, int, int], tuple[tuple, _InitializerTable]] = OrderedDict()
+_TABLES_KEPT = 8
+
+
+def _initializer_table(bg: BlockGraph) -> _InitializerTable:
+    """`bg.model`'s initializers split into kernel weights and the others, built once per (model,
+    kernels, stored sizes) and kept for the last few graphs (the key's objects are held, so an id is
+    never reused while its entry lives)."""
+    owners = (bg.model, bg.kernels, bg.initializer_bytes)
+    key = tuple(id(o) for o in owners)
+    entry = _TABLES.get(key)
+    if entry is not None and all(a is b for a, b in zip(entry[0], owners)):
+        _TABLES.move_to_end(key)
+        return entry[1]
+    weight_kernel = {k.weight: k for k in bg.kernels.values()}
+    kernels, other, other_dims, per_elem = [], {}, {}, {}
+    for init in bg.model.graph.initializer:
+        stored, dims = bg.initializer_bytes[init.name], tuple(init.dims)
+        full = math.prod(dims)
+        per_elem[init.name] = stored / max(full, 1)
+        kernel = weight_kernel.get(init.name)
+        if kernel is None:
+            other[init.name], other_dims[init.name] = int(round(full * per_elem[init.name])), dims
+        else:
+            kernels.append((init.name, stored, dims, full, kernel))
+    table = _InitializerTable(kernels, other, other_dims, per_elem, sum(other.values()))
+    _TABLES[key] = (owners, table)
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _kernel_bytes(kernel: Kernel, kc: KernelConfig, shape: tuple[int, ...], stored: int,
+                  target: str) -> tuple[int, int]:
+    """(emitted bytes, decode-node overhead) of one kernel weight of (pruned) `shape` under `kc`."""
+    return (weight_nbytes(kernel, kc, shape, stored, target),
+            _decode_overhead(kernel.weight, weight_spec(kernel, kc), shape, weight_target(kernel, target)))
 
 
 def _ort_added(bg: BlockGraph, config: CompressionConfig) -> tuple[OrtCpuBytes, dict[str, int], set[str]] | None:
