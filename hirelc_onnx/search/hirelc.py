@@ -410,10 +410,11 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
     try:
         from hirelc_onnx.bridge.fisher import fisher_sensitivity
 
-        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=settings.fisher_samples, seed=ctx.seed,
+        samples = fisher_samples(bg, settings)
+        fisher = fisher_sensitivity(bg, ctx.splits.finetune, n_samples=samples, seed=ctx.seed,
                                     kind=ctx.objective.kinds[0], use_labels=ctx.objective.label_output == 0)
         return (_normalise(fisher.per_kernel), _normalise(fisher.per_block),
-                f"fisher ({settings.fisher_samples} samples)", dict(fisher.per_kernel))
+                f"fisher ({min(samples, len(ctx.splits.finetune))} samples)", dict(fisher.per_kernel))
     except Exception as exc:  # noqa: BLE001 - any bridge failure means: use the probes
         log.info("Fisher sensitivity unavailable (%s: %s); using proxy probes", type(exc).__name__, exc)
     per_kernel = {next(iter(p.config.kernels)): p.logit_mse for p in probes}
@@ -422,6 +423,21 @@ def _sensitivity(bg: BlockGraph, ctx: SearchContext, probes: list[ProxyObservati
     share = {k: (max(float(v), 0.0) / total if total > 0 else 1.0 / len(per_kernel)) for k, v in per_kernel.items()}
     return (_normalise(per_kernel), _normalise(per_block),
             f"proxy probe (logit-MSE of each kernel alone at {PROBE.bits} bits)", share)
+
+
+FISHER_MACS = 16e9
+"""Multiply-accumulates (per-sample MACs x samples) the Fisher pass may spend before `fisher_samples`
+is cut: each sample is a forward and backward pass of its own."""
+FISHER_MIN_SAMPLES = 64
+"""The fewest samples a cut Fisher pass takes. EfficientNet-Lite0 on 200 photo crops: 64 samples rank
+its 50 kernels as 200 do (Spearman 0.9996; blocks identical) in 19 s instead of 57 s."""
+
+
+def fisher_samples(bg: BlockGraph, settings: HiReLCSettings) -> int:
+    """`settings.fisher_samples`, cut for a model whose per-sample passes are dear (FISHER_MACS); the
+    digits references (2.5 M MACs) keep them all."""
+    affordable = int(FISHER_MACS // max(bg.total_macs, 1))
+    return min(settings.fisher_samples, max(FISHER_MIN_SAMPLES, affordable))
 
 
 def _normalise(values: dict) -> dict:

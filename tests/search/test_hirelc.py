@@ -13,7 +13,8 @@ from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.hirelc import QUICK_SETTINGS, HiReLCSettings, _normalise, _warn_if_slow, run_hirelc
+from hirelc_onnx.search.hirelc import (FISHER_MACS, FISHER_MIN_SAMPLES, QUICK_SETTINGS, HiReLCSettings, _normalise,
+                                      _warn_if_slow, fisher_samples, run_hirelc)
 from hirelc_onnx.search.hirelc_state import STATE_VERSION
 
 BUDGET = 6.0
@@ -37,6 +38,19 @@ def test_normalise_is_log_min_max():
     out = _normalise({"a": 1e-6, "b": 1e-3, "c": 1.0})
     assert out == pytest.approx({"a": 0.0, "b": 0.5, "c": 1.0}, abs=1e-6)
     assert _normalise({"a": 2.0, "b": 2.0}) == {"a": 0.5, "b": 0.5}
+
+
+def test_fisher_samples_are_cut_only_for_a_dear_model(bg):
+    from dataclasses import replace
+
+    settings = HiReLCSettings()
+    assert fisher_samples(bg, settings) == settings.fisher_samples  # ResNet-20: every sample
+    per_sample = FISHER_MACS / 100  # a model 100 of whose samples fill the budget
+    dear = replace(bg, kernels={n: replace(k, macs=int(per_sample / len(bg.kernels)) + 1) for n, k in bg.kernels.items()})
+    assert fisher_samples(dear, settings) == 99
+    dearer = replace(bg, kernels={n: replace(k, macs=int(per_sample) * 10) for n, k in bg.kernels.items()})
+    assert fisher_samples(dearer, settings) == FISHER_MIN_SAMPLES
+    assert fisher_samples(dear, replace(settings, fisher_samples=32)) == 32
 
 
 def test_needs_data_and_an_evaluation(bg):
