@@ -28,7 +28,8 @@ from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.ort_cpu_bytes import ort_cpu_bytes
 from hirelc_onnx.search.speed import SpeedGoal, calibrate
-from passes.fp32_kernels import fp32_kernels, fp32_outside_kernels, int8_kernels
+from hirelc_onnx.search.fp32_runs import at_run_ends
+from passes.fp32_kernels import KERNEL_OPS, fp32_kernels, fp32_outside_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
 
@@ -91,7 +92,7 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
     timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
+    kernels a step, only kernels at an end of the int8 region: `fp32_runs.at_run_ends`); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
     decodes folded at load (`fp32_outside_kernels`), and that model is timed too. When none of the
     models timed met `tolerance`, the fastest of them (by its slowest batch) is returned, not the
     last: a kernel turned back between int8 neighbours adds a standalone Quantize and Dequantize the
@@ -125,8 +126,11 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
             break
         # the slowest-relative first: one a step, then a quarter of those already turned back (a big
         # model's whole timing is dear; the steps grow geometrically)
+        # only kernels at an end of the int8 region: one turned back between int8 neighbours adds a
+        # Quantize / Dequantize pair and layout changes (search/fp32_runs.py)
         step = max(1, len(fallbacks) // 4)
-        worst = sorted(left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
+        ends = at_run_ends(model, left, [n.name for n in model.graph.node if n.op_type in KERNEL_OPS])
+        worst = sorted(ends or left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
         model = fp32_kernels(model, worst, fp32)
         slow_at = min(speed, key=speed.get)
         for name in worst:
