@@ -95,10 +95,10 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
     Filling lands a config just above the budget, so methods compared at one budget are compared
     at (almost) one ratio, and slack the budget allows is spent on accuracy.
 
-    Under ort-cpu a 32-bit kernel between int8 kernels is put on the int8 rung before lowering and
-    again before filling, and filling raises a kernel to 32 bits only where it extends an fp32 run
-    from the graph's inputs or outputs (`search/fp32_runs.py`: such a kernel costs a Quantize /
-    Dequantize pair and layout changes, more than it saves).
+    Under ort-cpu a 32-bit kernel that an int8 kernel depends on is put on the int8 rung before
+    lowering and again before filling, and filling raises a kernel to 32 bits only where every
+    kernel after it runs fp32 (`search/fp32_runs.py`: elsewhere ORT runs it int8 anyway, on its own
+    grid, or the int8 region's entry costs layout changes).
     """
     sensitivity = sensitivity or {}
     kernels = {name: config.get(name) for name in bg.kernels}
@@ -126,7 +126,7 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
         _apply(bg, kernels, move)
         cost = model_cost(bg, CompressionConfig(dict(kernels), **like))
     snapped = snap_fp32_runs(bg, CompressionConfig(dict(kernels), **like))
-    if snapped.kernels != kernels:  # a lowered kernel left a 32-bit neighbour between int8 ones
+    if snapped.kernels != kernels:  # a lowered kernel left a 32-bit one before an int8 one
         kernels = dict(snapped.kernels)
         cost = model_cost(bg, snapped)
     if fill:
@@ -168,7 +168,7 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     if variants and weight_target(k, target) == "storage" and kc.granularity != "log2":
         grids += [g for g in GRID_VARIANTS if g != grids[0]]
     if bits and not down and min(bits) == 32 and not fp32_allowed(bg, kernels, name, target):
-        bits = []  # ort-cpu: fp32 here would sit between int8 kernels (search/fp32_runs.py)
+        bits = []  # ort-cpu: an int8 kernel depends on it (search/fp32_runs.py)
     if bits:
         for qtype, granularity in grids:
             choice = replace(kc, bits=max(bits) if down else min(bits), qtype=qtype, granularity=granularity)

@@ -1,16 +1,24 @@
-"""Under `ort-cpu`, fp32 kernels only in runs that reach the graph's ends, never between int8 ones.
+"""Under `ort-cpu`, 32-bit kernels only in a run that ends at the graph's outputs (a head).
 
-A kernel left fp32 (32 bits, or written in the storage encoding) between int8 kernels costs more
-than its own fp32 time: ORT's quantizer puts a standalone Quantize before its int8 successor and a
-Dequantize after its int8 predecessor, and around each NHWC island of int8 kernels ORT adds
-Transposes (ResNet-20 with its stem, two 1x1 shortcuts and head fp32: 74 nodes against 37 with every
-kernel int8, 0.80-0.85x of fp32 at batch 1 against 1.02-1.08x; bench/SPEED.md). A run of fp32
-kernels that starts at the graph's inputs (every kernel it depends on is fp32: a stem) or ends at
-its outputs (every kernel depending on it is fp32: a head) costs one Quantize or one Dequantize
-where the all-int8 model has one too. So under ort-cpu a kernel may stay fp32 only when all its
-kernel ancestors or all its kernel descendants are fp32 (`fp32_allowed`); `snap_fp32_runs` puts
-every other 32-bit kernel on the int8 rung (fewer bytes: a met budget stays met), and
-`budget.repair` spends slack only on a 32-bit rung the rule allows.
+What ORT 1.32 runs for a kernel the config leaves at 32 bits depends on where it sits in the model
+ORT's quantizer emits (`passes/quantize_activations.py`):
+- between int8 kernels its input and output are quantized anyway, and ORT quantizes the float
+  weight itself at load (DequantizeLinear -> Conv -> QuantizeLinear becomes a QLinearConv): it runs
+  int8, on ORT's own 8-bit grid rather than the fine-tuned one, and its fp32 bytes buy nothing;
+  turned into a true fp32 kernel (`passes/fp32_kernels.py`) it costs a Quantize / Dequantize pair
+  and Transposes around ORT's NHWC int8 kernels (ResNet-20 with its stem, shortcuts and head
+  turned back: 74 nodes, 18 Transposes, against 37 and 2 with every kernel int8);
+- at the graph's inputs (a stem) it runs fp32, and the int8 region starts after it: on ResNet-20
+  ORT's NHWC layout pass then wraps every residual Add of the first stage in Transposes (44 nodes,
+  8 Transposes, against 37 and 2), at the largest resolution of the model;
+- in a run every kernel after which is fp32 (the head) it runs fp32 behind one Dequantize, as the
+  all-int8 model has one there too.
+So under ort-cpu a kernel may stay at 32 bits only when every kernel depending on it runs fp32
+(`fp32_allowed`); `snap_fp32_runs` puts every other 32-bit kernel on the int8 rung (fewer bytes: a
+met budget stays met), and `budget.repair` spends slack only on a 32-bit rung the rule allows.
+Whether a kernel ORT runs slower in int8 stays fp32 is the measured latency table's call
+(`search/ort_speed.py`), timed whole; the whole-model check turns kernels back only at an end of
+the int8 region (`at_run_ends`).
 """
 from __future__ import annotations
 
@@ -76,17 +84,15 @@ def runs_fp32(bg: BlockGraph, name: str, kc: KernelConfig, target: str) -> bool:
 
 
 def fp32_allowed(bg: BlockGraph, kernels: Mapping[str, KernelConfig], name: str, target: str) -> bool:
-    """Whether kernel `name` may run fp32 under `kernels` (module docstring): every kernel it depends
-    on runs fp32, or every kernel depending on it does. Always true outside ort-cpu."""
+    """Whether kernel `name` may stay at 32 bits under `kernels` (module docstring): every kernel
+    depending on it runs fp32. Always true outside ort-cpu."""
     if target != "ort-cpu":
         return True
-    up, down = kernel_reach(bg)[name]
-    return (all(runs_fp32(bg, n, kernels[n], target) for n in up)
-            or all(runs_fp32(bg, n, kernels[n], target) for n in down))
+    return all(runs_fp32(bg, n, kernels[n], target) for n in kernel_reach(bg)[name][1])
 
 
 def isolated_fp32(bg: BlockGraph, config: CompressionConfig) -> list[str]:
-    """The 32-bit kernels of `config` the rule does not allow (between int8 kernels), in graph order."""
+    """The 32-bit kernels of `config` the rule does not allow (an int8 kernel depends on them), in graph order."""
     if config.target != "ort-cpu":
         return []
     kernels = {n: config.get(n) for n in bg.kernels}
@@ -96,9 +102,9 @@ def isolated_fp32(bg: BlockGraph, config: CompressionConfig) -> list[str]:
 
 
 def snap_fp32_runs(bg: BlockGraph, config: CompressionConfig) -> CompressionConfig:
-    """`config` with every 32-bit kernel between int8 kernels (`isolated_fp32`) on the int8 rung;
-    `config` itself when there is none. One pass is enough: a kernel the rule allows has only fp32
-    kernels on one side, and none of those is snapped (each of them is allowed through the same side)."""
+    """`config` with every 32-bit kernel the rule does not allow (`isolated_fp32`) on the int8 rung;
+    `config` itself when there is none. One pass is enough: every kernel depending on an allowed
+    one runs fp32 and is allowed too (its dependants are among the first one's), so none is snapped."""
     isolated = isolated_fp32(bg, config)
     if not isolated:
         return config
