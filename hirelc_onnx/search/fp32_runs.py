@@ -31,7 +31,8 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import int8_kernel, weight_spec
 
-__all__ = ["INT8_BITS", "graph_reach", "kernel_reach", "at_run_ends", "runs_fp32", "fp32_allowed", "isolated_fp32", "snap_fp32_runs"]
+__all__ = ["INT8_BITS", "graph_reach", "kernel_reach", "at_run_ends", "runs_fp32", "fp32_allowed", "isolated_fp32",
+           "snap_fp32_runs"]
 
 INT8_BITS = 7
 """The ort-cpu int8 rung (`budget.bits_ladder`): a snapped kernel's bits."""
@@ -96,9 +97,13 @@ def isolated_fp32(bg: BlockGraph, config: CompressionConfig) -> list[str]:
     if config.target != "ort-cpu":
         return []
     kernels = {n: config.get(n) for n in bg.kernels}
+
+    def would_run_int8(name: str) -> bool:  # not a table, nor a kernel the latency table keeps fp32
+        kernel = bg.kernels[name]
+        return int8_kernel(kernel, weight_spec(kernel, replace(kernels[name], bits=INT8_BITS)), config.target)
+
     return [n for n in sorted(bg.kernels, key=lambda n: bg.kernels[n].index)
-            if kernels[n].bits == 32 and int8_kernel(bg.kernels[n], weight_spec(bg.kernels[n], replace(kernels[n], bits=INT8_BITS)), config.target)
-            and not fp32_allowed(bg, kernels, n, config.target)]
+            if kernels[n].bits == 32 and would_run_int8(n) and not fp32_allowed(bg, kernels, n, config.target)]
 
 
 def snap_fp32_runs(bg: BlockGraph, config: CompressionConfig) -> CompressionConfig:

@@ -92,9 +92,10 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
     timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step, only kernels at an end of the int8 region: `fp32_runs.at_run_ends`); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
-    decodes folded at load (`fp32_outside_kernels`), and that model is timed too. When none of the
-    models timed met `tolerance`, the fastest of them (by its slowest batch) is returned, not the
+    kernels a step; only kernels at an end of the int8 region, `fp32_runs.at_run_ends`); with none
+    left, the Q/DQ pairs go and the constants' DequantizeLinear become decodes folded at load
+    (`fp32_outside_kernels`), and that model is timed too. When none of the models timed met
+    `tolerance`, the fastest of them (by its slowest batch) is returned, not the
     last: a kernel turned back between int8 neighbours adds a standalone Quantize and Dequantize the
     per-kernel table does not see (ResNet-20 at batch 1: 0.94x with every kernel int8, 0.61x with 15
     of its 18 turned back). Returns the model and one record per kernel turned back in it (and one for the
