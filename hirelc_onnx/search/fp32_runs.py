@@ -32,7 +32,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import int8_kernel, weight_spec
 
 __all__ = ["INT8_BITS", "graph_reach", "kernel_reach", "at_run_ends", "runs_fp32", "fp32_allowed", "isolated_fp32",
-           "snap_fp32_runs"]
+           "snap_fp32_runs", "head_run"]
 
 INT8_BITS = 7
 """The ort-cpu int8 rung (`budget.bits_ladder`): a snapped kernel's bits."""
@@ -117,3 +117,18 @@ def snap_fp32_runs(bg: BlockGraph, config: CompressionConfig) -> CompressionConf
     for name in isolated:
         kernels[name] = replace(config.get(name), bits=INT8_BITS)
     return CompressionConfig(kernels, target=config.target, channel_multiple=config.channel_multiple)
+
+
+def head_run(bg: BlockGraph, names: Iterable[str]) -> set[str]:
+    """Of the kernels `names` (the latency table's slower-in-int8 ones), those that may run fp32
+    under the rule with all of `names` fp32: every kernel depending on them is in `names` or never
+    runs int8 (a table). One kept fp32 with an int8 kernel after it runs as a true fp32 kernel
+    between Quantize / Dequantize pairs, and ORT's NHWC int8 region around it breaks (module
+    docstring), a cost the per-kernel table does not see."""
+    names = set(names)
+    reach = kernel_reach(bg)
+
+    def fp32(n: str) -> bool:
+        return n in names or bg.kernels[n].op == "Gather"
+
+    return {n for n in names if n in reach and all(fp32(d) for d in reach[n][1])}

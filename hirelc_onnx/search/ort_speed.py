@@ -28,7 +28,7 @@ from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.ort_cpu_bytes import ort_cpu_bytes
 from hirelc_onnx.search.speed import SpeedGoal, calibrate
-from hirelc_onnx.search.fp32_runs import at_run_ends
+from hirelc_onnx.search.fp32_runs import at_run_ends, head_run
 from passes.fp32_kernels import KERNEL_OPS, fp32_kernels, fp32_outside_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
@@ -154,7 +154,8 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
 def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
             sample_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[BlockGraph, LatencyTable, dict]:
     """Before an ort-cpu search: the latency table, `bg` with the kernels ORT runs slower in int8
-    flagged, and what the report says about it."""
+    flagged (only those in the run ending at the graph's outputs, `fp32_runs.head_run`: a kernel an
+    int8 kernel depends on stays int8), and what the report says about it."""
     config = _int8_config(bg)
     int8 = apply_config(bg, config, calib_batches=calib_batches) if config.kernels and calib_batches else None
     table, cached = int8_latency_table(bg, calib_batches, sample_shapes, int8=int8)
@@ -162,8 +163,15 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
         bg = replace(bg, ort_cpu_bytes=ort_cpu_bytes(bg.model, int8, bg.kernels.values(),
                                                      {bg.kernels[n].weight for n in config.kernels}))
     flagged, reasons = flag_slow_kernels(bg, table)
+    between = {n: r for n, r in reasons.items() if n not in head_run(bg, reasons)}
+    if between:  # fp32 only in the run ending at the outputs (search/fp32_runs.py): the others stay int8
+        flagged, reasons = flag_slow_kernels(bg, {n: row for n, row in table.items() if n not in between})
     record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
               "kept_fp32": reasons, "whole_model_fallbacks": []}
+    if between:
+        record["kept_int8_before_int8"] = {
+            "kernels": between, "reason": "slower in int8 alone, but an int8 kernel depends on it: kept fp32 it "
+                                          "would add a Quantize / Dequantize pair and layout changes around it"}
     if reasons and int8 is not None:
         dropped = _flags_cost_more(bg.model, int8, reasons, sample_shapes)
         if dropped is not None:

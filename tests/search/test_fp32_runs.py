@@ -131,3 +131,16 @@ def test_what_ort_runs_for_a_32_bit_kernel_before_int8_ones(tmp_path):
     # the whole-model check may turn back only the int8 kernels at an end of the int8 region
     kernel_nodes = [n.name for n in int8_head.graph.node if n.op_type in ("Conv", "Gemm")]
     assert sorted(at_run_ends(int8_head, int8_kernels(int8_head), kernel_nodes)) == sorted([k["stem"], k["c3"]])
+
+
+def test_only_the_latency_tables_flags_in_the_head_run_stand():
+    """A kernel the per-kernel table finds slower in int8 stays fp32 only when no int8 kernel depends
+    on it (`head_run`): the stem, with int8 c1 after it, is dropped; c2, c3 and the head stay, and
+    without c3 among them only the head does."""
+    from hirelc_onnx.search.fp32_runs import head_run
+
+    bg = build_block_graph(_residual())
+    k = _kernels(bg)
+    assert head_run(bg, [k["stem"], k["c2"], k["c3"], k["fc"]]) == {k["c2"], k["c3"], k["fc"]}
+    assert head_run(bg, [k["stem"], k["c2"], k["fc"]]) == {k["fc"]}
+    assert head_run(bg, [k["c3"]]) == set()  # the head after it runs int8
