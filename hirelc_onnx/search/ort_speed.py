@@ -5,7 +5,7 @@ ort-cpu emits) is timed against its fp32 version in ORT's profile at batch 1 and
 (`evaluate/kernel_latency.py`, cached per model and machine); a kernel ORT runs slower in int8 is
 flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight in the storage
 encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
-same choice. The flags stand only when, timed whole, the model with those kernels fp32 is faster
+same choice. Only kernels no int8 kernel depends on are flagged (`fp32_runs.head_run`). The flags stand only when, timed whole, the model with those kernels fp32 is faster
 than with every kernel int8 (one kept fp32 between int8 neighbours adds a Quantize, a Dequantize
 and layout changes the table does not see). After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
 while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
