@@ -25,9 +25,9 @@ def reference_models() -> Callable[[str], Path]:
     "text_recognizer" (CTC, 1x32x160 lines -> (40, 37) scores), and "text_recognizer_small": the same
     recognizer trained on less (`examples/text_recognizer.py: SMALL_RECIPE`), for the tests that need a
     trained recognizer but not the benchmark's (its full training is the longest build of a fresh
-    clone). "mobilenetv2" is the same shortened way the suite's build (`examples/reference_models.py:
+    clone). "mobilenetv2" is the suite's shortened build too (`examples/reference_models.py:
     SMALL_EPOCHS`): no test needs the benchmark's, and its full training is the longest of the digits
-    models; the others are the benchmark's. Models live in the on-disk cache ($HIRELC_CACHE or
+    models; every other name is the benchmark's model. Models live in the on-disk cache ($HIRELC_CACHE or
     <repo>/.cache), whose file lock makes concurrent pytest-xdist workers wait for one build instead
     of racing.
     Treat the returned file as read-only: copy it before rewriting.
