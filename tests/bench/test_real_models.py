@@ -10,8 +10,7 @@ from bench.real_models import main
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
-def test_quick_recognizer_section(tmp_path, reference_models):
-    reference_models("text_recognizer")
+def test_quick_recognizer_section(tmp_path, small_recognizer_in_benches):
     assert main(["--quick", "--only", "recognizer", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "real.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["hirelc 6x, --metric char_accuracy", "hirelc 6x, default per-position objective"]

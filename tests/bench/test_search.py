@@ -23,8 +23,7 @@ def test_cells_and_verdicts_from_rows():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("text_recognizer")  # one worker builds it in a fresh clone while the other runs on
-def test_quick_search_bench(tmp_path, reference_models, monkeypatch):
-    reference_models("text_recognizer")
+def test_quick_search_bench(tmp_path, small_recognizer_in_benches, monkeypatch):
     # the bench's machinery, not HiReLC's quality: the smoke-size agents
     monkeypatch.setattr(hirelc_module, "run_hirelc", with_quick_settings(hirelc_module.run_hirelc))
     assert main(["--quick", "--methods", "hirelc,ort-int8", "--out", str(tmp_path)]) == 0

@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -151,6 +152,26 @@ def test_concurrent_builders_build_once_and_write_atomically(tmp_path, monkeypat
     assert path.parent == tmp_path / "models" and path.suffix == ".onnx"
     assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] == 0.5
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_small_builds_are_the_full_recipes_for_fewer_epochs_cached_apart(monkeypatch, tmp_path):
+    """The suite's MobileNetV2 (tests/conftest.py) is `build_reference_model(name, small=True)`: the
+    benchmark's recipe for SMALL_EPOCHS epochs under its own cache name; names without a small build
+    get the full one either way."""
+    builds = []
+    monkeypatch.setattr(rm, "_cached_build", lambda stem, cache_dir, build: builds.append((stem, build())) or tmp_path)
+    monkeypatch.setattr(rm, "_build_digits_model", lambda name, recipe: recipe)
+    assert set(rm.SMALL_EPOCHS) == {"mobilenetv2"}
+    for name in rm.REFERENCE_MODELS:
+        rm.build_reference_model(name, small=True)
+        rm.build_reference_model(name)
+    stems = dict(builds)
+    full = rm._RECIPES["mobilenetv2"]
+    assert stems[f"mobilenetv2-small-v{full.version}"] == replace(full, epochs=rm.SMALL_EPOCHS["mobilenetv2"])
+    assert stems[f"mobilenetv2-v{full.version}"] == full and rm.SMALL_EPOCHS["mobilenetv2"] < full.epochs
+    # resnet20, vgg, vit: the full build when asked small
+    assert [stem for stem, _ in builds] == [f"{n}-{kind}v{rm._RECIPES[n].version}" for n in rm.REFERENCE_MODELS
+                                            for kind in (("small-", "") if n == "mobilenetv2" else ("", ""))]
 
 
 def test_unknown_model_name_is_refused(tmp_path):
