@@ -78,3 +78,29 @@ def test_a_partial_table_says_it_is_partial_and_holds_its_rows(tmp_path):
     assert "20 epochs fine-tuning each; efficientnet-lite0: 3 evaluations, 4 epochs each, 400 crops" in text
     assert "| resnet20 | uniform4 | storage | 7.66x | 7.07x | 0.9777 |" in text
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == [row]
+
+
+def test_ort_reference_agreement_compares_the_deployed_session_with_the_unoptimised_one(monkeypatch):
+    """The "ORT ref." column: top-1 of ORT's deployed session (ORT_ENABLE_ALL) against the same file
+    run unoptimised (ORT_DISABLE_ALL, the QDQ reference arithmetic), on the first 256 rows."""
+    import numpy as np
+
+    from bench.run import ort_reference_agreement
+    from hirelc_onnx.evaluate import runner
+    from hirelc_onnx.evaluate.data import Dataset
+
+    levels = []
+
+    def fake_predict(model, x, batch_size=64, config=None):  # the unoptimised run differs on rows 0..63
+        level = (config or runner.default_session_config()).graph_optimization_level
+        levels.append(level)
+        logits = np.zeros((len(x), 2), np.float32)
+        logits[:, 1] = 1.0
+        if level == "disabled":
+            logits[:64, 0] = 2.0
+        return logits
+
+    monkeypatch.setattr(runner, "predict", fake_predict)
+    data = Dataset(np.zeros((300, 3), np.float32), None, "rows")
+    assert ort_reference_agreement(object(), data) == (256 - 64) / 256
+    assert sorted(levels) == ["all", "disabled"]
