@@ -88,9 +88,10 @@ def _speedups(fp32: onnx.ModelProto, model: onnx.ModelProto, sample_shapes, batc
 
 def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: LatencyTable,
                       sample_shapes: Mapping[str, Sequence[int]] | None = None, batches: Sequence[int] = BATCHES,
-                      runs: int = 20, tolerance: float = 0.97) -> tuple[onnx.ModelProto, list[dict]]:
-    """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`,
-    timing noise aside), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
+                      runs: int = 20, tolerance: float = 1.0) -> tuple[onnx.ModelProto, list[dict]]:
+    """Time `model` against `fp32` at each batch; while it is slower (speedup below `tolerance`:
+    1.0, the issue's "never slower than fp32"; at 0.97 a VGG at parity in int8 was kept at 0.99x / 0.97x
+    at batch 1 in two quiet bench runs), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
     kernels a step; only kernels at an end of the int8 region, `fp32_runs.at_run_ends`); with none
     left, the Q/DQ pairs go and the constants' DequantizeLinear become decodes folded at load
