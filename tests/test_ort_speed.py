@@ -261,10 +261,8 @@ def test_flags_that_do_not_pay_off_whole_are_dropped(resnet, monkeypatch):
     import hirelc_onnx.search.ort_speed as ort_speed
 
     bg, feeds, _, _ = resnet
-    slow = {"/layers/layers.8/conv2/Conv", "/fc/Gemm"}  # the last kernels: only fp32 kernels after them
-    between = {"/stem/stem.0/Conv", "/layers/layers.3/shortcut/shortcut.0/Conv"}  # int8 kernels after them
-    table = {n: KernelLatency({1: 0.01, 32: 0.02}, {1: 0.02 if n in slow | between else 0.01,
-                                                    32: 0.05 if n in slow | between else 0.01},
+    slow = {"/stem/stem.0/Conv", "/fc/Gemm"}
+    table = {n: KernelLatency({1: 0.01, 32: 0.02}, {1: 0.02 if n in slow else 0.01, 32: 0.05 if n in slow else 0.01},
                               {1: 0.2, 32: 1.0}) for n in bg.kernels}
     monkeypatch.setattr(ort_speed, "int8_latency_table", lambda *a, **k: (table, True))
     timed = []
@@ -280,7 +278,6 @@ def test_flags_that_do_not_pay_off_whole_are_dropped(resnet, monkeypatch):
     out, _, record = ort_speed.prepare(bg, [feeds])
     assert not any(k.int8_slower for k in out.kernels.values()) and record["kept_fp32"] == {}
     assert set(record["kept_fp32_dropped"]["kernels"]) == slow
-    assert set(record["kept_int8_before_int8"]["kernels"]) == between  # never flagged: search/fp32_runs.py
     assert sorted(timed) == [len(bg.kernels) - len(slow), len(bg.kernels)]  # both models were timed
     monkeypatch.setattr(ort_speed, "_speedups", speedups(flags_pay=True))
     out, _, record = ort_speed.prepare(bg, [feeds])

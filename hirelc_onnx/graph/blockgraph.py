@@ -85,8 +85,6 @@ class BlockGraph:
     channel_scores: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """`importance.l1_channel_scores` per group, computed once (a search asks for them per candidate:
     a second per call on AlexNet's 37M-weight Gemm); `replace` starts a new graph with an empty one."""
-    kernel_reach: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    """Per kernel, the kernels it depends on and those depending on it (`search/fp32_runs.py`), computed once."""
 
 
     @property

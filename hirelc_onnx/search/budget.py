@@ -9,7 +9,6 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import BudgetError, InvalidOptionError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost, weight_nbytes
-from hirelc_onnx.search.fp32_runs import fp32_allowed, snap_fp32_runs
 from hirelc_onnx.specs import weight_target
 
 __all__ = ["BudgetError", "parse_budget", "bits_ladder", "MIN_KEEP", "KEEP_STEP", "max_ratio", "check_reachable",
@@ -94,11 +93,6 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
         bytes ascending, name). Without sensitivities, bytes decide.
     Filling lands a config just above the budget, so methods compared at one budget are compared
     at (almost) one ratio, and slack the budget allows is spent on accuracy.
-
-    Under ort-cpu a 32-bit kernel that an int8 kernel depends on is put on the int8 rung before
-    lowering and again before filling, and filling raises a kernel to 32 bits only where every
-    kernel after it runs fp32 (`search/fp32_runs.py`: elsewhere ORT runs it int8 anyway, on its own
-    grid, or the int8 region's entry costs layout changes).
     """
     sensitivity = sensitivity or {}
     kernels = {name: config.get(name) for name in bg.kernels}
@@ -108,7 +102,6 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
             for p in group.producers:
                 kernels[p] = replace(kernels[p], keep_ratio=keep)
     like = {"target": config.target, "channel_multiple": config.channel_multiple}  # what every step's config keeps
-    kernels = dict(snap_fp32_runs(bg, CompressionConfig(kernels, **like)).kernels)
     cost = model_cost(bg, CompressionConfig(kernels, **like))
     while cost.ratio < budget:
         moves = [m for name in kernels
@@ -125,10 +118,6 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
             move = min(moves, key=lambda m: (_damage_delta(bg, damage, kernels, m) / max(m.bytes, 1), m.name))
         _apply(bg, kernels, move)
         cost = model_cost(bg, CompressionConfig(dict(kernels), **like))
-    snapped = snap_fp32_runs(bg, CompressionConfig(dict(kernels), **like))
-    if snapped.kernels != kernels:  # a lowered kernel left a 32-bit one before an int8 one
-        kernels = dict(snapped.kernels)
-        cost = model_cost(bg, snapped)
     if fill:
         cost = _fill(bg, kernels, config.target, budget, cost, sensitivity, damage)
     return CompressionConfig(dict(kernels), **like)
@@ -167,8 +156,6 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     grids = [(kc.qtype, kc.granularity)]
     if variants and weight_target(k, target) == "storage" and kc.granularity != "log2":
         grids += [g for g in GRID_VARIANTS if g != grids[0]]
-    if bits and not down and min(bits) == 32 and not fp32_allowed(bg, kernels, name, target):
-        bits = []  # ort-cpu: an int8 kernel depends on it (search/fp32_runs.py)
     if bits:
         for qtype, granularity in grids:
             choice = replace(kc, bits=max(bits) if down else min(bits), qtype=qtype, granularity=granularity)

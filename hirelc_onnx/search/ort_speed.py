@@ -5,7 +5,7 @@ ort-cpu emits) is timed against its fp32 version in ORT's profile at batch 1 and
 (`evaluate/kernel_latency.py`, cached per model and machine); a kernel ORT runs slower in int8 is
 flagged (`Kernel.int8_slower`), and `specs.weight_target` then writes its weight in the storage
 encoding, decoded at load into an fp32 kernel: every method, the cost model and the passes see the
-same choice. Only kernels no int8 kernel depends on are flagged (`fp32_runs.head_run`). The flags stand only when, timed whole, the model with those kernels fp32 is faster
+same choice. The flags stand only when, timed whole, the model with those kernels fp32 is faster
 than with every kernel int8 (one kept fp32 between int8 neighbours adds a Quantize, a Dequantize
 and layout changes the table does not see). After the search, the emitted model is timed whole against fp32 (`whole_model_check`);
 while it is slower, the int8 kernel that costs most relative to its fp32 time is turned back into an
@@ -28,8 +28,7 @@ from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.ort_cpu_bytes import ort_cpu_bytes
 from hirelc_onnx.search.speed import SpeedGoal, calibrate
-from hirelc_onnx.search.fp32_runs import at_run_ends, head_run
-from passes.fp32_kernels import KERNEL_OPS, fp32_kernels, fp32_outside_kernels, int8_kernels
+from passes.fp32_kernels import fp32_kernels, fp32_outside_kernels, int8_kernels
 
 __all__ = ["BATCHES", "int8_latency_table", "flag_slow_kernels", "whole_model_check", "prepare", "speed_goal"]
 
@@ -93,10 +92,9 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
     1.0, the issue's "never slower than fp32"; at 0.97 a VGG at parity in int8 was kept at 0.99x / 0.97x
     at batch 1 in two quiet bench runs), the int8 kernel with the worst int8 / fp32 time in `table` becomes an fp32
     kernel (its integers decoded at load), and the model is timed again (after four steps, several
-    kernels a step; only kernels at an end of the int8 region, `fp32_runs.at_run_ends`); with none
-    left, the Q/DQ pairs go and the constants' DequantizeLinear become decodes folded at load
-    (`fp32_outside_kernels`), and that model is timed too. When none of the models timed met
-    `tolerance`, the fastest of them (by its slowest batch) is returned, not the
+    kernels a step); with none left, the Q/DQ pairs go and the constants' DequantizeLinear become
+    decodes folded at load (`fp32_outside_kernels`), and that model is timed too. When none of the
+    models timed met `tolerance`, the fastest of them (by its slowest batch) is returned, not the
     last: a kernel turned back between int8 neighbours adds a standalone Quantize and Dequantize the
     per-kernel table does not see (ResNet-20 at batch 1: 0.94x with every kernel int8, 0.61x with 15
     of its 18 turned back). Returns the model and one record per kernel turned back in it (and one for the
@@ -128,11 +126,8 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
             break
         # the slowest-relative first: one a step, then a quarter of those already turned back (a big
         # model's whole timing is dear; the steps grow geometrically)
-        # only kernels at an end of the int8 region: one turned back between int8 neighbours adds a
-        # Quantize / Dequantize pair and layout changes (search/fp32_runs.py)
         step = max(1, len(fallbacks) // 4)
-        ends = at_run_ends(model, left, [n.name for n in model.graph.node if n.op_type in KERNEL_OPS])
-        worst = sorted(ends or left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
+        worst = sorted(left, key=lambda n: (-(table[n].worst_ratio if n in table else 0.0), n))[:step]
         model = fp32_kernels(model, worst, fp32)
         slow_at = min(speed, key=speed.get)
         for name in worst:
@@ -155,8 +150,7 @@ def whole_model_check(fp32: onnx.ModelProto, model: onnx.ModelProto, table: Late
 def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
             sample_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[BlockGraph, LatencyTable, dict]:
     """Before an ort-cpu search: the latency table, `bg` with the kernels ORT runs slower in int8
-    flagged (only those in the run ending at the graph's outputs, `fp32_runs.head_run`: a kernel an
-    int8 kernel depends on stays int8), and what the report says about it."""
+    flagged, and what the report says about it."""
     config = _int8_config(bg)
     int8 = apply_config(bg, config, calib_batches=calib_batches) if config.kernels and calib_batches else None
     table, cached = int8_latency_table(bg, calib_batches, sample_shapes, int8=int8)
@@ -164,15 +158,8 @@ def prepare(bg: BlockGraph, calib_batches: list[dict] | None,
         bg = replace(bg, ort_cpu_bytes=ort_cpu_bytes(bg.model, int8, bg.kernels.values(),
                                                      {bg.kernels[n].weight for n in config.kernels}))
     flagged, reasons = flag_slow_kernels(bg, table)
-    between = {n: r for n, r in reasons.items() if n not in head_run(bg, reasons)}
-    if between:  # fp32 only in the run ending at the outputs (search/fp32_runs.py): the others stay int8
-        flagged, reasons = flag_slow_kernels(bg, {n: row for n, row in table.items() if n not in between})
     record = {"kernel_latency": {n: row.as_dict() for n, row in table.items()}, "table_from_cache": cached,
               "kept_fp32": reasons, "whole_model_fallbacks": []}
-    if between:
-        record["kept_int8_before_int8"] = {
-            "kernels": between, "reason": "slower in int8 alone, but an int8 kernel depends on it: kept fp32 it "
-                                          "would add a Quantize / Dequantize pair and layout changes around it"}
     if reasons and int8 is not None:
         dropped = _flags_cost_more(bg.model, int8, reasons, sample_shapes)
         if dropped is not None:
