@@ -2,16 +2,19 @@
 its starting ranking?
 
 Per model and seed, three runs at 50% of the MACs, each fine-tuned for the same fixed number of
-epochs, 7-bit weights under ort-cpu (bench/run.py's "l1-flops50" and "graph-rl-flops50" rows):
+epochs, 7-bit weights under ort-cpu (bench/run.py's "l1-flops50" and "graph-rl-flops50" rows), on
+the digits references (ResNet-20, VGG; scored on compress's held-out test split) and on a real model,
+the CTC text recognizer (scored by character accuracy on 1000 held-out rendered lines):
   * l1        -- uniform L1 channel pruning at the keep ratio that lands on the MACs limit;
   * none      -- graph-rl --prior none: uninformative starting logits, only the policy's episodes measured;
-  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking, its cut measured too.
+  * l1-fisher -- graph-rl --prior l1-fisher: started from the L1 + Fisher ranking (its cut measured where
+                 the proxy ranks it among the best).
 Each seed re-splits the data. Writes bench/ABLATION_GRAPH_RL.md (tables, with the source of every
 emitted graph-rl model, the policy's shift from its start and the timings) and
 bench/ablation_graph_rl.json (every figure, the learning curves too), rewritten after every run so
 a killed bench keeps what it measured.
 
-    python -m bench.ablation_graph_rl [--models resnet20,vgg] [--seeds 0,1,2] [--epochs 3] [--out bench]
+    python -m bench.ablation_graph_rl [--models resnet20,vgg,recognizer] [--seeds 0,1,2] [--epochs 3] [--out bench]
     python -m bench.ablation_graph_rl --merge a/ablation_graph_rl.json b/ablation_graph_rl.json --out bench
 
 `--merge` joins runs made in parallel (one process per model and seed: on a shared machine each
@@ -23,6 +26,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,21 +43,25 @@ ARMS = ("l1", "none", "l1-fisher")
 
 def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
     """One compress run of `arm` ("l1" or a graph-rl prior) and the figures the tables want."""
-    from examples.reference_models import build_reference_model
     from hirelc_onnx.compress import compress
 
-    path = build_reference_model(model_name)
+    path, data, extra, held_out, fp32_held = _task(model_name)
     kind, target, budget, options = _compress_args("l1-flops50" if arm == "l1" else "graph-rl-flops50", path)
     if arm != "l1":  # l1's keep is fitted on rounded channel counts (`l1_keep`, in _compress_args)
         options = {**options, "prior": arm}
     t0 = time.perf_counter()
-    rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed, latency_runs=10,
-                   **_taken(kind, evaluations=spec["evaluations"], finetune_epochs=spec["epochs"]), **options).report
+    result = compress(path, data=data, method=kind, target=target, budget=budget, seed=seed, latency_runs=10,
+                      **_taken(kind, evaluations=spec["evaluations"], finetune_epochs=spec["epochs"]),
+                      **extra, **options)
+    rep = result.report
     search = rep["search"]
     row = {"model": model_name, "arm": arm, "seed": seed, "epochs": spec["epochs"], "fp32": rep["accuracy"]["fp32"],
            "test_n": rep["accuracy"]["n"], "score": rep["accuracy"]["compressed"],
            "val": rep["accuracy"]["val_compressed"], "macs": rep["size"]["macs_fraction"],
            "seconds": time.perf_counter() - t0, "source": rep.get("source") or ("uniform-l1" if arm == "l1" else None)}
+    if held_out is not None:  # a real model: scored on held-out samples the search never saw
+        row["score"], row["test_n"] = held_out(result.model)
+        row["fp32"] = fp32_held
     if arm != "l1":
         curve = search["learning_curve"]
         tenth = max(1, len(curve) // 10)
@@ -68,33 +76,56 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
     return row
 
 
+_TASKS: dict[str, tuple] = {}
+_WORK = tempfile.TemporaryDirectory()
+
+
+def _task(model_name: str) -> tuple:
+    """(model path, compress data, compress extras, held-out scorer or None, fp32 held-out score or None),
+    built once per process. The digits references are scored on the test split compress holds out; the
+    CTC recognizer (a real model: CNN + self-attention) on held-out rendered lines by character
+    accuracy, as bench.ablation_two_stage scores it."""
+    if model_name not in _TASKS:
+        if model_name == "recognizer":
+            from bench.ablation_two_stage import _data
+            from hirelc_onnx.graph.loader import load_model
+
+            path, data, extra, held_out = _data("recognizer", Path(_WORK.name))
+            _TASKS[model_name] = (path, data, extra, held_out, held_out(load_model(path))[0])
+        else:
+            from examples.reference_models import build_reference_model
+
+            _TASKS[model_name] = (build_reference_model(model_name), "digits", {}, None, None)
+    return _TASKS[model_name]
+
+
 def tables(rows: list[dict], spec: dict) -> list[str]:
     """The per-seed table with mean rows, and the policy / timing table."""
     lines = [f"## Graph-rl with and without its prior vs uniform L1 at 0.5 of the MACs ({spec['epochs']} epochs)", "",
-             "Held-out test accuracy (449 digits: one image is 0.22 points). l1: uniform L1 channel pruning; "
+             "Score: held-out test accuracy on the digits references (449 digits: one image is 0.22 points), "
+             "character accuracy on 1000 held-out rendered lines on the recognizer. l1: uniform L1 channel pruning; "
              "none: graph-rl --prior none (uninformative start, only the policy's episodes measured); l1-fisher: "
-             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start, its cut measured too). graph-rl measures "
+             f"graph-rl --prior l1-fisher (L1 + Fisher ranked start). graph-rl measures "
              f"{spec['evaluations']} candidates; every run fine-tunes {spec['epochs']} epochs, 7-bit weights, "
-             "ort-cpu. Images: difference with l1 in test images. Source: where the emitted candidate came from.", "",
-             "| model | seed | fp32 | l1 | none | l1-fisher | none - l1 (images) | l1-fisher - l1 (images) "
+             "ort-cpu. Points: difference with l1 in percentage points. Source: where the emitted candidate came from.", "",
+             "| model | seed | fp32 | l1 | none | l1-fisher | none - l1 (points) | l1-fisher - l1 (points) "
              "| source (none) | source (l1-fisher) |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["model"], r["seed"], r["arm"]): r for r in rows}
 
     def cell(r: dict | None, fmt: str = ".4f") -> str:
         return "n/a" if r is None else format(r["score"], fmt)
 
-    def images(r: dict | None, l1: dict) -> str:
-        return "n/a" if r is None else f"{round((r['score'] - l1['score']) * l1['test_n']):+d}"
+    def points(r: dict | None, l1: dict) -> str:
+        return "n/a" if r is None else f"{(r['score'] - l1['score']) * 100:+.2f}"
 
     for model in dict.fromkeys(r["model"] for r in rows):
         seeds = [s for s in dict.fromkeys(r["seed"] for r in rows if r["model"] == model) if (model, s, "l1") in by]
         for seed in seeds:
             l1, none, prior = (by.get((model, seed, a)) for a in ARMS)
             lines.append(f"| {model} | {seed} | {l1['fp32']:.4f} | {l1['score']:.4f} | {cell(none)} | {cell(prior)} "
-                         f"| {images(none, l1)} | {images(prior, l1)} | {none['source'] if none else 'n/a'} "
+                         f"| {points(none, l1)} | {points(prior, l1)} | {none['source'] if none else 'n/a'} "
                          f"| {prior['source'] if prior else 'n/a'} |")
         if len(seeds) > 1:
-            n = by[(model, seeds[0], "l1")]["test_n"]
             fp32 = np.mean([by[(model, s, "l1")]["fp32"] for s in seeds])
             mean = {a: (np.mean([by[(model, s, a)]["score"] for s in seeds])
                         if all((model, s, a) in by for s in seeds) else None) for a in ARMS}
@@ -102,7 +133,7 @@ def tables(rows: list[dict], spec: dict) -> list[str]:
             def shown(a: str, diff: bool = False) -> str:
                 if mean[a] is None:
                     return "n/a"
-                return f"{(mean[a] - mean['l1']) * n:+.1f}" if diff else f"{mean[a]:.4f}"
+                return f"{(mean[a] - mean['l1']) * 100:+.2f}" if diff else f"{mean[a]:.4f}"
 
             lines.append(f"| {model} | **mean** | {fp32:.4f} | {shown('l1')} | {shown('none')} | {shown('l1-fisher')} "
                          f"| {shown('none', True)} | {shown('l1-fisher', True)} | | |")

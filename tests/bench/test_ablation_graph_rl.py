@@ -1,4 +1,4 @@
-"""The graph-rl ablation's tables: per-seed rows, means in test images, the merge of parallel runs."""
+"""The graph-rl ablation's tables: per-seed rows, means in points, the merge of parallel runs."""
 from __future__ import annotations
 
 import json
@@ -29,9 +29,9 @@ def test_merge_joins_parallel_runs_into_one_table_with_means(tmp_path):
         files.append(str(path))
     assert main(["--merge", *files, "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "ABLATION_GRAPH_RL.md").read_text()
-    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | 0.9500 | +1 | +0 | policy | policy |" in md
-    assert "| vgg | 1 | 0.9900 | 0.9500 | 0.9550 | 0.9500 | +2 | +0 | policy | policy |" in md
-    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9537 | 0.9500 | +1.5 | +0.0 | | |" in md
+    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | 0.9500 | +0.25 | +0.00 | policy | policy |" in md
+    assert "| vgg | 1 | 0.9900 | 0.9500 | 0.9550 | 0.9500 | +0.50 | +0.00 | policy | policy |" in md
+    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9537 | 0.9500 | +0.37 | +0.00 | | |" in md
     joined = json.loads((tmp_path / "out" / "ablation_graph_rl.json").read_text())
     order = [(s, a) for s in (0, 1) for a in ("l1", "none", "l1-fisher")]
     assert [(r["seed"], r["arm"]) for r in joined["rows"]] == order
@@ -42,8 +42,8 @@ def test_an_arm_not_run_is_shown_as_not_available():
 
     rows = [_row("vgg", "l1", s, 0.95) for s in (0, 1)] + [_row("vgg", "none", s, 0.9525) for s in (0, 1)]
     md = "\n".join(tables(rows, {"epochs": 3, "evaluations": 4}))
-    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +1 | n/a | policy | n/a |" in md
-    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +1.0 | n/a | | |" in md
+    assert "| vgg | 0 | 0.9900 | 0.9500 | 0.9525 | n/a | +0.25 | n/a | policy | n/a |" in md
+    assert "| vgg | **mean** | 0.9900 | 0.9500 | 0.9525 | n/a | +0.25 | n/a | | |" in md
 
 
 def test_candidates_show_their_selection_figures_when_recorded():
