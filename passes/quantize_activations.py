@@ -89,6 +89,20 @@ class _Batches(CalibrationDataReader):
         return next(self._it, None)
 
 
+def _even_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The same rows in batches of one size. ORT's histogram calibrators (percentile, entropy) stack
+    every batch's outputs into one array, and batches of different sizes (a last short one: 71 rows
+    as 32 + 32 + 7) fail inside ORT with "inhomogeneous shape". The size is the largest divisor of the
+    row count no larger than the largest batch given, so every row is still read and none twice."""
+    sizes = {len(next(iter(b.values()))) for b in batches}
+    if len(sizes) <= 1:
+        return [dict(b) for b in batches]
+    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    total = len(next(iter(rows.values())))
+    size = max(d for d in range(1, max(sizes) + 1) if total % d == 0)
+    return [{name: v[i:i + size] for name, v in rows.items()} for i in range(0, total, size)]
+
+
 def quantize_activations(
     model: onnx.ModelProto,
     calib_batches: Sequence[Mapping[str, np.ndarray]],
@@ -129,7 +143,7 @@ def quantize_activations(
         quantize_static(
             pre,
             dst,
-            _Batches(calib_batches),
+            _Batches(calib_batches if method == "minmax" else _even_batches(calib_batches)),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types) if op_types else None,
             per_channel=per_channel,

@@ -98,6 +98,24 @@ def test_default_scheme_is_uint8_activations_and_7_bit_int8_weights(default_quan
 def test_other_calibration_methods(net, method):
     model, _, calib, x = net
     assert _rel(_run(quantize_activations(model, calib[:2], method=method), x), _run(model, x)) < 0.1
+    # a last short batch (as `SearchContext.calib_batches` cuts them: 16 + 16 + 7 rows) is rebatched
+    # evenly for ORT's histogram calibrators, which fail on uneven batches ("inhomogeneous shape")
+    uneven = [calib[0], calib[1], {"x": calib[2]["x"][:7]}]
+    assert _rel(_run(quantize_activations(model, uneven, method=method), x), _run(model, x)) < 0.1
+
+
+def test_uneven_batches_are_rebatched_to_one_size_with_every_row_once():
+    from passes.quantize_activations import _even_batches
+
+    rows = np.arange(39 * 2, dtype=np.float32).reshape(39, 2)
+    batches = [{"x": rows[:16], "m": rows[:16, :1]}, {"x": rows[16:32], "m": rows[16:32, :1]},
+               {"x": rows[32:], "m": rows[32:, :1]}]
+    even = _even_batches(batches)
+    assert {len(b["x"]) for b in even} == {13} and {len(b["m"]) for b in even} == {13}  # 39 = 3 x 13
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in even]), rows)
+    np.testing.assert_array_equal(np.concatenate([b["m"] for b in even]), rows[:, :1])
+    same = [{"x": rows[:13]}, {"x": rows[13:26]}]
+    assert [len(b["x"]) for b in _even_batches(same)] == [13, 13]
 
 
 def test_u8u8_scheme_stores_uint8_weights(net):
