@@ -184,8 +184,9 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
 @click.option("--params", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="graph-rl: keep at most this fraction of the original kernel parameters.")
 @click.option("--prior", type=click.Choice(["l1-fisher", "none"]),
-              help="graph-rl: start the policy from the L1 + Fisher channel ranking and measure its cuts "
-                   "(l1-fisher), or from uninformative logits, measuring only the policy's episodes (none).")
+              help="graph-rl: start the policy from the L1 + Fisher channel ranking, its cut measured where the "
+                   "proxy ranks it among the best (l1-fisher, the default), or from uninformative logits, "
+                   "measuring only the policy's episodes (none).")
 @click.option("--output-kind", help="What the outputs hold, overriding their classification: one kind for all, "
               "or name=kind,... (class-scores, sequence-scores, dense-map, embedding).")
 @click.option("--metric", help="A task metric package.module:func(outputs, labels) -> float to optimise and report "
