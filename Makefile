@@ -81,7 +81,8 @@ bench-search: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench
 
-# graph-rl --prior none / l1-fisher vs uniform L1 at 50% MACs, 3 epochs, 3 seeds, ResNet-20 and VGG:
+# graph-rl --prior none / l1-fisher vs uniform L1 at 50% MACs, 3 epochs, 3 seeds, ResNet-20, VGG and the
+# CTC recognizer (about 70 minutes on 2 cores):
 # writes bench/ABLATION_GRAPH_RL.md and bench/ablation_graph_rl.json
 bench-ablation-graph-rl: $(STAMP)
 	$(PY) -m bench.ablation_graph_rl

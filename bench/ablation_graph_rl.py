@@ -37,7 +37,7 @@ from bench.run import _compress_args, _taken, _versions
 
 log = logging.getLogger("bench")
 
-ABLATION = {"models": ("resnet20", "vgg"), "seeds": (0, 1, 2), "epochs": 3, "evaluations": 4}
+ABLATION = {"models": ("resnet20", "vgg", "recognizer"), "seeds": (0, 1, 2), "epochs": 3, "evaluations": 4}
 ARMS = ("l1", "none", "l1-fisher")
 
 
