@@ -77,7 +77,7 @@ def run_one(model_name: str, arm: str, seed: int, spec: dict) -> dict:
 
 
 _TASKS: dict[str, tuple] = {}
-_WORK = tempfile.TemporaryDirectory()
+_WORK: list[tempfile.TemporaryDirectory] = []  # the recognizer's rendered lines, kept while the process runs
 
 
 def _task(model_name: str) -> tuple:
@@ -90,7 +90,8 @@ def _task(model_name: str) -> tuple:
             from bench.ablation_two_stage import _data
             from hirelc_onnx.graph.loader import load_model
 
-            path, data, extra, held_out = _data("recognizer", Path(_WORK.name))
+            _WORK.append(tempfile.TemporaryDirectory(prefix="hirelc-ablation-"))
+            path, data, extra, held_out = _data("recognizer", Path(_WORK[-1].name))
             _TASKS[model_name] = (path, data, extra, held_out, held_out(load_model(path))[0])
         else:
             from examples.reference_models import build_reference_model

@@ -104,10 +104,10 @@ class SearchContext:
         self.input_names = [spec.name for spec in specs]
         rng = np.random.default_rng(seed)
         pool = splits.calib if len(splits.calib) else splits.finetune
-        take = rng.choice(len(pool), min(proxy_size, len(pool)), replace=False)
-        self.proxy_inputs: dict[str, np.ndarray] = pool.rows(np.sort(take))
+        take = np.sort(rng.choice(len(pool), min(proxy_size, len(pool)), replace=False))
+        self.proxy_inputs: dict[str, np.ndarray] = pool.rows(take)
         # the calibration rows a search scores its proxy on (a selection must not read them: `selection.Selection`)
-        self.proxy_calib_rows = np.sort(take) if pool is splits.calib else np.zeros(0, dtype=np.int64)
+        self.proxy_calib_rows = take if pool is splits.calib else np.zeros(0, dtype=np.int64)
         self.calib_batches = [pool.rows(slice(i, i + 32)) for i in range(0, min(len(pool), calib_size), 32)]
         self.proxy_ref = predict_outputs(bg.model, self.proxy_inputs)
         self.val_ref = predict_outputs(bg.model, splits.val)

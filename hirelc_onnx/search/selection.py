@@ -37,8 +37,7 @@ class Selection:
     """
 
     def __init__(self, ctx: SearchContext) -> None:
-        proxied = getattr(ctx, "proxy_calib_rows", np.zeros(0, dtype=np.int64))
-        unseen = np.setdiff1d(np.arange(len(ctx.splits.calib)), proxied)
+        unseen = np.setdiff1d(np.arange(len(ctx.splits.calib)), ctx.proxy_calib_rows)
         calib = (ctx.splits.calib if len(unseen) == len(ctx.splits.calib)
                  else ctx.splits.calib.subset(unseen, "calibration rows the proxy never read"))
         parts = [ctx.splits.val] + [calib] * (len(calib) > 0)
