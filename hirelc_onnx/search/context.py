@@ -285,9 +285,11 @@ class SearchContext:
         specs = {k.weight: spec for k in self.bg.kernels.values()
                  if (spec := weight_spec(k, config.get(k.name))) is not None}
         try:
-            # candidates of one model share a learning rate: later fine-tunes start from the rate the
-            # first one's probe settled on, so they spend their seconds training, not probing again
-            lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr}
+            # candidates of one model share a learning rate: later fine-tunes train at the rate the
+            # first one's probe settled on, without probing again (a probe try costs about an epoch on
+            # EfficientNet-Lite0: 28 s of a 64 s evaluation); a later candidate that diverges at it is
+            # caught by the engine's epoch backoff, and its best epoch (epoch 0 at worst) is kept
+            lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr, "lr_probe_steps": 0}
             result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
                               seed=self.seed, kinds=self.objective.kinds, **budget, **lr)
         except UserError as exc:
