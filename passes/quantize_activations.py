@@ -43,7 +43,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -89,6 +89,88 @@ class _Batches(CalibrationDataReader):
         return next(self._it, None)
 
 
+ORT_OPSET = 13
+"""The opset a model is raised to before ORT quantizes it: per-channel DequantizeLinear takes its `axis`
+from opset 13 on, and ORT's quantizer writes that attribute into an older model as it is (the onnx
+wheel's light SqueezeNet, opset 9: "Unrecognized attribute: axis for operator DequantizeLinear")."""
+
+
+def _ort_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` at ORT_OPSET at least (onnx's version converter; the input is not modified)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ORT_OPSET)
+    if version >= ORT_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, ORT_OPSET)
+    except Exception as exc:  # the converter's own errors are of several kinds
+        raise ValueError(f"quantize_activations: the model is at opset {version} and onnx's version converter "
+                         f"cannot raise it to {ORT_OPSET}, which int8 per-channel quantization needs: {exc}") from exc
+
+
+_SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+_PROBABILITY_OPS = frozenset({"Softmax", "LogSoftmax"})
+
+
+def _output_probabilities(model: onnx.ModelProto) -> list[str]:
+    """Names of the Softmax / LogSoftmax nodes whose result is a graph output (through shape-only ops),
+    and of those shape ops: left in fp32. ORT quantizes a Softmax output on a fixed [0, 1] uint8 grid
+    (step 1/255), so every probability under 0.002 comes out 0: the onnx wheel's light SqueezeNet, 1000
+    classes, returned all zeros. No int8 kernel reads a graph output, so the pair only loses precision."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for out in model.graph.output:
+        walked, node = [], producers.get(out.name)
+        while node is not None and node.op_type in _SHAPE_OPS:
+            walked.append(node)
+            node = producers.get(node.input[0]) if node.input else None
+        if node is not None and node.op_type in _PROBABILITY_OPS:
+            names += [n.name for n in (*walked, node) if n.name]
+    return names
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every node named (a copy when one was not): ORT excludes nodes by name."""
+    if all(n.name for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {n.name for n in out.graph.node}
+    for i, node in enumerate(out.graph.node):
+        if not node.name:
+            node.name = next(f"_node{i}_{k}" for k in range(len(taken) + 1) if f"_node{i}_{k}" not in taken)
+            taken.add(node.name)
+    return out
+
+
+def _fixed_batch(model: onnx.ModelProto, names: Iterable[str]) -> int | None:
+    """The batch size fixed by the model's first dim of any fed input, or None when it is symbolic."""
+    names = set(names)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in names and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
+
+
+def _model_batches(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The same rows in batches of the size the model fixes (ORT's calibrator runs the model on each
+    batch as given: a batch-1 model fed 11 rows fails "Got invalid dimensions"); a last short batch is
+    completed by repeating its last row, which leaves min/max as they are. Symbolic batch: unchanged."""
+    size = _fixed_batch(model, batches[0])
+    if size is None or all(len(next(iter(b.values()))) == size for b in batches):
+        return [dict(b) for b in batches]
+    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    total = len(next(iter(rows.values())))
+    out = []
+    for i in range(0, total, size):
+        chunk = {name: v[i:i + size] for name, v in rows.items()}
+        short = size - len(next(iter(chunk.values())))
+        if short:
+            chunk = {name: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for name, v in chunk.items()}
+        out.append(chunk)
+    return out
+
+
 def _even_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The same rows in batches of one size. ORT's histogram calibrators (percentile, entropy) stack
     every batch's outputs into one array, and batches of different sizes (a last short one: 71 rows
@@ -118,8 +200,10 @@ def quantize_activations(
     method: minmax, percentile or entropy (ORT's calibrators). per_channel: per-output-channel
     weight scales. scheme: see the module docstring. weight_grids: pre-chosen weight grids kept
     bit for bit (module docstring). op_types / nodes_to_exclude: passed to ORT to limit what is
-    quantized; ops in OPENVINO_UNSAFE_OPS read fp32 inputs unless op_types names them. The input
-    model is not modified.
+    quantized; ops in OPENVINO_UNSAFE_OPS read fp32 inputs unless op_types names them, and a Softmax
+    that gives a graph output stays fp32 (`_output_probabilities`). A model below opset 13 is raised
+    to it, and a model with a fixed batch size gets its calibration rows in batches of that size. The
+    input model is not modified.
     """
     if method not in CALIBRATORS:
         raise ValueError(f"quantize_activations: method must be one of {sorted(CALIBRATORS)}, got {method!r}")
@@ -128,6 +212,8 @@ def quantize_activations(
     if not calib_batches:
         raise ValueError("quantize_activations: calib_batches is empty; give at least one input batch")
     act_type, weight_type, reduce_range = SCHEMES[scheme]
+    model = _named(_ort_opset(model))
+    calib_batches = _model_batches(model, calib_batches)
     log.debug("quantize_activations: scheme %s, method %s, per_channel %s", scheme, method, per_channel)
     grids = dict(weight_grids or {})
     extra: dict = {}
@@ -150,7 +236,7 @@ def quantize_activations(
             reduce_range=reduce_range,
             activation_type=act_type,
             weight_type=weight_type,
-            nodes_to_exclude=list(nodes_to_exclude) if nodes_to_exclude else None,
+            nodes_to_exclude=[*(nodes_to_exclude or ()), *_output_probabilities(model)] or None,
             calibrate_method=CALIBRATORS[method],
             extra_options=extra,
         )

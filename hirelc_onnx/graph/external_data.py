@@ -15,7 +15,7 @@ import os
 import onnx
 from onnx import TensorProto
 
-__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "append_initializer", "serialized_nbytes", "serialized_nbytes", "is_shell", "decoded_nbytes"]
+__all__ = ["PROTOBUF_LIMIT", "light_copy", "save_external", "append_initializer", "serialized_nbytes", "is_shell", "decoded_nbytes"]
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # bytes: the most one serialized protobuf message may hold
 _ALIGN = 4096

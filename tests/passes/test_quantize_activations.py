@@ -206,6 +206,71 @@ def test_default_scheme_fused_kernel_computes_the_qdq_reference(tmp_path):
     if importlib.util.find_spec("openvino"):  # the optional second runtime's int8 kernels too
         import openvino
 
+        from hirelc_onnx.evaluate.runtimes import OPENVINO_F32
+
         core = openvino.Core()
-        compiled = core.compile_model(core.read_model(out.SerializeToString()), "CPU")
+        compiled = core.compile_model(core.read_model(out.SerializeToString()), "CPU", OPENVINO_F32)
         assert np.abs(np.asarray(compiled({0: x})[compiled.output(0)]) - want).max() <= step * 1.001
+
+
+def _old_batch_one(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """`model` as an older exporter wrote it: batch fixed to 1 and an older opset (Gemm, Conv, Relu,
+    Flatten and GlobalAveragePool read the same there), like the onnx wheel's light models (opset 9)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in (*out.graph.input, *out.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    out.opset_import[0].version = opset
+    out.ir_version = 4
+    return out
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_an_opset_9_batch_one_model_with_uneven_batches_quantizes_and_runs(net, method):
+    """ORT's quantizer writes per-channel DequantizeLinear `axis` into an opset-9 model as it is (invalid:
+    the attribute exists from opset 13), and its calibrator feeds each batch as given (a batch-1 model
+    fed 7 rows fails): the pass raises the opset to 13 and cuts the rows to the model's batch."""
+    model, _, calib, x = net
+    old = _old_batch_one(model, 9)
+    out = quantize_activations(old, [{"x": calib[0]["x"][:4]}, {"x": calib[1]["x"][:3]}], method=method)
+    assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(8)])
+    assert _rel(got, _run(model, x[:8])) < 0.1
+
+
+def test_rows_are_cut_to_the_model_batch_with_the_last_one_completed():
+    from passes.quantize_activations import _model_batches
+
+    model = parser.parse_model(NET_TEXT)
+    fixed = _old_batch_one(model, 17)
+    rows = np.arange(7 * 3 * 16 * 16, dtype=np.float32).reshape(7, 3, 16, 16)
+    batches = [{"x": rows[:4]}, {"x": rows[4:]}]
+    cut = _model_batches(fixed, batches)
+    assert [len(b["x"]) for b in cut] == [1] * 7
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in cut]), rows)
+    model2 = _old_batch_one(model, 17)
+    model2.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    cut2 = _model_batches(model2, batches)
+    assert [len(b["x"]) for b in cut2] == [2, 2, 2, 2]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in cut2])[:7], rows)
+    np.testing.assert_array_equal(cut2[-1]["x"][1], rows[6])  # the last row repeated
+    assert [len(b["x"]) for b in _model_batches(model, batches)] == [4, 3]  # symbolic batch: as given
+
+
+def test_a_softmax_giving_the_output_stays_fp32(net):
+    """ORT puts a Softmax output on a fixed [0, 1] uint8 grid: probabilities under 0.002 become 0."""
+    model, _, calib, x = net
+    probs = onnx.ModelProto()
+    probs.CopyFrom(model)
+    g = probs.graph
+    g.node.append(onnx.helper.make_node("Softmax", ["y"], ["prob"], axis=1))
+    g.node.append(onnx.helper.make_node("Flatten", ["prob"], ["q"], name="flat"))
+    g.output[0].name = "q"
+    out = quantize_activations(probs, calib[:2])
+    producer = {o: n for n in out.graph.node for o in n.output}
+    assert producer["q"].op_type == "Flatten" and producer[producer["q"].input[0]].op_type == "Softmax"
+    got, want = _run(out, x), _run(probs, x)
+    small = want < 0.002
+    assert small.any() and (got[small] > 0).all()  # small probabilities survive
+    assert _rel(got, want) < 0.1
