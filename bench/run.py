@@ -298,11 +298,12 @@ def openvino_agreement(model, data) -> float | str | None:
     except ImportError:
         return None
     from hirelc_onnx.evaluate.runner import predict
+    from hirelc_onnx.evaluate.runtimes import OPENVINO_F32
 
     x = _agreement_rows(data)
     try:
         core = openvino.Core()
-        compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU")
+        compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", OPENVINO_F32)
         theirs = np.asarray(compiled({model.graph.input[0].name: x})[compiled.output(0)])
     except Exception as exc:  # a model OpenVINO refuses is a finding of the bench, not its end
         return f"refused: {' '.join(str(exc).split())[:80]}"

@@ -10,10 +10,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.evaluate.data import load_digits
+from hirelc_onnx.evaluate.runtimes import OPENVINO_F32
 from hirelc_onnx.graph import build_block_graph
 from tests.oracles import run_ort
 
@@ -57,7 +59,7 @@ def digits_models(reference_models):
 def run_openvino(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     """First output of `model` compiled for OpenVINO's CPU plugin (read from the ONNX bytes in memory)."""
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU")
+    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", OPENVINO_F32)
     return np.asarray(compiled(feed)[compiled.output(0)])
 
 
@@ -65,6 +67,21 @@ def run_openvino(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndar
 # a ReduceMean, behind a Dequantize is what OpenVINO computed wrongly)
 CASES = ([("resnet20", *e) for e in ENCODINGS] + [("mobilenetv2", *ENCODINGS[i]) for i in (0, 4, 8, 13)]
          + [("vit", *ENCODINGS[12])])
+
+
+def _clear_rows(model: onnx.ModelProto, logits: np.ndarray, steps: float = 2.0) -> np.ndarray:
+    """Rows whose top-1 margin exceeds `steps` steps of the output's int8 grid (all rows when the output
+    is not quantized). Two correct int8 engines round some values a step apart (OpenVINO on an AMX Xeon
+    already quantizes 2.8% of ResNet-20's input pixels one step away from ORT: a different rounding of
+    x / scale), and on the pruned, not fine-tuned ResNet-20 (10% accuracy: chance) those steps flipped
+    the top-1 of 5 of 256 near-tied digits; on rows with a margin over two output steps they agreed on all."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dq = producers.get(model.graph.output[0].name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return np.ones(len(logits), dtype=bool)
+    step = float(next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == dq.input[1]))
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > steps * step
 
 
 @pytest.mark.parametrize("name, target, bits, granularity, qtype, keep", CASES)
@@ -76,7 +93,9 @@ def test_every_encoding_runs_in_openvino_as_in_ort(digits_models, name, target, 
     ours = run_ort(model, feed, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)[0]  # as deployed
     theirs = run_openvino(model, feed)
     assert theirs.shape == ours.shape
-    agreement = float(np.mean(theirs.argmax(1) == ours.argmax(1)))
+    rows = _clear_rows(model, ours)
+    assert rows.mean() >= 0.75  # not a vacuous comparison
+    agreement = float(np.mean(theirs.argmax(1)[rows] == ours.argmax(1)[rows]))
     assert agreement >= 0.99, f"{name} {target} {bits}-bit {granularity}: OpenVINO agrees with ORT on {agreement:.3f}"
     if target == "storage":  # weights decoded to the same floats (folded at load): only summation order differs
         np.testing.assert_allclose(theirs, ours, rtol=1e-3, atol=1e-3 * float(np.abs(ours).max()))
