@@ -160,7 +160,8 @@ def test_report_met_flag_is_the_final_whole_timing(reference_models, tmp_path):
                    speedup="1.3x", batch=32, finetune_epochs=0, latency_runs=5, out_dir=tmp_path / "out")
     goal = res.report["speed_goal"]
     assert goal["met"] == (goal["measured_speedup"] >= 1.3) and goal["batch"] == 32
-    assert goal["calibrations"] and goal["calibrations"][-1]["reference"] == "uniform"
+    # the calibration on the uniform reference was made (a later timed miss may append its own entry)
+    assert [c for c in goal["calibrations"] if c.get("reference") == "uniform"]
     assert 0 < goal["scale"] <= 1.0 + 1e-9  # only a measured miss moves it, and only down
     assert res.config.channel_multiple == 8  # rounded as every method's counts are
     written = json.loads((tmp_path / "out" / "report.json").read_text())["speed_goal"]
