@@ -70,6 +70,23 @@ def test_speed_repair_prunes_until_the_estimate_meets_the_goal(resnet, caplog):
     assert "after calibration" in caplog.records[0].getMessage()
 
 
+def test_speed_repair_turns_fp32_kernels_int8_before_it_prunes(resnet):
+    """Under ort-cpu a kernel left fp32 goes int8 first (cheaper in accuracy than channels): with the
+    table's 2x int8 kernels, a config of fp32 kernels reaches 1.5x with no channel pruned."""
+    bg, goal = resnet
+    names = list(bg.kernels)
+    mixed = CompressionConfig({n: replace(CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7).get(n),
+                                          bits=32 if i % 2 else 7) for i, n in enumerate(names)}, target="ort-cpu")
+    assert goal.estimate(bg, mixed) < 1.5 * MARGIN
+    fitted = speed_repair(bg, mixed, goal)
+    assert all(fitted.get(n).bits == 7 for n in names)
+    assert all(fitted.get(n).keep_ratio == 1.0 for n in names)
+    assert goal.estimate(bg, fitted) >= 1.5 * MARGIN
+    # storage has no int8 kernel: there only channels move
+    storage = speed_repair(bg, CompressionConfig.uniform(bg.kernels, target="storage"), goal)
+    assert all(storage.get(n).bits == 32 for n in names)
+
+
 def test_graph_rl_latency_constraint_uses_the_estimate(resnet):
     bg, goal = resnet
     (c,) = resource_constraints(goal=goal, int8=frozenset(bg.kernels))
