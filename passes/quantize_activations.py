@@ -152,6 +152,12 @@ def _fixed_batch(model: onnx.ModelProto, names: Iterable[str]) -> int | None:
     return None
 
 
+def _rows(batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int]:
+    """Every batch's rows joined per input, and their count."""
+    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return rows, len(next(iter(rows.values())))
+
+
 def _model_batches(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The same rows in batches of the size the model fixes (ORT's calibrator runs the model on each
     batch as given: a batch-1 model fed 11 rows fails "Got invalid dimensions"); a last short batch is
@@ -159,8 +165,7 @@ def _model_batches(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.nda
     size = _fixed_batch(model, batches[0])
     if size is None or all(len(next(iter(b.values()))) == size for b in batches):
         return [dict(b) for b in batches]
-    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-    total = len(next(iter(rows.values())))
+    rows, total = _rows(batches)
     out = []
     for i in range(0, total, size):
         chunk = {name: v[i:i + size] for name, v in rows.items()}
@@ -179,8 +184,7 @@ def _even_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str,
     sizes = {len(next(iter(b.values()))) for b in batches}
     if len(sizes) <= 1:
         return [dict(b) for b in batches]
-    rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-    total = len(next(iter(rows.values())))
+    rows, total = _rows(batches)
     size = max(d for d in range(1, max(sizes) + 1) if total % d == 0)
     return [{name: v[i:i + size] for name, v in rows.items()} for i in range(0, total, size)]
 

@@ -161,16 +161,16 @@ def _lower_keep(keep: float, length: int, multiple: int) -> float | None:
 
 
 def _int8_first(bg: BlockGraph, kernels: dict, like: dict, goal: SpeedGoal, current: float) -> tuple[dict, float]:
-    """`kernels` with every fp32 kernel that the target runs in int8 (not one the latency table sends
-    to storage) quantized to the target's int8 rung, when that raises the estimate; else unchanged."""
-    if like["target"] not in ("ort-cpu", "qdq"):
-        return kernels, current
+    """`kernels` with every fp32 kernel that would run as an int8 kernel at the target's int8 rung
+    (`SpeedGoal.int8`: not under storage, not one the latency table sends to storage) quantized to it,
+    when that raises the estimate; else unchanged."""
     bits = next(b for b in bits_ladder(like["target"]) if b < 32)
-    fp32 = [n for n, k in bg.kernels.items()
-            if kernels[n].bits >= 32 and weight_target(k, like["target"]) != "storage"]
-    if not fp32:
+    quantized = CompressionConfig({n: replace(kc, bits=bits) if kc.bits >= 32 else kc for n, kc in kernels.items()},
+                                  **like)
+    gained = goal.int8(bg, quantized) - goal.int8(bg, CompressionConfig(dict(kernels), **like))
+    if not gained:
         return kernels, current
-    trial = {**kernels, **{n: replace(kernels[n], bits=bits) for n in fp32}}
+    trial = {**kernels, **{n: quantized.get(n) for n in gained}}
     speed = goal.estimate(bg, CompressionConfig(dict(trial), **like))
     return (trial, speed) if speed > current + 1e-9 else (kernels, current)
 
