@@ -173,7 +173,9 @@ def _bad_npz(tmp_path, kind: str):
 @pytest.mark.parametrize("kind", ["missing", "dtype", "shape", "lengths"])
 def test_bad_npz_is_one_error_line(two_input, tmp_path, kind):
     npz, match = _bad_npz(tmp_path, kind)
-    res = _run("compress", two_input, "--method", "uniform", "--data", npz)
+    # an output folder of its own: the default, two_input.hirelc in the working directory, is the same
+    # for every case, and one on the other test worker held its lock ("is in use by another ... compress")
+    res = _run("compress", two_input, "--method", "uniform", "--data", npz, "--out", tmp_path / "out")
     assert res.exit_code == 2, res.output + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
