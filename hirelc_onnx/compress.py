@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import onnx
 
-from hirelc_onnx.config import TARGETS, CompressionConfig
+from hirelc_onnx.config import TARGETS, WEIGHT_RANGES, CompressionConfig
 from hirelc_onnx.errors import DataError, InvalidOptionError, UserError, current_interface, option
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, dataset_from_python, graph_inputs, load_data
@@ -35,11 +35,12 @@ from hirelc_onnx.search.budget import check_reachable, parse_budget
 from hirelc_onnx.search.speed import parse_speedup
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.executors import executor_closed, make_executor
-from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, check_options, flag, get_method
+from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, QUANT_OPTIONS, check_options, flag, get_method
 
-__all__ = ["CompressResult", "compress", "DATA_OPTIONS", "DEFAULT_CHANNEL_MULTIPLE"]
+__all__ = ["CompressResult", "compress", "DATA_OPTIONS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_WEIGHT_RANGE"]
 
 DEFAULT_CHANNEL_MULTIPLE = 8
+DEFAULT_WEIGHT_RANGE = "mse"
 """Pruned channel counts are multiples of 8 unless --channel-multiple says otherwise: ORT's CPU kernels
 run odd widths off their vectorised path (`specs.channel_unit`)."""
 
@@ -116,6 +117,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
       settings: a method's settings dataclass (HiReLCSettings, GraphRLSettings, TwoStageSettings);
       channel_multiple: every method that prunes rounds its kept channel counts to a multiple of it
       (default DEFAULT_CHANNEL_MULTIPLE; 1: any count), recorded in the emitted config.
+      weight_range: "mse" (default) clamps each quantized weight group to the part of its range its
+      grid fits with the least squared error before fine-tuning and quantization (passes/clip_weights.py);
+      "minmax" keeps every weight's full range; recorded in the emitted config.
     Checks that can fail (options, file, data, budget, target) run before any long work.
     """
     start = time.perf_counter()
@@ -150,6 +154,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                                  f"measured candidate is fine-tuned): give {option('data')}, or drop it")
     if finetune.get("finetune_epochs", 0) < 0:
         raise InvalidOptionError(f"{flag('finetune_epochs')} must be >= 0, got {finetune['finetune_epochs']}")
+    ranges = given.pop("weight_range", DEFAULT_WEIGHT_RANGE)
+    if ranges not in WEIGHT_RANGES:
+        raise InvalidOptionError(f"{option('weight_range')} must be one of {', '.join(WEIGHT_RANGES)}, got {ranges!r}")
     multiple = given.pop("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise InvalidOptionError(f"{option('channel_multiple')} must be an integer >= 1, got {multiple!r}")
@@ -183,6 +190,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         del original
         if PRUNING_OPTIONS <= chosen.options:  # the one place pruned counts are rounded: specs.group_keep_counts
             bg = replace(bg, channel_multiple=multiple)
+        if QUANT_OPTIONS <= chosen.options:  # the one place weight ranges are set: apply.clip_ranges
+            bg = replace(bg, weight_range=ranges)
         if "budget" in options_given:  # a method's default is its own to reach (two-stage prunes weights too)
             check_reachable(bg, given["budget"], target)
         sample_shapes = _sample_shapes(bg, input_shape)
@@ -219,6 +228,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                 bg.model, result.model, latency_table, ctx.sample_shapes)
         if result.config is not None and result.config.channel_multiple is None:
             result.config.channel_multiple = bg.channel_multiple  # config.json reproduces the counts anywhere
+        if result.config is not None and result.config.weight_range is None:
+            result.config.weight_range = bg.weight_range  # and the weights' ranges
         notify(progress, "measuring the emitted model")
         report = build_report(bg, model_path, result, ctx, method=method, target=target,
                               budget=given.get("budget"), max_drop=given.get("max_drop"),

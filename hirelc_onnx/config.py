@@ -14,6 +14,7 @@ from passes.quantize_weights import TARGETS  # the weight pass's encodings, defi
 __all__ = [
     "BITS_CHOICES",
     "QTYPES",
+    "WEIGHT_RANGES",
     "GRANULARITIES",
     "TARGETS",
     "ConfigError",
@@ -23,6 +24,10 @@ __all__ = [
 
 BITS_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)
 QTYPES = ("symmetric", "asymmetric")
+WEIGHT_RANGES = ("mse", "minmax")
+"""How each quantized weight's range is set before its min-max grid is fitted: `mse` clamps each
+group to the fraction of its range that minimises the squared error (`passes.clip_weights`),
+`minmax` keeps the full range."""
 
 
 class ConfigError(UserError, ValueError):
@@ -87,11 +92,14 @@ class CompressionConfig:
 
     channel_multiple: pruned channel counts are rounded to a multiple of it (`specs.group_keep_counts`);
     None: the run's (--channel-multiple, held by the BlockGraph). compress writes the run's value here.
+    weight_range: one of WEIGHT_RANGES (`specs.weight_range`); None: the run's (--weight-range, held by
+    the BlockGraph). compress writes the run's value here too.
     """
 
     kernels: dict[str, KernelConfig] = field(default_factory=dict)
     target: str = "storage"
     channel_multiple: int | None = None
+    weight_range: str | None = None
 
     def validate(self, known_kernels: Iterable[str] | None = None) -> "CompressionConfig":
         """Check every field; with `known_kernels`, refuse names the model does not have."""
@@ -100,6 +108,8 @@ class CompressionConfig:
         multiple = self.channel_multiple
         if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
             raise ConfigError(f"channel_multiple must be an integer >= 1, got {multiple!r}")
+        if self.weight_range is not None and self.weight_range not in WEIGHT_RANGES:
+            raise ConfigError(f"weight_range must be one of {WEIGHT_RANGES}, got {self.weight_range!r}")
         if known_kernels is not None:
             known = set(known_kernels)
             unknown = sorted(set(self.kernels) - known)
@@ -127,6 +137,8 @@ class CompressionConfig:
         out = {"target": self.target, "kernels": {n: asdict(k) for n, k in self.kernels.items()}}
         if self.channel_multiple is not None:
             out["channel_multiple"] = self.channel_multiple
+        if self.weight_range is not None:
+            out["weight_range"] = self.weight_range
         return out
 
     @classmethod
@@ -143,7 +155,7 @@ class CompressionConfig:
                 raise ConfigError(f"kernel {name!r}: unknown field {sorted(extra)[0]!r}")
             kernels[name] = KernelConfig(**fields)
         return cls(kernels, target=data.get("target", "storage"),
-                   channel_multiple=data.get("channel_multiple")).validate()
+                   channel_multiple=data.get("channel_multiple"), weight_range=data.get("weight_range")).validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # annotations only: graph.cost imports this module
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 
 __all__ = ["weight_spec", "weight_target", "int8_kernel", "keep_count", "channel_unit", "round_to_unit", "channel_multiple",
-           "group_keep_counts"]
+           "group_keep_counts", "weight_range"]
 
 
 def weight_spec(kernel: "Kernel", kc: KernelConfig) -> WeightQuantSpec | None:
@@ -74,6 +74,12 @@ def channel_multiple(bg: "BlockGraph", config: CompressionConfig) -> int:
     """The multiple pruned channel counts are rounded to: the config's own (a saved config.json
     reproduces its counts anywhere), else the run's (`BlockGraph.channel_multiple`, --channel-multiple)."""
     return config.channel_multiple or getattr(bg, "channel_multiple", 1) or 1
+
+
+def weight_range(bg: "BlockGraph", config: CompressionConfig) -> str:
+    """How `config`'s quantized weights get their ranges (`config.WEIGHT_RANGES`): the config's own,
+    else the run's (`BlockGraph.weight_range`, --weight-range)."""
+    return config.weight_range or getattr(bg, "weight_range", "mse")
 
 
 def group_keep_counts(bg: "BlockGraph", config: CompressionConfig) -> dict[int, int]:

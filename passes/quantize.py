@@ -66,12 +66,14 @@ __all__ = [
     "LOG2_TINY",
     "QuantizedWeight",
     "WeightQuantSpec",
+    "blocks",
     "dequantize",
     "fake_quantize",
     "from_2d",
     "log2_codebook",
     "quantize",
     "to_2d",
+    "uniform_groups",
 ]
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-group", "log2")
@@ -177,7 +179,7 @@ def _check(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
     return w
 
 
-def _blocks(w2: np.ndarray, group_size: int) -> np.ndarray:
+def blocks(w2: np.ndarray, group_size: int) -> np.ndarray:
     """[O, fan_in] -> [O, n_blocks, group_size], padding the last block with zeros.
 
     Zero padding never changes a block's scale: max|w| and the 0-including range ignore zeros.
@@ -189,7 +191,7 @@ def _blocks(w2: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(o, n_blocks, group_size)
 
 
-def _uniform(g: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def uniform_groups(g: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quantize groups laid out on the last axis of `g`; returns q (g's shape), scale, zero point."""
     if spec.symmetric:
         qmax = np.float32(spec.qmax)
@@ -226,7 +228,7 @@ def quantize(w: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
     w = _check(w, spec)
     shape = tuple(int(d) for d in w.shape)
     if spec.granularity == "per-tensor":
-        q, scale, zp = _uniform(w.reshape(1, -1), spec)
+        q, scale, zp = uniform_groups(w.reshape(1, -1), spec)
         return QuantizedWeight(q.reshape(shape), scale.reshape(()), None if zp is None else zp.reshape(()),
                                None, spec, shape)
     w2 = to_2d(w, spec.axis)
@@ -234,9 +236,9 @@ def quantize(w: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
         codes, s = _log2(w2, spec.bits)
         return QuantizedWeight(from_2d(codes, shape, spec.axis), s, None, log2_codebook(spec.bits), spec, shape)
     if spec.granularity == "per-channel":
-        q2, scale, zp = _uniform(w2, spec)
+        q2, scale, zp = uniform_groups(w2, spec)
         return QuantizedWeight(from_2d(q2, shape, spec.axis), scale, zp, None, spec, shape)
-    q3, scale, zp = _uniform(_blocks(w2, spec.group_size), spec)
+    q3, scale, zp = uniform_groups(blocks(w2, spec.group_size), spec)
     q2 = q3.reshape(w2.shape[0], -1)[:, : w2.shape[1]]
     return QuantizedWeight(from_2d(q2, shape, spec.axis), scale, zp, None, spec, shape)
 

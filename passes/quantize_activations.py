@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -53,6 +53,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from passes.clip_weights import mse_clipped
 from passes.quantize import WeightQuantSpec, fake_quantize, quantize
 from passes.quantize_weights import encoding, stored_tensors
 
@@ -198,12 +199,14 @@ def quantize_activations(
     weight_grids: Mapping[str, WeightQuantSpec] | None = None,
     op_types: Sequence[str] | None = None,
     nodes_to_exclude: Sequence[str] | None = None,
+    clip_grids: Collection[str] = (),
 ) -> onnx.ModelProto:
     """Return a QDQ copy of `model` with int8 activations calibrated on `calib_batches`.
 
     method: minmax, percentile or entropy (ORT's calibrators). per_channel: per-output-channel
     weight scales. scheme: see the module docstring. weight_grids: pre-chosen weight grids kept
-    bit for bit (module docstring). op_types / nodes_to_exclude: passed to ORT to limit what is
+    bit for bit (module docstring); those named in `clip_grids` have their range clipped first
+    (`passes.clip_weights.mse_clipped`). op_types / nodes_to_exclude: passed to ORT to limit what is
     quantized; ops in OPENVINO_UNSAFE_OPS read fp32 inputs unless op_types names them, and a Softmax
     that gives a graph output stays fp32 (`_output_probabilities`). A model below opset 13 is raised
     to it, and a model with a fixed batch size gets its calibration rows in batches of that size. The
@@ -223,7 +226,7 @@ def quantize_activations(
     extra: dict = {}
     expected: dict[str, np.ndarray] = {}
     if grids:
-        model, extra, expected = _pin_weight_grids(model, grids, per_channel, scheme)
+        model, extra, expected = _pin_weight_grids(model, grids, per_channel, scheme, frozenset(clip_grids))
     with tempfile.TemporaryDirectory(prefix="hirelc-actq-") as tmp:
         src, pre, dst = Path(tmp, "in.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "out.onnx")
         onnx.save(model, src)
@@ -282,7 +285,7 @@ def _fp32_inputs(model: onnx.ModelProto, op_types: Iterable[str]) -> onnx.ModelP
 
 
 def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpec], per_channel: bool,
-                      scheme: str) -> tuple[onnx.ModelProto, dict, dict[str, np.ndarray]]:
+                      scheme: str, clip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict, dict[str, np.ndarray]]:
     """Fake-quantize the pinned weights (in a copy) and build ORT overrides reproducing their integers.
 
     Returns the copy, ORT's extra_options, and the integers each weight must end up with.
@@ -307,6 +310,8 @@ def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpe
         if spec.symmetric and not spec.is_log2 and spec.bits == 8 and SCHEMES[scheme][0] == QuantType.QUInt8:
             full_range.append(name)
         w = numpy_helper.to_array(inits[name])
+        if name in clip:
+            w = mse_clipped(w, spec)
         stored = stored_tensors(quantize(w, spec), "ort-cpu")
         inits[name].CopyFrom(numpy_helper.from_array(fake_quantize(w, spec), name))
         expected[name] = stored.q

@@ -83,12 +83,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from passes.clip_weights import mse_clipped
 from passes.ir_build import add_constant, fresh_name, new_node, taken_names
 from passes.quantize import QuantizedWeight, WeightQuantSpec, quantize, to_2d
 from passes.weight_encoding import TARGETS, Encoding, StorageLayout, encoding, storage_layout
@@ -191,12 +192,15 @@ def stored_tensors(qw: QuantizedWeight, target: str) -> StoredWeight:
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Replace each named float32 weight initializer by stored integers + decode (module docstring)."""
 
-    def __init__(self, specs: Mapping[str, WeightQuantSpec], target: str = "storage") -> None:
+    def __init__(self, specs: Mapping[str, WeightQuantSpec], target: str = "storage",
+                 clip: Collection[str] = ()) -> None:
+        """clip: weights whose range is clipped before they are quantized (`passes.clip_weights`)."""
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"QuantizeWeightsPass: target must be one of {TARGETS}, got {target!r}")
         self.specs = dict(specs)
         self.target = target
+        self.clip = frozenset(clip)
 
     def requires(self, model: ir.Model) -> None:
         graph = model.graph
@@ -241,6 +245,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for name, spec in self.specs.items():
             old = graph.initializers[name]
             weight = old.const_value.numpy()
+            if name in self.clip:
+                weight = mse_clipped(weight, spec)
             qw = quantize(weight, spec)
             enc = encoding(spec, self.target, qw.shape)
             if self.target == "storage":
@@ -407,8 +413,9 @@ def _dq_decode(graph: ir.Graph, name: str, qw: QuantizedWeight, enc: Encoding, t
 
 
 def quantize_weights(model: onnx.ModelProto, specs: Mapping[str, WeightQuantSpec],
-                     target: str = "storage") -> onnx.ModelProto:
-    """Return a copy of `model` with the weights in `specs` quantized for `target` (input untouched)."""
+                     target: str = "storage", clip: Collection[str] = ()) -> onnx.ModelProto:
+    """Return a copy of `model` with the weights in `specs` quantized for `target` (input untouched);
+    those named in `clip` range-clipped first (`passes.clip_weights.mse_clipped`)."""
     ir_model = ir.from_proto(model)
-    QuantizeWeightsPass(specs, target)(ir_model)
+    QuantizeWeightsPass(specs, target, clip)(ir_model)
     return ir.to_proto(ir_model)

@@ -10,6 +10,7 @@ from hirelc_onnx.apply import apply_config, apply_pruning, choose_channels
 from hirelc_onnx.config import GRANULARITIES, CompressionConfig, ConfigError, KernelConfig
 from hirelc_onnx.graph import build_block_graph, model_cost
 from hirelc_onnx.specs import weight_spec
+from passes.clip_weights import mse_clipped
 from passes.quantize import fake_quantize
 from tests.light import light_normalized, strip_softmax
 from tests.oracles import random_feeds, randomize_weights, run_ort
@@ -58,13 +59,14 @@ def test_mixed_config_matches_fake_quant_oracle_and_cost_model(zoo, name, seed, 
     config = _random_config(bg, seed, target)
     emitted = apply_config(bg, config)
     onnx.checker.check_model(emitted, full_check=True)
-    # oracle: the pruned fp32 model with each weight replaced by the numpy reference fake-quant
+    # oracle: the pruned fp32 model with each weight replaced by the numpy reference fake-quant of its
+    # range-clipped values (the default --weight-range mse; passes/clip_weights.py)
     pruned = apply_pruning(bg, config)
     for t in pruned.graph.initializer:
         kernel = next((k for k in bg.kernels.values() if k.weight == t.name), None)
         spec = weight_spec(kernel, config.get(kernel.name)) if kernel else None
         if spec is not None:
-            t.CopyFrom(numpy_helper.from_array(fake_quantize(numpy_helper.to_array(t), spec), t.name))
+            t.CopyFrom(numpy_helper.from_array(fake_quantize(mse_clipped(numpy_helper.to_array(t), spec), spec), t.name))
     got, want = run_ort(emitted, feeds)[0], run_ort(pruned, feeds)[0]
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     cost = model_cost(bg, config)

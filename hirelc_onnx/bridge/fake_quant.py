@@ -57,7 +57,7 @@ def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform(g: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
-    """Fake-quantize groups laid out on the last axis of `g` (passes.quantize._uniform + dequantize)."""
+    """Fake-quantize groups laid out on the last axis of `g` (passes.quantize.uniform_groups + dequantize)."""
     qmax = _f32(spec.qmax, g)
     one = _f32(1.0, g)
     if spec.symmetric:

@@ -81,6 +81,7 @@ class BlockGraph:
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
     channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
+    weight_range: str = "mse"  # how quantized weights' ranges are set (--weight-range; specs.weight_range)
     ort_cpu_bytes: OrtCpuBytes | None = None  # what ORT's quantizer adds under ort-cpu (graph/ort_cpu_bytes.py)
     channel_scores: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """`importance.l1_channel_scores` per group, computed once (a search asks for them per candidate:

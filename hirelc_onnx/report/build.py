@@ -15,6 +15,7 @@ import onnxruntime
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
+from hirelc_onnx.specs import weight_range
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.per_node import per_node_rows
 from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
@@ -56,6 +57,8 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
                     nominal_ratio_unweighted_bits_times_keep=cost.nominal_ratio)
     report: dict[str, Any] = {
         "method": method, "target": target, "budget": budget, "max_drop": max_drop,
+        # how quantized weights' grid ranges were set (--weight-range; passes/clip_weights.py)
+        "weight_range": None if result.config is None else weight_range(bg, result.config),
         "input": {"path": str(model_path), "kernels": len(bg.kernels), "params": bg.total_params,
                   "macs": bg.total_macs, "blocks": len(bg.blocks)},
         "size": size,
@@ -199,13 +202,13 @@ def footprints(report: dict, result: MethodResult, shown=lambda v: v) -> dict:
     Candidates are scored on the validation split (the search's); the emitted model's test score is
     in "emitted". `shown` turns a searched score into the metric's own (a --metric-mode min loss)."""
     emitted_config = result.config.to_dict() if result.config is not None else None
-    multiple = (emitted_config or {}).get("channel_multiple")  # the run's rounding, so `apply` reproduces a point
+    # the run's rounding and weight ranges, so `apply` reproduces a point
+    run_wide = {k: v for k, v in (emitted_config or {}).items() if k in ("channel_multiple", "weight_range")}
     candidates = []
     for h in result.history:
         if h.get("config") is None or h.get("kind", "real") != "real":
             continue
-        config = h["config"] if multiple is None or "channel_multiple" in h["config"] else \
-            {**h["config"], "channel_multiple": multiple}
+        config = {**run_wide, **h["config"]}
         entry = {"id": len(candidates),
                  **{k: v for k, v in h.items() if k not in ("config", "kind", "timing", "levels", "score")},
                  "score": shown(h["score"]) if isinstance(h.get("score"), (int, float)) else h.get("score"),

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization
+from hirelc_onnx.apply import apply_config, apply_pruning, apply_quantization, clip_ranges
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import Dataset, Splits
@@ -185,7 +185,7 @@ class SearchContext:
         seconds = self.finetune_seconds if finetune_seconds is None else finetune_seconds
         tuned, finetuned = self._finetune(pruned, config, seconds)
         calib = self.calib_batches if config.target in ("ort-cpu", "qdq") else None
-        model = apply_quantization(self.bg, tuned, config, calib)
+        model = apply_quantization(self.bg, tuned, config, calib, clip=not finetuned)  # a fine-tune starts clipped
         score = self.score_model(model, self.splits.val)
         self.evaluations += 1
         return Measurement(config, score, self.cost(config), model, finetuned, time.perf_counter() - start)
@@ -290,8 +290,9 @@ class SearchContext:
             # EfficientNet-Lite0: 28 s of a 64 s evaluation); a later candidate that diverges at it is
             # caught by the engine's epoch backoff, and its best epoch (epoch 0 at worst) is kept
             lr = {} if self.finetune_lr is None else {"lr": self.finetune_lr, "lr_probe_steps": 0}
-            result = finetune(pruned, specs, self.splits.finetune, self.splits.val, teacher=self.bg.model,
-                              seed=self.seed, kinds=self.objective.kinds, **budget, **lr)
+            # from the range-clipped weights: it trains against the grids that are emitted (apply.clip_ranges)
+            result = finetune(clip_ranges(self.bg, config, pruned), specs, self.splits.finetune, self.splits.val,
+                              teacher=self.bg.model, seed=self.seed, kinds=self.objective.kinds, **budget, **lr)
         except UserError as exc:
             self.bridge_error = str(exc)
             log.warning("fine-tuning disabled: %s", exc)

@@ -4,7 +4,8 @@
 The emitted rewrite (`apply.apply_config`) writes each quantized weight as integers plus decode
 nodes, raises the opset, runs the checker and cleans up: about 1 s per candidate on
 EfficientNet-Lite0, a third of a proxy score, paid ~100 times a HiReLC search. The decode computes
-exactly `passes.quantize.fake_quantize(weight, spec)` (both are (q - zp) * scale in float32, or a
+exactly `passes.quantize.fake_quantize(weight, spec)` of the weight as the pass clipped its range
+(`passes.clip_weights`, under weight range `mse`) (both are (q - zp) * scale in float32, or a
 log2 codebook times a scale), and ORT folds it into that float32 constant at load. So the proxy
 model here is the fp32 graph (channels pruned by the same pass when the config prunes) with each
 quantized weight initializer replaced by its fake-quantized values: the same logits, with no decode
@@ -23,10 +24,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hirelc_onnx.apply import apply_pruning
+from hirelc_onnx.apply import apply_pruning, clipped_specs
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import weight_spec
+from passes.clip_weights import mse_clipped
 from passes.quantize import WeightQuantSpec, fake_quantize
 
 __all__ = ["FakeQuantModels"]
@@ -42,7 +44,7 @@ class FakeQuantModels:
         self.bg = bg
         self.cache_bytes = cache_bytes
         self._shapes = {init.name: tuple(init.dims) for init in bg.model.graph.initializer}
-        self._cache: OrderedDict[tuple[str, WeightQuantSpec], onnx.TensorProto] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, WeightQuantSpec, bool], onnx.TensorProto] = OrderedDict()
         self._cached_bytes = 0
         self.hits = 0
         self.misses = 0
@@ -51,27 +53,29 @@ class FakeQuantModels:
         """The (pruned) fp32 model with every weight `config` quantizes replaced by its fake-quantized values."""
         specs = {k.weight: spec for name, k in self.bg.kernels.items()
                  if (spec := weight_spec(k, config.get(name))) is not None}
+        clipped = clipped_specs(self.bg, config)
         pruned = apply_pruning(self.bg, config)  # bg.model itself when nothing is pruned: copied below
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
         for init in out.graph.initializer:
             spec = specs.get(init.name)
             if spec is not None:
-                init.CopyFrom(self._fake_quantized(init, spec))
+                init.CopyFrom(self._fake_quantized(init, spec, init.name in clipped))
         return out
 
-    def _fake_quantized(self, init: onnx.TensorProto, spec: WeightQuantSpec) -> onnx.TensorProto:
-        """`init` fake-quantized by `spec`; cached when the weight is unpruned (its values are then fixed)."""
+    def _fake_quantized(self, init: onnx.TensorProto, spec: WeightQuantSpec, clip: bool) -> onnx.TensorProto:
+        """`init` fake-quantized by `spec`, its range clipped first when `clip` (as the weight pass does);
+        cached when the weight is unpruned (its values are then fixed)."""
         if tuple(init.dims) != self._shapes.get(init.name):  # pruned: values depend on the kept channels
-            return numpy_helper.from_array(fake_quantize(numpy_helper.to_array(init), spec), init.name)
-        key = (init.name, spec)
+            return numpy_helper.from_array(_fake_quantized(numpy_helper.to_array(init), spec, clip), init.name)
+        key = (init.name, spec, clip)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             self.hits += 1
             return hit
         self.misses += 1
-        tensor = numpy_helper.from_array(np.ascontiguousarray(fake_quantize(numpy_helper.to_array(init), spec)),
+        tensor = numpy_helper.from_array(np.ascontiguousarray(_fake_quantized(numpy_helper.to_array(init), spec, clip)),
                                          init.name)
         size = len(tensor.raw_data)
         if size <= self.cache_bytes:
@@ -80,3 +84,7 @@ class FakeQuantModels:
             self._cache[key] = tensor
             self._cached_bytes += size
         return tensor
+
+
+def _fake_quantized(w: np.ndarray, spec: WeightQuantSpec, clip: bool) -> np.ndarray:
+    return fake_quantize(mse_clipped(w, spec) if clip else w, spec)

@@ -22,6 +22,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.importance import channel_ranking
 from hirelc_onnx.specs import group_keep_counts, keep_count, weight_spec
+from passes.clip_weights import mse_clipped
 from passes.quantize import fake_quantize
 
 __all__ = ["STATIC_FEATURES", "CHOICE_FEATURES", "config_key", "is_prunable", "kernel_features", "encode_choice",
@@ -112,7 +113,8 @@ def effective_keep(bg: BlockGraph, config: CompressionConfig) -> dict[str, float
 class WeightPerturbation:
     """Relative squared weight error ||W' - W||^2 / ||W||^2 that a choice inflicts on one kernel.
 
-    Quantization error comes from `passes.quantize.fake_quantize` (the emitted arithmetic);
+    Quantization error comes from `passes.quantize.fake_quantize` of the weight with its range clipped
+    as the run's weight range says (the emitted arithmetic, `passes.clip_weights`);
     pruning error is the energy of the output channels `apply` removes: the tail of the group's
     `importance.channel_ranking`, the channel choice pruning itself uses. Both are cached per
     (kernel, choice): the table is what makes a reward evaluation cost microseconds instead of an
@@ -135,7 +137,8 @@ class WeightPerturbation:
         if key not in self._quant:
             w = self._weights[name]
             spec = weight_spec(self.bg.kernels[name], kc)
-            err = float(np.sum((w - fake_quantize(w, spec)) ** 2))
+            ranged = w if self.bg.weight_range == "minmax" or spec.is_log2 else mse_clipped(w, spec)
+            err = float(np.sum((w - fake_quantize(ranged, spec)) ** 2))
             self._quant[key] = err / max(float(np.sum(w * w)), 1e-30)
         return self._quant[key]
 

@@ -18,7 +18,7 @@ from hirelc_onnx.errors import InvalidOptionError, option
 if TYPE_CHECKING:
     from hirelc_onnx.search.baselines import MethodResult
 
-__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "PRUNING_OPTIONS", "SPEED_OPTIONS", "SPENT_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
+__all__ = ["Method", "METHODS", "FINETUNE_OPTIONS", "PRUNING_OPTIONS", "QUANT_OPTIONS", "SPEED_OPTIONS", "SPENT_OPTIONS", "OPTIONS", "check_options", "flag", "get_method", "takers"]
 
 FINETUNE_OPTIONS = frozenset({"finetune_seconds", "finetune_epochs"})
 """Options the SearchContext spends (the fine-tuning of every real evaluation), never passed to a run."""
@@ -27,11 +27,15 @@ PRUNING_OPTIONS = frozenset({"channel_multiple"})
 """Options compress spends on the BlockGraph (pruned channel counts rounded to a multiple,
 `specs.group_keep_counts`), taken by every method that prunes, never passed to a run."""
 
+QUANT_OPTIONS = frozenset({"weight_range"})
+"""Options compress spends on the BlockGraph (how quantized weights' ranges are set, `specs.weight_range`),
+taken by every method whose config our passes quantize, never passed to a run."""
+
 SPEED_OPTIONS = frozenset({"speedup", "batch"})
 """Options compress spends on the SearchContext (`ctx.speed_goal`, search/speed.py): a measured-latency
 constraint the methods that take them read from there."""
 
-SPENT_OPTIONS = FINETUNE_OPTIONS | PRUNING_OPTIONS | SPEED_OPTIONS
+SPENT_OPTIONS = FINETUNE_OPTIONS | PRUNING_OPTIONS | QUANT_OPTIONS | SPEED_OPTIONS
 """Options a method takes that compress spends itself: its run function never receives them."""
 
 API_ONLY = frozenset({"settings"})
@@ -64,7 +68,7 @@ class Method:
         return getattr(importlib.import_module(module), function)
 
 
-_SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS, *PRUNING_OPTIONS})
+_SEARCH = frozenset({"budget", "evaluations", *FINETUNE_OPTIONS, *PRUNING_OPTIONS, *QUANT_OPTIONS})
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hirelc", "hirelc_onnx.search.hirelc:run_hirelc", False,
@@ -76,16 +80,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "a graph-attention policy keeps or prunes each channel under a MACs / params / bytes limit",
            frozenset({"seed", "progress"})),
     Method("two-stage", "hirelc_onnx.search.two_stage:run_two_stage", True,
-           frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings", *PRUNING_OPTIONS}),
+           frozenset({"budget", "evaluations", "max_drop", "time_limit", "settings", *PRUNING_OPTIONS,
+                      *QUANT_OPTIONS}),
            "an agent prunes channels, learned masks prune weights, a second agent picks bit widths",
            frozenset({"seed", "progress"}), default_budget=30.0),
     Method("uniform", "hirelc_onnx.search.baselines:run_uniform", False,
-           frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS, *PRUNING_OPTIONS, *SPEED_OPTIONS}),
+           frozenset({"bits", "keep", "qtype", "granularity", *FINETUNE_OPTIONS, *PRUNING_OPTIONS, *QUANT_OPTIONS,
+                      *SPEED_OPTIONS}),
            "the same bits and keep ratio for every kernel (under --speedup the largest keep that meets it)"),
     Method("uniform-l1", "hirelc_onnx.search.baselines:run_uniform_l1", True, _SEARCH,
            "uniform bits, uniform L1 pruning fitted to the budget; one candidate per bit width",
            frozenset({"progress"})),
-    Method("l1-int8", "hirelc_onnx.search.baselines:run_l1_int8", False, frozenset({"keep", *FINETUNE_OPTIONS, *PRUNING_OPTIONS}),
+    Method("l1-int8", "hirelc_onnx.search.baselines:run_l1_int8", False, frozenset({"keep", *FINETUNE_OPTIONS, *PRUNING_OPTIONS, *QUANT_OPTIONS}),
            "L1-magnitude uniform channel pruning, then 8-bit weights"),
     Method("ort-int8", "hirelc_onnx.search.baselines:run_ort_int8", True, frozenset(),
            "ONNX Runtime's own static int8 quantization of the fp32 model"),

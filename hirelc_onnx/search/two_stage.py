@@ -60,7 +60,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from hirelc_onnx.apply import apply_pruning, apply_quantization
+from hirelc_onnx.apply import apply_pruning, apply_quantization, clip_ranges
 from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
@@ -233,10 +233,12 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     # --- fine-tune with masks held and weights fake-quantized as stored; emit ----------------------
     specs = {k.weight: spec for n, k in bg.kernels.items() if (spec := weight_spec(k, final_config.get(n)))}
-    qat = finetune(stage1.model, s.finetune_epochs, sparse=list(weights.values()), quant=specs)
+    # from the range-clipped weights, quantized as trained (apply.clip_ranges)
+    qat = finetune(clip_ranges(bg, final_config, stage1.model), s.finetune_epochs, sparse=list(weights.values()),
+                   quant=specs)
     ctx.evaluations += 1
     model, stage2_sparse = emit_stage(bg, qat.model, final_config,
-                                      ctx.calib_batches if target in ("ort-cpu", "qdq") else None)
+                                      ctx.calib_batches if target in ("ort-cpu", "qdq") else None, clip=False)
     stage2_report = _stage_report(bg, ctx, model, final_config, ctx.score_model(model, splits.val), stage2_sparse)
     stage2_report.update(bits={n: final_config.get(n).bits for n in names}, predicted_bytes=sizes.total(final_config),
                          source=stage2_choice.source, **stage2_info)

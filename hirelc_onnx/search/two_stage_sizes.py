@@ -23,7 +23,8 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import bits_ladder
-from hirelc_onnx.specs import weight_spec, weight_target
+from hirelc_onnx.specs import weight_range, weight_spec, weight_target
+from passes.clip_weights import mse_clipped
 from passes.quantize import quantize
 from passes.quantize_weights import encoding, stored_tensors
 from passes.sparse_weights import DELTA4_OPSET, SparseWeightsPass, choose_encoding, dense_nbytes, stored_initializer
@@ -112,15 +113,17 @@ class StageSizes:
         self.bg, self.target = bg, base.target
         self.table: dict[str, dict[int, tuple[int, int]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        clip = weight_range(bg, base) != "minmax"  # the integers are those of the range-clipped weights
         for name, k in bg.kernels.items():
             w = numpy_helper.to_array(inits[k.weight])
             self.shapes[name] = w.shape
             self.table[name] = {bits: tuple(self._kernel_bytes(w, k, replace(base.get(name), bits=bits), base.target,
-                                                               sparse, opset) for opset in (self.opset, DELTA4_OPSET))
+                                                               sparse, opset, clip) for opset in (self.opset, DELTA4_OPSET))
                                 for bits in (ladder or bits_ladder(base.target))}
 
     @staticmethod
-    def _kernel_bytes(w: np.ndarray, kernel: Kernel, kc: KernelConfig, target: str, sparse: bool, opset: int) -> int:
+    def _kernel_bytes(w: np.ndarray, kernel: Kernel, kc: KernelConfig, target: str, sparse: bool, opset: int,
+                      clip: bool) -> int:
         spec = weight_spec(kernel, kc)
         if spec is None:
             return choose_encoding(w, opset).nbytes if sparse else dense_nbytes(w)
@@ -128,6 +131,8 @@ class StageSizes:
         total = encoded_nbytes(w.shape, spec, target)
         if not sparse:
             return total
+        if clip:
+            w = mse_clipped(w, spec)
         enc = encoding(spec, target, w.shape)
         q = stored_tensors(quantize(w, spec), target).q.astype(onnx.helper.tensor_dtype_to_np_dtype(enc.container))
         return total - dense_nbytes(q) + choose_encoding(q, opset).nbytes
@@ -141,10 +146,12 @@ class StageSizes:
 
 
 def emit_stage(bg: BlockGraph, tuned: onnx.ModelProto, config: CompressionConfig,
-          calib_batches: list[dict[str, np.ndarray]] | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
+               calib_batches: list[dict[str, np.ndarray]] | None = None,
+               clip: bool = True) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Quantize the stage-1 weights for `config` and, for the storage target, store kernels sparsely
-    where smaller; returns the model and {stored initializer: sparse encoding} for those that are."""
-    model = apply_quantization(bg, tuned, config, calib_batches)
+    where smaller; returns the model and {stored initializer: sparse encoding} for those that are.
+    clip: as `apply.apply_quantization` (False for weights fine-tuned from `apply.clip_ranges`)."""
+    model = apply_quantization(bg, tuned, config, calib_batches, clip=clip)
     if config.target != "storage":
         return model, {}
     ir_model = ir.from_proto(model)

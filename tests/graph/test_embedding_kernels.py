@@ -12,6 +12,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import build_block_graph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import max_ratio
+from passes.clip_weights import mse_clipped
 from passes.quantize import fake_quantize
 from passes.storage import initializer_nbytes
 from tests.embedding_model import HIDDEN, MAX_LEN, VOCAB, embedding_model, token_ids
@@ -118,7 +119,7 @@ def test_cost_model_predicts_the_emitted_bytes(bg, target, bits, granularity):
     out = apply_config(bg, config, checking=True)
     assert model_cost(bg, config).total_bytes == initializer_nbytes(out)
     ids = token_ids(4)
-    fq = {w: fake_quantize(numpy_helper.to_array(t), s) for w, t, s in _table_specs(bg, config)}
+    fq = {w: fake_quantize(mse_clipped(numpy_helper.to_array(t), s), s) for w, t, s in _table_specs(bg, config)}  # --weight-range mse
     fake = onnx.ModelProto()
     fake.CopyFrom(bg.model)
     for t in fake.graph.initializer:

@@ -53,11 +53,12 @@ def test_options_are_checked_against_the_row():
     check_options(METHODS["random"], ["budget", "evaluations"])
     with pytest.raises(UserError, match=r"^method='random' does not take resume= \(it takes: batch=, budget=, "
                                         r"channel_multiple=, evaluations=, finetune_epochs=, finetune_seconds=, "
-                                        r"speedup=\)$"):
+                                        r"speedup=, weight_range=\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
     with interface("cli"), pytest.raises(UserError, match=r"^--method random does not take --resume \(it takes: "
                                                           r"--batch, --budget, --channel-multiple, --evaluations, "
-                                                          r"--finetune-epochs, --finetune-seconds, --speedup\)$"):
+                                                          r"--finetune-epochs, --finetune-seconds, --speedup, "
+                                                          r"--weight-range\)$"):
         check_options(METHODS["random"], ["budget", "resume"])
     with pytest.raises(UserError, match=r"^method='ort-int8' does not take keep= \(it takes no method options\)$"):
         check_options(METHODS["ort-int8"], ["keep"])
