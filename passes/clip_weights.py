@@ -31,6 +31,9 @@ __all__ = ["RANGE_FRACTIONS", "mse_clipped", "clip_weights"]
 RANGE_FRACTIONS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
 """Fractions of each group's range tried (1.0 first: a tie keeps the unclamped weights)."""
 
+CHUNK_VALUES = 1 << 20
+"""Weights clamped together (whole groups): bounds the search's temporary copies on a big weight."""
+
 
 def _rows(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
     """[groups, entries]: one row per scale of `spec` (per-group blocks zero-padded, as quantized)."""
@@ -63,6 +66,14 @@ def mse_clipped(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
         return w
     w = np.asarray(w, np.float32)
     rows = _rows(w, spec)
+    out = np.empty_like(rows)
+    step = max(1, CHUNK_VALUES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):  # a few copies of one chunk at a time, never of a big weight
+        out[start:start + step] = _clipped_rows(rows[start:start + step], spec)
+    return np.ascontiguousarray(_unrows(out, w, spec))
+
+
+def _clipped_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
     if spec.symmetric:
         hi = np.abs(rows).max(axis=1, keepdims=True)
         lo = -hi
@@ -77,7 +88,7 @@ def mse_clipped(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
         better = err < best_err
         best_err[better] = err[better]
         out[better] = clamped[better]
-    return np.ascontiguousarray(_unrows(out, w, spec))
+    return out
 
 
 def clip_weights(model: onnx.ModelProto, specs: Mapping[str, WeightQuantSpec]) -> onnx.ModelProto:

@@ -76,3 +76,13 @@ def test_clip_weights_copies_and_touches_only_the_named_weights():
     got = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert np.array_equal(got["A"], mse_clipped(a.T.copy(), spec)) and not np.array_equal(got["A"], a.T)
     assert np.array_equal(got["B"], b.T)
+
+
+def test_chunks_of_groups_give_the_whole_weight_s_answer(monkeypatch):
+    import passes.clip_weights as clip
+
+    w = _heavy_tailed(5, (40, 30))
+    spec = WeightQuantSpec(4, False, "per-group", 8, 0)
+    whole = mse_clipped(w, spec)
+    monkeypatch.setattr(clip, "CHUNK_VALUES", 24)  # three 8-value groups per chunk
+    assert np.array_equal(mse_clipped(w, spec), whole)
