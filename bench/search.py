@@ -36,10 +36,11 @@ log = logging.getLogger("bench.search")
 
 MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
 SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
-METHODS = (*SEARCHED, "ort-int8", "hirelc-before")
+METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax")
 """hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
 rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
-prediction), to measure what the changes moved."""
+prediction), to measure what the changes moved. hirelc-minmax (not run by default): HiReLC with
+`--weight-range minmax` (every quantized weight's grid spans its full range, as before fitted ranges)."""
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
             "search_samples": 400}
 QUICK = {"models": "text-recognizer", "methods": "hirelc,knapsack,ort-int8", "seeds": "0", "evaluations": 2,
@@ -148,6 +149,8 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
         else:
             if method == "hirelc-before":
                 kw.update(method="hirelc", settings=_before())
+            if method == "hirelc-minmax":
+                kw.update(method="hirelc", weight_range="minmax")
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
         result = compress(task.path, **kw)
         rep = result.report
@@ -218,7 +221,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
         winners = ", ".join(f"{r['seed']}: {r['winner_source']}" for r in c["rows"] if "winner_source" in r)
         lines.append(f"| {model} | {method} | {len(c['scores'])} | {c['ratio']:.2f}x | {c['mean']:.4f} | "
                      f"{c['spread']:.4f} | {c['lo']:.4f}..{c['hi']:.4f} | {c['rows'][0].get('n')} | "
-                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'hirelc-before', 'knapsack') else ''} |")
+                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'hirelc-before', 'hirelc-minmax', 'knapsack') else ''} |")
     lines += ["", "## Verdicts", ""] + verdicts(table)
     errors = [r for r in rows if "error" in r]
     lines += [""] + [f"- {r['model']} {r['method']} seed {r['seed']}: error: {r['error']}" for r in errors]

@@ -35,3 +35,26 @@ def test_quick_search_bench(tmp_path, small_recognizer_in_benches, monkeypatch):
     assert sum(hirelc["evaluations_by_source"].values()) == 2
     text = (tmp_path / "SEARCH.md").read_text()
     assert f"{hirelc['score']:.4f}" in text and f"0: {hirelc['winner_source']}" in text
+
+
+def test_hirelc_minmax_is_hirelc_with_full_range_grids(monkeypatch, tmp_path):
+    import importlib
+    import types
+
+    from bench.search import Task, run_cell
+
+    compress_module = importlib.import_module("hirelc_onnx.compress")  # the module (the package exports the function)
+
+    seen = {}
+
+    def fake_compress(path, **kw):
+        seen.update(kw)
+        report = {"size": {"ratio": 6.0}, "accuracy": {"evaluations": 1}, "search": {}}
+        return types.SimpleNamespace(report=report, model=None)
+
+    monkeypatch.setattr(compress_module, "compress", fake_compress)
+    task = Task("m.onnx", None, "top-1", 10, lambda m, r: 0.5, {})
+    args = types.SimpleNamespace(budget=6.0, evaluations=2, finetune_epochs=0)
+    row = run_cell("m", task, "hirelc-minmax", 0, args, tmp_path)
+    assert seen["method"] == "hirelc" and seen["weight_range"] == "minmax"
+    assert row["method"] == "hirelc-minmax" and row["score"] == 0.5
