@@ -12,9 +12,12 @@ twin (`hirelc_onnx.bridge.fake_quant`) stay plain min-max and bit-exact with eac
 passes clamp each weight just before quantizing it (`quantize_weights(clip=...)`,
 `quantize_activations(clip_grids=...)`: one weight at a time, no copy of a big model);
 quantization-aware fine-tuning instead starts from a model clamped by `clip_weights` and its result
-is quantized without clamping again, so the grids it trained against are the ones emitted. Measured on EfficientNet-Lite0 (6x true bytes, the knapsack config, 1000 held-out
-photo crops, top-1 agreement with fp32): 0.759 -> 0.769 without fine-tuning, 0.789 -> 0.894 after
-one epoch. Log2 grids are left as they are (their levels are relative to the maximum by design).
+is quantized without clamping again, so the grids it trained against are the ones emitted.
+
+Measured on EfficientNet-Lite0 (6x true bytes, 1000 held-out photo crops, top-1 agreement with
+fp32): the knapsack's config 0.759 -> 0.769 without fine-tuning, 0.789 -> 0.894 after one epoch;
+HiReLC's search 0.789 -> 0.882 (`bench/SEARCH.md`). Log2 grids are left as they are (their levels
+are relative to the maximum by design).
 """
 from __future__ import annotations
 
