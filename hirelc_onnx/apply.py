@@ -23,12 +23,13 @@ from hirelc_onnx.specs import group_keep_counts, int8_kernel, weight_range, weig
 from passes.cleanup import cleanup
 from passes.clip_weights import clip_weights
 from passes.prune_channels import prune_channels
-from passes.quantize_activations import quantize_activations
 from passes.quantize import WeightQuantSpec
+from passes.quantize_activations import quantize_activations
 from passes.quantize_weights import quantize_weights
 from passes.runner import run_passes
 
-__all__ = ["choose_channels", "clipped_specs", "clip_ranges", "apply_pruning", "quantization_passes", "apply_quantization", "apply_config", "finalize"]
+__all__ = ["choose_channels", "clipped_specs", "clip_ranges", "apply_pruning", "quantization_passes",
+           "apply_quantization", "apply_config", "finalize"]
 
 log = logging.getLogger(__name__)
 
