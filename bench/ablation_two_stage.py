@@ -63,7 +63,7 @@ def _data(model: str, work: Path):
 
 
 def run(models: list[str], seeds: list[int], epochs: int | None, evaluations: int, out: Path,
-        variants: tuple[str, ...] = VARIANTS) -> dict:
+        variants: tuple[str, ...] = VARIANTS, weight_range: str = "mse") -> dict:
     """epochs: of every fine-tune and the mask training (None: each model's own, `MODELS`)."""
     from hirelc_onnx.compress import compress
     from hirelc_onnx.graph.loader import load_model
@@ -72,7 +72,8 @@ def run(models: list[str], seeds: list[int], epochs: int | None, evaluations: in
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "cores": os.cpu_count(), "load_average_start": os.getloadavg(), "seeds": seeds,
             "finetune_epochs": {m: epochs or MODELS[m]["epochs"] for m in models}, "evaluations": evaluations,
-            "episodes_per_stage": TwoStageSettings().episodes_per_evaluation * evaluations}
+            "episodes_per_stage": TwoStageSettings().episodes_per_evaluation * evaluations,
+            "weight_range": weight_range}
     result = {"meta": meta, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
@@ -85,7 +86,7 @@ def run(models: list[str], seeds: list[int], epochs: int | None, evaluations: in
                     t0 = time.perf_counter()
                     result_ = compress(str(path), data=data, method="two-stage", budget=MODELS[model]["budget"],
                                        seed=seed, evaluations=evaluations, latency_runs=2, settings=settings,
-                                       **extra)
+                                       weight_range=weight_range, **extra)
                     seconds = time.perf_counter() - t0
                     rep, search = result_.report, result_.report["search"]
                     row = {"model": model, "seed": seed, "variant": variant, "goal": MODELS[model]["budget"],
@@ -120,7 +121,7 @@ def table(result: dict) -> list[str]:
              f"{m['date']}; {m['cores']} cores (load average at start {m['load_average_start'][0]:.1f}); "
              f"seeds {m['seeds']}; fine-tuning epochs per fine-tune and of mask training {m['finetune_epochs']}, "
              f"the same in both arms; {m['episodes_per_stage']} agent episodes per stage "
-             f"({m['evaluations']} evaluations). Score: held-out digits (VGG, top-1) or character accuracy on "
+             f"({m['evaluations']} evaluations); weight ranges {m.get('weight_range', 'minmax')}. Score: held-out digits (VGG, top-1) or character accuracy on "
              "held-out rendered lines (recognizer); n: samples it rests on. Source: where the emitted candidate "
              "came from, stage 1 / stage 2.", "",
              "| model | seed | choices | ratio | fp32 | score | n | source | episodes | seconds |",
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs of every fine-tune and of mask training (default: each model's own)")
     parser.add_argument("--evaluations", type=int, default=2, help="agent episodes per stage / 25")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="the arms to run (both by default)")
+    parser.add_argument("--weight-range", choices=("mse", "minmax"), default="mse",
+                        help="compress's --weight-range in both arms (minmax: grids span every weight)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if not variants or any(v not in VARIANTS for v in variants):
         print(f"error: --variants takes {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    run(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.evaluations, Path(args.out), variants)
+    run(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.evaluations, Path(args.out), variants,
+        args.weight_range)
     return 0
 
 
