@@ -19,7 +19,7 @@ import onnx
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.importance import kept_channels
-from hirelc_onnx.specs import group_keep_counts, int8_kernel, weight_range, weight_spec, weight_target
+from hirelc_onnx.specs import fits_ranges, group_keep_counts, int8_kernel, weight_spec, weight_target
 from passes.cleanup import cleanup
 from passes.clip_weights import clip_weights
 from passes.prune_channels import prune_channels
@@ -43,7 +43,7 @@ def choose_channels(bg: BlockGraph, config: CompressionConfig) -> dict[int, np.n
 def clipped_specs(bg: BlockGraph, config: CompressionConfig) -> dict[str, WeightQuantSpec]:
     """Weight name -> spec of the weights whose range `config` clips (none under weight range `minmax`;
     log2 grids never)."""
-    if weight_range(bg, config) == "minmax":
+    if not fits_ranges(bg, config):
         return {}
     return {k.weight: spec for name, k in bg.kernels.items()
             if (spec := weight_spec(k, config.get(name))) is not None and not spec.is_log2}
@@ -85,13 +85,13 @@ def quantization_passes(bg: BlockGraph, config: CompressionConfig,
     (per-group, log2 above 4 bits, tables) are written by the weight pass and their kernels, like
     the ones the config leaves fp32, are excluded from activation quantization.
     """
-    clipped = set(clipped_specs(bg, config)) if clip else set()
     specs, targets = {}, {}
     for name, kernel in bg.kernels.items():
         spec = weight_spec(kernel, config.get(name))
         if spec is not None:
             specs[kernel.weight] = spec
             targets[kernel.weight] = weight_target(kernel, config.target)
+    clipped = {w for w, s in specs.items() if not s.is_log2} if clip and fits_ranges(bg, config) else set()
     if not (config.target in ("ort-cpu", "qdq") and calib_batches):
         return _weight_passes(specs, targets, clipped)
     # tables and kernels ORT runs slower in int8 get the storage encoding (specs.int8_kernel)

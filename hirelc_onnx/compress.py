@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import onnx
 
-from hirelc_onnx.config import TARGETS, WEIGHT_RANGES, CompressionConfig
+from hirelc_onnx.config import DEFAULT_WEIGHT_RANGE, TARGETS, WEIGHT_RANGES, CompressionConfig
 from hirelc_onnx.errors import DataError, InvalidOptionError, UserError, current_interface, option
 from hirelc_onnx.evaluate.data import Dataset, split_dataset
 from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, dataset_from_python, graph_inputs, load_data
@@ -40,7 +40,6 @@ from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTION
 __all__ = ["CompressResult", "compress", "DATA_OPTIONS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_WEIGHT_RANGE"]
 
 DEFAULT_CHANNEL_MULTIPLE = 8
-DEFAULT_WEIGHT_RANGE = "mse"
 """Pruned channel counts are multiples of 8 unless --channel-multiple says otherwise: ORT's CPU kernels
 run odd widths off their vectorised path (`specs.channel_unit`)."""
 

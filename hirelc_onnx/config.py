@@ -15,6 +15,7 @@ __all__ = [
     "BITS_CHOICES",
     "QTYPES",
     "WEIGHT_RANGES",
+    "DEFAULT_WEIGHT_RANGE",
     "GRANULARITIES",
     "TARGETS",
     "ConfigError",
@@ -28,6 +29,7 @@ WEIGHT_RANGES = ("mse", "minmax")
 """How each quantized weight's range is set before its min-max grid is fitted: `mse` clamps each
 group to the fraction of its range that minimises the squared error (`passes.clip_weights`),
 `minmax` keeps the full range."""
+DEFAULT_WEIGHT_RANGE = "mse"
 
 
 class ConfigError(UserError, ValueError):

@@ -4,14 +4,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.config import DEFAULT_WEIGHT_RANGE, CompressionConfig, KernelConfig
 from passes.quantize import WeightQuantSpec
 
 if TYPE_CHECKING:  # annotations only: graph.cost imports this module
     from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 
 __all__ = ["weight_spec", "weight_target", "int8_kernel", "keep_count", "channel_unit", "round_to_unit", "channel_multiple",
-           "group_keep_counts", "weight_range"]
+           "group_keep_counts", "weight_range", "fits_ranges"]
 
 
 def weight_spec(kernel: "Kernel", kc: KernelConfig) -> WeightQuantSpec | None:
@@ -76,10 +76,16 @@ def channel_multiple(bg: "BlockGraph", config: CompressionConfig) -> int:
     return config.channel_multiple or getattr(bg, "channel_multiple", 1) or 1
 
 
-def weight_range(bg: "BlockGraph", config: CompressionConfig) -> str:
+def weight_range(bg: "BlockGraph", config: CompressionConfig | None = None) -> str:
     """How `config`'s quantized weights get their ranges (`config.WEIGHT_RANGES`): the config's own,
     else the run's (`BlockGraph.weight_range`, --weight-range)."""
-    return config.weight_range or getattr(bg, "weight_range", "mse")
+    return (config.weight_range if config is not None else None) or getattr(bg, "weight_range", DEFAULT_WEIGHT_RANGE)
+
+
+def fits_ranges(bg: "BlockGraph", config: CompressionConfig | None = None) -> bool:
+    """Whether quantized weights are range-clipped before their grids are fitted (`passes.clip_weights`):
+    every weight range but `minmax`."""
+    return weight_range(bg, config) != "minmax"
 
 
 def group_keep_counts(bg: "BlockGraph", config: CompressionConfig) -> dict[int, int]:

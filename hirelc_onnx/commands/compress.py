@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from hirelc_onnx.commands.data_options import image_option_values, image_options, input_shape_option, parse_input_shapes
 from hirelc_onnx.commands.feedback import progress_display
 from hirelc_onnx.compress import compress as run_compress
-from hirelc_onnx.config import GRANULARITIES, QTYPES, TARGETS, WEIGHT_RANGES
+from hirelc_onnx.config import DEFAULT_WEIGHT_RANGE, GRANULARITIES, QTYPES, TARGETS, WEIGHT_RANGES
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.loaders import graph_inputs
 from hirelc_onnx.graph import load_model
@@ -176,7 +176,7 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
 @click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
               help="Pruned channel counts are rounded to a multiple of this (groups whose width is not a "
                    f"multiple of it: any count); 1 rounds nothing ({takers('channel_multiple')}).")
-@click.option("--weight-range", type=click.Choice(WEIGHT_RANGES), default="mse", show_default=True,
+@click.option("--weight-range", type=click.Choice(WEIGHT_RANGES), default=DEFAULT_WEIGHT_RANGE, show_default=True,
               help="How each quantized weight's grid range is set: mse clamps each channel or group to the part "
                    "of its range the grid fits with the least squared error (fine-tuning starts from it); "
                    f"minmax spans every weight ({takers('weight_range')}).")

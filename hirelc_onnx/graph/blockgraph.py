@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from hirelc_onnx.config import DEFAULT_WEIGHT_RANGE
 from hirelc_onnx.errors import NothingToCompressError
 from hirelc_onnx.graph.ort_cpu_bytes import OrtCpuBytes
 from passes.channel_groups import (ChannelAnalysis, ChannelGroup, analyze_channels, embedding_table_input,
@@ -81,7 +82,7 @@ class BlockGraph:
     initializer_bytes: dict[str, int] = field(default_factory=dict)
     structure_bytes: int = 0  # serialized graph without weight data and value_info
     channel_multiple: int = 1  # pruned channel counts are rounded to it (--channel-multiple; specs.group_keep_counts)
-    weight_range: str = "mse"  # how quantized weights' ranges are set (--weight-range; specs.weight_range)
+    weight_range: str = DEFAULT_WEIGHT_RANGE  # how quantized weights' ranges are set (--weight-range; specs.weight_range)
     ort_cpu_bytes: OrtCpuBytes | None = None  # what ORT's quantizer adds under ort-cpu (graph/ort_cpu_bytes.py)
     channel_scores: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """`importance.l1_channel_scores` per group, computed once (a search asks for them per candidate:

@@ -15,7 +15,6 @@ import onnxruntime
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.specs import weight_range
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.per_node import per_node_rows
 from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
@@ -25,6 +24,7 @@ from hirelc_onnx.report.html import pareto_front
 from hirelc_onnx.search.baselines import MethodResult
 from hirelc_onnx.search.budget import bits_ladder
 from hirelc_onnx.search.context import SearchContext
+from hirelc_onnx.specs import weight_range
 from hirelc_onnx.units import fmt_speed
 from passes.storage import initializer_nbytes
 

@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hirelc_onnx.apply import apply_pruning, clipped_specs
+from hirelc_onnx.apply import apply_pruning
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
-from hirelc_onnx.specs import weight_spec
+from hirelc_onnx.specs import fits_ranges, weight_spec
 from passes.clip_weights import mse_clipped
 from passes.quantize import WeightQuantSpec, fake_quantize
 
@@ -53,14 +53,14 @@ class FakeQuantModels:
         """The (pruned) fp32 model with every weight `config` quantizes replaced by its fake-quantized values."""
         specs = {k.weight: spec for name, k in self.bg.kernels.items()
                  if (spec := weight_spec(k, config.get(name))) is not None}
-        clipped = clipped_specs(self.bg, config)
+        clip = fits_ranges(self.bg, config)  # mse_clipped leaves a log2 grid's weight as it is
         pruned = apply_pruning(self.bg, config)  # bg.model itself when nothing is pruned: copied below
         out = onnx.ModelProto()
         out.CopyFrom(pruned)
         for init in out.graph.initializer:
             spec = specs.get(init.name)
             if spec is not None:
-                init.CopyFrom(self._fake_quantized(init, spec, init.name in clipped))
+                init.CopyFrom(self._fake_quantized(init, spec, clip))
         return out
 
     def _fake_quantized(self, init: onnx.TensorProto, spec: WeightQuantSpec, clip: bool) -> onnx.TensorProto:

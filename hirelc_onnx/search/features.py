@@ -21,7 +21,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.importance import channel_ranking
-from hirelc_onnx.specs import group_keep_counts, keep_count, weight_spec
+from hirelc_onnx.specs import fits_ranges, group_keep_counts, keep_count, weight_spec
 from passes.clip_weights import mse_clipped
 from passes.quantize import fake_quantize
 
@@ -137,7 +137,7 @@ class WeightPerturbation:
         if key not in self._quant:
             w = self._weights[name]
             spec = weight_spec(self.bg.kernels[name], kc)
-            ranged = w if self.bg.weight_range == "minmax" or spec.is_log2 else mse_clipped(w, spec)
+            ranged = mse_clipped(w, spec) if fits_ranges(self.bg) else w  # a log2 grid's weight: w itself
             err = float(np.sum((w - fake_quantize(ranged, spec)) ** 2))
             self._quant[key] = err / max(float(np.sum(w * w)), 1e-30)
         return self._quant[key]

@@ -23,7 +23,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph, Kernel
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.search.budget import bits_ladder
-from hirelc_onnx.specs import weight_range, weight_spec, weight_target
+from hirelc_onnx.specs import fits_ranges, weight_spec, weight_target
 from passes.clip_weights import mse_clipped
 from passes.quantize import quantize
 from passes.quantize_weights import encoding, stored_tensors
@@ -113,7 +113,7 @@ class StageSizes:
         self.bg, self.target = bg, base.target
         self.table: dict[str, dict[int, tuple[int, int]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        clip = weight_range(bg, base) != "minmax"  # the integers are those of the range-clipped weights
+        clip = fits_ranges(bg, base)  # the integers are those of the range-clipped weights
         for name, k in bg.kernels.items():
             w = numpy_helper.to_array(inits[k.weight])
             self.shapes[name] = w.shape
