@@ -36,11 +36,13 @@ log = logging.getLogger("bench.search")
 
 MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
 SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
-METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax")
+METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax", "hirelc-unanchored")
 """hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
 rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
 prediction), to measure what the changes moved. hirelc-minmax (not run by default): HiReLC with
-`--weight-range minmax` (every quantized weight's grid spans its full range, as before fitted ranges)."""
+`--weight-range minmax` (every quantized weight's grid spans its full range, as before fitted ranges).
+hirelc-unanchored (not run by default): HiReLC whose agents refine their own working config instead of
+the incumbent (`HiReLCSettings.refine_incumbent=False`, as before it existed)."""
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
             "search_samples": 400}
 QUICK = {"models": "text-recognizer", "methods": "hirelc,knapsack,ort-int8", "seeds": "0", "evaluations": 2,
@@ -128,7 +130,7 @@ def _before():
 
     return HiReLCSettings(episode_steps=2, high_steps=96, low_steps=48, agent=AgentSettings(n_steps=4),
                           warmup_configs=0, warmup_weight=0.0, fill_votes=True,
-                          select_by_prediction=False)
+                          select_by_prediction=False, refine_incumbent=False)
 
 
 def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) -> dict:
@@ -149,6 +151,10 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
         else:
             if method == "hirelc-before":
                 kw.update(method="hirelc", settings=_before())
+            if method == "hirelc-unanchored":
+                from hirelc_onnx.search.hirelc import HiReLCSettings
+
+                kw.update(method="hirelc", settings=HiReLCSettings(refine_incumbent=False))
             if method == "hirelc-minmax":
                 kw.update(method="hirelc", weight_range="minmax")
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
@@ -221,7 +227,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
         winners = ", ".join(f"{r['seed']}: {r['winner_source']}" for r in c["rows"] if "winner_source" in r)
         lines.append(f"| {model} | {method} | {len(c['scores'])} | {c['ratio']:.2f}x | {c['mean']:.4f} | "
                      f"{c['spread']:.4f} | {c['lo']:.4f}..{c['hi']:.4f} | {c['rows'][0].get('n')} | "
-                     f"{c['seconds']:.0f} | {winners if method in ('hirelc', 'hirelc-before', 'hirelc-minmax', 'knapsack') else ''} |")
+                     f"{c['seconds']:.0f} | {winners if method.startswith('hirelc') or method == 'knapsack' else ''} |")
     lines += ["", "## Verdicts", ""] + verdicts(table)
     errors = [r for r in rows if "error" in r]
     lines += [""] + [f"- {r['model']} {r['method']} seed {r['seed']}: error: {r['error']}" for r in errors]

@@ -282,6 +282,19 @@ class SearchProblem:
                 kernels.update(self.realize(b, int(levels[b])))
         return kernels
 
+    def anchor(self, config: CompressionConfig) -> None:
+        """Make `config` the working config the agents refine (HiReLC's incumbent: the best measured,
+        or the prior before any): every kernel's choice as it is, each block at the level whose storage
+        fraction is nearest the block's own (a level the agents leave unchanged keeps these choices)."""
+        kernels = {n: config.get(n) for n in self.bg.kernels}
+        cost = model_cost(self.bg, self.config(kernels))
+        levels = []
+        for b in range(len(self.blocks)):
+            fraction = max(self.block_fraction(b, kernels, cost), 1e-9)
+            levels.append(int(np.argmin([abs(math.log(fraction / lv.storage_fraction)) for lv in self.levels])))
+        self.current = kernels
+        self.block_levels = np.asarray(levels, dtype=np.int64)
+
     def set_levels(self, levels: np.ndarray) -> None:
         """Adopt voted levels: blocks whose level changed restart from the level's greedy fill."""
         self.current = self.assemble(levels)

@@ -7,7 +7,9 @@ and block from Fisher when the bridge provides it, else from those probes. Then,
 `evaluations` rounds (the real-evaluation count random search gets):
 
   1. accuracy signal  recalibrate the proxy estimator on every config the proxy has scored;
-                      retrain the MLP surrogate on every real (config, fine-tuned score) pair
+                      retrain the MLP surrogate on every real (config, fine-tuned score) pair;
+                      the agents' working config becomes the incumbent (the best real measurement,
+                      before any the prior), so what they vote refines it (`refine_incumbent`)
   2. high level       the budget ensemble (PPO, A2C, PPO with other reward weights) trains on
                       BudgetEnv and votes a budget level per block, shifted by sensitivity
   3. low level        each block's ensemble trains on its BlockEnv under that level and votes
@@ -138,6 +140,11 @@ class HiReLCSettings:
     filled to the budget and the pool's fitted configs, the unmeasured one with the best accuracy
     prediction + kappa * spread: the agents propose, the surrogate (taught by every real point)
     decides what is worth a fine-tune. Off: the vote is measured whatever its prediction."""
+    refine_incumbent: bool = True
+    """Each round the agents start from the incumbent: the best real measurement so far (before any,
+    the prior the first round measures), so their votes are refinements of what is known to work,
+    judged against it on the reward. Off: they refine their own working config round after round,
+    from the level table's greedy fill (an ablation switch: `bench.search`'s `hirelc-unanchored`)."""
     fill_votes: bool = False
     """Fill a voted config up to the budget (`budget.repair(fill=True)`: the estimator's greedy
     knapsack spends the slack) before measuring it. Off: a vote is repaired only as far as the
@@ -243,11 +250,15 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                 break
         rng = np.random.default_rng([seed, rnd])
         adopted: dict[str, Any] = {}
+        refined_from: dict[str, Any] | None = None  # the real point the agents refined this round (None: the prior)
         timing = {"rl": 0.0}
         if not time_limited:
             # 1. accuracy signal: recalibrate the proxy estimator, retrain the surrogate on real pairs
             accuracy.refit(list(state.proxies.values()), [(p.config, p.cost, p.score) for p in state.real],
                            _warmup_points(ctx, state) if settings.warmup_weight > 0 else [])
+            if settings.refine_incumbent:
+                incumbent, refined_from = _incumbent(bg, problem, accuracy, budget, state, threshold, goal, too_slow)
+                problem.anchor(incumbent)
             problem.begin_round()
         # a last round that measures the prior (nothing measured yet, one pick) cannot use what the
         # agents learn or the proxy checks record: skipped (a one-evaluation run is the calibrated knapsack)
@@ -308,7 +319,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             measured.add(point.key)
             moved = sum(candidate.get(n) != voted.get(n) for n in bg.kernels)  # kernels the repair / fit changed
             state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
-                                                  predicted=guess, speedup=speed, changed_from_vote=moved, levels=problem.block_levels.tolist(),
+                                                  predicted=guess, speedup=speed, changed_from_vote=moved, refined_from=refined_from,
+                                                  levels=problem.block_levels.tolist(),
                                                   adopted=adopted, timing=dict(timing)))
             progress_log.info("hirelc round %d/%d: %s config %.2fx, predicted %.4f, measured %.4f (measure %.1fs)",
                               rnd + 1, evaluations, source, m.cost.ratio, guess, m.score, m.seconds)
@@ -502,8 +514,7 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     random one. With `select_by_prediction`, the vote (as repaired, and filled) competes with the
     pool on that acquisition instead of going first."""
     def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
-        fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=fill)
-        return fitted if goal is None else speed_repair(bg, fitted, goal)  # --speedup: a constraint like the budget
+        return _fit(bg, accuracy, config, budget, sensitivity, goal, fill)
 
     if not measured:
         return "prior", fit(CompressionConfig({}, target=problem.target))
@@ -541,6 +552,27 @@ def _choose_batch(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyMode
         picks.append((source, candidate))
         taken.add(config_key(candidate))
     return picks
+
+
+def _incumbent(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, budget: float, state: HiReLCState,
+               threshold: float | None, goal: SpeedGoal | None,
+               too_slow: set[str]) -> tuple[CompressionConfig, dict[str, Any] | None]:
+    """What the agents refine this round: the best real measurement that may be returned (with its
+    round and source), else the prior the first round measures (fp32 fitted to the budget by the
+    calibrated estimator; None)."""
+    returnable = [p for p in state.real if p.key not in too_slow]
+    if returnable:
+        best = _best(returnable, threshold)
+        return best.config, {"round": best.round, "source": best.source}
+    return _fit(bg, accuracy, problem.config({}), budget, state.kernel_sensitivity, goal), None
+
+
+def _fit(bg: BlockGraph, accuracy: AccuracyModel, config: CompressionConfig, budget: float,
+         sensitivity: dict[str, float], goal: SpeedGoal | None, fill: bool = True) -> CompressionConfig:
+    """`config` fitted to the budget by the estimator's damage-per-byte knapsack (`budget.repair`; with
+    `fill`, its slack spent too), then to --speedup when given: fp32 fitted so is HiReLC's prior."""
+    fitted = repair(bg, config, budget, sensitivity, damage=accuracy.estimator.kernel_mse, fill=fill)
+    return fitted if goal is None else speed_repair(bg, fitted, goal)  # --speedup: a constraint like the budget
 
 
 def _keep_best(point: RealPoint, m: Measurement, real: list[RealPoint], threshold: float | None) -> None:

@@ -136,3 +136,23 @@ def test_budget_shortfall_is_penalised(problem):
     shortfall = math.log(BUDGET / ev_generous.cost.ratio) / math.log(BUDGET)
     assert generous.budget == pytest.approx(shortfall)
     assert aggressive.budget < generous.budget
+
+
+def test_anchor_keeps_every_choice_and_picks_the_nearest_level(problem):
+    saved = (dict(problem.current), problem.block_levels.copy())
+    try:
+        names = list(problem.bg.kernels)
+        chosen = {n: KernelConfig(bits=(2, 4, 8, 32)[i % 4]) for i, n in enumerate(names)}
+        problem.anchor(CompressionConfig(chosen, target="storage"))
+        assert problem.current == chosen
+        cost = model_cost(problem.bg, CompressionConfig(chosen, target="storage"))
+        for b in range(len(problem.blocks)):
+            fraction = problem.block_fraction(b, chosen, cost)
+            gaps = [abs(math.log(fraction / lv.storage_fraction)) for lv in problem.levels]
+            assert gaps[int(problem.block_levels[b])] == min(gaps)
+        # a block env starts its episodes from the anchored choices
+        block = _multi_kernel_block(problem)
+        BlockEnv(problem, block).reset(seed=0)
+        assert problem.assemble(problem.block_levels) == chosen
+    finally:
+        problem.current, problem.block_levels = saved

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.evaluate.runner import predict
@@ -197,3 +198,27 @@ def test_a_slow_candidate_is_forecast_with_the_options_that_bound_the_run(bg, ca
     message = record.getMessage()
     assert f"about {candidates * 10 / 60:.0f} min" in message
     assert "time_limit=" in message and "evaluations=" in message and "method=" in message
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_the_agents_refine_the_incumbent_each_round(bg, ctx, monkeypatch, refine):
+    from hirelc_onnx.search.envs import SearchProblem
+
+    anchors = []
+    monkeypatch.setattr(SearchProblem, "anchor", lambda self, config, _orig=SearchProblem.anchor:
+                        (anchors.append(config_key(config)), _orig(self, config))[1])
+    settings = HiReLCSettings(**{**vars(TINY["settings"]), "refine_incumbent": refine})
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, settings=settings)
+    real = [h for h in result.history if h["kind"] == "real"]
+    if not refine:
+        assert anchors == []
+        return
+    # round 0 starts from the prior it then measures; each later round from the best measured before it
+    key = lambda h: config_key(CompressionConfig.from_dict(h["config"]))  # noqa: E731
+    assert len(anchors) == 3 and real[0]["source"] == "prior" and anchors[0] == key(real[0])
+    assert real[0]["refined_from"] is None
+    for rnd in (1, 2):
+        best = max((h for h in real if h["round"] < rnd), key=lambda h: (h["score"], h["ratio"]))
+        assert anchors[rnd] == key(best)
+        assert next(h for h in real if h["round"] == rnd)["refined_from"] == {"round": best["round"],
+                                                                               "source": best["source"]}

@@ -14,7 +14,7 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.evaluate.runner import predict
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
-from hirelc_onnx.search.two_stage import TwoStageSettings
+from hirelc_onnx.search.two_stage import TwoStageSettings, uniform_width
 from hirelc_onnx.search.two_stage_sizes import StageSizes as _Sizes
 from hirelc_onnx.search.two_stage_sizes import emit_stage as _emit
 from hirelc_onnx.search.two_stage_sizes import fill_size as _fill_size
@@ -131,6 +131,18 @@ def test_fill_spends_the_bytes_left_under_the_goal_where_they_cut_damage(vgg):
     assert _fill_size(sizes, filled, goal_bytes, cost) == filled
 
 
+def test_stage_two_fallback_is_the_widest_uniform_width_within_the_goal(vgg):
+    config = _with(_base(vgg), keep_ratio={n: 0.5 for n in _prunable(vgg)})
+    sizes = _Sizes(vgg, apply_pruning(vgg, config), config, sparse=True)
+    widths = (2, 4, 8, 32)
+    uniform_bytes = {b: sizes.total(_with(config, bits={n: b for n in vgg.kernels})) for b in widths}
+    for b in (4, 8):  # a goal just above that width's bytes: that width, the next one up is too big
+        chosen = uniform_width(sizes, config, uniform_bytes[b] * 1.001)
+        assert {chosen.get(n).bits for n in vgg.kernels} == {b}
+    chosen = uniform_width(sizes, config, uniform_bytes[2] * 0.5)  # out of reach: the lowest rung everywhere
+    assert {chosen.get(n).bits for n in vgg.kernels} == {2}
+
+
 def test_masks_hit_the_density_and_fine_tuning_keeps_the_zeros(vgg, splits):
     from hirelc_onnx.bridge.sparsity import MaskSettings, learn_masks, masked_finetune
     from passes.quantize import WeightQuantSpec, fake_quantize
@@ -175,7 +187,7 @@ def test_end_to_end_on_vgg_reports_both_stages(reference_models):
     # the emitted candidate's source, per stage: an agent's episode or policy walk, or a named fallback
     source = report["search"]["source"]
     assert source["stage1"] == stages["stage1"]["source"] and source["stage2"] == stages["stage2"]["source"]
-    assert all(re.fullmatch(r"agent \((episode \d+|policy)\)|fallback \((uniform|greedy repair)\)", s)
+    assert all(re.fullmatch(r"agent \((episode \d+|policy)\)|fallback \(uniform\)", s)
                for s in source.values())
     assert report["search"]["episodes"] == 4 and len(stages["stage1"]["candidates"]) == 3  # 1 best, policy, fallback
     assert {h["kind"] for h in report["history"] if h["stage"] == 1} == {"proxy", "probe", "real"}
