@@ -165,6 +165,10 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
         winner = rep["search"].get("winner")
         if winner:
             row.update(winner_source=winner["source"], evaluations_by_source=winner["evaluations_by_source"])
+            # each real evaluation's validation score beside its source: how far the agents' picks were from the winner
+            row["real_evaluations"] = [{k: h.get(k) for k in ("round", "source", "predicted", "score", "ratio",
+                                                              "refined_from")}
+                                       for h in rep.get("history", []) if h.get("kind", "real") == "real"]
         if task.n == 0:
             row["n"] = (rep.get("accuracy") or {}).get("n")
     row["seconds"] = time.perf_counter() - t0

@@ -32,7 +32,7 @@ from hirelc_onnx.report.outputs import (STATE_FILE, check_out_dir, check_output_
                                         write_model, write_outputs)
 from hirelc_onnx.search import ort_speed
 from hirelc_onnx.search.budget import check_reachable, parse_budget
-from hirelc_onnx.search.speed import parse_speedup
+from hirelc_onnx.search.speed import parse_speedup, speed_budget
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.executors import executor_closed, make_executor
 from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, PRUNING_OPTIONS, QUANT_OPTIONS, check_options, flag, get_method
@@ -212,6 +212,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         if speedup is not None:  # measured latency as a constraint the methods read (search/speed.py)
             ctx.speed_goal = ort_speed.speed_goal(bg, ctx, speedup, speed_batch or 1,
                                                   latency_table if target == "ort-cpu" and configured else None)
+            if "budget" not in options_given and given.get("budget") is not None:  # pruning is the speed goal's
+                given["budget"] = speed_budget(bg, target, given["budget"])
         state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None  # for --resume
         notify(progress, f"{method}: searching")
         own = {"seed": seed, "progress": progress, "state_path": state_path}

@@ -15,7 +15,8 @@ from hirelc_onnx.evaluate.kernel_latency import KernelLatency
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.pruning_space import resource_constraints
-from hirelc_onnx.search.speed import MARGIN, ROUNDS, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_repair
+from hirelc_onnx.search.speed import (MARGIN, ROUNDS, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_budget,
+                                      speed_repair)
 from hirelc_onnx.specs import channel_unit, group_keep_counts
 
 
@@ -183,3 +184,39 @@ def test_report_met_flag_is_the_final_whole_timing(reference_models, tmp_path):
     assert res.config.channel_multiple == 8  # rounded as every method's counts are
     written = json.loads((tmp_path / "out" / "report.json").read_text())["speed_goal"]
     assert written["met"] == goal["met"] and written["measured_speedup"] == pytest.approx(goal["measured_speedup"])
+
+
+def test_speed_budget_never_asks_for_pruning(resnet):
+    """HiReLC's size goal under --speedup without --budget: at most the default, and met by the widest
+    integer rung on every kernel with nothing pruned (pruning is the speed goal's to ask)."""
+    bg, _ = resnet
+    for target, widest in (("ort-cpu", 7), ("storage", 8)):
+        budget = speed_budget(bg, target, 100.0)
+        unpruned = model_cost(bg, CompressionConfig.uniform(bg.kernels, target=target, bits=widest))
+        assert budget == pytest.approx(unpruned.ratio) and unpruned.macs_fraction == 1.0
+        assert speed_budget(bg, target, budget / 2) == budget / 2  # a smaller default stands
+
+
+def test_compress_under_speedup_alone_searches_for_the_speed_budget(reference_models, monkeypatch):
+    import hirelc_onnx.search.hirelc as hirelc
+    from hirelc_onnx.search import ort_speed
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(bg, ctx, target, **kw):
+        seen.update(budget=kw["budget"], expected=speed_budget(bg, target, 4.0))
+        raise Stop
+
+    monkeypatch.setattr(hirelc, "run_hirelc", fake_run)
+    monkeypatch.setattr(ort_speed, "speed_goal", lambda *a, **k: None)  # no timing in a unit test
+    path = reference_models("resnet20")
+    with pytest.raises(Stop):
+        compress(path, method="hirelc", data="digits", target="ort-cpu", speedup="1.5x", finetune_epochs=0)
+    assert seen["budget"] == pytest.approx(seen["expected"]) and seen["budget"] < 4.0
+    with pytest.raises(Stop):  # a budget the user gives stands
+        compress(path, method="hirelc", data="digits", target="ort-cpu", speedup="1.5x", budget="6x",
+                 finetune_epochs=0)
+    assert seen["budget"] == 6.0

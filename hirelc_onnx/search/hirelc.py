@@ -68,7 +68,7 @@ from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchPr
 from hirelc_onnx.search.features import WeightPerturbation, config_key
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
-from hirelc_onnx.search.speed import SpeedGoal, speed_repair
+from hirelc_onnx.search.speed import SpeedGoal, speed_budget, speed_repair
 
 __all__ = ["HiReLCSettings", "QUICK_SETTINGS", "run_hirelc"]
 
@@ -176,8 +176,9 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
     settings = settings or HiReLCSettings()
     if settings.batch_size < 1:
         raise UserError(f"hirelc's batch_size must be >= 1, got {settings.batch_size}")
+    goal: SpeedGoal | None = getattr(ctx, "speed_goal", None)
     if budget is None:
-        budget = settings.default_budget
+        budget = settings.default_budget if goal is None else speed_budget(bg, target, settings.default_budget)
         log.info("no budget given: searching for %gx", budget)
     check_reachable(bg, budget, target)
     start = time.perf_counter()
@@ -235,7 +236,6 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
     measured = {p.key for p in state.real}
-    goal: SpeedGoal | None = getattr(ctx, "speed_goal", None)
     too_slow: set[str] = set()  # keys of candidates measured slower than --speedup asks
     speeds: dict[str, float] = {}  # key -> whole-model speedup under --speedup
     time_limited = False

@@ -33,6 +33,9 @@ def test_quick_search_bench(tmp_path, small_recognizer_in_benches, monkeypatch):
     assert hirelc["ratio"] >= 6.0 - 1e-6 and 0.0 < hirelc["score"] <= 1.0 and hirelc["n"] == 64
     assert hirelc["winner_source"] in hirelc["evaluations_by_source"]
     assert sum(hirelc["evaluations_by_source"].values()) == 2
+    real = hirelc["real_evaluations"]  # each real evaluation's source and validation score
+    assert [r["source"] for r in real][0] == "prior" and len(real) == 2
+    assert max(real, key=lambda r: (r["score"], r["ratio"]))["source"] == hirelc["winner_source"]  # ties: smaller
     text = (tmp_path / "SEARCH.md").read_text()
     assert f"{hirelc['score']:.4f}" in text and f"0: {hirelc['winner_source']}" in text
 
