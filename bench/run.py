@@ -47,11 +47,12 @@ METHOD_SPECS: dict[str, tuple[str, str, str | None, dict]] = {
     # ort-cpu never slower than fp32 (issue 15): hirelc at 4x (7-bit kernels store about 3.9x, so a
     # little pruning), every kernel ORT runs slower in int8 kept fp32
     "hirelc-ort": ("hirelc", "ort-cpu", "4x", {}),
-    # --speedup 1.5x --batch 32 (issue 15), every method under the same constraint: hirelc also at
-    # 4x (its budget), graph-rl and random under the latency limit alone; "l1-speed" is uniform L1
+    # --speedup 1.5x --batch 32 (issue 15), every method under the same constraint, the latency limit
+    # alone (hirelc's size goal then defaults to what 7-bit kernels reach unpruned: speed.speed_budget;
+    # at 4x it had to prune EfficientNet-Lite0 for bytes alone); "l1-speed" is uniform L1
     # pruning, 7-bit ort-cpu, at the largest keep meeting it by the same calibrated estimate and
     # whole-model timing (search/baselines.py: _uniform_keep_for_speed)
-    "hirelc-speed": ("hirelc", "ort-cpu", "4x", {"speedup": "1.5x", "batch": 32}),
+    "hirelc-speed": ("hirelc", "ort-cpu", None, {"speedup": "1.5x", "batch": 32}),
     "graph-rl-speed": ("graph-rl", "ort-cpu", None, {"speedup": "1.5x", "batch": 32}),
     "random-speed": ("random", "ort-cpu", None, {"speedup": "1.5x", "batch": 32}),
     "l1-speed": ("uniform", "ort-cpu", None, {"bits": 7, "speedup": "1.5x", "batch": 32}),
