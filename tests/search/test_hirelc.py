@@ -222,3 +222,27 @@ def test_the_agents_refine_the_incumbent_each_round(bg, ctx, monkeypatch, refine
         assert anchors[rnd] == key(best)
         assert next(h for h in real if h["round"] == rnd)["refined_from"] == {"round": best["round"],
                                                                                "source": best["source"]}
+
+
+def test_a_screened_proxy_score_decides_among_the_front_runners(bg, ctx, monkeypatch):
+    """The real proxy scores the acquisition's front-runners before a fine-tune; a candidate the proxy
+    finds far better is measured, whatever the estimator predicted (here: the second one screened)."""
+    import hirelc_onnx.search.hirelc as hirelc
+
+    calls: dict[int, list[str]] = {}
+
+    def fake_screen(ctx, state, config, rnd):
+        keys = calls.setdefault(rnd, [])
+        keys.append(config_key(config))
+        return 100.0 if len(keys) == 2 else -100.0
+
+    monkeypatch.setattr(hirelc, "_screen", fake_screen)
+    settings = HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 3})
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, settings=settings)
+    real = [h for h in result.history if h["kind"] == "real"]
+    assert 0 not in calls  # the prior is measured unscreened
+    screened_rounds = [rnd for rnd in (1, 2) if len(calls.get(rnd, [])) >= 2]
+    assert screened_rounds and all(len(calls[rnd]) <= 3 for rnd in calls)
+    for rnd in screened_rounds:
+        measured = next(h for h in real if h["round"] == rnd)
+        assert config_key(CompressionConfig.from_dict(measured["config"])) == calls[rnd][1]
