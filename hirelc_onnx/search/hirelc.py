@@ -69,7 +69,7 @@ from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
 from hirelc_onnx.search.features import WeightPerturbation, config_key
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
-from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
+from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation, prune_probe_configs
 from hirelc_onnx.search.speed import SpeedGoal, speed_budget, speed_repair
 
 __all__ = ["HiReLCSettings", "QUICK_SETTINGS", "run_hirelc"]
@@ -204,7 +204,8 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         state = _first_state(bg, ctx, budget, target, seed, settings, progress,
                              lambda seconds: _warn_if_slow(bg, seconds, evaluations, time_limit, settings))
     log.info("sensitivity from %s", state.sensitivity_source)
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score)
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score,
+                                           state.prune_probes)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
                              min_points=settings.surrogate_min_points, prior_points=settings.surrogate_prior_points,
                              n_models=settings.surrogate_models, seed=seed, warmup_weight=settings.warmup_weight)
@@ -388,7 +389,8 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
                  first_probe: Callable[[float], None] | None = None) -> HiReLCState:
     """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give.
     first_probe: told the seconds the first probe took (what every later candidate will cost)."""
-    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + 1)
+    prune_configs = prune_probe_configs(bg, target)
+    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + len(prune_configs) + 1)
     probes = []
     for name in bg.kernels:
         probe_start = time.perf_counter()
@@ -396,9 +398,13 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
         if len(probes) == 1 and first_probe is not None:
             first_probe(time.perf_counter() - probe_start)
         steps.step()
+    prune_probes = []
+    for config in prune_configs:
+        prune_probes.append(_proxy(ctx, config))
+        steps.step()
     kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
     steps.step()
-    return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes,
+    return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes, prune_probes,
                        kernel_sens, block_sens, source, kernel_share=share)
 
 

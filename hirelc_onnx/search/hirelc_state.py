@@ -38,7 +38,8 @@ __all__ = ["STATE_VERSION", "PROBE", "RealPoint", "HiReLCState", "best_model_pat
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3  # 2: probes at 4 bits; 3: ensembles, estimator and fine-tuning rate saved (resume replays)
+STATE_VERSION = 4  # 2: probes at 4 bits; 3: ensembles, estimator and fine-tuning rate saved (resume replays);
+# 4: pruning probes
 # The single-kernel proxy probe. 4 bits, not 2: at 2 bits the most sensitive kernels saturate the
 # logits (EfficientNet-Lite0: their 2-bit / 4-bit damage ratio is 2-8, against 20-100 for the rest),
 # which flattens the very differences the estimator needs; 4 bits is also where the decisions lie.
@@ -89,6 +90,8 @@ class HiReLCState:
     rng: dict[str, Any]
     probes: list[ProxyObservation]
     """One per kernel: that kernel alone at PROBE, the estimator's calibration and the fallback sensitivity."""
+    prune_probes: list[ProxyObservation]
+    """One per prunable channel group: its producers at PRUNE_PROBE_KEEP (the estimator's pruning costs)."""
     kernel_sensitivity: dict[str, float]
     block_sensitivity: dict[int, float]
     sensitivity_source: str
@@ -133,6 +136,8 @@ class HiReLCState:
             "rng": self.rng,
             "probes": [{"kernel": next(iter(p.config.kernels)), "logit_mse": p.logit_mse, "agreement": p.agreement}
                        for p in self.probes],
+            "prune_probes": [{"config": p.config.to_dict(), "logit_mse": p.logit_mse, "agreement": p.agreement}
+                             for p in self.prune_probes],
             "proxies": [{"config": o.config.to_dict(), "logit_mse": o.logit_mse, "agreement": o.agreement}
                         for o in self.proxies.values()],
             "measurements": [p.to_json() for p in self.real],
@@ -194,6 +199,8 @@ class HiReLCState:
             kernels=data["kernels"], budget=data["budget"], target=target, seed=data["seed"], rng=data["rng"],
             probes=[ProxyObservation(CompressionConfig({p["kernel"]: PROBE}, target), p["logit_mse"], p["agreement"])
                     for p in data["probes"]],
+            prune_probes=[ProxyObservation(CompressionConfig.from_dict(p["config"]), p["logit_mse"], p["agreement"])
+                          for p in data["prune_probes"]],
             kernel_sensitivity=sensitivity["kernel"],
             block_sensitivity={int(b): s for b, s in sensitivity["block"].items()},
             sensitivity_source=sensitivity["source"], kernel_share=sensitivity.get("share", {}),

@@ -28,7 +28,7 @@ from hirelc_onnx.search.budget import check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.features import WeightPerturbation, config_key
 from hirelc_onnx.search.hirelc_state import PROBE
-from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation
+from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation, prune_probe_configs
 
 __all__ = ["run_knapsack"]
 
@@ -54,12 +54,16 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         raise UserError(f"{option('method', 'knapsack')} needs at least one real evaluation, got "
                         f"{option('evaluations')} {evaluations}")
     check_reachable(bg, budget, target)
-    steps = PhaseSteps(progress, "knapsack: proxy probes", len(bg.kernels))
-    probes = []
+    prune_configs = prune_probe_configs(bg, target)
+    steps = PhaseSteps(progress, "knapsack: proxy probes", len(bg.kernels) + len(prune_configs))
+    probes, prune_probes = [], []
     for name in bg.kernels:
         probes.append(_observe(ctx, CompressionConfig({name: PROBE}, target)))
         steps.step()
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score)
+    for config in prune_configs:  # as HiReLC's: each channel group's pruning cost measured
+        prune_probes.append(_observe(ctx, config))
+        steps.step()
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score, prune_probes)
     scored: list[ProxyObservation] = []
     rng = np.random.default_rng([seed, 17])
 

@@ -33,7 +33,9 @@ def _state(bg) -> HiReLCState:
     points = [RealPoint(0, config, config_key(config), 0.91, model_cost(bg, config), True, 1.5, "prior", 0.9,
                         model=bg.model),
               RealPoint(1, other, config_key(other), 0.89, model_cost(bg, other), False, 0.5, "voted", 0.92)]
-    return HiReLCState(kernels, 6.0, "storage", 3, {"seed": 3}, probes,
+    prune_probes = [ProxyObservation(CompressionConfig({kernels[0]: KernelConfig(keep_ratio=0.75)}, "storage"),
+                                     0.3, 0.7)]
+    return HiReLCState(kernels, 6.0, "storage", 3, {"seed": 3}, probes, prune_probes,
                        kernel_sensitivity={k: i / len(kernels) for i, k in enumerate(kernels)},
                        block_sensitivity={b.id: 0.5 for b in bg.blocks}, sensitivity_source="proxy probe",
                        kernel_share={k: 1 / len(kernels) for k in kernels},
@@ -55,7 +57,7 @@ def test_state_round_trips_through_save_and_load(bg, tmp_path):
     assert data["surrogate_data"]["y"] == [0.91, 0.89] and len(data["surrogate_data"]["x"]) == 2
 
     loaded = HiReLCState.load(path, bg, 6.0, "storage", 3, SimpleNamespace(cost=lambda c: model_cost(bg, c)))
-    for name in ("kernels", "budget", "target", "seed", "rng", "probes", "kernel_sensitivity", "block_sensitivity",
+    for name in ("kernels", "budget", "target", "seed", "rng", "probes", "prune_probes", "kernel_sensitivity", "block_sensitivity",
                  "sensitivity_source", "next_round", "proxies", "history", "round_seconds", "current", "levels",
                  "estimator", "finetune_lr", "agents", "kernel_share"):
         assert getattr(loaded, name) == getattr(state, name), name

@@ -150,3 +150,33 @@ def test_config_key_ignores_explicit_fp32_entries(bg):
     assert config_key(a) == config_key(b)
     assert config_key(a) != config_key(CompressionConfig({"/fc/Gemm": KernelConfig(bits=8)}))
     assert config_key(a) != config_key(CompressionConfig(dict(a.kernels), target="ort-cpu"))
+
+
+def test_pruning_probes_give_each_group_its_own_cost(bg, perturbation):
+    """A group's probe (its producers at PRUNE_PROBE_KEEP) is reproduced by the estimator, and other keep
+    ratios of that group scale with the dropped energy; a group without a probe falls back to the
+    kernel's quantization coefficient."""
+    from hirelc_onnx.search.surrogate import PRUNE_PROBE_KEEP, prune_probe_configs
+
+    configs = prune_probe_configs(bg, "storage")
+    groups = [g for g in bg.groups if g.prunable and g.producers]
+    assert len(configs) == len(groups) and all(set(c.kernels) == set(g.producers) for c, g in zip(configs, groups))
+    assert all(kc.keep_ratio == PRUNE_PROBE_KEEP and not kc.quantized for c in configs for kc in c.kernels.values())
+    probed = [c for c in configs if sum(p for _, p in perturbation.components(c).values()) > 0][:2]
+    prune_probes = [ProxyObservation(c, 0.5 * (i + 1), 0.6) for i, c in enumerate(probed)]
+    quant = _estimator(bg, perturbation)
+    est = ProxyEstimator.from_probes(perturbation, [ProxyObservation(CompressionConfig({n: KernelConfig(bits=2)}),
+                                                                     0.01 * (i + 1), 0.99)
+                                                    for i, n in enumerate(bg.kernels)], 0.98, prune_probes)
+    for i, config in enumerate(probed):
+        assert est.mse(config) == pytest.approx(0.5 * (i + 1))
+        assert est.mse(config) != pytest.approx(quant.mse(config))
+        half = CompressionConfig({n: KernelConfig(keep_ratio=0.5) for n in config.kernels})
+        ratio = (sum(p for _, p in perturbation.components(half).values())
+                 / sum(p for _, p in perturbation.components(config).values()))
+        assert est.mse(half) == pytest.approx(0.5 * (i + 1) * ratio)
+        name = next(iter(config.kernels))  # the knapsack's per-kernel damage reads the same coefficient
+        assert est.kernel_mse(name, KernelConfig(keep_ratio=PRUNE_PROBE_KEEP)) == pytest.approx(
+            est.prune_coefficients[name] * perturbation.prune(name, PRUNE_PROBE_KEEP))
+    unprobed = next(c for c in configs if c not in probed)
+    assert est.mse(unprobed) == pytest.approx(quant.mse(unprobed))
