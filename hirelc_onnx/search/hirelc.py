@@ -68,8 +68,8 @@ from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
 from hirelc_onnx.search.features import WeightPerturbation, config_key
-from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint
-from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation, prune_probe_configs
+from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint, measure_probes, observe, probe_configs
+from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
 from hirelc_onnx.search.speed import SpeedGoal, speed_budget, speed_repair
 
 __all__ = ["HiReLCSettings", "QUICK_SETTINGS", "run_hirelc"]
@@ -214,7 +214,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                             level_span=settings.level_span, sensitivity_shift=settings.sensitivity_shift,
                             max_shift=settings.max_shift)
     if resumed_from is None:
-        initial = _proxy(ctx, problem.config(problem.current))
+        initial = observe(ctx, problem.config(problem.current))
         state.proxies[config_key(initial.config)] = initial
         _warm_up(bg, ctx, state, estimator, budget, settings, progress,
                  None if time_limit is None else start + time_limit / 2)
@@ -389,19 +389,9 @@ def _first_state(bg: BlockGraph, ctx: SearchContext, budget: float, target: str,
                  first_probe: Callable[[float], None] | None = None) -> HiReLCState:
     """A fresh search's memory: one proxy probe per kernel, and the sensitivity they (or Fisher) give.
     first_probe: told the seconds the first probe took (what every later candidate will cost)."""
-    prune_configs = prune_probe_configs(bg, target)
-    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(bg.kernels) + len(prune_configs) + 1)
-    probes = []
-    for name in bg.kernels:
-        probe_start = time.perf_counter()
-        probes.append(_proxy(ctx, CompressionConfig({name: PROBE}, target)))
-        if len(probes) == 1 and first_probe is not None:
-            first_probe(time.perf_counter() - probe_start)
-        steps.step()
-    prune_probes = []
-    for config in prune_configs:
-        prune_probes.append(_proxy(ctx, config))
-        steps.step()
+    configs = probe_configs(bg, target)
+    steps = PhaseSteps(progress, "hirelc: sensitivity and proxy probes", len(configs) + 1)
+    probes, prune_probes = measure_probes(ctx, bg, configs, steps.step, first_probe)
     kernel_sens, block_sens, source, share = _sensitivity(bg, ctx, probes, settings)
     steps.step()
     return HiReLCState(sorted(bg.kernels), budget, target, seed, _rng_record(seed, len(bg.blocks)), probes, prune_probes,
@@ -480,17 +470,12 @@ def _normalise(values: dict) -> dict:
 
 # --- proxy and real evaluations ------------------------------------------------------------------
 
-def _proxy(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
-    p = ctx.proxy(config)
-    return ProxyObservation(config, p.logit_mse, p.agreement)
-
-
 def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionConfig, rnd: int, role: str) -> None:
     """Score a config with the real proxy once (cached by hash) and keep a history record of it."""
     key = config_key(config)
     if key in state.proxies:
         return
-    obs = state.proxies[key] = _proxy(ctx, config)
+    obs = state.proxies[key] = observe(ctx, config)
     cost = ctx.cost(config)
     state.history.append({"kind": "proxy", "method": "hirelc", "round": rnd, "role": role,
                           "score": expected_score(ctx.fp32_val_score, obs.agreement), "agreement": obs.agreement,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +33,10 @@ from hirelc_onnx.graph.loader import load_model
 from hirelc_onnx.io import write_atomic, write_json
 from hirelc_onnx.search.context import SearchContext
 from hirelc_onnx.search.features import config_key
-from hirelc_onnx.search.surrogate import ProxyObservation
+from hirelc_onnx.search.surrogate import ProxyObservation, prune_probe_configs
 
-__all__ = ["STATE_VERSION", "PROBE", "RealPoint", "HiReLCState", "best_model_path", "agents_path"]
+__all__ = ["STATE_VERSION", "PROBE", "RealPoint", "HiReLCState", "best_model_path", "agents_path", "observe",
+           "probe_configs", "measure_probes"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,35 @@ STATE_VERSION = 4  # 2: probes at 4 bits; 3: ensembles, estimator and fine-tunin
 # logits (EfficientNet-Lite0: their 2-bit / 4-bit damage ratio is 2-8, against 20-100 for the rest),
 # which flattens the very differences the estimator needs; 4 bits is also where the decisions lie.
 PROBE = KernelConfig(bits=4, granularity="per-channel")
+
+
+def observe(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
+    """One real proxy evaluation of `config` (ONNX Runtime on the proxy batch, no fine-tuning)."""
+    p = ctx.proxy(config)
+    return ProxyObservation(config, p.logit_mse, p.agreement)
+
+
+def probe_configs(bg: BlockGraph, target: str) -> list[CompressionConfig]:
+    """Every probe a fresh search scores, in order: each kernel alone at PROBE, then each prunable channel
+    group's producers pruned (`surrogate.prune_probe_configs`)."""
+    return [CompressionConfig({name: PROBE}, target) for name in bg.kernels] + prune_probe_configs(bg, target)
+
+
+def measure_probes(ctx: SearchContext, bg: BlockGraph, configs: list[CompressionConfig],
+                   step: Callable[[], None] | None = None, first_probe: Callable[[float], None] | None = None
+                   ) -> tuple[list[ProxyObservation], list[ProxyObservation]]:
+    """`probe_configs` scored by the real proxy: (the kernels' quantization probes, the groups' pruning
+    probes), what `ProxyEstimator.from_probes` takes. step: called after each; first_probe: told the
+    seconds the first took (what every later candidate will cost)."""
+    observed = []
+    for config in configs:
+        start = time.perf_counter()
+        observed.append(observe(ctx, config))
+        if len(observed) == 1 and first_probe is not None:
+            first_probe(time.perf_counter() - start)
+        if step is not None:
+            step()
+    return observed[:len(bg.kernels)], observed[len(bg.kernels):]
 
 
 @dataclass

@@ -27,8 +27,8 @@ from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_
 from hirelc_onnx.search.budget import check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.features import WeightPerturbation, config_key
-from hirelc_onnx.search.hirelc_state import PROBE
-from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation, prune_probe_configs
+from hirelc_onnx.search.hirelc_state import measure_probes, observe, probe_configs
+from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation
 
 __all__ = ["run_knapsack"]
 
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 
 RESTARTS = 16
 """Random starting points fitted when the recalibrated fit from fp32 was measured already."""
-
-
-def _observe(ctx: SearchContext, config: CompressionConfig) -> ProxyObservation:
-    p = ctx.proxy(config)
-    return ProxyObservation(config, p.logit_mse, p.agreement)
 
 
 def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
@@ -54,15 +49,9 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         raise UserError(f"{option('method', 'knapsack')} needs at least one real evaluation, got "
                         f"{option('evaluations')} {evaluations}")
     check_reachable(bg, budget, target)
-    prune_configs = prune_probe_configs(bg, target)
-    steps = PhaseSteps(progress, "knapsack: proxy probes", len(bg.kernels) + len(prune_configs))
-    probes, prune_probes = [], []
-    for name in bg.kernels:
-        probes.append(_observe(ctx, CompressionConfig({name: PROBE}, target)))
-        steps.step()
-    for config in prune_configs:  # as HiReLC's: each channel group's pruning cost measured
-        prune_probes.append(_observe(ctx, config))
-        steps.step()
+    configs = probe_configs(bg, target)  # HiReLC's probes: its estimator without its agents
+    steps = PhaseSteps(progress, "knapsack: proxy probes", len(configs))
+    probes, prune_probes = measure_probes(ctx, bg, configs, steps.step)
     estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score, prune_probes)
     scored: list[ProxyObservation] = []
     rng = np.random.default_rng([seed, 17])
@@ -85,7 +74,7 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
                          RESTARTS, rnd)
                 break
             source, candidate = "restart", max(fresh, key=estimator.accuracy)
-        scored.append(_observe(ctx, candidate))
+        scored.append(observe(ctx, candidate))
         m = ctx.measure(candidate)
         measured.add(config_key(candidate))
         history.append(candidate_record(m, method="knapsack", round=rnd, source=source,
