@@ -3,6 +3,7 @@ pass that turns an int8 kernel back into an fp32 one. No timing is asserted: the
 is measured and what is done with a given table."""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -75,6 +76,55 @@ def test_latency_table_measures_every_kernel_and_is_cached(resnet, tmp_path, mon
     again, cached = kernel_table(bg.model, int8, {1: feeds}, kernels, runs=2, cache=tmp_path)
     assert cached and again == table
     assert cpu_signature()
+
+
+def test_kernel_time_interpolates_through_the_pruned_probe():
+    """Given times: proportional without a probe; through the probe's point with one; a kernel the
+    probe ran slower than full (ORT's int8 convolutions cut below 16 channels) is never estimated
+    faster by cutting more."""
+    plain = KernelLatency({32: 1.0}, {32: 0.5}, {32: 10.0})
+    assert plain.time(32, False, 0.25) == pytest.approx(0.25) and plain.time(32, True, 0.5) == pytest.approx(0.25)
+    linear = KernelLatency({32: 1.0}, {32: 0.5}, {32: 10.0}, 0.25, {32: 0.25}, {32: 0.125})
+    for share in (1.0, 0.6, 0.25, 0.1):  # a probe on the proportional line changes nothing
+        assert linear.time(32, False, share) == pytest.approx(share)
+        assert linear.time(32, True, share) == pytest.approx(0.5 * share)
+    packed = KernelLatency({32: 1.0}, {32: 0.4}, {32: 10.0}, 0.25, {32: 0.5}, {32: 0.8})
+    assert packed.time(32, False, 1.0) == pytest.approx(1.0) and packed.time(32, False, 0.25) == pytest.approx(0.5)
+    assert packed.time(32, False, 0.625) == pytest.approx(0.75)  # halfway between the two points
+    assert packed.time(32, True, 0.625) == pytest.approx(0.6)
+    assert packed.time(32, True, 0.1) == pytest.approx(0.8)  # below the probe: at most the slower point
+    assert packed.time(32, False, 0.125) == pytest.approx(0.5 - 0.125 * 0.5 / 0.75)
+    assert KernelLatency.from_dict(packed.as_dict()) == packed and KernelLatency.from_dict(plain.as_dict()) == plain
+
+
+def test_latency_table_times_the_pruned_probe(reference_models, tmp_path, monkeypatch):
+    """int8_latency_table also times both models with every prunable group at PROBE_KEEP: each cut
+    kernel's row holds its MACs share there (from the cost model) and probe times; and the speed
+    estimate reads them (a table whose probe says cutting is slower does not promise a speedup)."""
+    from hirelc_onnx.evaluate.kernel_latency import PROBE_KEEP
+    from hirelc_onnx.search.ort_speed import int8_latency_table
+    from hirelc_onnx.search.speed import SpeedGoal
+
+    monkeypatch.setenv("HIRELC_CACHE", str(tmp_path))
+    bg = build_block_graph(load_model(reference_models("vgg")))
+    feeds = random_feeds(bg.model)
+    table, _ = int8_latency_table(bg, [feeds], batches=(1,), runs=2)
+    cut = CompressionConfig({n: replace(CompressionConfig.uniform(bg.kernels, bits=32).get(n), keep_ratio=PROBE_KEEP)
+                             if bg.kernels[n].group is not None and bg.groups[bg.kernels[n].group].prunable
+                             else CompressionConfig.uniform(bg.kernels, bits=32).get(n) for n in bg.kernels},
+                            channel_multiple=bg.channel_multiple)
+    cost = model_cost(bg, cut)
+    probed = {n for n, row in table.items() if row.probe_share is not None}
+    assert probed and probed <= set(bg.kernels)
+    for n in probed:
+        row = table[n]
+        assert row.probe_share == pytest.approx(cost.kernels[n].macs / bg.kernels[n].macs)
+        assert row.fp32_probe_ms[1] > 0 and row.int8_probe_ms[1] > 0
+    slow = {n: replace(row, fp32_probe_ms={1: 2 * row.fp32_ms[1]}, int8_probe_ms={1: 2 * row.int8_ms[1]})
+            if n in probed else row for n, row in table.items()}
+    goal = SpeedGoal(1.5, 1, slow, bg.model)
+    assert goal.estimate(bg, cut) < 1.0 < SpeedGoal(1.5, 1, {n: replace(r, probe_share=None) for n, r in slow.items()},
+                                                   bg.model).estimate(bg, cut)
 
 
 def test_a_kernel_slower_in_int8_is_written_as_an_fp32_kernel(resnet):

@@ -220,3 +220,34 @@ def test_compress_under_speedup_alone_searches_for_the_speed_budget(reference_mo
         compress(path, method="hirelc", data="digits", target="ort-cpu", speedup="1.5x", budget="6x",
                  finetune_epochs=0)
     assert seen["budget"] == 6.0
+
+
+def test_graph_rl_space_under_a_calibrated_latency_goal_prunes_as_far_as_it_goes(resnet, caplog):
+    """A latency limit out of the table's reach is a BudgetError; after whole timings lowered the estimate
+    (scale < 1) it is the floors' own estimate instead, as speed_repair treats it (ResNet-20's graph-rl
+    speed row failed on this in make bench-speed)."""
+    from hirelc_onnx.search.gat import build_observation
+    from hirelc_onnx.search.pruning_space import PruningSpace
+
+    bg, goal = resnet
+    obs = build_observation(bg)
+    int8 = frozenset(bg.kernels)
+    far = SpeedGoal(50.0, 32, goal.table, bg.model)
+    with pytest.raises(BudgetError, match="unreachable"):
+        PruningSpace(bg, obs, resource_constraints(goal=far, int8=int8), "ort-cpu", 7, 0.25).check_reachable()
+    calibrated = SpeedGoal(50.0, 32, goal.table, bg.model, scale=0.5)
+    space = PruningSpace(bg, obs, resource_constraints(goal=calibrated, int8=int8), "ort-cpu", 7, 0.25)
+    with caplog.at_level("WARNING", logger="hirelc_onnx.search.pruning_space"):
+        space.check_reachable()
+    assert any("as fast as pruning goes" in r.getMessage() for r in caplog.records)
+    floors = space.usage(space.floors)[0]
+    assert space.limits == pytest.approx(floors) and space.feasible(floors)
+    assert not space.feasible(space.usage(space.uniform_counts(1.0))[0])  # anything less pruned breaks it
+    # a reachable limit is left as given, and a bytes limit out of reach still fails
+    near = SpeedGoal(1.2, 32, goal.table, bg.model, scale=0.5)
+    space = PruningSpace(bg, obs, resource_constraints(goal=near, int8=int8), "ort-cpu", 7, 0.25)
+    space.check_reachable()
+    assert space.limits == pytest.approx([1 / 1.2])
+    with pytest.raises(BudgetError, match="unreachable"):
+        PruningSpace(bg, obs, resource_constraints(budget=500.0, goal=calibrated, int8=int8), "ort-cpu", 7,
+                     0.25).check_reachable()

@@ -23,9 +23,10 @@ import onnx
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.kernel_latency import LatencyTable, kernel_table
+from hirelc_onnx.evaluate.kernel_latency import PROBE_KEEP, LatencyTable, Probe, kernel_table
 from hirelc_onnx.evaluate.runner import benchmark_side_by_side, get_runner
 from hirelc_onnx.graph.blockgraph import BlockGraph
+from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.graph.ort_cpu_bytes import ort_cpu_bytes
 from hirelc_onnx.search.speed import SpeedGoal, calibrate
 from passes.fp32_kernels import fp32_kernels, fp32_outside_kernels, int8_kernels
@@ -50,17 +51,37 @@ def _int8_config(bg: BlockGraph) -> CompressionConfig:
     return CompressionConfig.uniform([n for n, k in bg.kernels.items() if k.op != "Gather"], target="ort-cpu", bits=7)
 
 
+def _probe(bg: BlockGraph, config: CompressionConfig, calib_batches: list[dict]) -> Probe | None:
+    """The table's pruned probe (`kernel_latency.Probe`): `config` and its fp32 twin with every prunable
+    group at PROBE_KEEP of its channels (in the model's channel multiple); None when nothing is cut."""
+    keep = {n for n, k in bg.kernels.items() if k.group is not None and bg.groups[k.group].prunable}
+    if not keep:
+        return None
+    cut = {n: replace(kc, keep_ratio=PROBE_KEEP) if n in keep else kc for n, kc in config.kernels.items()}
+    int8 = CompressionConfig(cut, target=config.target, channel_multiple=bg.channel_multiple)
+    fp32 = CompressionConfig({n: replace(kc, bits=32) for n, kc in cut.items()}, target="storage",
+                             channel_multiple=bg.channel_multiple)
+    cost = model_cost(bg, fp32)
+    shares = {n: cost.kernels[n].macs / max(bg.kernels[n].macs, 1) for n in config.kernels if n in cost.kernels}
+    shares = {n: s for n, s in shares.items() if s < 0.99}
+    if not shares:
+        return None
+    return Probe(apply_config(bg, fp32), apply_config(bg, int8, calib_batches=calib_batches), shares)
+
+
 def int8_latency_table(bg: BlockGraph, calib_batches: list[dict] | None,
                        sample_shapes: Mapping[str, Sequence[int]] | None = None,
                        batches: Sequence[int] = BATCHES, runs: int = 20,
                        int8: onnx.ModelProto | None = None) -> tuple[LatencyTable, bool]:
     """Per kernel (embedding tables aside): its profile time in the fp32 model and in the model with
-    every kernel int8 as ort-cpu emits it (`int8`, else built); (table, whether it came from the cache)."""
+    every kernel int8 as ort-cpu emits it (`int8`, else built), and in both with every prunable group
+    cut to PROBE_KEEP (`_probe`); (table, whether it came from the cache)."""
     config = _int8_config(bg)
     if not config.kernels or not calib_batches:
         return {}, False
     int8 = int8 if int8 is not None else apply_config(bg, config, calib_batches=calib_batches)
-    return kernel_table(bg.model, int8, _feeds(bg.model, sample_shapes, batches), list(config.kernels), runs=runs)
+    return kernel_table(bg.model, int8, _feeds(bg.model, sample_shapes, batches), list(config.kernels), runs=runs,
+                        probe=_probe(bg, config, calib_batches))
 
 
 def flag_slow_kernels(bg: BlockGraph, table: LatencyTable) -> tuple[BlockGraph, dict[str, str]]:

@@ -9,6 +9,7 @@ returned episode is feasible.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ from hirelc_onnx.search.speed import SpeedGoal
 from hirelc_onnx.specs import channel_unit
 
 __all__ = ["DEFAULT_FLOPS", "Constraint", "resource_constraints", "PruningSpace"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FLOPS = 0.5  # the target when the caller gives none
 
@@ -115,7 +118,18 @@ class PruningSpace:
         return bool(np.all(usage <= self.limits + 1e-9))
 
     def check_reachable(self) -> None:
+        """Raise BudgetError when every group at its floor still breaks a limit. A latency limit is the
+        exception once whole-model timings have lowered its estimate (`SpeedGoal.scale` < 1, as
+        `speed_repair` treats it): the table alone reached it, the calibration says the model runs
+        slower than the table, so the limit becomes the floors' own estimate (prune as far as pruning
+        goes; every candidate is timed whole and the report says the goal was missed)."""
         usage, _ = self.usage(self.floors)
+        for i, c in enumerate(self.constraints):
+            if usage[i] > self.limits[i] + 1e-9 and c.kind == "latency" and c.goal.scale < 1.0:
+                log.warning("%s: pruning every channel group to its floor is estimated at %.2fx after calibration "
+                            "against whole-model timings; searching as fast as pruning goes", c.describe(),
+                            1.0 / usage[i])
+                self.limits[i] = usage[i]
         if not self.feasible(usage):
             worst = int(np.argmax(usage / self.limits))
             raise BudgetError(f"{self.constraints[worst].describe()} is unreachable by pruning: every prunable "

@@ -2,7 +2,8 @@
 
 The per-kernel latency table (`evaluate/kernel_latency.py`, measured once per model and machine)
 steers: `SpeedGoal.estimate` predicts a config's speedup at the goal's batch (each kernel's fp32 or
-int8 time, scaled by the share of its MACs pruning leaves; everything else as in fp32), and
+int8 time at the share of its MACs pruning leaves, from the full kernel and the table's pruned
+probe, `KernelLatency.time`; everything else as in fp32), and
 `speed_repair` prunes until the estimate meets the goal, as `budget.repair` does for bytes. Every
 candidate a method accepts is then timed whole against fp32 (`SpeedGoal.measure`, interleaved
 medians): one below the goal is never returned while one above it exists.
@@ -108,8 +109,7 @@ class SpeedGoal:
             if name not in cost.kernels or b not in row.fp32_ms:
                 continue
             share = cost.kernels[name].macs / max(bg.kernels[name].macs, 1)
-            own = row.int8_ms[b] if name in int8 else row.fp32_ms[b]
-            total += own * share - row.fp32_ms[b]
+            total += row.time(b, name in int8, share) - row.fp32_ms[b]  # the pruned probe where measured
         return model_ms / max(total, 1e-9)
 
     def estimate(self, bg: BlockGraph, config: CompressionConfig) -> float:
