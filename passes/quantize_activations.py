@@ -284,6 +284,37 @@ def _fp32_inputs(model: onnx.ModelProto, op_types: Iterable[str]) -> onnx.ModelP
     return model
 
 
+DEAD_CHANNEL_SCALE = 1e-4
+"""A channel whose grid step is below this share of its weight's largest step is a dead channel."""
+
+
+def _floor_dead_channels(fq: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                         axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dead channels (weights ~0, a bias left: EfficientNet-Lite0's stem has channels at 3e-9 against
+    0.19, bias -1.2..3.8) written as exact zeros on a grid step of DEAD_CHANNEL_SCALE x the weight's
+    largest: ORT quantizes a bias on the step input scale x weight scale, which for such a channel
+    is below 1e-12, so the bias overflows int32 and is clipped to a constant it never had (26 such
+    biases in every EfficientNet-Lite0 int8 build; there the dead channels' biases are negative
+    behind a ReLU6, so its outputs did not change, but a positive one would have); ORT's own weight-scale
+    adjustment for this is off because the grids are pinned. The weights' error is at most the dead
+    channel's own (< 1e-4 of the weight's range). Returns (fake-quantized weight, stored integers,
+    per-channel scales)."""
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if scale.size < 2:
+        return fq, q, scale
+    floor = np.float32(DEAD_CHANNEL_SCALE * float(scale.max()))
+    dead = scale < floor
+    if not dead.any():
+        return fq, q, scale
+    shape = [1] * fq.ndim
+    shape[axis] = -1
+    mask = dead.reshape(shape)
+    zp = np.broadcast_to(np.asarray(zero_point).reshape(-1), scale.shape).reshape(shape)
+    q = np.where(mask, zp, q).astype(q.dtype)
+    fq = np.where(mask, np.zeros_like(fq), fq)
+    return fq, q, np.where(dead, floor, scale).astype(np.float32)
+
+
 def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpec], per_channel: bool,
                       scheme: str, clip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict, dict[str, np.ndarray]]:
     """Fake-quantize the pinned weights (in a copy) and build ORT overrides reproducing their integers.
@@ -313,15 +344,19 @@ def _pin_weight_grids(model: onnx.ModelProto, grids: Mapping[str, WeightQuantSpe
         if name in clip:
             w = mse_clipped(w, spec)
         stored = stored_tensors(quantize(w, spec), "ort-cpu")
-        inits[name].CopyFrom(numpy_helper.from_array(fake_quantize(w, spec), name))
-        expected[name] = stored.q
+        fq, q, scales = fake_quantize(w, spec), stored.q, stored.scale
+        if spec.granularity != "per-tensor" and not spec.is_log2:
+            fq, q, scales = _floor_dead_channels(fq, q, np.asarray(stored.scale), np.asarray(stored.zero_point),
+                                                 spec.axis)
+        inits[name].CopyFrom(numpy_helper.from_array(fq.astype(w.dtype), name))
+        expected[name] = q
         qtype = QuantType.QInt8 if spec.signed else QuantType.QUInt8
         if spec.granularity == "per-tensor":
             overrides[name] = [{"quant_type": qtype, "scale": float(stored.scale),
                                 "zero_point": int(stored.zero_point)}]
         else:
             overrides[name] = [{"quant_type": qtype, "scale": float(sc), "zero_point": int(z), "axis": spec.axis}
-                               for sc, z in zip(stored.scale, stored.zero_point)]
+                               for sc, z in zip(scales, stored.zero_point)]
     if full_range:
         log.warning("%d weight(s) have 8-bit symmetric grids spanning -127..127 (%s); uint8 x int8 kernels saturate "
                     "on AVX2 CPUs without VNNI (use <= 7 bits there)", len(full_range),

@@ -274,3 +274,39 @@ def test_a_softmax_giving_the_output_stays_fp32(net):
     small = want < 0.002
     assert small.any() and (got[small] > 0).all()  # small probabilities survive
     assert _rel(got, want) < 0.1
+
+
+def test_a_dead_channel_keeps_its_bias(net, caplog):
+    """A channel with weights ~0 and a bias (EfficientNet-Lite0's stem: 3e-9 against 0.19) is written
+    as zeros on a floored grid step: on its own step the bias overflows int32 and ORT clips it."""
+    from passes.quantize_activations import DEAD_CHANNEL_SCALE
+
+    model, weights, calib, x = net
+    dead = onnx.ModelProto()
+    dead.CopyFrom(model)
+    w1, b1 = weights["W1"].copy(), weights["B1"].copy()
+    w1[3] *= 1e-9
+    b1[3] = 3.0
+    for t in dead.graph.initializer:
+        if t.name in ("W1", "B1"):
+            t.CopyFrom(numpy_helper.from_array({"W1": w1, "B1": b1}[t.name], t.name))
+    spec = WeightQuantSpec(7, True, "per-channel")
+    with caplog.at_level("WARNING"):
+        out = quantize_activations(dead, calib[:2], weight_grids={"W1": spec})
+    assert not [r for r in caplog.records if "exceeds the range" in r.getMessage()]
+    inits = _inits(out)
+    scale = inits["W1_scale"]
+    assert scale[3] == pytest.approx(DEAD_CHANNEL_SCALE * scale.max()) and not inits["W1_quantized"][3].any()
+    live = [c for c in range(16) if c != 3]
+    np.testing.assert_array_equal(inits["W1_quantized"][live], quantize(w1, spec).q[live])  # the others as pinned
+    # the dead channel's output is relu(3.0) everywhere, as in fp32
+    np.testing.assert_allclose(_first_relu(dead, x)[:, 3], 3.0, atol=1e-5)
+    np.testing.assert_allclose(_first_relu(out, x)[:, 3], 3.0, atol=0.05)
+
+
+def _first_relu(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The net's first Relu output (r1), read by adding it to the graph's outputs (in a copy)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r1"], {"x": x})[0]
