@@ -177,6 +177,20 @@ def test_speed_repair_prunes_whole_channel_units(resnet):
     assert any(bg8.groups[g].length == 16 for g in counts)  # the narrow stage is pruned too, not only the wide
 
 
+def test_a_miss_is_timed_twice_and_the_faster_kept(resnet, monkeypatch):
+    """SpeedGoal.timed, the rule for every candidate and for the report's final figure: a timing
+    below the goal is repeated and the faster kept (other processes only ever slow a run); one that
+    meets it is not."""
+    bg, goal = resnet
+    goal = SpeedGoal(1.5, 32, goal.table, bg.model)
+    timings = iter([1.45, 1.52, 1.6, 1.2, 1.1])
+    monkeypatch.setattr(SpeedGoal, "measure", lambda self, model: next(timings))
+    assert goal.timed(bg.model) == 1.52  # 1.45 missed, timed again
+    assert goal.timed(bg.model) == 1.6  # met at once: one timing
+    assert goal.timed(bg.model) == 1.2  # two misses: the faster
+    assert goal.measured[id(bg.model)] == 1.2
+
+
 @pytest.mark.slow
 def test_report_met_flag_is_the_final_whole_timing(reference_models, tmp_path):
     """Uniform L1 under --speedup: the calibration and the final check are real timings; the report's
