@@ -43,7 +43,7 @@ def describe(bg, stored: StoredModel | None = None) -> dict:
             {"name": k.name, "op": k.op, "block": k.block, "weight": k.weight, "shape": list(k.weight_shape),
              "params": k.params, "macs": k.macs, "bytes": bg.initializer_bytes[k.weight],
              "group": k.group, "input_groups": list(k.input_groups),
-             "prunable": k.group is not None and bg.groups[k.group].prunable}
+             "prunable": bg.prunable_kernel(k.name)}
             for k in bg.kernel_list()
         ],
         "groups": [

@@ -108,6 +108,11 @@ class BlockGraph:
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    def prunable_kernel(self, name: str) -> bool:
+        """Whether kernel `name` produces a prunable channel group (its keep ratio can be below 1)."""
+        group = self.kernels[name].group
+        return group is not None and self.groups[group].prunable
+
 
 
 def _static(dims) -> int:

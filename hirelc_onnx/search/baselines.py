@@ -71,8 +71,8 @@ def _placement_record(m: Measurement) -> dict:
 def _uniform_config(bg: BlockGraph, target: str, bits: int, keep: float, qtype: str = "symmetric",
                     granularity: str = "per-channel") -> CompressionConfig:
     kernels = {}
-    for name, k in bg.kernels.items():
-        prunable = k.group is not None and bg.groups[k.group].prunable
+    for name in bg.kernels:
+        prunable = bg.prunable_kernel(name)
         kernels[name] = KernelConfig(bits=bits, keep_ratio=keep if prunable else 1.0, qtype=qtype,
                                      granularity=granularity)
     return CompressionConfig(kernels, target=target).validate()
@@ -202,8 +202,8 @@ def random_config(bg: BlockGraph, target: str, rng: np.random.Generator) -> Comp
     """A random point of the search space (before budget repair)."""
     bits_choices = tuple(b for b in bits_ladder(target) if b < 32)
     kernels = {}
-    for name, k in bg.kernels.items():
-        prunable = k.group is not None and bg.groups[k.group].prunable
+    for name in bg.kernels:
+        prunable = bg.prunable_kernel(name)
         kernels[name] = KernelConfig(
             bits=int(rng.choice(bits_choices)), keep_ratio=float(rng.choice([0.5, 0.75, 1.0])) if prunable else 1.0,
             qtype=str(rng.choice(["symmetric", "asymmetric"])),

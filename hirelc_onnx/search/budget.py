@@ -48,7 +48,7 @@ def bits_ladder(target: str) -> tuple[int, ...]:
 def _floor_config(bg: BlockGraph, target: str) -> CompressionConfig:
     kernels = {}
     for name, k in bg.kernels.items():
-        prunable = k.group is not None and bg.groups[k.group].prunable
+        prunable = bg.prunable_kernel(name)
         low = min(bits_ladder(weight_target(k, target)))  # an embedding table under ort-cpu: storage's ladder
         kernels[name] = KernelConfig(bits=low, keep_ratio=MIN_KEEP if prunable else 1.0)
     return CompressionConfig(kernels, target=target)
@@ -149,7 +149,7 @@ def _moves(bg: BlockGraph, kernels: dict[str, KernelConfig], name: str, target: 
     """
     k = bg.kernels[name]
     kc, kcost = kernels[name], cost.kernels[name]
-    prunable = k.group is not None and bg.groups[k.group].prunable
+    prunable = bg.prunable_kernel(name)
     ladder = bits_ladder(weight_target(k, target))
     bits = [b for b in ladder if (b < kc.bits if down else b > kc.bits)]
     out = []

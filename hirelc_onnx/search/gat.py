@@ -191,7 +191,7 @@ def build_observation(bg: BlockGraph, fisher: dict[str, float] | None = None) ->
     x[:, STATE_COLUMNS[0]] = x[:, STATE_COLUMNS[1]] = 1.0
     for k in kernels:
         depthwise = k.op == "Conv" and k.group is None  # passes its input group through: no output group
-        prunable = k.group is not None and bg.groups[k.group].prunable
+        prunable = bg.prunable_kernel(k.name)
         x[index[k.name], :STATIC_FEATURES] = [
             1.0, 0.0, float(k.op in ("Conv", "ConvTranspose") and not depthwise), float(depthwise),
             float(k.op in ("Gemm", "MatMul")), math.log1p(k.params) / math.log1p(max_params), k.macs / total_macs,

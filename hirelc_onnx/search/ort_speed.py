@@ -54,7 +54,7 @@ def _int8_config(bg: BlockGraph) -> CompressionConfig:
 def _probe(bg: BlockGraph, config: CompressionConfig, calib_batches: list[dict]) -> Probe | None:
     """The table's pruned probe (`kernel_latency.Probe`): `config` and its fp32 twin with every prunable
     group at PROBE_KEEP of its channels (in the model's channel multiple); None when nothing is cut."""
-    keep = {n for n, k in bg.kernels.items() if k.group is not None and bg.groups[k.group].prunable}
+    keep = {n for n in bg.kernels if bg.prunable_kernel(n)}
     if not keep:
         return None
     cut = {n: replace(kc, keep_ratio=PROBE_KEEP) if n in keep else kc for n, kc in config.kernels.items()}
