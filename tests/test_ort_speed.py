@@ -109,10 +109,9 @@ def test_latency_table_times_the_pruned_probe(reference_models, tmp_path, monkey
     bg = build_block_graph(load_model(reference_models("vgg")))
     feeds = random_feeds(bg.model)
     table, _ = int8_latency_table(bg, [feeds], batches=(1,), runs=2)
-    cut = CompressionConfig({n: replace(CompressionConfig.uniform(bg.kernels, bits=32).get(n), keep_ratio=PROBE_KEEP)
-                             if bg.kernels[n].group is not None and bg.groups[bg.kernels[n].group].prunable
-                             else CompressionConfig.uniform(bg.kernels, bits=32).get(n) for n in bg.kernels},
-                            channel_multiple=bg.channel_multiple)
+    fp32 = CompressionConfig.uniform(bg.kernels, bits=32)
+    cut = CompressionConfig({n: replace(fp32.get(n), keep_ratio=PROBE_KEEP) if bg.prunable_kernel(n) else fp32.get(n)
+                             for n in bg.kernels}, channel_multiple=bg.channel_multiple)
     cost = model_cost(bg, cut)
     probed = {n for n, row in table.items() if row.probe_share is not None}
     assert probed and probed <= set(bg.kernels)

@@ -24,7 +24,7 @@ import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +202,8 @@ def measure_table(fp32: onnx.ModelProto, int8: onnx.ModelProto, feeds: Mapping[i
             continue
         row = KernelLatency({b: fp[b][name] for b in feeds}, {b: q[b][name] for b in feeds}, dict(total))
         if probe is not None and all(name in fp_probe[b] and name in q_probe[b] for b in feeds):
-            row = KernelLatency(row.fp32_ms, row.int8_ms, row.model_ms, float(probe.shares[name]),
-                                {b: fp_probe[b][name] for b in feeds}, {b: q_probe[b][name] for b in feeds})
+            row = replace(row, probe_share=float(probe.shares[name]), fp32_probe_ms={b: fp_probe[b][name] for b in feeds},
+                          int8_probe_ms={b: q_probe[b][name] for b in feeds})
         table[name] = row
     return table
 

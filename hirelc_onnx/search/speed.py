@@ -203,9 +203,9 @@ def speed_repair(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal, mar
     # meets the goal: an fp32 kernel between int8 ones adds a Quantize, a Dequantize and layout changes
     # the per-kernel table does not price (ResNet-20 with its stem, two 1x1 shortcuts and head fp32 ran
     # 0.80-0.85x of fp32 at batch 1, all int8 1.02-1.08x: ort_speed._flags_cost_more), and a timed miss
-    # scales every later estimate down; and it costs less
-    # accuracy than pruning (EfficientNet-Lite0: uniform 7-bit int8 alone ran 2.1x at batch 32 at 0.84
-    # agreement, while a search that answered a timed miss by pruning reached 1.6x at 0.22)
+    # scales every later estimate down. It also costs less accuracy than pruning (EfficientNet-Lite0:
+    # uniform 7-bit int8 alone ran 2.1x at batch 32 at 0.84 agreement, while a search that answered a
+    # timed miss by pruning reached 1.6x at 0.22).
     kernels, current = _int8_first(bg, kernels, like, goal, current)
     while current < goal.factor * margin:
         best, best_speed = None, current
