@@ -18,7 +18,7 @@ import onnx
 
 from hirelc_onnx.config import DEFAULT_WEIGHT_RANGE, TARGETS, WEIGHT_RANGES, CompressionConfig
 from hirelc_onnx.errors import DataError, InvalidOptionError, UserError, current_interface, option
-from hirelc_onnx.evaluate.data import Dataset, split_dataset
+from hirelc_onnx.evaluate.data import DEFAULT_FRACTIONS, Dataset, check_fractions, split_counts, split_dataset
 from hirelc_onnx.evaluate.loaders import ImageOptions, check_fits, dataset_from_python, graph_inputs, load_data
 from hirelc_onnx.evaluate.objective import METRIC_MODES
 from hirelc_onnx.evaluate.output_kinds import classify
@@ -73,7 +73,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
              progress: ProgressFn | None = None,
              input_shape: Mapping[str, Sequence[int]] | None = None, output_kind: str | dict | None = None,
              metric: str | None = None, metric_mode: str = "max", workers: int = 1, ray: str | None = None,
-             **options: Any) -> CompressResult:
+             split_fractions: Sequence[float] | str | None = None, **options: Any) -> CompressResult:
     """Compress `model_path` and (with `out_dir`) write model.onnx, config.json, report.json, report.html.
 
     out_dir: a folder of this run's own; one holding another run's files (report/outputs.py
@@ -91,6 +91,10 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     to the fp32 model, nothing is fine-tuned, and the report says task accuracy was not measured
     (methods marked needs_data refuse to run).
     progress: `progress(phase, done, total)` (hirelc_onnx/progress.py), called by every method.
+    split_fractions: the shares of the data (or of the synthesised inputs) that go to calibration,
+    fine-tuning, validation (what the search picks its winner on) and the test split (what the report
+    scores), default DEFAULT_FRACTIONS (0.1, 0.5, 0.15, 0.25); seeded by `seed`. A larger validation share
+    makes the pick among close candidates less noisy.
     input_shape: full shapes (batch first) of inputs with symbolic dims, {name: (1, 3, 224, 224)}:
     they size the synthesised inputs and the latency rows (with data, its shapes do that).
     Image options (DATA_OPTIONS: resize, center_crop, scale, offset, mean, std, channels,
@@ -147,6 +151,10 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise InvalidOptionError(f"{option('metric')} only matters with {option('data')} (it scores the model's "
                                  f"outputs against the data's labels): give {option('data')}, or drop it")
     scoring = {"output_kind": output_kind, "metric": metric, "metric_mode": metric_mode}
+    try:
+        fractions = DEFAULT_FRACTIONS if split_fractions is None else check_fractions(split_fractions)
+    except ValueError as exc:
+        raise InvalidOptionError(f"{option('split_fractions')}: {exc}") from None
     finetune = {name: given.pop(name) for name in sorted(FINETUNE_OPTIONS & set(given))}
     if finetune and data is None:
         raise InvalidOptionError(f"{flag(next(iter(finetune)))} only matters with {option('data')} (it sets how each "
@@ -196,13 +204,14 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         sample_shapes = _sample_shapes(bg, input_shape)
         notify(progress, "loading the data" if data is not None else "synthesising inputs (data-free)")
         if data is not None:
-            ds = _load_data(data, bg, image)
+            ds = _load_data(data, bg, image, fractions)
             bg = with_input_dims(bg, ds.sample_shapes)  # MACs at the data's sequence length / image size
-            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, **finetune, **scoring)
+            ctx = SearchContext(bg, split_dataset(ds, seed, fractions), target, seed=seed, **finetune, **scoring)
         else:  # data-free: inputs from the graph, fidelity to fp32, no fine-tuning
             ds, _ = synthesize(bg.model, sample_shapes, seed=seed)
+            _check_split(len(ds), fractions)
             bg = with_input_dims(bg, ds.sample_shapes)
-            ctx = SearchContext(bg, split_dataset(ds, seed), target, seed=seed, finetune_epochs=0, data_free=True,
+            ctx = SearchContext(bg, split_dataset(ds, seed, fractions), target, seed=seed, finetune_epochs=0, data_free=True,
                                 output_kind=output_kind)
         ctx.executor = executor
         configured = PRUNING_OPTIONS <= chosen.options  # the method hands back a config (not ort-int8)
@@ -236,7 +245,8 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
                               budget=given.get("budget"), max_drop=given.get("max_drop"),
                               seconds=time.perf_counter() - start, latency_runs=latency_runs,
                               input_shapes={**ctx.sample_shapes, **sample_shapes},
-                              data={**_data_record(data, ds), "split_seed": seed})
+                              data={**_data_record(data, ds), "split_seed": seed,
+                                    "split": _split_record(len(ds), fractions)})
         if given.get("budget") is not None and "budget" not in options_given:
             report["goal"]["budget_default"] = True  # the method's default, not the user's: the summary says so
             report["goal"]["sentence"] = goal_sentence(report)
@@ -257,7 +267,12 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)
 
 
-def _load_data(data: Any, bg: BlockGraph, image: Mapping[str, Any]) -> Dataset:
+def _split_record(n: int, fractions: Sequence[float]) -> dict:
+    """The report's record of the split: its fractions (`evaluate` splits the same way) and each part's samples."""
+    return {"fractions": list(fractions), "samples": dict(zip(("calib", "finetune", "val", "test"), split_counts(n, fractions)))}
+
+
+def _load_data(data: Any, bg: BlockGraph, image: Mapping[str, Any], fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Dataset:
     """The data (a spec, a Dataset or arrays) read for the model's inputs, checked to fit them (keyed by their names)."""
     specs = graph_inputs(bg.model)
     single = tuple(specs[0].shape) if len(specs) == 1 else None
@@ -274,7 +289,17 @@ def _load_data(data: Any, bg: BlockGraph, image: Mapping[str, Any]) -> Dataset:
     ds = check_fits(ds, specs, None, classes)
     if len(ds) < 8:
         raise DataError(f"need at least 8 samples to split into calibration / fine-tune / validation / test, got {len(ds)}")
+    _check_split(len(ds), fractions)
     return ds
+
+
+def _check_split(n: int, fractions: Sequence[float]) -> None:
+    """Refuse a split that leaves a part empty (a small dataset under small --split-fractions)."""
+    counts = split_counts(n, fractions)
+    if min(counts) < 1:
+        raise DataError(f"{n} samples split {','.join(f'{f:g}' for f in fractions)} leave a part empty "
+                        f"(calibration / fine-tune / validation / test: {' / '.join(map(str, counts))}): give more "
+                        f"samples or larger fractions ({option('split_fractions')})")
 
 
 def _sample_shapes(bg: BlockGraph, input_shape: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:

@@ -146,7 +146,11 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
                    f"({takers('max_drop')}).")
 @click.option("--time-limit", type=float, show_default="none",
               help=f"Seconds for the search; the best candidate so far is returned ({takers('time_limit')}).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the search and the split of --data.")
+@click.option("--split-fractions", metavar="CALIB,FINETUNE,VAL,TEST", show_default="0.1,0.5,0.15,0.25",
+              help="Shares of --data for calibration, fine-tuning, validation (the search picks its winner on it) "
+                   "and the test split the report scores; a larger VAL makes the pick among close candidates "
+                   "less noisy.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               show_default="MODEL's name + .hirelc in the current folder, unless only --output-model is given",
               help="Output folder (created): model.onnx, config.json, report.json, report.html. One holding "
@@ -204,8 +208,8 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
               help="Run real evaluations as tasks on an existing Ray cluster (needs: pip install hirelc-onnx[ray]).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
-def compress(ctx: click.Context, model, data, method, target, seed, out_dir, output_model, overwrite, as_json,
-             input_shape, output_kind, metric, metric_mode, workers, ray, **method_options) -> None:
+def compress(ctx: click.Context, model, data, method, target, seed, split_fractions, out_dir, output_model, overwrite,
+             as_json, input_shape, output_kind, metric, metric_mode, workers, ray, **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
     image = {k: v for k, v in image_option_values(method_options).items() if v is not None}
     shapes = parse_input_shapes(input_shape, _input_names(model) if input_shape else None)
@@ -230,8 +234,8 @@ def compress(ctx: click.Context, model, data, method, target, seed, out_dir, out
                                   output_model=output_model, overwrite=overwrite,
                                   started=lambda: _started(said),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
-                                  metric=metric, metric_mode=metric_mode, workers=workers, ray=ray, **image,
-                                  **options)
+                                  metric=metric, metric_mode=metric_mode, workers=workers, ray=ray,
+                                  split_fractions=split_fractions, **image, **options)
         except KeyboardInterrupt:
             click.echo(f"interrupted{resume_hint(method, out_dir)}", err=True)
             raise SystemExit(130) from None

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from hirelc_onnx.commands.data_options import image_option_values, image_options
 from hirelc_onnx.errors import UserError
-from hirelc_onnx.evaluate.data import SPLIT_NAMES, select_split
+from hirelc_onnx.evaluate.data import DEFAULT_FRACTIONS, SPLIT_NAMES, select_split
 from hirelc_onnx.evaluate.loaders import load_data
 from hirelc_onnx.evaluate.runner import SessionConfig, evaluate as run_evaluate, get_runner, model_file_size
 from hirelc_onnx.units import fmt_bytes
@@ -68,11 +68,13 @@ def evaluate(
     """Measure MODEL on --data through the ONNX Runtime session a user would deploy.
 
     MODEL may be a compress output folder (or its model.onnx): the run's report.json then gives the
-    default data, split ('test') and seed, so the figure is the report's own test figure.
+    default data, split ('test'), the split's fractions and seed, so the figure is the report's own test figure.
     """
     model, run = compress_run(model)
+    fractions = DEFAULT_FRACTIONS
     if run is not None:
         data_spec, split, seed = _run_defaults(run, data_spec, split, seed)
+        fractions = tuple(((run.get("data") or {}).get("split") or {}).get("fractions") or DEFAULT_FRACTIONS)
     if data_spec is None:
         raise UserError("give --data (only a compress output folder, with its report.json, has a default)")
     split, seed = split or "all", 0 if seed is None else seed
@@ -82,7 +84,7 @@ def evaluate(
         get_runner(reference, config)  # a bad reference fails before the data is read
     image_opts = image_option_values(image)
     ds = load_data(data_spec, runner.input_shape if len(runner.inputs) == 1 else None, **image_opts)
-    ds = select_split(runner.fit(ds), split, seed)  # fits first: a wrong input name beats a missing label
+    ds = select_split(runner.fit(ds), split, seed, fractions)  # fits first: a wrong input name beats a missing label
     if len(ds) == 0:
         raise UserError(f"split {split!r} of {data_spec} is empty ({len(ds)} samples)")
     if ds.classes is None and reference is None:

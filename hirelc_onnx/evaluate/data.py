@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dataset", "Splits", "SPLIT_NAMES", "split_dataset", "select_split", "load_digits", "is_class_labels"]
+__all__ = ["Dataset", "Splits", "SPLIT_NAMES", "split_dataset", "select_split", "split_counts", "check_fractions",
+           "load_digits", "is_class_labels"]
 
 # Fractions of the data for (calibration, fine-tune, validation, test). The test split is held
 # out: the search never sees it, and the final report is measured on it.
@@ -88,22 +89,47 @@ class Splits:
     test: Dataset
 
 
+def check_fractions(fractions: Any) -> tuple[float, float, float, float]:
+    """Four split fractions (calibration, fine-tune, validation, test) as floats, or ValueError saying what is wrong.
+
+    Accepts a sequence or the CLI's "0.1,0.5,0.15,0.25"; each must be > 0 and they must add up to 1."""
+    if isinstance(fractions, str):
+        try:
+            fractions = [float(part) for part in fractions.split(",")]
+        except ValueError:
+            raise ValueError(f"expected four numbers CALIB,FINETUNE,VAL,TEST, got {fractions!r}") from None
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 4:
+        raise ValueError(f"expected four fractions (calibration, fine-tune, validation, test), got {len(values)}")
+    if any(not np.isfinite(f) or f <= 0 for f in values):
+        raise ValueError(f"every fraction must be > 0, got {','.join(f'{f:g}' for f in values)}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"the fractions must add up to 1, got {','.join(f'{f:g}' for f in values)} (sum {sum(values):g})")
+    return values  # type: ignore[return-value]
+
+
+def split_counts(n: int, fractions=DEFAULT_FRACTIONS) -> tuple[int, int, int, int]:
+    """How many of `n` samples each part of `split_dataset` gets (the test part takes the rounding rest)."""
+    counts = [int(round(f * n)) for f in fractions[:-1]]
+    return (*counts, n - sum(counts))  # type: ignore[return-value]
+
+
 def split_dataset(ds: Dataset, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> Splits:
     """Deterministic seeded split into calibration / fine-tune / validation / held-out test."""
     n = len(ds)
     perm = np.random.default_rng(seed).permutation(n)
-    counts = [int(round(f * n)) for f in fractions[:-1]]
-    bounds = np.cumsum([0] + counts + [n - sum(counts)])
+    counts = split_counts(n, fractions)[:-1]
+    bounds = np.cumsum([0, *counts, n - sum(counts)])
     parts = [perm[bounds[i] : bounds[i + 1]] for i in range(4)]
     names = ("calib", "finetune", "val", "test")
     return Splits(*(ds.subset(np.sort(p), f"{ds.name}:{nm}") for p, nm in zip(parts, names)))
 
 
-def select_split(ds: Dataset, split: str = "all", seed: int = 0) -> Dataset:
+def select_split(ds: Dataset, split: str = "all", seed: int = 0, fractions=DEFAULT_FRACTIONS) -> Dataset:
     """One named part of the seeded split ("all" is the whole dataset), as the CLI's --split picks."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
-    return ds if split == "all" else getattr(split_dataset(ds, seed), split)
+    return ds if split == "all" else getattr(split_dataset(ds, seed, fractions), split)
 
 
 def load_digits() -> Dataset:
