@@ -57,7 +57,8 @@ def test_hirelc_minmax_is_hirelc_with_full_range_grids(monkeypatch, tmp_path):
 
     monkeypatch.setattr(compress_module, "compress", fake_compress)
     task = Task("m.onnx", None, "top-1", 10, lambda m, r: 0.5, {})
-    args = types.SimpleNamespace(budget=6.0, evaluations=2, finetune_epochs=0)
+    args = types.SimpleNamespace(budget=6.0, evaluations=2, finetune_epochs=0, split_fractions="0.05,0.25,0.5,0.2")
     row = run_cell("m", task, "hirelc-minmax", 0, args, tmp_path)
     assert seen["method"] == "hirelc" and seen["weight_range"] == "minmax"
+    assert seen["split_fractions"] == args.split_fractions  # every cell searches on the same split
     assert row["method"] == "hirelc-minmax" and row["score"] == 0.5
