@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,6 +140,28 @@ def _before():
                           select_by_prediction=False, refine_incumbent=False)
 
 
+@contextmanager
+def _every_measurement():
+    """Every real evaluation's Measurement while the block runs (in this process): the bench scores each
+    on the held-out data, so whether a method's other candidates were better than its winner is seen
+    apart from how well the validation split picked."""
+    from hirelc_onnx.search.context import SearchContext
+
+    seen: list = []
+    original = SearchContext.measure
+
+    def measure(self, *a, **kw):
+        m = original(self, *a, **kw)
+        seen.append(m)
+        return m
+
+    SearchContext.measure = measure
+    try:
+        yield seen
+    finally:
+        SearchContext.measure = original
+
+
 def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) -> dict:
     """One (model, method, seed) row."""
     from hirelc_onnx.compress import compress
@@ -165,7 +188,8 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
             if method == "hirelc-minmax":
                 kw.update(method="hirelc", weight_range="minmax")
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
-        result = compress(task.path, **kw)
+        with _every_measurement() as measured:
+            result = compress(task.path, **kw)
         rep = result.report
         row.update(ratio=rep["size"]["ratio"], score=task.score(result.model, result),
                    evaluations=(rep.get("accuracy") or {}).get("evaluations"))
@@ -176,6 +200,10 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
             row["real_evaluations"] = [{k: h.get(k) for k in ("round", "source", "predicted", "score", "ratio",
                                                               "refined_from")}
                                        for h in rep.get("history", []) if h.get("kind", "real") == "real"]
+            if task.n:  # each candidate's held-out score beside its validation score (same Measurement)
+                for ev in row["real_evaluations"]:
+                    m = next((m for m in measured if m.score == ev["score"] and m.cost.ratio == ev["ratio"]), None)
+                    ev["held_out"] = None if m is None else task.score(m.model, None)
         if task.n == 0:
             row["n"] = (rep.get("accuracy") or {}).get("n")
     row["seconds"] = time.perf_counter() - t0
@@ -220,6 +248,24 @@ def verdicts(table: dict[tuple[str, str], dict]) -> list[str]:
     return lines
 
 
+def candidate_lines(rows: list[dict]) -> list[str]:
+    """Per searched row, every real evaluation: its source, validation score and held-out score (the winner
+    marked), so a better candidate the validation split did not pick is seen."""
+    scored = [r for r in rows if any(ev.get("held_out") is not None for ev in r.get("real_evaluations", []))]
+    if not scored:
+        return []
+    lines = ["", "## Every real evaluation: source, validation -> held out (* the winner)", "",
+             "| model | method | seed | candidates |", "|---|---|---|---|"]
+    for r in scored:
+        cands = []
+        for ev in r["real_evaluations"]:
+            held = "?" if ev.get("held_out") is None else f"{ev['held_out']:.4f}"
+            won = ev.get("held_out") is not None and ev["held_out"] == r.get("score")  # the emitted model is one of them
+            cands.append(f"{ev['round']} {ev['source']} {ev['score']:.4f} -> {held}{'*' if won else ''}")
+        lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {'; '.join(cands)} |")
+    return lines
+
+
 def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     table = cells(rows)
     a = meta["settings"]
@@ -242,6 +288,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
                      f"{c['spread']:.4f} | {c['lo']:.4f}..{c['hi']:.4f} | {c['rows'][0].get('n')} | "
                      f"{c['seconds']:.0f} | {winners if method.startswith('hirelc') or method == 'knapsack' else ''} |")
     lines += ["", "## Verdicts", ""] + verdicts(table)
+    lines += candidate_lines(rows)
     errors = [r for r in rows if "error" in r]
     lines += [""] + [f"- {r['model']} {r['method']} seed {r['seed']}: error: {r['error']}" for r in errors]
     out.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,13 @@ def test_quick_search_bench(tmp_path, small_recognizer_in_benches, monkeypatch):
     real = hirelc["real_evaluations"]  # each real evaluation's source and validation score
     assert [r["source"] for r in real][0] == "prior" and len(real) == 2
     assert max(real, key=lambda r: (r["score"], r["ratio"]))["source"] == hirelc["winner_source"]  # ties: smaller
+    # every candidate scored on the held-out data too: the winner's is the emitted model's score
+    assert all(0.0 < r["held_out"] <= 1.0 for r in real)
+    winner = max(real, key=lambda r: (r["score"], r["ratio"]))
+    assert winner["held_out"] == hirelc["score"]
     text = (tmp_path / "SEARCH.md").read_text()
     assert f"{hirelc['score']:.4f}" in text and f"0: {hirelc['winner_source']}" in text
+    assert f"-> {hirelc['score']:.4f}*" in text
 
 
 def test_hirelc_minmax_is_hirelc_with_full_range_grids(monkeypatch, tmp_path):
