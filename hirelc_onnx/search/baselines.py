@@ -200,15 +200,27 @@ def run_ort_int8(bg: BlockGraph, ctx: SearchContext | None, target: str) -> Meth
 
 def random_config(bg: BlockGraph, target: str, rng: np.random.Generator) -> CompressionConfig:
     """A random point of the search space (before budget repair)."""
+    return CompressionConfig({name: _random_kernel(bg, name, target, rng) for name in bg.kernels}, target=target)
+
+
+def neighbour_config(bg: BlockGraph, base: CompressionConfig, rng: np.random.Generator,
+                     moves: int = 3) -> CompressionConfig:
+    """`base` with `moves` kernels (distinct, at random) given a random choice each (before budget repair):
+    a point near a config worth knowing the surroundings of."""
+    names = sorted(bg.kernels)
+    changed = rng.choice(len(names), size=min(moves, len(names)), replace=False)
+    kernels = {n: base.get(n) for n in names}
+    for i in changed:
+        kernels[names[i]] = _random_kernel(bg, names[i], base.target, rng)
+    return CompressionConfig(kernels, target=base.target)
+
+
+def _random_kernel(bg: BlockGraph, name: str, target: str, rng: np.random.Generator) -> KernelConfig:
     bits_choices = tuple(b for b in bits_ladder(target) if b < 32)
-    kernels = {}
-    for name in bg.kernels:
-        prunable = bg.prunable_kernel(name)
-        kernels[name] = KernelConfig(
-            bits=int(rng.choice(bits_choices)), keep_ratio=float(rng.choice([0.5, 0.75, 1.0])) if prunable else 1.0,
-            qtype=str(rng.choice(["symmetric", "asymmetric"])),
-            granularity=str(rng.choice([g for g in GRANULARITIES if g != "log2"])))
-    return CompressionConfig(kernels, target=target)
+    return KernelConfig(
+        bits=int(rng.choice(bits_choices)), keep_ratio=float(rng.choice([0.5, 0.75, 1.0])) if bg.prunable_kernel(name) else 1.0,
+        qtype=str(rng.choice(["symmetric", "asymmetric"])),
+        granularity=str(rng.choice([g for g in GRANULARITIES if g != "log2"])))
 
 
 def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,

@@ -63,7 +63,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.kill_points import kill_point
 from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.agents import AgentSettings, Ensemble, load_ensembles, save_ensembles, seeded_streams
-from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
+from hirelc_onnx.search.baselines import MethodResult, candidate_record, neighbour_config, random_config
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
@@ -121,6 +121,12 @@ class HiReLCSettings:
     """Random configs, fitted to the budget, scored by the real proxy before round 0: the surrogate's
     warm-up points (with every config the proxy scores later; the paper's code fine-tunes 100, too
     dear here) and more points for the estimator's calibration."""
+    warmup_local: float = 0.0
+    """Share of the warm-up configs that are the prior (fp32 fitted by the estimator) with
+    `warmup_moves` kernels changed at random, repaired to the budget, instead of random configs: the
+    surrogate then knows the region the agents refine (they start from the incumbent, the prior first)."""
+    warmup_moves: int = 3
+    """Kernels each local warm-up config changes."""
     warmup_weight: float = 0.25
     """What one proxy-scored warm-up point counts for in the surrogate's weight (a real one: 1)."""
     surrogate_models: int = 5
@@ -486,17 +492,21 @@ def _record_proxy(ctx: SearchContext, state: HiReLCState, config: CompressionCon
 
 def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, budget: float,
              settings: HiReLCSettings, progress: ProgressFn | None = None, deadline: float | None = None) -> None:
-    """Score `warmup_configs` random configs, repaired to the budget, with the real proxy (round -1);
+    """Score `warmup_configs` configs, repaired to the budget, with the real proxy (round -1): random ones,
+    and first the `warmup_local` share as neighbours of the prior;
     fewer when `deadline` (perf_counter seconds: half of --time-limit) passes first."""
     rng = np.random.default_rng([state.seed, 17_017])
     steps = PhaseSteps(progress, "hirelc: warm-up proxy scores", settings.warmup_configs)
+    local = round(settings.warmup_local * settings.warmup_configs)
+    prior = repair(bg, CompressionConfig({}, target=state.target), budget, state.kernel_sensitivity,
+                   damage=estimator.kernel_mse, fill=True) if local else None
     for i in range(settings.warmup_configs):
         if deadline is not None and time.perf_counter() > deadline:
             log.warning("time limit: the warm-up stops after %d of %d proxy scores (half the time is spent)", i,
                         settings.warmup_configs)
             break
-        config = repair(bg, random_config(bg, state.target, rng), budget, state.kernel_sensitivity,
-                        damage=estimator.kernel_mse, fill=False)
+        start = neighbour_config(bg, prior, rng, settings.warmup_moves) if i < local else random_config(bg, state.target, rng)
+        config = repair(bg, start, budget, state.kernel_sensitivity, damage=estimator.kernel_mse, fill=False)
         _record_proxy(ctx, state, config, -1, "warmup")
         steps.step()
 

@@ -279,3 +279,34 @@ def test_when_every_vote_and_pool_config_was_measured_the_best_predicted_restart
     starts = [random_config(bg, "storage", rng) for _ in range(RESTARTS)]
     assert source == "restart" and config_key(pick) != config_key(voted)
     assert mean_bits(pick) == max(mean_bits(c) for c in starts)
+
+
+def test_the_local_warm_up_scores_neighbours_of_the_prior(bg, monkeypatch):
+    """warmup_local: that share of the warm-up is the prior with a few kernels changed (then repaired to
+    the budget, which may move a few more); the rest random configs, far from it."""
+    import types
+
+    import numpy as np
+
+    import hirelc_onnx.search.hirelc as hirelc
+    from hirelc_onnx.search.baselines import neighbour_config
+    from hirelc_onnx.search.budget import repair
+
+    base = repair(bg, CompressionConfig({}, target="storage"), BUDGET, fill=True)
+    near = neighbour_config(bg, base, np.random.default_rng(0), moves=3)
+    assert 1 <= sum(near.get(n) != base.get(n) for n in bg.kernels) <= 3
+
+    def bytes_damage(name, kc):  # a stand-in estimator: damage grows as bits and kept channels fall
+        return float(32 - kc.bits) + 32.0 * (1.0 - kc.keep_ratio)
+
+    scored = []
+    monkeypatch.setattr(hirelc, "_record_proxy", lambda ctx, state, config, rnd, role: scored.append((role, config)))
+    state = types.SimpleNamespace(seed=0, target="storage", kernel_sensitivity={})
+    estimator = types.SimpleNamespace(kernel_mse=bytes_damage)
+    settings = HiReLCSettings(warmup_configs=8, warmup_local=0.5, warmup_moves=2)
+    hirelc._warm_up(bg, None, state, estimator, BUDGET, settings)
+    prior = repair(bg, CompressionConfig({}, target="storage"), BUDGET, damage=bytes_damage, fill=True)
+    moved = [sum(c.get(n) != prior.get(n) for n in bg.kernels) for _, c in scored]
+    assert len(scored) == 8 and all(role == "warmup" for role, _ in scored)
+    assert all(model_cost(bg, c).ratio >= BUDGET - 1e-9 for _, c in scored)
+    assert max(moved[:4]) < min(moved[4:])  # the neighbours first, each nearer the prior than any random config
