@@ -277,7 +277,9 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     v = meta["versions"]
     lines = ["# hirelc-onnx: do the search methods separate?", "",
              f"Run {meta['date']} on {v['cpu']} ({v['cores']} cores), onnxruntime {v['onnxruntime']}"
-             f"{' (--quick: a smoke run, not the benchmark)' if meta['quick'] else ''}; total {meta['seconds']:.0f} s.",
+             f"{' (--quick: a smoke run, not the benchmark)' if meta['quick'] else ''}; total {meta['seconds']:.0f} s"
+             f"{'' if not meta.get('runs') else ' in ' + str(len(meta['runs'])) + ' invocations (meta.runs in search.json)'}"
+             f"{'; code ' + meta['commit'] if meta.get('commit') else ''}.",
              f"Budget {a['budget']:g}x true bytes; seeds {a['seeds']}; {a['evaluations']} real evaluations and "
              f"{a['finetune_epochs']} fine-tuning epoch(s) each for every searched method; ORT int8 once (no seed).",
              f"Search data: {a['search_samples']} samples per model, split {a.get('split_fractions', 'by default')} "
@@ -301,6 +303,41 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     (out / "search.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
 
 
+def _commit() -> str | None:
+    """The code a run measured (the checkout's HEAD, + when it has uncommitted changes), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+" if dirty else "")) or None
+
+
+def join(paths: list[Path], out: Path) -> None:
+    """One table from several runs' search.json (a bench split over invocations): rows in the runs' order,
+    each run's date, code, models, methods, seeds and seconds kept in meta.runs."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    metas = [run["meta"] for run in runs]
+    settings = dict(metas[0]["settings"])
+    for key in settings:
+        values = list(dict.fromkeys(str(m["settings"].get(key)) for m in metas))
+        if len(values) > 1:  # the same value stays as it was (a number the table formats as one)
+            settings[key] = " / ".join(values)
+    meta = {"date": max(m["date"] for m in metas), "versions": metas[0]["versions"], "settings": settings,
+            "quick": any(m.get("quick") for m in metas), "seconds": sum(m["seconds"] for m in metas),
+            "models": list(dict.fromkeys(x for m in metas for x in m["models"])),
+            "methods": list(dict.fromkeys(x for m in metas for x in m["methods"])),
+            "runs": [{k: m.get(k) for k in ("date", "commit", "models", "methods", "seconds")}
+                     | {"seeds": m["settings"]["seeds"]} for m in metas]}
+    write_results(out, rows, meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.run import _versions
 
@@ -318,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-fractions", default=None,
                     help="compress's --split-fractions for them (default 0.05,0.25,0.5,0.2: 400 validation samples).")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
+    ap.add_argument("--join", default=None, help="Comma-separated search.json files of earlier runs: write one "
+                                                 "table of their rows to --out, running nothing.")
     args = ap.parse_args(argv)
+    if args.join:
+        join([Path(p) for p in args.join.split(",") if p], args.out)
+        print(f"wrote {args.out / 'SEARCH.md'}")
+        return 0
     base = {**DEFAULTS, "models": ",".join(MODELS), "methods": ",".join(DEFAULT_METHODS), **(QUICK if args.quick else {})}
     for key, value in base.items():
         if getattr(args, key) is None:
@@ -345,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
     settings = {k: getattr(args, k) for k in ("seeds", "budget", "evaluations", "finetune_epochs", "held_out",
                                               "search_samples", "split_fractions")}
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(),
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(), "commit": _commit(),
             "settings": settings, "quick": args.quick, "seconds": time.perf_counter() - start,
             "models": models, "methods": methods}
     write_results(args.out, rows, meta)
