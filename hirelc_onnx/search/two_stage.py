@@ -205,7 +205,7 @@ def run_two_stage(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bud
 
     # --- stage 1b: fine-tune, learn the element-wise masks at the chosen densities, fine-tune holding them
     tuned = finetune(apply_pruning(bg, pruned_config), s.finetune_epochs).model
-    masks = learn_masks(tuned, list(weights.values()), splits.finetune, splits.val, teacher,
+    masks = learn_masks(tuned, list(weights.values()), splits.finetune, ctx.finetune_val(), teacher,
                         MaskSettings(layer_density={weights[n]: d for n, d in densities.items()},
                                      epochs=s.mask_epochs, seed=seed, time_budget_s=math.inf), kinds=kinds)
     stage1 = finetune(masks.model, s.finetune_epochs, sparse=list(weights.values()))
@@ -506,7 +506,7 @@ def _masked_finetune(ctx: SearchContext, model: onnx.ModelProto, epochs: int, se
         # epochs, not the bridge's default wall clock, end every fine-tune: the ablation's arms get the
         # same fine-tuning however loaded the machine is
         kw.setdefault("time_budget_s", math.inf)
-        return masked_finetune(model, ctx.splits.finetune, ctx.splits.val, ctx.bg.model, epochs=epochs, seed=seed,
+        return masked_finetune(model, ctx.splits.finetune, ctx.finetune_val(), ctx.bg.model, epochs=epochs, seed=seed,
                                kinds=ctx.objective.kinds, **kw)
     except BridgeError as exc:
         raise UserError(f"{option('method', 'two-stage')} needs the torch bridge for fine-tuning and masks: {exc}") from exc
