@@ -43,8 +43,22 @@ def config_key(config: CompressionConfig) -> str:
     """
     default = KernelConfig()
     items = sorted((n, k.bits, float(k.keep_ratio), k.qtype, k.granularity, k.group_size)
-                   for n, k in config.kernels.items() if k != default)
+                   for n, k in ((n, _effective(k)) for n, k in config.kernels.items()) if k != default)
     return hashlib.sha1(repr((config.target, items)).encode()).hexdigest()
+
+
+_FP32 = KernelConfig()
+
+
+def _effective(k: KernelConfig) -> KernelConfig:
+    """`k` with the fields that cannot change the emitted model at their defaults: an fp32 kernel's grid
+    (qtype, granularity, group size), a group size outside per-group granularity. Configs that differ
+    only there are one model: one key, so a search never measures (or proxy-scores) it twice."""
+    if k.bits == 32 and (k.qtype, k.granularity, k.group_size) != (_FP32.qtype, _FP32.granularity, _FP32.group_size):
+        return KernelConfig(bits=32, keep_ratio=k.keep_ratio)
+    if k.granularity != "per-group" and k.group_size != _FP32.group_size:
+        return KernelConfig(bits=k.bits, keep_ratio=k.keep_ratio, qtype=k.qtype, granularity=k.granularity)
+    return k
 
 
 def is_prunable(bg: BlockGraph, name: str) -> bool:
