@@ -163,6 +163,17 @@ def _every_measurement():
         SearchContext.measure = original
 
 
+def _digest(model) -> str:
+    """The emitted weights' hash: two candidates with one digest are one model measured twice."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in model.graph.initializer:
+        h.update(t.name.encode())
+        h.update(t.raw_data)
+    return h.hexdigest()[:12]
+
+
 def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) -> dict:
     """One (model, method, seed) row."""
     from hirelc_onnx.compress import compress
@@ -207,12 +218,18 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
                                                               "refined_from")}
                                        for h in rep.get("history", []) if h.get("kind", "real") == "real"]
             if task.n:  # each candidate's held-out score beside its validation score (same Measurement)
+                from hirelc_onnx.search.features import effective_kernel
+
                 t1 = time.perf_counter()
                 # in the order they were measured (candidates' scores and ratios tie: matching by them is not enough);
                 # one that does not line up with its record is left unscored
                 for ev, m in zip(row["real_evaluations"], measured):
                     same = m.score == ev["score"] and m.cost.ratio == ev["ratio"]
                     ev["held_out"] = task.score(m.model, None) if same else None
+                    if same:  # how far from the first (the prior), and whether it is the same model again
+                        ev["kernels_changed"] = sum(effective_kernel(m.config.get(n)) != effective_kernel(measured[0].config.get(n))
+                                                    for n in {*m.config.kernels, *measured[0].config.kernels})
+                        ev["model_digest"] = _digest(m.model)
                 row["scoring_seconds"] = time.perf_counter() - t1  # the bench's, not the search's
         if task.n == 0:
             row["n"] = (rep.get("accuracy") or {}).get("n")
@@ -271,7 +288,8 @@ def candidate_lines(rows: list[dict]) -> list[str]:
         for ev in r["real_evaluations"]:
             held = "?" if ev.get("held_out") is None else f"{ev['held_out']:.4f}"
             won = ev.get("held_out") is not None and ev["held_out"] == r.get("score")  # the emitted model is one of them
-            cands.append(f"{ev['round']} {ev['source']} {ev['score']:.4f} -> {held}{'*' if won else ''}")
+            moved = f" ({ev['kernels_changed']} kernels changed)" if ev.get("round") and "kernels_changed" in ev else ""
+            cands.append(f"{ev['round']} {ev['source']}{moved} {ev['score']:.4f} -> {held}{'*' if won else ''}")
         lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {'; '.join(cands)} |")
     return lines
 

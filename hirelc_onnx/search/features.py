@@ -43,14 +43,14 @@ def config_key(config: CompressionConfig) -> str:
     """
     default = KernelConfig()
     items = sorted((n, k.bits, float(k.keep_ratio), k.qtype, k.granularity, k.group_size)
-                   for n, k in ((n, _effective(k)) for n, k in config.kernels.items()) if k != default)
+                   for n, k in ((n, effective_kernel(k)) for n, k in config.kernels.items()) if k != default)
     return hashlib.sha1(repr((config.target, items)).encode()).hexdigest()
 
 
 _FP32 = KernelConfig()
 
 
-def _effective(k: KernelConfig) -> KernelConfig:
+def effective_kernel(k: KernelConfig) -> KernelConfig:
     """`k` with the fields that cannot change the emitted model at their defaults: an fp32 kernel's grid
     (qtype, granularity, group size), a group size outside per-group granularity. Configs that differ
     only there are one model: one key, so a search never measures (or proxy-scores) it twice."""
