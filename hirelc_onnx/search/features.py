@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 from onnx import numpy_helper
@@ -45,6 +46,25 @@ def config_key(config: CompressionConfig) -> str:
     items = sorted((n, k.bits, float(k.keep_ratio), k.qtype, k.granularity, k.group_size)
                    for n, k in ((n, effective_kernel(k)) for n, k in config.kernels.items()) if k != default)
     return hashlib.sha1(repr((config.target, items)).encode()).hexdigest()
+
+
+def model_key(bg: BlockGraph, config: CompressionConfig) -> str:
+    """`config_key` of the model `config` emits on `bg`: each kernel's keep ratio replaced by what its
+    channel group really keeps (the largest its producers ask for, rounded to the channel multiple;
+    1 for a kernel whose group is not pruned). Two configs with one model_key are one model: a search
+    checks it before it spends a real evaluation (EfficientNet-Lite0: a pool config whose one changed
+    keep ratio rounded to the prior's channel count was the prior, measured again)."""
+    counts = group_keep_counts(bg, config)
+    kernels = {}
+    for name, kc in config.kernels.items():
+        group = bg.kernels[name].group if name in bg.kernels else None
+        if group is not None and bg.groups[group].prunable and name in bg.groups[group].producers:
+            length = bg.groups[group].length
+            keep = counts.get(group, length) / length
+        else:
+            keep = 1.0
+        kernels[name] = kc if kc.keep_ratio == keep else replace(kc, keep_ratio=keep)
+    return config_key(CompressionConfig(kernels, target=config.target))
 
 
 _FP32 = KernelConfig()

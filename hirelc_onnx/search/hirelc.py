@@ -67,7 +67,7 @@ from hirelc_onnx.search.baselines import MethodResult, candidate_record, neighbo
 from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
-from hirelc_onnx.search.features import WeightPerturbation, config_key
+from hirelc_onnx.search.features import WeightPerturbation, config_key, model_key
 from hirelc_onnx.search.knapsack import RESTARTS
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint, measure_probes, observe, probe_configs
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
@@ -252,7 +252,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
                             f"({exc}); delete it (or drop {option('resume')}) to start afresh") from None
 
     threshold = None if max_drop is None else ctx.fp32_val_score - max_drop / 100.0
-    measured = {p.key for p in state.real}
+    measured = {model_key(bg, p.config) for p in state.real}  # what is measured already, by the model it emits
     too_slow: set[str] = set()  # keys of candidates measured slower than --speedup asks
     speeds: dict[str, float] = {}  # key -> whole-model speedup under --speedup
     time_limited = False
@@ -335,7 +335,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             else:
                 _keep_best(point, m, [p for p in state.real if p.key not in too_slow], threshold)
             state.real.append(point)
-            measured.add(point.key)
+            measured.add(model_key(bg, candidate))
             moved = sum(candidate.get(n) != voted.get(n) for n in bg.kernels)  # kernels the repair / fit changed
             state.history.append(candidate_record(m, kind="real", method="hirelc", round=rnd, source=source,
                                                   predicted=guess, speedup=speed, changed_from_vote=moved, refined_from=refined_from,
@@ -544,12 +544,12 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     votes = [("vote" if config_key(repaired) == config_key(voted) else "vote-repaired", repaired)]
     if settings.select_by_prediction:  # the vote with its slack spent by the knapsack competes too
         votes.append(("vote-filled", fit(voted, True)))
-    elif config_key(repaired) not in measured:
+    elif model_key(bg, repaired) not in measured:
         return votes[0]
     pool = [("pool", fit(config)) for config in problem.best_pool(settings.pool_size)]
     ranked, seen = [], set()
     for source, candidate in (votes + pool if settings.select_by_prediction else pool):
-        key = config_key(candidate)
+        key = model_key(bg, candidate)
         if key in measured or key in seen:
             continue
         seen.add(key)
@@ -567,7 +567,7 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     # budget, the unmeasured one predicted best (knapsack's rule), not one random config (on MiniLM
     # that was predicted 0.77 against the others' 0.99, and measured 0.86: a real evaluation lost)
     starts = [fit(random_config(bg, problem.target, rng)) for _ in range(RESTARTS)]
-    fresh = [c for c in starts if config_key(c) not in measured] or starts[:1]
+    fresh = [c for c in starts if model_key(bg, c) not in measured] or starts[:1]
     return "restart", max(fresh, key=lambda c: accuracy.predict(c, problem.evaluate(c.kernels).cost).accuracy)
 
 
@@ -582,10 +582,10 @@ def _choose_batch(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyMode
     for _ in range(settings.batch_size):
         source, candidate = _choose(bg, problem, accuracy, voted, budget, sensitivity, taken, settings, rng, goal,
                                     screen)
-        if picks and config_key(candidate) in taken:
+        if picks and model_key(bg, candidate) in taken:
             break  # nothing new left to measure this round
         picks.append((source, candidate))
-        taken.add(config_key(candidate))
+        taken.add(model_key(bg, candidate))
     return picks
 
 

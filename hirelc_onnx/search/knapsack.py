@@ -26,7 +26,7 @@ from hirelc_onnx.progress import PhaseSteps, ProgressFn, notify, progress_log
 from hirelc_onnx.search.baselines import MethodResult, candidate_record, random_config
 from hirelc_onnx.search.budget import check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
-from hirelc_onnx.search.features import WeightPerturbation, config_key
+from hirelc_onnx.search.features import WeightPerturbation, model_key
 from hirelc_onnx.search.hirelc_state import measure_probes, observe, probe_configs
 from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation
 
@@ -66,9 +66,9 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         if scored:
             estimator.calibrate(scored)
         source, candidate = "prior" if rnd == 0 else "recalibrated", fit(CompressionConfig({}, target=target))
-        if config_key(candidate) in measured:
+        if model_key(bg, candidate) in measured:
             starts = [fit(random_config(bg, target, rng)) for _ in range(RESTARTS)]
-            fresh = [c for c in starts if config_key(c) not in measured]
+            fresh = [c for c in starts if model_key(bg, c) not in measured]
             if not fresh:
                 log.info("knapsack: every fit of %d restarts was measured already; stopping at round %d",
                          RESTARTS, rnd)
@@ -76,7 +76,7 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
             source, candidate = "restart", max(fresh, key=estimator.accuracy)
         scored.append(observe(ctx, candidate))
         m = ctx.measure(candidate)
-        measured.add(config_key(candidate))
+        measured.add(model_key(bg, candidate))
         history.append(candidate_record(m, method="knapsack", round=rnd, source=source,
                                         predicted=estimator.accuracy(candidate)))
         progress_log.info("knapsack round %d/%d: %s config %.2fx, measured %.4f", rnd + 1, evaluations, source,

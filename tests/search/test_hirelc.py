@@ -273,7 +273,9 @@ def test_when_every_vote_and_pool_config_was_measured_the_best_predicted_restart
     problem = types.SimpleNamespace(target="storage", best_pool=lambda n: [],
                                     evaluate=lambda kernels: types.SimpleNamespace(cost=None))
     voted = random_config(bg, "storage", np.random.default_rng(99))
-    source, pick = hirelc._choose(bg, problem, accuracy, voted, BUDGET, {}, {config_key(voted)}, HiReLCSettings(),
+    from hirelc_onnx.search.features import model_key
+
+    source, pick = hirelc._choose(bg, problem, accuracy, voted, BUDGET, {}, {model_key(bg, voted)}, HiReLCSettings(),
                                   np.random.default_rng(5))
     rng = np.random.default_rng(5)  # the same stream, redrawn
     starts = [random_config(bg, "storage", rng) for _ in range(RESTARTS)]
