@@ -10,7 +10,7 @@ from hirelc_onnx.commands.data_options import IMAGE_OPTION_NAMES
 from hirelc_onnx.errors import UserError, interface
 from hirelc_onnx.search.methods import METHODS, SPENT_OPTIONS, OPTIONS, check_options, get_method
 
-GENERAL = {"model", "data", "method", "target", "seed", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
+GENERAL = {"model", "data", "method", "target", "seed", "split_fractions", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
            "output_kind", "metric", "metric_mode",  # scoring options: how outputs are scored
            "workers", "ray"}  # where real evaluations run (search/executors.py)
