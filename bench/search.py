@@ -281,7 +281,7 @@ def candidate_lines(rows: list[dict]) -> list[str]:
     scored = [r for r in rows if any(ev.get("held_out") is not None for ev in r.get("real_evaluations", []))]
     if not scored:
         return []
-    lines = ["", "## Every real evaluation: source, validation -> held out (* the winner)", "",
+    lines = ["", "## Every real evaluation: source, validation -> held out (* the winner's held-out score: the winner, or a tie)", "",
              "| model | method | seed | candidates |", "|---|---|---|---|"]
     for r in scored:
         cands = []
