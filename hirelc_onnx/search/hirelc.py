@@ -505,7 +505,8 @@ def _warm_up(bg: BlockGraph, ctx: SearchContext, state: HiReLCState, estimator: 
             log.warning("time limit: the warm-up stops after %d of %d proxy scores (half the time is spent)", i,
                         settings.warmup_configs)
             break
-        start = neighbour_config(bg, prior, rng, settings.warmup_moves) if i < local else random_config(bg, state.target, rng)
+        start = (neighbour_config(bg, prior, rng, settings.warmup_moves) if i < local
+                 else random_config(bg, state.target, rng))
         config = repair(bg, start, budget, state.kernel_sensitivity, damage=estimator.kernel_mse, fill=False)
         _record_proxy(ctx, state, config, -1, "warmup")
         steps.step()
@@ -531,10 +532,11 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     damage-per-byte knapsack alone), so the agents' rounds are judged against what the calibrated
     proxy gives without them. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then, of
-    RESTARTS fitted random starts, the unmeasured one predicted best ("restart"). With `select_by_prediction`, the vote (as repaired, and filled) competes with the
-    pool on that acquisition instead of going first. With `screen` (a config's real proxy score), the
-    first `screen_candidates` by acquisition are ranked again, each prediction moved by the difference
-    between its measured proxy score and the estimator's."""
+    RESTARTS fitted random starts, the unmeasured one predicted best ("restart"). "Unmeasured" is by
+    the model a config emits (`model_key`). With `select_by_prediction`, the vote (as repaired, and
+    filled) competes with the pool on that acquisition instead of going first. With `screen` (a
+    config's real proxy score), the first `screen_candidates` by acquisition are ranked again, each
+    prediction moved by the difference between its measured proxy score and the estimator's."""
     def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
         return _fit(bg, accuracy, config, budget, sensitivity, goal, fill)
 
