@@ -42,9 +42,8 @@ def config_key(config: CompressionConfig) -> str:
     Kernels left at the fp32 default are skipped, so an explicit and an omitted fp32 entry hash
     alike. Built from tuples rather than `to_dict`: agents compute thousands of keys a round.
     """
-    default = KernelConfig()
     items = sorted((n, k.bits, float(k.keep_ratio), k.qtype, k.granularity, k.group_size)
-                   for n, k in ((n, effective_kernel(k)) for n, k in config.kernels.items()) if k != default)
+                   for n, k in ((n, effective_kernel(k)) for n, k in config.kernels.items()) if k != _FP32)
     return hashlib.sha1(repr((config.target, items)).encode()).hexdigest()
 
 
@@ -74,10 +73,11 @@ def effective_kernel(k: KernelConfig) -> KernelConfig:
     """`k` with the fields that cannot change the emitted model at their defaults: an fp32 kernel's grid
     (qtype, granularity, group size), a group size outside per-group granularity. Configs that differ
     only there are one model: one key, so a search never measures (or proxy-scores) it twice."""
-    if k.bits == 32 and (k.qtype, k.granularity, k.group_size) != (_FP32.qtype, _FP32.granularity, _FP32.group_size):
-        return KernelConfig(bits=32, keep_ratio=k.keep_ratio)
+    grid = (k.qtype, k.granularity, k.group_size)
+    if k.bits == 32 and grid != (_FP32.qtype, _FP32.granularity, _FP32.group_size):
+        return replace(k, qtype=_FP32.qtype, granularity=_FP32.granularity, group_size=_FP32.group_size)
     if k.granularity != "per-group" and k.group_size != _FP32.group_size:
-        return KernelConfig(bits=k.bits, keep_ratio=k.keep_ratio, qtype=k.qtype, granularity=k.granularity)
+        return replace(k, group_size=_FP32.group_size)
     return k
 
 

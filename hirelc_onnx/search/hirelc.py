@@ -68,7 +68,7 @@ from hirelc_onnx.search.budget import MIN_KEEP, check_reachable, repair
 from hirelc_onnx.search.context import Measurement, SearchContext
 from hirelc_onnx.search.envs import BlockEnv, BudgetEnv, RewardWeights, SearchProblem
 from hirelc_onnx.search.features import WeightPerturbation, config_key, model_key
-from hirelc_onnx.search.knapsack import RESTARTS
+from hirelc_onnx.search.knapsack import fresh_restarts
 from hirelc_onnx.search.hirelc_state import PROBE, HiReLCState, RealPoint, measure_probes, observe, probe_configs
 from hirelc_onnx.search.surrogate import AccuracyModel, ProxyEstimator, ProxyObservation
 from hirelc_onnx.search.speed import SpeedGoal, speed_budget, speed_repair
@@ -568,8 +568,8 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     # every vote and pool config fits onto one measured already: of RESTARTS random starts fitted to the
     # budget, the unmeasured one predicted best (knapsack's rule), not one random config (on MiniLM
     # that was predicted 0.77 against the others' 0.99, and measured 0.86: a real evaluation lost)
-    starts = [fit(random_config(bg, problem.target, rng)) for _ in range(RESTARTS)]
-    fresh = [c for c in starts if model_key(bg, c) not in measured] or starts[:1]
+    starts, fresh = fresh_restarts(bg, problem.target, fit, measured, rng)
+    fresh = fresh or starts[:1]
     return "restart", max(fresh, key=lambda c: accuracy.predict(c, problem.evaluate(c.kernels).cost).accuracy)
 
 

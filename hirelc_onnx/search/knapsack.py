@@ -17,6 +17,8 @@ The emitted model is the best real measurement (validation score; ratio breaks t
 from __future__ import annotations
 
 import logging
+from typing import Callable
+
 import numpy as np
 
 from hirelc_onnx.config import CompressionConfig
@@ -36,6 +38,15 @@ log = logging.getLogger(__name__)
 
 RESTARTS = 16
 """Random starting points fitted when the recalibrated fit from fp32 was measured already."""
+
+
+def fresh_restarts(bg: BlockGraph, target: str, fit: Callable[[CompressionConfig], CompressionConfig],
+                   measured: set[str], rng: np.random.Generator
+                   ) -> tuple[list[CompressionConfig], list[CompressionConfig]]:
+    """RESTARTS random configs fitted by `fit`, and those of them whose model (`model_key`) is not in
+    `measured`: where knapsack, and HiReLC when its agents have nothing new, look for a candidate."""
+    starts = [fit(random_config(bg, target, rng)) for _ in range(RESTARTS)]
+    return starts, [c for c in starts if model_key(bg, c) not in measured]
 
 
 def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
@@ -67,8 +78,7 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
             estimator.calibrate(scored)
         source, candidate = "prior" if rnd == 0 else "recalibrated", fit(CompressionConfig({}, target=target))
         if model_key(bg, candidate) in measured:
-            starts = [fit(random_config(bg, target, rng)) for _ in range(RESTARTS)]
-            fresh = [c for c in starts if model_key(bg, c) not in measured]
+            _, fresh = fresh_restarts(bg, target, fit, measured, rng)
             if not fresh:
                 log.info("knapsack: every fit of %d restarts was measured already; stopping at round %d",
                          RESTARTS, rnd)
