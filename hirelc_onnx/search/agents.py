@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from hirelc_onnx.bridge.convert import torch_threads  # onnx2torch itself is imported only on conversion
 from hirelc_onnx.search.envs import RewardWeights
 
-__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble", "seeded_streams",
+__all__ = ["MEMBER_KINDS", "VOTING_RULES", "vote", "AgentSettings", "Member", "Ensemble", "seeded_streams", "silent",
            "save_ensembles", "load_ensembles"]
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,8 @@ class Ensemble:
         common = dict(policy_kwargs={"net_arch": list(s.net_arch)}, learning_rate=s.learning_rate,
                       ent_coef=s.ent_coef, n_steps=s.n_steps, seed=seed, verbose=0, device="cpu")
         if algo is PPO:
-            return PPO("MlpPolicy", venv, batch_size=s.n_steps * s.n_envs, n_epochs=s.n_epochs, **common)
-        return algo("MlpPolicy", venv, **common)
+            return silent(PPO("MlpPolicy", venv, batch_size=s.n_steps * s.n_envs, n_epochs=s.n_epochs, **common))
+        return silent(algo("MlpPolicy", venv, **common))
 
     def learn(self, steps: int) -> None:
         """Continue every member's training for `steps` environment steps (learning carries over rounds).
@@ -244,6 +245,14 @@ def load_ensembles(data: bytes, ensembles: Sequence[Ensemble]) -> None:
             ensemble.load_state_dict(state)
         except (KeyError, TypeError, RuntimeError) as exc:  # torch: RuntimeError on a shape mismatch
             raise ValueError(f"saved ensemble state does not fit ({type(exc).__name__}: {exc})") from None
+
+
+def silent(model: BaseAlgorithm) -> BaseAlgorithm:
+    """`model` with a logger that writes nothing anywhere. Without one, every `learn` call of
+    stable-baselines3 (verbose 0, no tensorboard) makes a new empty SB3-<time> folder in the temp
+    directory: a HiReLC search left hundreds, a machine running many thousands."""
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 @contextmanager

@@ -183,15 +183,15 @@ def train_walk_agent(env: LayerWalkEnv, episodes: int, seed: int, stream: int,
     from stable_baselines3 import SAC
 
     from hirelc_onnx.bridge.convert import torch_threads
-    from hirelc_onnx.search.agents import seeded_streams
+    from hirelc_onnx.search.agents import seeded_streams, silent
 
     steps = len(env.names)
     warmup = max(1, int(round(settings.warmup_fraction * episodes)))
     with seeded_streams([seed, stream]), torch_threads(settings.threads):
-        model = SAC("MlpPolicy", env, learning_rate=settings.learning_rate, buffer_size=max(episodes * steps, 1000),
+        model = silent(SAC("MlpPolicy", env, learning_rate=settings.learning_rate, buffer_size=max(episodes * steps, 1000),
                     learning_starts=warmup * steps, batch_size=settings.batch_size, gamma=settings.gamma,
                     train_freq=(1, "episode"), gradient_steps=-1, seed=seed * 1000 + stream, device="cpu",
-                    policy_kwargs={"net_arch": list(settings.net_arch)}, verbose=0)
+                    policy_kwargs={"net_arch": list(settings.net_arch)}, verbose=0))
         model.learn(total_timesteps=episodes * steps)
     return model
 

@@ -106,6 +106,19 @@ def test_ensemble_beats_random_actions_on_toy_env():
     assert all(np.isfinite(r) for r in ens.recent_returns().values())
 
 
+def test_learning_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
+    # stable-baselines3's default logger made an empty SB3-<time> folder there per learn() call:
+    # 24,492 of them on the development machine after a few days of searches
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    ens = Ensemble(TargetEnv, RewardWeights(), size=2, seed=0, settings=AgentSettings(n_steps=4))
+    ens.learn(16)
+    ens.learn(16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _weights(ens: Ensemble) -> list[torch.Tensor]:
     return [t.clone() for m in ens.members for t in m.model.policy.state_dict().values()]
 

@@ -106,6 +106,16 @@ def test_sac_agent_is_deterministic_under_a_seed_and_learns(vgg):
     assert pa.reward > warmup  # the trained policy's walk beats random choices on this reward
 
 
+def test_the_walk_agent_leaves_nothing_in_the_temp_directory(vgg, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    env, _ = _env(vgg, QuantEnv, best=0.9)
+    train_walk_agent(env, 4, 0, 2, WalkAgentSettings(net_arch=(16, 16), batch_size=32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_uniform_choice_meets_the_goal_tightly(vgg):
     from hirelc_onnx.apply import apply_pruning
     from hirelc_onnx.config import CompressionConfig, KernelConfig
