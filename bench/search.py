@@ -38,14 +38,18 @@ log = logging.getLogger("bench.search")
 
 MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
 SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
-METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax", "hirelc-unanchored", "hirelc-local")
+METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax", "hirelc-unanchored", "hirelc-local",
+           "hirelc-acquisition")
 """hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
 rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
 prediction), to measure what the changes moved. hirelc-minmax (not run by default): HiReLC with
 `--weight-range minmax` (every quantized weight's grid spans its full range, as before fitted ranges).
 hirelc-unanchored (not run by default): HiReLC whose agents refine their own working config instead of
 the incumbent (`HiReLCSettings.refine_incumbent=False`, as before it existed). hirelc-local (not run by
-default): HiReLC whose surrogate warm-up is mostly the prior's neighbours (`warmup_local=0.75`)."""
+default): HiReLC whose surrogate warm-up is mostly the prior's neighbours (`warmup_local=0.75`).
+hirelc-acquisition (not run by default): HiReLC choosing its fine-tunes as it did before screen_rank and
+restarts (the acquisition's first four screened, their predictions corrected by the screen, which reads the
+proxy's logit-MSE as now; restarts only as the last resort)."""
 DEFAULT_METHODS = (*SEARCHED, "ort-int8")
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
             "search_samples": 800, "split_fractions": "0.05,0.25,0.5,0.2"}
@@ -201,6 +205,11 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
                 from hirelc_onnx.search.hirelc import HiReLCSettings
 
                 kw.update(method="hirelc", settings=HiReLCSettings(warmup_local=0.75))
+            if method == "hirelc-acquisition":
+                from hirelc_onnx.search.hirelc import HiReLCSettings
+
+                kw.update(method="hirelc", settings=HiReLCSettings(screen_candidates=4, screen_rank="corrected",
+                                                                   restarts=False))
             if method == "hirelc-minmax":
                 kw.update(method="hirelc", weight_range="minmax")
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)

@@ -4,6 +4,7 @@ where the state says without measuring anything twice, replaying what the uninte
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -235,7 +236,7 @@ def test_a_screened_proxy_score_decides_among_the_front_runners(bg, ctx, monkeyp
 
     calls: dict[int, list[str]] = {}
 
-    def fake_screen(ctx, state, config, rnd):
+    def fake_screen(ctx, state, estimator, config, rnd):
         keys = calls.setdefault(rnd, [])
         keys.append(config_key(config))
         return 100.0 if len(keys) == 2 else -100.0
@@ -250,6 +251,59 @@ def test_a_screened_proxy_score_decides_among_the_front_runners(bg, ctx, monkeyp
     for rnd in screened_rounds:
         measured = next(h for h in real if h["round"] == rnd)
         assert config_key(CompressionConfig.from_dict(measured["config"])) == calls[rnd][1]
+
+
+def test_measured_ranking_fine_tunes_the_best_screened_and_restarts_compete(bg, ctx, monkeypatch):
+    """screen_rank="measured": of the screened candidates the one whose screen is best is measured, whatever the
+    acquisition said; with restarts, knapsack's fitted random starts are among those screened every round."""
+    import hashlib
+
+    import hirelc_onnx.search.hirelc as hirelc
+
+    calls: dict[int, list[tuple[str, float]]] = {}
+    restart_keys: set[str] = set()
+    fresh_restarts = hirelc.fresh_restarts
+
+    def recording(*args, **kwargs):
+        starts, fresh = fresh_restarts(*args, **kwargs)
+        restart_keys.update(config_key(c) for c in fresh)
+        return starts, fresh
+
+    def fake_screen(ctx, state, estimator, config, rnd):  # any order but the acquisition's
+        key = config_key(config)
+        value = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16 ** 8 * 1e-3  # under the acquisition's gaps
+        calls.setdefault(rnd, []).append((key, value))
+        return value
+
+    monkeypatch.setattr(hirelc, "fresh_restarts", recording)
+    monkeypatch.setattr(hirelc, "_screen", fake_screen)
+    settings = HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 64, "restarts": True,
+                                 "screen_rank": "measured"})
+    result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, settings=settings)
+    real = [h for h in result.history if h["kind"] == "real"]
+    assert sorted(calls) == [1, 2]
+    for rnd in (1, 2):
+        measured = next(h for h in real if h["round"] == rnd)
+        assert config_key(CompressionConfig.from_dict(measured["config"])) == max(calls[rnd], key=lambda c: c[1])[0]
+        assert any(key in restart_keys for key, _ in calls[rnd]), rnd
+
+
+def test_the_screen_reads_the_measured_logit_mse_through_the_estimator(bg, ctx):
+    """Not the proxy batch's top-1 agreement, which a few dozen samples barely move."""
+    from hirelc_onnx.evaluate.objective import expected_score
+    from hirelc_onnx.search.features import WeightPerturbation
+    from hirelc_onnx.search.hirelc import _screen
+    from hirelc_onnx.search.hirelc_state import HiReLCState
+    from hirelc_onnx.search.surrogate import ProxyEstimator
+
+    estimator = ProxyEstimator(WeightPerturbation(bg), {n: 1.0 for n in bg.kernels}, ctx.fp32_val_score, decay=3.0)
+    state = HiReLCState.__new__(HiReLCState)
+    state.proxies, state.history, state.budget = {}, [], BUDGET
+    config = CompressionConfig.uniform(bg.kernels, bits=3)
+    value = _screen(ctx, state, estimator, config, 1)
+    proxy = ctx.proxy(config)
+    assert 0 < proxy.logit_mse and value == pytest.approx(expected_score(ctx.fp32_val_score, math.exp(-3.0 * proxy.logit_mse)))
+    assert state.history[-1]["role"] == "screen"
 
 
 def test_when_every_vote_and_pool_config_was_measured_the_best_predicted_restart_is(bg, monkeypatch):
