@@ -182,7 +182,7 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
     """One (model, method, seed) row."""
     from hirelc_onnx.compress import compress
 
-    row: dict[str, Any] = {"model": name, "method": method, "seed": seed, "metric": task.metric}
+    row: dict[str, Any] = {"model": name, "method": method, "seed": seed, "metric": task.metric, "budget": args.budget}
     t0 = time.perf_counter()
     if method == "ort-int8" and name == "minilm-l6":
         model, ratio = _minilm_dynamic(task)
@@ -224,7 +224,7 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
             row.update(winner_source=winner["source"], evaluations_by_source=winner["evaluations_by_source"])
             # each real evaluation's validation score beside its source: how far the agents' picks were from the winner
             row["real_evaluations"] = [{k: h.get(k) for k in ("round", "source", "predicted", "score", "ratio",
-                                                              "refined_from")}
+                                                              "refined_from", "timing")}
                                        for h in rep.get("history", []) if h.get("kind", "real") == "real"]
             if task.n:  # each candidate's held-out score beside its validation score (same Measurement)
                 from hirelc_onnx.search.features import effective_kernel
@@ -248,14 +248,22 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
     return row
 
 
+def label(row: dict) -> str:
+    """The model as the tables name it: with its budget when that is not the default's (a 10x run joined
+    beside the 6x one is its own set of cells)."""
+    budget = row.get("budget", DEFAULTS["budget"])
+    return row["model"] if budget == DEFAULTS["budget"] else f"{row['model']} at {budget:g}x"
+
+
 def cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """(model, method) -> mean, spread (sample standard deviation; 0 for one seed), range and seeds."""
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
         if "score" in r:
-            out.setdefault((r["model"], r["method"]), {"scores": [], "rows": []})
-            out[(r["model"], r["method"])]["scores"].append(r["score"])
-            out[(r["model"], r["method"])]["rows"].append(r)
+            key = (label(r), r["method"])
+            out.setdefault(key, {"scores": [], "rows": []})
+            out[key]["scores"].append(r["score"])
+            out[key]["rows"].append(r)
     for c in out.values():
         s = c["scores"]
         c.update(mean=statistics.fmean(s), spread=statistics.stdev(s) if len(s) > 1 else 0.0, lo=min(s), hi=max(s),
@@ -299,7 +307,7 @@ def candidate_lines(rows: list[dict]) -> list[str]:
             won = ev.get("held_out") is not None and ev["held_out"] == r.get("score")  # the emitted model is one of them
             moved = f" ({ev['kernels_changed']} kernels changed)" if ev.get("round") and "kernels_changed" in ev else ""
             cands.append(f"{ev['round']} {ev['source']}{moved} {ev['score']:.4f} -> {held}{'*' if won else ''}")
-        lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {'; '.join(cands)} |")
+        lines.append(f"| {label(r)} | {r['method']} | {r['seed']} | {'; '.join(cands)} |")
     return lines
 
 
@@ -312,7 +320,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
              f"{' (--quick: a smoke run, not the benchmark)' if meta['quick'] else ''}; total {meta['seconds']:.0f} s"
              f"{'' if not meta.get('runs') else ' in ' + str(len(meta['runs'])) + ' invocations (meta.runs in search.json)'}"
              f"{'; code ' + meta['commit'] if meta.get('commit') else ''}.",
-             f"Budget {a['budget']:g}x true bytes; seeds {a['seeds']}; {a['evaluations']} real evaluations and "
+             f"Budget {a['budget'] if isinstance(a['budget'], str) else format(a['budget'], 'g')}x true bytes (a cell at "
+             f"another budget says so); seeds {a['seeds']}; {a['evaluations']} real evaluations and "
              f"{a['finetune_epochs']} fine-tuning epoch(s) each for every searched method; ORT int8 once (no seed).",
              f"Search data: {a['search_samples']} samples per model, split {a.get('split_fractions', 'by default')} "
              "(calibration, fine-tune, validation, compress's test); scores on "

@@ -91,3 +91,24 @@ def test_join_tables_several_runs(tmp_path):
     assert meta["seconds"] == 10.0 and meta["date"] == "2026-01-01 11:00 UTC" and meta["settings"]["seeds"] == "0,1 / 0"
     assert [r["commit"] for r in meta["runs"]] == ["a", "b"]
     assert "in 2 invocations" in (tmp_path / "all" / "SEARCH.md").read_text()
+
+
+def test_a_run_at_another_budget_joins_as_its_own_cells(tmp_path):
+    from bench.search import join, write_results
+
+    def run(name, budget, score):
+        rows = [{"model": "m", "method": meth, "seed": 0, "ratio": budget, "score": score + d, "seconds": 2.0, "n": 10,
+                 "budget": budget} for meth, d in (("hirelc", 0.01), ("knapsack", 0.0))]
+        meta = {"date": "2026-01-01 10:00 UTC", "versions": {"cpu": "x", "cores": 2, "onnxruntime": "1"},
+                "settings": {"seeds": "0", "budget": budget, "evaluations": 4, "finetune_epochs": 1, "held_out": 10,
+                             "search_samples": 800}, "quick": False, "seconds": 5.0, "models": ["m"],
+                "methods": ["hirelc", "knapsack"]}
+        write_results(tmp_path / name, rows, meta)
+        return tmp_path / name / "search.json"
+
+    join([run("six", 6.0, 0.9), run("ten", 10.0, 0.5)], tmp_path / "all")
+    table = cells(json.loads((tmp_path / "all" / "search.json").read_text())["rows"])
+    assert table[("m", "hirelc")]["mean"] == pytest.approx(0.91)
+    assert table[("m at 10x", "knapsack")]["mean"] == pytest.approx(0.5)
+    text = (tmp_path / "all" / "SEARCH.md").read_text()
+    assert "Budget 6.0 / 10.0x" in text and "- m at 10x: hirelc 0.5100" in text
