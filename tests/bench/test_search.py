@@ -19,6 +19,9 @@ def test_cells_and_verdicts_from_rows():
     assert table[("m", "hirelc")]["mean"] == pytest.approx(0.91)
     assert table[("m", "knapsack")]["spread"] == 0.0
     assert "separates" in verdicts(table)[0] and "+11.00 pts" in verdicts(table)[0]
+    rows.append({"model": "m", "method": "ort-int8 (static)", "seed": 0, "ratio": 3.8, "score": 0.99, "seconds": 1.0})
+    line = verdicts(cells(rows))[0]
+    assert "best baseline knapsack 0.8000 (hirelc ahead)" in line and "compressing less: ort-int8 (static) 0.9900 at 3.80x" in line
 
 
 @pytest.mark.slow
