@@ -367,7 +367,7 @@ def _commit() -> str | None:
 
 def join(paths: list[Path], out: Path) -> None:
     """One table from several runs' search.json (a bench split over invocations): rows in the runs' order,
-    each run's date, code, models, methods, seeds and seconds kept in meta.runs."""
+    each run's date, code, models, methods, seeds and seconds kept in meta.runs (a joined file brings its own)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     rows = [r for run in runs for r in run["rows"]]
     metas = [run["meta"] for run in runs]
@@ -380,8 +380,8 @@ def join(paths: list[Path], out: Path) -> None:
             "quick": any(m.get("quick") for m in metas), "seconds": sum(m["seconds"] for m in metas),
             "models": list(dict.fromkeys(x for m in metas for x in m["models"])),
             "methods": list(dict.fromkeys(x for m in metas for x in m["methods"])),
-            "runs": [{k: m.get(k) for k in ("date", "commit", "models", "methods", "seconds")}
-                     | {"seeds": m["settings"]["seeds"]} for m in metas]}
+            "runs": [run for m in metas for run in (m.get("runs") or [{k: m.get(k) for k in (
+                "date", "commit", "models", "methods", "seconds")} | {"seeds": m["settings"]["seeds"]}])]}
     write_results(out, rows, meta)
 
 

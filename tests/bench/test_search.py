@@ -94,6 +94,9 @@ def test_join_tables_several_runs(tmp_path):
     assert meta["seconds"] == 10.0 and meta["date"] == "2026-01-01 11:00 UTC" and meta["settings"]["seeds"] == "0,1 / 0"
     assert [r["commit"] for r in meta["runs"]] == ["a", "b"]
     assert "in 2 invocations" in (tmp_path / "all" / "SEARCH.md").read_text()
+    join([tmp_path / "all" / "search.json", run("c", "random", (0.1,), "2026-01-01 12:00 UTC")], tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "search.json").read_text())["meta"]
+    assert [r["commit"] for r in again["runs"]] == ["a", "b", "c"]  # a joined file brings its own runs
 
 
 def test_a_run_at_another_budget_joins_as_its_own_cells(tmp_path):
