@@ -554,9 +554,11 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then, of
     RESTARTS fitted random starts, the unmeasured one predicted best ("restart"). "Unmeasured" is by
     the model a config emits (`model_key`). With `select_by_prediction`, the vote (as repaired, and
-    filled) competes with the pool on that acquisition instead of going first. With `screen` (a
-    config's real proxy score), the first `screen_candidates` by acquisition are ranked again, each
-    prediction moved by the difference between its measured proxy score and the estimator's."""
+    filled) competes with the pool on that acquisition instead of going first; with `restarts`, the
+    unmeasured fitted random starts compete there too, every round. With `screen` (a config's real
+    proxy score), the first `screen_candidates` by acquisition are ranked again: by that score alone
+    (`screen_rank` "measured"), or each prediction moved by the difference between its measured proxy
+    score and the estimator's ("corrected")."""
     def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
         return _fit(bg, accuracy, config, budget, sensitivity, goal, fill)
 
