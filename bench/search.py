@@ -287,7 +287,9 @@ def verdicts(table: dict[tuple[str, str], dict]) -> list[str]:
         best_other = max(level, key=lambda o: o[1], default=None)
         line = f"- {model}: hirelc {h['mean']:.4f}"
         if best_other:
-            line += f"; best baseline {best_other[0]} {best_other[1]:.4f} ({'hirelc ahead' if h['mean'] >= best_other[1] else 'hirelc behind'})"
+            standing = ("hirelc ahead" if h["mean"] > best_other[1] else "level" if h["mean"] == best_other[1]
+                        else "hirelc behind")
+            line += f"; best baseline {best_other[0]} {best_other[1]:.4f} ({standing})"
         if k is not None:
             margin, spread = h["mean"] - k["mean"], max(h["spread"], k["spread"])
             line += (f"; vs knapsack {100 * margin:+.2f} pts, larger spread {100 * spread:.2f} pts "

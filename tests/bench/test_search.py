@@ -22,6 +22,8 @@ def test_cells_and_verdicts_from_rows():
     rows.append({"model": "m", "method": "ort-int8 (static)", "seed": 0, "ratio": 3.8, "score": 0.99, "seconds": 1.0})
     line = verdicts(cells(rows))[0]
     assert "best baseline knapsack 0.8000 (hirelc ahead)" in line and "compressing less: ort-int8 (static) 0.9900 at 3.80x" in line
+    level = [dict(r, score=0.8) if r["method"] == "hirelc" else r for r in rows]
+    assert "best baseline knapsack 0.8000 (level)" in verdicts(cells(level))[0]  # the same models: not "ahead"
 
 
 @pytest.mark.slow
