@@ -541,7 +541,7 @@ def _screen(ctx: SearchContext, state: HiReLCState, estimator: ProxyEstimator, c
     recognizer at 10x: 0.875 and 0.881 for two configs whose measured logit-MSE, 0.43 and 0.40, and
     fine-tuned scores, 0.74 and 0.80, the logit-MSE ordered right)."""
     _record_proxy(ctx, state, config, rnd, "screen")
-    return expected_score(ctx.fp32_val_score, estimator.agreement(state.proxies[config_key(config)].logit_mse))
+    return estimator.accuracy_at(state.proxies[config_key(config)].logit_mse)
 
 
 def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, voted: CompressionConfig,
@@ -583,13 +583,14 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
         ranked.append((est.accuracy + settings.acquisition_kappa * est.std, est, source, candidate))
     ranked.sort(key=lambda r: -r[0])  # stable: ties keep the earlier (the vote before the pool)
     if screen is not None and settings.screen_candidates > 0 and ranked:
-        # each front-runner's prediction moved by the estimator's error on it, measured: the proxy estimate
-        # and the surrogate (which reads the estimate as a feature) inherit that error alike
-        front = ranked[:settings.screen_candidates]
-        if settings.screen_rank == "measured":
-            ranked = sorted(((screen(r[3]), *r[1:]) for r in front), key=lambda r: -r[0])
-        else:
-            ranked = sorted(((r[0] + screen(r[3]) - r[1].proxy_accuracy, *r[1:]) for r in front), key=lambda r: -r[0])
+        # the front-runners ranked again by their measured proxy score ("measured"), or each prediction moved
+        # by the estimator's measured error on it ("corrected": the proxy estimate and the surrogate, which
+        # reads the estimate as a feature, inherit that error alike)
+        def rescored(r: tuple) -> float:
+            measured_score = screen(r[3])
+            return measured_score if settings.screen_rank == "measured" else r[0] + measured_score - r[1].proxy_accuracy
+
+        ranked = sorted(((rescored(r), *r[1:]) for r in ranked[:settings.screen_candidates]), key=lambda r: -r[0])
     if ranked:
         return ranked[0][2], ranked[0][3]
     # every vote and pool config fits onto one measured already: of RESTARTS random starts fitted to the

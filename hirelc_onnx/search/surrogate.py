@@ -131,7 +131,12 @@ class ProxyEstimator:
 
     def accuracy(self, config: CompressionConfig) -> float:
         """The cold-start accuracy estimate: fp32 validation score times the estimated agreement."""
-        return expected_score(self.fp32_score, self.agreement(self.mse(config)))
+        return self.accuracy_at(self.mse(config))
+
+    def accuracy_at(self, mse: float) -> float:
+        """The accuracy a logit-MSE reads as on the calibrated curve: estimated (`accuracy`) or measured (a
+        proxy score HiReLC's screen reads)."""
+        return expected_score(self.fp32_score, self.agreement(mse))
 
     def calibrate(self, observations: list[ProxyObservation], prior_weight: float = 0.5) -> None:
         """Refit a_q, a_p (log-space least squares, pulled toward 1) and the agreement decay b."""
@@ -294,7 +299,7 @@ class AccuracyModel:
         key = key or config_key(config)
         if key not in self._cache:
             mse = self.estimator.mse(config)
-            proxy_acc = expected_score(self.estimator.fp32_score, self.estimator.agreement(mse))
+            proxy_acc = self.estimator.accuracy_at(mse)
             accuracy, std = proxy_acc, 0.0
             w = self.surrogate_weight
             if w > 0:
