@@ -50,6 +50,9 @@ default): HiReLC whose surrogate warm-up is mostly the prior's neighbours (`warm
 hirelc-acquisition (not run by default): HiReLC choosing its fine-tunes as it did before screen_rank and
 restarts (the acquisition's first four screened, their predictions corrected by the screen, which reads the
 proxy's logit-MSE as now; restarts only as the last resort)."""
+SETTINGS_VARIANTS = {"hirelc-unanchored": {"refine_incumbent": False}, "hirelc-local": {"warmup_local": 0.75},
+                     "hirelc-acquisition": {"screen_candidates": 4, "screen_rank": "corrected", "restarts": False}}
+"""The ablations that are HiReLC with some of its settings changed (HiReLCSettings' fields)."""
 DEFAULT_METHODS = (*SEARCHED, "ort-int8")
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
             "search_samples": 800, "split_fractions": "0.05,0.25,0.5,0.2"}
@@ -197,19 +200,10 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
         else:
             if method == "hirelc-before":
                 kw.update(method="hirelc", settings=_before())
-            if method == "hirelc-unanchored":
+            if method in SETTINGS_VARIANTS:
                 from hirelc_onnx.search.hirelc import HiReLCSettings
 
-                kw.update(method="hirelc", settings=HiReLCSettings(refine_incumbent=False))
-            if method == "hirelc-local":
-                from hirelc_onnx.search.hirelc import HiReLCSettings
-
-                kw.update(method="hirelc", settings=HiReLCSettings(warmup_local=0.75))
-            if method == "hirelc-acquisition":
-                from hirelc_onnx.search.hirelc import HiReLCSettings
-
-                kw.update(method="hirelc", settings=HiReLCSettings(screen_candidates=4, screen_rank="corrected",
-                                                                   restarts=False))
+                kw.update(method="hirelc", settings=HiReLCSettings(**SETTINGS_VARIANTS[method]))
             if method == "hirelc-minmax":
                 kw.update(method="hirelc", weight_range="minmax")
             kw.update(budget=f"{args.budget:g}x", evaluations=args.evaluations, finetune_epochs=args.finetune_epochs)
