@@ -31,10 +31,13 @@ def _emit(bg, feed, target, **fields):
     return apply_config(bg, config, calib_batches=[feed])
 
 
-def _independent_profile(model: onnx.ModelProto, feed) -> dict[str, set[str]]:
-    """node name -> op names, from a profiled session this test builds itself."""
+def _independent_profile(model: onnx.ModelProto, feed, folder: Path) -> dict[str, set[str]]:
+    """node name -> op names, from a profiled session this test builds itself. Its file goes to the test's
+    own `folder`: ORT names it by the millisecond in the working directory, where two xdist workers made
+    one name and one deleted the file the other was about to read (and a failed test left it in the repo)."""
     so = ort.SessionOptions()
     so.enable_profiling = True
+    so.profile_file_prefix = str(folder / "profile")
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     session.run(None, feed)
     path = Path(session.end_profiling())
@@ -48,13 +51,13 @@ def _independent_profile(model: onnx.ModelProto, feed) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("target, bits, ran", [("ort-cpu", 8, {"QLinearConv", "QGemm"}), ("storage", 4, {"Conv", "Gemm"})])
-def test_rows_name_the_kernel_the_profile_shows(resnet, target, bits, ran):
+def test_rows_name_the_kernel_the_profile_shows(resnet, target, bits, ran, tmp_path):
     bg, feed = resnet
     model = _emit(bg, feed, target, bits=bits)
     rows = per_node_rows(model, feed, reference=bg.model, runs=3)
     assert [r.kernel for r in rows] == [n.name for n in compressed_kernels(model)]
     assert len(rows) == len(bg.kernels)
-    profile = _independent_profile(model, feed)
+    profile = _independent_profile(model, feed, tmp_path)
     for r in rows:
         assert r.executed in ran, r
         assert r.ort_nodes and r.executed in profile[r.ort_nodes[0]], (r, profile.get(r.ort_nodes[0]))
@@ -85,12 +88,12 @@ def _dq_conv_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_an_unfolded_weight_decode_is_named_and_timed():
+def test_an_unfolded_weight_decode_is_named_and_timed(tmp_path):
     model = _dq_conv_model()
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     (row,) = per_node_rows(model, feed, runs=2)
     assert row.executed == "DequantizeLinear + Conv"
-    profile = _independent_profile(model, feed)
+    profile = _independent_profile(model, feed, tmp_path)
     assert {"DequantizeLinear"} == profile[row.ort_nodes[1]] and "Conv" in profile[row.ort_nodes[0]]
 
 
