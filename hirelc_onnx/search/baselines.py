@@ -27,7 +27,7 @@ from hirelc_onnx.errors import InvalidOptionError, UserError, option
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import model_cost
 from hirelc_onnx.progress import ProgressFn, notify, progress_log
-from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, repair
+from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, bits_ladder, granularity_choices, qtype_choices, repair
 from hirelc_onnx.search.speed import MARGIN as SPEED_MARGIN
 from hirelc_onnx.search.speed import ROUNDS as SPEED_ROUNDS
 from hirelc_onnx.search.speed import SpeedGoal, speed_repair
@@ -216,11 +216,14 @@ def neighbour_config(bg: BlockGraph, base: CompressionConfig, rng: np.random.Gen
 
 
 def _random_kernel(bg: BlockGraph, name: str, target: str, rng: np.random.Generator) -> KernelConfig:
+    """One kernel's random choice within what the target offers (`bits_ladder`, `qtype_choices`,
+    `granularity_choices`; no log2): under ort-cpu a random grid ORT runs off its int8 fast path was
+    a candidate no latency estimate foresaw (EfficientNet-Lite0: HiReLC's restart ran 0.25x of fp32)."""
     bits_choices = tuple(b for b in bits_ladder(target) if b < 32)
     return KernelConfig(
         bits=int(rng.choice(bits_choices)), keep_ratio=float(rng.choice([0.5, 0.75, 1.0])) if bg.prunable_kernel(name) else 1.0,
-        qtype=str(rng.choice(["symmetric", "asymmetric"])),
-        granularity=str(rng.choice([g for g in GRANULARITIES if g != "log2"])))
+        qtype=str(rng.choice(qtype_choices(target))),
+        granularity=str(rng.choice([g for g in GRANULARITIES if g in granularity_choices(target) and g != "log2"])))
 
 
 def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,

@@ -5,14 +5,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from hirelc_onnx.config import CompressionConfig, KernelConfig
+from hirelc_onnx.config import QTYPES, CompressionConfig, KernelConfig
 from hirelc_onnx.errors import BudgetError, InvalidOptionError
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost, weight_nbytes
 from hirelc_onnx.specs import weight_target
 
 __all__ = ["BudgetError", "parse_budget", "bits_ladder", "MIN_KEEP", "KEEP_STEP", "max_ratio", "check_reachable",
-           "repair", "Damage"]
+           "repair", "Damage", "granularity_choices", "qtype_choices"]
 
 MIN_KEEP = 0.25  # the repair step never prunes a group below a quarter of its channels
 KEEP_STEP = 0.125
@@ -43,6 +43,23 @@ def bits_ladder(target: str) -> tuple[int, ...]:
     on x86 CPUs without VNNI (docs/ARCHITECTURE.md, "Measured facts"), and 7-bit weights cannot.
     """
     return {"storage": (32, 8, 4, 2), "ort-cpu": (32, 7)}.get(target, (32, 8))
+
+
+def granularity_choices(target: str) -> tuple[str, ...]:
+    """Granularities worth choosing for a target: ORT's fused int8 kernels take per-channel or per-tensor;
+    the storage target also packs per-group scales and log2 codebooks."""
+    if target == "storage":
+        return ("per-channel", "per-group", "per-tensor", "log2")
+    return ("per-channel", "per-tensor")
+
+
+def qtype_choices(target: str) -> tuple[str, ...]:
+    """Weight grids worth choosing for a target: storage decodes either at load; ORT's int8 kernels
+    (ort-cpu, and qdq, which ORT fuses into the same kernels) run weights with a zero point off their
+    fast path (ORT 1.32, EfficientNet-Lite0 at batch 8: one asymmetric per-channel depthwise
+    QLinearConv 72 ms against 1 ms symmetric; a search candidate with a third of its kernels
+    asymmetric ran 0.25x of fp32 where its latency estimate said 2.3x), so they get symmetric ones."""
+    return QTYPES if target == "storage" else ("symmetric",)
 
 
 def _floor_config(bg: BlockGraph, target: str) -> CompressionConfig:

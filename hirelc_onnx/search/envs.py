@@ -26,10 +26,10 @@ from typing import Protocol
 import gymnasium as gym
 import numpy as np
 
-from hirelc_onnx.config import QTYPES, CompressionConfig, KernelConfig
+from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import MAX_BLOCK_KERNELS, BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
-from hirelc_onnx.search.budget import KEEP_STEP, MIN_KEEP, bits_ladder
+from hirelc_onnx.search.budget import KEEP_STEP, MIN_KEEP, bits_ladder, granularity_choices, qtype_choices
 from hirelc_onnx.search.features import (CHOICE_FEATURES, STATIC_FEATURES, aggressiveness, config_key,
                                          encode_choice, is_prunable, kernel_features)
 
@@ -89,14 +89,6 @@ def keep_ladder() -> tuple[float, ...]:
     """Keep ratios an agent may choose: MIN_KEEP to 1 in KEEP_STEP steps (those the repair step uses)."""
     n = int(round((1.0 - MIN_KEEP) / KEEP_STEP))
     return tuple(round(MIN_KEEP + i * KEEP_STEP, 6) for i in range(n + 1))
-
-
-def granularity_choices(target: str) -> tuple[str, ...]:
-    """Granularities worth choosing for a target: ORT's fused int8 kernels take per-channel or per-tensor;
-    the storage target also packs per-group scales and log2 codebooks."""
-    if target == "storage":
-        return ("per-channel", "per-group", "per-tensor", "log2")
-    return ("per-channel", "per-tensor")
 
 
 def level_table(budget: float, target: str, n_levels: int = 7,
@@ -164,7 +156,7 @@ class SearchProblem:
         self.sensitivity = kernel_sensitivity
         self.bits = tuple(sorted(bits_ladder(target)))
         self.keeps = keep_ladder()
-        self.qtypes = QTYPES
+        self.qtypes = qtype_choices(target)
         self.granularities = granularity_choices(target)
         self.levels = level_table(budget, target, n_levels, level_span)
         self.blocks = [list(b.kernels) for b in bg.blocks]

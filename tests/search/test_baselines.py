@@ -147,3 +147,19 @@ def test_damage_guided_repair_chooses_grids_too(resnet, favoured):
     grids = {(fitted.get(n).qtype, fitted.get(n).granularity) for n in names if fitted.get(n).quantized}
     assert grids == {favoured}
     assert repair(bg, CompressionConfig({}, target="storage"), 6.0, damage=damage, fill=True).to_dict() == fitted.to_dict()
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq", "storage"])
+def test_random_configs_draw_only_grids_the_target_offers(resnet, target):
+    """Random search, knapsack's restarts and HiReLC's draw from random_config: under ort-cpu an
+    asymmetric or per-group weight was a kernel ORT runs off its int8 fast path (a restart ran 0.25x
+    of fp32 on EfficientNet-Lite0); storage keeps every grid it packs."""
+    bg, _ = resnet
+    rng = np.random.default_rng(3)
+    kernels = [kc for _ in range(20) for kc in random_config(bg, target, rng).kernels.values()]
+    grids = {(kc.qtype, kc.granularity) for kc in kernels}
+    if target == "storage":
+        assert {"symmetric", "asymmetric"} == {q for q, _ in grids}
+        assert {"per-tensor", "per-channel", "per-group"} == {g for _, g in grids}
+    else:
+        assert grids == {("symmetric", "per-channel"), ("symmetric", "per-tensor")}

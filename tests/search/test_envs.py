@@ -58,6 +58,21 @@ def test_block_env_action_is_multidiscrete_per_kernel(problem):
     per_kernel = [len(problem.bits), len(problem.keeps), 2, len(problem.granularities)]
     assert list(env.action_space.nvec) == per_kernel * 3
     assert problem.bits == (2, 4, 8, 32)  # storage packs 2/4/8-bit containers; fp32 stays possible
+
+
+def test_under_ort_cpu_the_agents_choose_symmetric_per_channel_or_per_tensor_grids(problem):
+    """ORT's int8 kernels run a weight with a zero point off their fast path: the agents' action
+    space under ort-cpu has one qtype, and every decoded choice is symmetric."""
+    ort = SearchProblem(problem.bg, 3.5, "ort-cpu", StubAccuracy(), problem.sensitivity,
+                        {b.id: 0.5 for b in problem.bg.blocks}, 0.99)
+    assert ort.qtypes == ("symmetric",) and ort.granularities == ("per-channel", "per-tensor")
+    block = _multi_kernel_block(ort)
+    env = BlockEnv(ort, block)
+    assert list(env.action_space.nvec) == [len(ort.bits), len(ort.keeps), 1, 2] * 3
+    env.reset(seed=0)
+    for _ in range(5):
+        env.step(env.action_space.sample())
+    assert {ort.config(ort.current).get(n).qtype for n in ort.bg.kernels} == {"symmetric"}
     assert env.observation_space.shape == (problem.block_obs_size(block),)
 
 
