@@ -104,3 +104,32 @@ def test_ort_reference_agreement_compares_the_deployed_session_with_the_unoptimi
     data = Dataset(np.zeros((300, 3), np.float32), None, "rows")
     assert ort_reference_agreement(object(), data) == (256 - 64) / 256
     assert sorted(levels) == ["all", "disabled"]
+
+
+@pytest.mark.slow
+def test_efficientnet_rows_are_scored_on_held_out_crops_the_search_never_saw(monkeypatch):
+    """bench-speed's EfficientNet-Lite0 rows: compress() sees its crops, the row's score comes from
+    other images' crops (`MODEL_SETTINGS["held_out"]`), where fp32 agrees with itself and a model that
+    changes the logits does not everywhere."""
+    import numpy as np
+    import onnx
+
+    from bench import run
+    from hirelc_onnx.graph.loader import load_model
+
+    monkeypatch.setitem(run.MODEL_SETTINGS, "efficientnet-lite0", {**run.MODEL_SETTINGS["efficientnet-lite0"],
+                                                                   "crops": 16, "held_out": 24})
+    path, data, score = run._model_and_data("efficientnet-lite0", quick=False)
+    assert len(data) == 16
+    model = load_model(path)
+    assert score(model) == 1.0
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    rng = np.random.default_rng(0)
+    for init in noisy.graph.initializer:
+        if init.name.endswith("weight") or len(init.dims) == 4:
+            w = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.numpy_helper.from_array((w + rng.normal(0, 0.5 * w.std(), w.shape)).astype(w.dtype),
+                                                       init.name))
+    assert score(noisy) < 0.9
+    assert run._model_and_data("efficientnet-lite0", quick=True)[2] is None
