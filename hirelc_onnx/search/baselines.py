@@ -87,6 +87,10 @@ def run_uniform(bg: BlockGraph, ctx: SearchContext | None, target: str, *, bits:
     """
     if bits is None:
         bits = 7 if target == "ort-cpu" else 8
+    if bits < 32 and target != "storage" and (qtype == "asymmetric" or granularity == "per-group"):
+        log.warning("--target %s with %s %s weights: ORT runs them off its int8 fast path (docs/ARCHITECTURE.md, "
+                    "'ORT's int8 kernels want symmetric weights'); symmetric per-channel is what it runs fast",
+                    target, qtype, granularity)
     config = _uniform_config(bg, target, bits, keep, qtype, granularity)
     goal = getattr(ctx, "speed_goal", None)  # --speedup: the largest keep up to `keep` that meets it, timed whole
     if goal is not None:

@@ -163,3 +163,15 @@ def test_random_configs_draw_only_grids_the_target_offers(resnet, target):
         assert {"per-tensor", "per-channel", "per-group"} == {g for _, g in grids}
     else:
         assert grids == {("symmetric", "per-channel"), ("symmetric", "per-tensor")}
+
+
+def test_uniform_says_when_its_grid_leaves_orts_int8_fast_path(resnet, caplog):
+    bg, _ = resnet
+    with caplog.at_level("WARNING", logger="hirelc_onnx.search.baselines"):
+        run_uniform(bg, None, "ort-cpu", qtype="asymmetric")
+    assert "off its int8 fast path" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hirelc_onnx.search.baselines"):
+        run_uniform(bg, None, "ort-cpu")
+        run_uniform(bg, None, "storage", qtype="asymmetric", granularity="per-group")
+    assert "fast path" not in caplog.text
