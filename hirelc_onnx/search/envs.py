@@ -308,10 +308,13 @@ class SearchProblem:
         return out
 
     def _indices(self, kc: KernelConfig) -> tuple[int, int, int, int]:
+        """A choice as the nearest action; a grid outside the target's choices (the knapsack gives a
+        weight ORT decodes at load, an embedding table under ort-cpu, storage's grids) reads as the first."""
         bits = int(np.argmin([abs(math.log2(b) - math.log2(kc.bits)) for b in self.bits]))
         keep = int(np.argmin([abs(k - kc.keep_ratio) for k in self.keeps]))
         gran = self.granularities.index(kc.granularity) if kc.granularity in self.granularities else 0
-        return bits, keep, self.qtypes.index(kc.qtype), gran
+        qtype = self.qtypes.index(kc.qtype) if kc.qtype in self.qtypes else 0
+        return bits, keep, qtype, gran
 
     def change(self, name: str, kc: KernelConfig) -> float:
         """How far a kernel's choice moved from the previous voted one, in [0, 1]."""

@@ -73,6 +73,11 @@ def test_under_ort_cpu_the_agents_choose_symmetric_per_channel_or_per_tensor_gri
     for _ in range(5):
         env.step(env.action_space.sample())
     assert {ort.config(ort.current).get(n).qtype for n in ort.bg.kernels} == {"symmetric"}
+    # a config from elsewhere (the knapsack gives a weight ORT decodes at load any storage grid, as
+    # ViT's embedding table under ort-cpu) is still read: the agents' instability term compares with it
+    name = ort.blocks[block][0]
+    ort.previous = {**ort.previous, name: KernelConfig(bits=4, qtype="asymmetric", granularity="per-group")}
+    assert 0.0 <= ort.change(name, ort.config(ort.current).get(name)) <= 1.0
     assert env.observation_space.shape == (problem.block_obs_size(block),)
 
 
