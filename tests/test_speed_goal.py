@@ -15,7 +15,7 @@ from hirelc_onnx.evaluate.kernel_latency import KernelLatency
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.pruning_space import resource_constraints
-from hirelc_onnx.search.speed import (MARGIN, ROUNDS, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_budget,
+from hirelc_onnx.search.speed import (MARGIN, ROUNDS, SPEED_BUDGET_ROOM, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_budget,
                                       speed_repair)
 from hirelc_onnx.specs import channel_unit, group_keep_counts
 
@@ -208,13 +208,14 @@ def test_report_met_flag_is_the_final_whole_timing(reference_models, tmp_path):
 
 
 def test_speed_budget_never_asks_for_pruning(resnet):
-    """HiReLC's size goal under --speedup without --budget: at most the default, and met by the widest
-    integer rung on every kernel with nothing pruned (pruning is the speed goal's to ask)."""
+    """HiReLC's size goal under --speedup without --budget: at most the default, and met with room by
+    the widest integer rung on every kernel with nothing pruned (pruning is the speed goal's to ask)."""
     bg, _ = resnet
     for target, widest in (("ort-cpu", 7), ("storage", 8)):
         budget = speed_budget(bg, target, 100.0)
         unpruned = model_cost(bg, CompressionConfig.uniform(bg.kernels, target=target, bits=widest))
-        assert budget == pytest.approx(unpruned.ratio) and unpruned.macs_fraction == 1.0
+        assert budget == pytest.approx(SPEED_BUDGET_ROOM * unpruned.ratio) and unpruned.macs_fraction == 1.0
+        assert unpruned.ratio > budget * 1.1 - 1e-9  # room: a fitted config need not prune to reach it
         assert speed_budget(bg, target, budget / 2) == budget / 2  # a smaller default stands
 
 
