@@ -3,6 +3,7 @@ option checks. Latency itself is never asserted (a busy machine); the table is g
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,7 @@ from hirelc_onnx.evaluate.kernel_latency import KernelLatency
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.budget import BudgetError
 from hirelc_onnx.search.pruning_space import resource_constraints
-from hirelc_onnx.search.speed import (MARGIN, ROUNDS, SPEED_BUDGET_ROOM, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_budget,
+from hirelc_onnx.search.speed import (MARGIN, ROUNDS, SCALE_STEP, SPEED_BUDGET_ROOM, SpeedGoal, _lower_keep, fit_measured, parse_speedup, speed_budget,
                                       speed_repair)
 from hirelc_onnx.specs import channel_unit, group_keep_counts
 
@@ -155,6 +156,18 @@ def test_fit_measured_recalibrates_until_the_whole_timing_meets_the_goal(resnet,
     assert model_cost(bg, fitted).macs_fraction < model_cost(bg, uncalibrated).macs_fraction
     # a candidate that meets the goal never loosens the scale
     assert not goal.observe(bg, fitted, 3.0) and goal.scale == pytest.approx(0.75)
+
+
+def test_one_timing_far_below_the_table_lowers_the_estimate_by_a_bounded_step(resnet, caplog):
+    bg, table_goal = resnet
+    goal = SpeedGoal(1.5, 32, table_goal.table, bg.model)
+    config = CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7)
+    raw = goal.table_estimate(bg, model_cost(bg, config), goal.int8(bg, config))
+    assert goal.observe(bg, config, 0.8 * raw) and goal.scale == pytest.approx(0.8)  # an ordinary miss: as timed
+    with caplog.at_level(logging.WARNING, logger="hirelc_onnx.search.speed"):
+        assert goal.observe(bg, config, 0.05 * raw)  # off the table by 20x (EfficientNet-Lite0 ran 0.107 of it)
+    assert goal.scale == pytest.approx(0.8 * SCALE_STEP) and goal.calibrations[-1]["scale"] == goal.scale
+    assert "lowered by 0.5 only" in caplog.text
 
 
 def test_fit_measured_stops_after_its_rounds_and_says_what_it_measured(resnet, monkeypatch):

@@ -58,6 +58,12 @@ def parse_speedup(text: str | float | None) -> float | None:
     return float(m.group(1))
 
 
+SCALE_STEP = 0.5
+"""The most one timed miss may lower `SpeedGoal.scale` by (a factor): misses against the table ran 0.64-0.92
+of its estimate on the reference models, a few steps each; one EfficientNet-Lite0 candidate whose kernels ORT
+ran off its int8 path ran 0.107 of it, and scaled by that every later estimate made the next pick prune to
+the floor (25.65x, score 0.0). A miss that large says the candidate is unlike the table, not that the table is off.
+"""
 SPEED_BUDGET_ROOM = 0.9
 """`speed_budget` asks for this share of the unpruned widest-rung ratio: room for the fitted prior."""
 
@@ -143,15 +149,21 @@ class SpeedGoal:
         """`config`'s model was timed whole at `measured`: when that misses the goal, the estimate is
         scaled so it would have said so (measured / table estimate), and later repairs prune more.
         A candidate that meets it leaves the scale alone (one fast timing is not trusted to loosen
-        it). Returns whether the scale changed."""
+        it); one miss lowers it by at most SCALE_STEP (a warning says when the miss was larger).
+        Returns whether the scale changed."""
         raw = self.table_estimate(bg, model_cost(bg, config), self.int8(bg, config))
         if measured >= self.factor or raw <= 0 or measured / raw >= self.scale:
             return False
+        scale = max(measured / raw, self.scale * SCALE_STEP)
+        if scale > measured / raw:
+            log.warning("--speedup: a candidate estimated at %.2fx ran %.2fx whole (%.2f of the estimate): "
+                        "estimates lowered by %g only, as one timing unlike the latency table should not set "
+                        "every later estimate", raw * self.scale, measured, measured / (raw * self.scale), SCALE_STEP)
         self.calibrations.append({"table_estimate": raw, "measured": measured, "scale_before": self.scale,
-                                  "scale": measured / raw})
+                                  "scale": scale})
         log.info("--speedup: a candidate estimated at %.2fx ran %.2fx whole; estimates scaled by %.3f",
-                 raw * self.scale, measured, measured / raw)
-        self.scale = measured / raw
+                 raw * self.scale, measured, scale)
+        self.scale = scale
         return True
 
     def record(self) -> dict:
