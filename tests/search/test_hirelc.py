@@ -242,10 +242,10 @@ def test_a_screened_proxy_score_decides_among_the_front_runners(bg, ctx, monkeyp
         return 100.0 if len(keys) == 2 else -100.0
 
     monkeypatch.setattr(hirelc, "_screen", fake_screen)
-    settings = HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 3})
+    settings = HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 3, "screen_first": False})
     result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, settings=settings)
     real = [h for h in result.history if h["kind"] == "real"]
-    assert 0 not in calls  # the prior is measured unscreened
+    assert 0 not in calls  # without screen_first the prior is measured unscreened
     screened_rounds = [rnd for rnd in (1, 2) if len(calls.get(rnd, [])) >= 2]
     assert screened_rounds and all(len(calls[rnd]) <= 3 for rnd in calls)
     for rnd in screened_rounds:
@@ -281,8 +281,8 @@ def test_measured_ranking_fine_tunes_the_best_screened_and_restarts_compete(bg, 
                                  "screen_rank": "measured"})
     result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=3, seed=0, settings=settings)
     real = [h for h in result.history if h["kind"] == "real"]
-    assert sorted(calls) == [1, 2]
-    for rnd in (1, 2):
+    assert sorted(calls) == [0, 1, 2]  # the first round too (screen_first)
+    for rnd in (0, 1, 2):
         measured = next(h for h in real if h["round"] == rnd)
         assert config_key(CompressionConfig.from_dict(measured["config"])) == max(calls[rnd], key=lambda c: c[1])[0]
         assert any(key in restart_keys for key, _ in calls[rnd]), rnd
@@ -366,3 +366,37 @@ def test_the_local_warm_up_scores_neighbours_of_the_prior(bg, monkeypatch):
     assert len(scored) == 8 and all(role == "warmup" for role, _ in scored)
     assert all(model_cost(bg, c).ratio >= BUDGET - 1e-9 for _, c in scored)
     assert max(moved[:4]) < min(moved[4:])  # the neighbours first, each nearer the prior than any random config
+
+
+def test_screen_first_sends_the_best_screened_of_the_prior_votes_pool_and_restarts_to_the_first_fine_tune(bg, ctx, monkeypatch):
+    """With screen_first, round 0 is screened like every later round, the prior always among those screened:
+    the fine-tune goes to the best screened, the prior only when it is that."""
+    import hashlib
+
+    import hirelc_onnx.search.hirelc as hirelc
+
+    plain = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=1, seed=0,
+                       settings=HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 3}))
+    prior = config_key(CompressionConfig.from_dict(next(h for h in plain.history if h["kind"] == "real")["config"]))
+
+    def run(prior_value: float) -> tuple[dict, list[tuple[str, float]]]:
+        calls: dict[int, list[tuple[str, float]]] = {}
+
+        def fake_screen(ctx, state, estimator, config, rnd):
+            key = config_key(config)
+            value = prior_value if key == prior else int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16 ** 8
+            calls.setdefault(rnd, []).append((key, value))
+            return value
+
+        monkeypatch.setattr(hirelc, "_screen", fake_screen)
+        settings = HiReLCSettings(**{**vars(TINY["settings"]), "screen_candidates": 3, "screen_first": True})
+        result = run_hirelc(bg, ctx, "storage", budget=BUDGET, evaluations=2, seed=0, settings=settings)
+        first = next(h for h in result.history if h["kind"] == "real" and h["round"] == 0)
+        return first, calls[0]
+
+    first, screened = run(-1.0)  # the prior screened worst: another candidate is fine-tuned first
+    assert prior in [k for k, _ in screened] and len(screened) >= 2
+    assert config_key(CompressionConfig.from_dict(first["config"])) == max(screened, key=lambda c: c[1])[0] != prior
+    assert first["source"] != "prior"
+    first, screened = run(2.0)  # screened best: the prior
+    assert first["source"] == "prior" and config_key(CompressionConfig.from_dict(first["config"])) == prior
