@@ -39,7 +39,7 @@ log = logging.getLogger("bench.search")
 MODELS = ("efficientnet-lite0", "minilm-l6", "text-recognizer")
 SEARCHED = ("hirelc", "knapsack", "random", "uniform-l1")
 METHODS = (*SEARCHED, "ort-int8", "hirelc-before", "hirelc-minmax", "hirelc-unanchored", "hirelc-local",
-           "hirelc-acquisition")
+           "hirelc-acquisition", "hirelc-prior-first")
 """hirelc-before (not run by default): HiReLC as it was before issue 17 (2-step episodes, 16-sample
 rollouts, no surrogate warm-up, every vote filled by the greedy knapsack and measured whatever its
 prediction), to measure what the changes moved. hirelc-minmax (not run by default): HiReLC with
@@ -49,9 +49,11 @@ the incumbent (`HiReLCSettings.refine_incumbent=False`, as before it existed). h
 default): HiReLC whose surrogate warm-up is mostly the prior's neighbours (`warmup_local=0.75`).
 hirelc-acquisition (not run by default): HiReLC choosing its fine-tunes as it did before screen_rank and
 restarts (the acquisition's first four screened, their predictions corrected by the screen, which reads the
-proxy's logit-MSE as now; restarts only as the last resort)."""
+proxy's logit-MSE as now; restarts only as the last resort). hirelc-prior-first (not run by default): HiReLC
+whose first fine-tune is the estimator's prior, unscreened (`screen_first=False`, as before it existed)."""
 SETTINGS_VARIANTS = {"hirelc-unanchored": {"refine_incumbent": False}, "hirelc-local": {"warmup_local": 0.75},
-                     "hirelc-acquisition": {"screen_candidates": 4, "screen_rank": "corrected", "restarts": False}}
+                     "hirelc-acquisition": {"screen_candidates": 4, "screen_rank": "corrected", "restarts": False},
+                     "hirelc-prior-first": {"screen_first": False}}
 """The ablations that are HiReLC with some of its settings changed (HiReLCSettings' fields)."""
 DEFAULT_METHODS = (*SEARCHED, "ort-int8")
 DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs": 1, "held_out": 1000,
@@ -145,7 +147,7 @@ def _before():
 
     return HiReLCSettings(episode_steps=2, high_steps=96, low_steps=48, agent=AgentSettings(n_steps=4),
                           warmup_configs=0, warmup_weight=0.0, fill_votes=True,
-                          select_by_prediction=False, refine_incumbent=False)
+                          select_by_prediction=False, refine_incumbent=False, screen_first=False)
 
 
 @contextmanager
