@@ -270,13 +270,16 @@ def cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 def verdicts(table: dict[tuple[str, str], dict]) -> list[str]:
     """Per model: is HiReLC's mean >= every baseline's at its compression (within 5% of its ratio), and above
-    knapsack's by more than the larger spread? Baselines that compress less are listed apart."""
+    knapsack's by more than the larger spread? Baselines that compress less, and HiReLC's ablations, are
+    listed apart."""
     lines = []
     for model in dict.fromkeys(m for m, _ in table):
         h, k = table.get((model, "hirelc")), table.get((model, "knapsack"))
         if h is None:
             continue
-        others = [(meth, c) for (m, meth), c in table.items() if m == model and meth != "hirelc"]
+        # HiReLC's own ablations (hirelc-*) are not baselines: they are listed apart
+        others = [(meth, c) for (m, meth), c in table.items() if m == model and not meth.startswith("hirelc")]
+        ablations = [f"{meth} {c['mean']:.4f}" for (m, meth), c in table.items() if m == model and meth.startswith("hirelc-")]
         # a baseline compared on score compresses as much (ORT's int8 stops at about 3.8x: said apart)
         level = [(meth, c["mean"]) for meth, c in others if c["ratio"] >= 0.95 * h["ratio"]]
         lower = [f"{meth} {c['mean']:.4f} at {c['ratio']:.2f}x" for meth, c in others if c["ratio"] < 0.95 * h["ratio"]]
@@ -292,6 +295,8 @@ def verdicts(table: dict[tuple[str, str], dict]) -> list[str]:
                      f"({'separates' if margin > spread else 'does not separate'})")
         if lower:
             line += f"; compressing less: {', '.join(lower)}"
+        if ablations:
+            line += f"; HiReLC ablations: {', '.join(ablations)}"
         lines.append(line)
     return lines
 

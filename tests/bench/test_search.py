@@ -24,6 +24,9 @@ def test_cells_and_verdicts_from_rows():
     assert "best baseline knapsack 0.8000 (hirelc ahead)" in line and "compressing less: ort-int8 (static) 0.9900 at 3.80x" in line
     level = [dict(r, score=0.8) if r["method"] == "hirelc" else r for r in rows]
     assert "best baseline knapsack 0.8000 (level)" in verdicts(cells(level))[0]  # the same models: not "ahead"
+    rows.append({"model": "m", "method": "hirelc-prior-first", "seed": 0, "ratio": 6.0, "score": 0.95, "seconds": 1.0})
+    line = verdicts(cells(rows))[0]  # an ablation of HiReLC is not a baseline it must beat
+    assert "best baseline knapsack 0.8000 (hirelc ahead)" in line and line.endswith("HiReLC ablations: hirelc-prior-first 0.9500")
 
 
 @pytest.mark.slow
