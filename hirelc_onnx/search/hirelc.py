@@ -557,8 +557,8 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
             screen: Callable[[CompressionConfig], float] | None = None) -> tuple[str, CompressionConfig]:
     """The config to measure. In the first round (nothing measured), the estimator's prior: fp32 fitted
     to the budget (the damage-per-byte knapsack alone), measured unscreened without `screen_first` or a
-    `screen` (or with no `screen_candidates`); with them, it competes with what follows and is always screened. Then the voted config
-    fitted to the budget, unless already measured;
+    `screen` (or with no `screen_candidates`); with them, it competes with what follows and is always
+    screened. Then the voted config fitted to the budget, unless already measured;
     then the unmeasured fitted pool config with the best surrogate mean + kappa * spread; then, of
     RESTARTS fitted random starts, the unmeasured one predicted best ("restart"). "Unmeasured" is by
     the model a config emits (`model_key`). With `select_by_prediction`, the vote (as repaired, and
@@ -570,8 +570,8 @@ def _choose(bg: BlockGraph, problem: SearchProblem, accuracy: AccuracyModel, vot
     def fit(config: CompressionConfig, fill: bool = True) -> CompressionConfig:
         return _fit(bg, accuracy, config, budget, sensitivity, goal, fill)
 
-    prior = fit(CompressionConfig({}, target=problem.target))
     first = not measured
+    prior = fit(CompressionConfig({}, target=problem.target)) if first else None
     if first and (screen is None or settings.screen_candidates <= 0 or not settings.screen_first):
         return "prior", prior
     repaired = fit(voted, settings.fill_votes)
