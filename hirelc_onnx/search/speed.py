@@ -35,8 +35,8 @@ from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.budget import KEEP_STEP, MIN_KEEP, BudgetError, bits_ladder
 from hirelc_onnx.specs import channel_multiple, channel_unit, keep_count, round_to_unit, weight_spec, weight_target
 
-__all__ = ["SpeedGoal", "parse_speedup", "speed_repair", "fit_measured", "calibrate", "speed_budget", "SPEED_BUDGET_ROOM", "MARGIN",
-           "ROUNDS"]
+__all__ = ["SpeedGoal", "parse_speedup", "speed_repair", "fit_measured", "calibrate", "speed_budget", "SPEED_BUDGET_ROOM",
+           "SCALE_STEP", "MARGIN", "ROUNDS"]
 
 log = logging.getLogger(__name__)
 
