@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from passes.quantize import WeightQuantSpec, blocks, from_2d, to_2d, uniform_groups
+from passes.quantize import WeightQuantSpec, blocks, from_2d, to_2d
 
 __all__ = ["RANGE_FRACTIONS", "mse_clipped", "clip_weights"]
 
@@ -57,11 +57,6 @@ def _unrows(rows: np.ndarray, w: np.ndarray, spec: WeightQuantSpec) -> np.ndarra
     return from_2d(w2, w.shape, spec.axis)
 
 
-def _fake_quantized_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
-    q, scale, zp = uniform_groups(rows, spec)
-    return ((q - (0 if zp is None else zp[:, None])) * scale[:, None]).astype(np.float32)
-
-
 def mse_clipped(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
     """`w` (float32) with each of `spec`'s groups clamped to the fraction of its range whose min-max
     grid reproduces the group with the least squared error; `w` itself for a log2 spec."""
@@ -77,21 +72,43 @@ def mse_clipped(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
 
 
 def _clipped_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
+    """Each row clamped to its best fraction. The grid of a row clamped to `a` of its range is known
+    without looking at the clamped values (its extremes are `a * lo`, `a * hi`), so each fraction is
+    scored in one float32 buffer reused in place: the same arithmetic as `uniform_groups` followed by
+    (q - zp) * scale, operation for operation, at a third of the memory traffic of calling it."""
+    qmax = np.float32(spec.qmax)
     if spec.symmetric:
         hi = np.abs(rows).max(axis=1, keepdims=True)
         lo = -hi
     else:  # the grid always holds 0 (passes.quantize.uniform_groups)
-        lo = np.minimum(rows.min(axis=1, keepdims=True), 0)
-        hi = np.maximum(rows.max(axis=1, keepdims=True), 0)
+        lo = np.minimum(rows.min(axis=1, keepdims=True), np.float32(0))
+        hi = np.maximum(rows.max(axis=1, keepdims=True), np.float32(0))
     best_err = np.full(rows.shape[0], np.inf, np.float32)
-    out = rows.copy()
-    for fraction in RANGE_FRACTIONS:
-        clamped = np.clip(rows, fraction * lo, fraction * hi)
-        err = np.sum(np.square(_fake_quantized_rows(clamped, spec) - rows), axis=1)
+    best = np.zeros(rows.shape[0], np.intp)
+    buf = np.empty_like(rows)
+    for i, fraction in enumerate(RANGE_FRACTIONS):
+        f_lo, f_hi = fraction * lo, fraction * hi
+        np.clip(rows, f_lo, f_hi, out=buf)
+        scale = (f_hi / qmax if spec.symmetric else (f_hi - f_lo) / qmax).astype(np.float32)
+        scale[scale == 0] = 1
+        np.divide(buf, scale, out=buf)
+        np.rint(buf, out=buf)
+        if spec.symmetric:
+            np.clip(buf, -qmax, qmax, out=buf)
+        else:
+            zp = np.clip(np.rint(-f_lo / scale), 0, qmax)
+            np.add(buf, zp, out=buf)
+            np.clip(buf, 0, qmax, out=buf)
+            np.subtract(buf, zp, out=buf)
+        np.multiply(buf, scale, out=buf)
+        np.subtract(buf, rows, out=buf)
+        np.square(buf, out=buf)
+        err = np.sum(buf, axis=1)
         better = err < best_err
         best_err[better] = err[better]
-        out[better] = clamped[better]
-    return out
+        best[better] = i
+    chosen = RANGE_FRACTIONS[best][:, None]
+    return np.clip(rows, chosen * lo, chosen * hi)
 
 
 def clip_weights(model: onnx.ModelProto, specs: Mapping[str, WeightQuantSpec]) -> onnx.ModelProto:
