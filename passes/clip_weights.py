@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from passes.quantize import WeightQuantSpec, blocks, from_2d, to_2d
 
-__all__ = ["RANGE_FRACTIONS", "mse_clipped", "clip_weights"]
+__all__ = ["RANGE_FRACTIONS", "mse_clipped", "best_fractions", "clamped_to", "clip_weights"]
 
 RANGE_FRACTIONS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
 """Fractions of each group's range tried (1.0 first: a tie keeps the unclamped weights)."""
@@ -62,29 +62,51 @@ def mse_clipped(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
     grid reproduces the group with the least squared error; `w` itself for a log2 spec."""
     if spec.is_log2:
         return w
-    w = np.asarray(w, np.float32)
-    rows = _rows(w, spec)
-    out = np.empty_like(rows)
+    return clamped_to(w, spec, best_fractions(w, spec))
+
+
+def best_fractions(w: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
+    """Per group of `spec` (one scale each), the index into `RANGE_FRACTIONS` of the fraction whose
+    grid reproduces the group best: a byte a group, so a caller can keep the search's answer and
+    clamp again (`clamped_to`) without repeating it. Not for log2 specs."""
+    rows = _rows(np.asarray(w, np.float32), spec)
+    best = np.empty(rows.shape[0], np.uint8)
     step = max(1, CHUNK_VALUES // rows.shape[1])
     for start in range(0, rows.shape[0], step):  # a few copies of one chunk at a time, never of a big weight
-        out[start:start + step] = _clipped_rows(rows[start:start + step], spec)
-    return np.ascontiguousarray(_unrows(out, w, spec))
+        best[start:start + step] = _best_rows(rows[start:start + step], spec)
+    return best
 
 
-def _clipped_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
-    """Each row clamped to its best fraction. The grid of a row clamped to `a` of its range is known
-    without looking at the clamped values (its extremes are `a * lo`, `a * hi`), so each fraction is
-    scored in one float32 buffer reused in place: the same arithmetic as `uniform_groups` followed by
-    (q - zp) * scale, operation for operation, at a third of the memory traffic of calling it."""
-    qmax = np.float32(spec.qmax)
+def clamped_to(w: np.ndarray, spec: WeightQuantSpec, fractions: np.ndarray) -> np.ndarray:
+    """`w` (float32) with group i clamped to `RANGE_FRACTIONS[fractions[i]]` of its range."""
+    w = np.asarray(w, np.float32)
+    rows = _rows(w, spec)
+    if fractions.shape != (rows.shape[0],):
+        raise ValueError(f"{fractions.shape[0]} range fractions for {rows.shape[0]} groups")
+    lo, hi = _range(rows, spec)
+    chosen = RANGE_FRACTIONS[fractions][:, None]
+    return np.ascontiguousarray(_unrows(np.clip(rows, chosen * lo, chosen * hi), w, spec))
+
+
+def _range(rows: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's grid extremes before clamping ([groups, 1] each)."""
     if spec.symmetric:
         hi = np.abs(rows).max(axis=1, keepdims=True)
-        lo = -hi
-    else:  # the grid always holds 0 (passes.quantize.uniform_groups)
-        lo = np.minimum(rows.min(axis=1, keepdims=True), np.float32(0))
-        hi = np.maximum(rows.max(axis=1, keepdims=True), np.float32(0))
+        return -hi, hi
+    # the grid always holds 0 (passes.quantize.uniform_groups)
+    return (np.minimum(rows.min(axis=1, keepdims=True), np.float32(0)),
+            np.maximum(rows.max(axis=1, keepdims=True), np.float32(0)))
+
+
+def _best_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
+    """Each row's best fraction. The grid of a row clamped to `a` of its range is known without
+    looking at the clamped values (its extremes are `a * lo`, `a * hi`), so each fraction is scored in
+    one float32 buffer reused in place: the same arithmetic as `uniform_groups` followed by
+    (q - zp) * scale, operation for operation, at a third of the memory traffic of calling it."""
+    qmax = np.float32(spec.qmax)
+    lo, hi = _range(rows, spec)
     best_err = np.full(rows.shape[0], np.inf, np.float32)
-    best = np.zeros(rows.shape[0], np.intp)
+    best = np.zeros(rows.shape[0], np.uint8)
     buf = np.empty_like(rows)
     for i, fraction in enumerate(RANGE_FRACTIONS):
         f_lo, f_hi = fraction * lo, fraction * hi
@@ -107,8 +129,7 @@ def _clipped_rows(rows: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
         better = err < best_err
         best_err[better] = err[better]
         best[better] = i
-    chosen = RANGE_FRACTIONS[best][:, None]
-    return np.clip(rows, chosen * lo, chosen * hi)
+    return best
 
 
 def clip_weights(model: onnx.ModelProto, specs: Mapping[str, WeightQuantSpec]) -> onnx.ModelProto:

@@ -43,6 +43,7 @@ from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost, model_cost
 from hirelc_onnx.search.executors import EvaluationTask, Executor, FailedEvaluation, InProcess, Placement
 from hirelc_onnx.search.fake_quant_proxy import FakeQuantModels
+from hirelc_onnx.search.range_fits import RangeFits
 from hirelc_onnx.specs import weight_spec
 
 __all__ = ["Measurement", "Proxy", "SearchContext"]
@@ -139,7 +140,7 @@ class SearchContext:
         """A worker's copy: no executor, no evaluation log, the fp32 outputs of the validation split only."""
         state = dict(self.__dict__)
         state.update(executor=None, evaluation_log=[], batch_log=[], _refs={}, _strides=_split_strides(self.splits),
-                     _fake_quant=None)
+                     _fake_quant=None, _range_fits=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -153,12 +154,19 @@ class SearchContext:
     def cost(self, config: CompressionConfig) -> ModelCost:
         return model_cost(self.bg, self._targeted(config))
 
+    @property
+    def range_fits(self) -> RangeFits:
+        """The search's MSE range fits, shared by the proxy's models and the estimator's error table."""
+        if getattr(self, "_range_fits", None) is None:
+            self._range_fits = RangeFits()
+        return self._range_fits
+
     def proxy(self, config: CompressionConfig) -> Proxy:
         evict_big_sessions()  # a big model: its rewrite's copies never stack on a session
         config = self._targeted(config)
         if config.target == "storage" or self.bg.weight_bytes > FAST_PROXY_WEIGHT_BYTES:
             if getattr(self, "_fake_quant", None) is None:
-                self._fake_quant = FakeQuantModels(self.bg)
+                self._fake_quant = FakeQuantModels(self.bg, fits=self.range_fits)
             return self.proxy_of(self._fake_quant.model(config))
         return self.proxy_of(apply_config(self.bg, config))
 

@@ -28,6 +28,7 @@ from hirelc_onnx.apply import apply_pruning
 from hirelc_onnx.config import CompressionConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.specs import fits_ranges, weight_spec
+from hirelc_onnx.search.range_fits import RangeFits
 from passes.clip_weights import mse_clipped
 from passes.quantize import WeightQuantSpec, fake_quantize
 
@@ -40,8 +41,10 @@ CACHE_BYTES = 256 << 20
 class FakeQuantModels:
     """Builds `model(config)`: the function of `apply_config(bg, config)` as an fp32 graph (module docstring)."""
 
-    def __init__(self, bg: BlockGraph, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, bg: BlockGraph, cache_bytes: int = CACHE_BYTES, fits: RangeFits | None = None) -> None:
+        """fits: the search's shared range fits (the estimator's error table asks for the same)."""
         self.bg = bg
+        self.fits = fits if fits is not None else RangeFits()
         self.cache_bytes = cache_bytes
         self._shapes = {init.name: tuple(init.dims) for init in bg.model.graph.initializer}
         self._cache: OrderedDict[tuple[str, WeightQuantSpec, bool], onnx.TensorProto] = OrderedDict()
@@ -75,8 +78,9 @@ class FakeQuantModels:
             self.hits += 1
             return hit
         self.misses += 1
-        tensor = numpy_helper.from_array(np.ascontiguousarray(_fake_quantized(numpy_helper.to_array(init), spec, clip)),
-                                         init.name)
+        w = numpy_helper.to_array(init)
+        ranged = self.fits.clipped(init.name, w, spec) if clip else w
+        tensor = numpy_helper.from_array(np.ascontiguousarray(fake_quantize(ranged, spec)), init.name)
         size = len(tensor.raw_data)
         if size <= self.cache_bytes:
             while self._cache and self._cached_bytes + size > self.cache_bytes:

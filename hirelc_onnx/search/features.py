@@ -22,8 +22,8 @@ from hirelc_onnx.config import CompressionConfig, KernelConfig
 from hirelc_onnx.graph.blockgraph import BlockGraph
 from hirelc_onnx.graph.cost import ModelCost
 from hirelc_onnx.importance import channel_ranking
+from hirelc_onnx.search.range_fits import RangeFits
 from hirelc_onnx.specs import fits_ranges, group_keep_counts, keep_count, weight_spec
-from passes.clip_weights import mse_clipped
 from passes.quantize import fake_quantize
 
 __all__ = ["STATIC_FEATURES", "CHOICE_FEATURES", "config_key", "is_prunable", "kernel_features", "encode_choice",
@@ -155,8 +155,10 @@ class WeightPerturbation:
     ONNX Runtime session.
     """
 
-    def __init__(self, bg: BlockGraph) -> None:
+    def __init__(self, bg: BlockGraph, fits: RangeFits | None = None) -> None:
+        """fits: the search's shared range fits (the proxy's fake-quantized models ask for the same)."""
         self.bg = bg
+        self.fits = fits if fits is not None else RangeFits()
         inits = {t.name: t for t in bg.model.graph.initializer}
         self._weights = {name: numpy_helper.to_array(inits[k.weight]).astype(np.float32)
                          for name, k in bg.kernels.items()}
@@ -171,7 +173,8 @@ class WeightPerturbation:
         if key not in self._quant:
             w = self._weights[name]
             spec = weight_spec(self.bg.kernels[name], kc)
-            ranged = mse_clipped(w, spec) if fits_ranges(self.bg) else w  # a log2 grid's weight: w itself
+            weight = self.bg.kernels[name].weight
+            ranged = self.fits.clipped(weight, w, spec) if fits_ranges(self.bg) else w  # log2: w itself
             err = float(np.sum((w - fake_quantize(ranged, spec)) ** 2))
             self._quant[key] = err / max(float(np.sum(w * w)), 1e-30)
         return self._quant[key]

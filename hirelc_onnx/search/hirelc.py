@@ -233,7 +233,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
         state = _first_state(bg, ctx, budget, target, seed, settings, progress,
                              lambda seconds: _warn_if_slow(bg, seconds, evaluations, time_limit, settings))
     log.info("sensitivity from %s", state.sensitivity_source)
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), state.probes, ctx.fp32_val_score,
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg, ctx.range_fits), state.probes, ctx.fp32_val_score,
                                            state.prune_probes)
     accuracy = AccuracyModel(bg, estimator, state.kernel_sensitivity, MIN_KEEP,
                              min_points=settings.surrogate_min_points, prior_points=settings.surrogate_prior_points,

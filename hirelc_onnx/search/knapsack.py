@@ -63,7 +63,7 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
     configs = probe_configs(bg, target)  # HiReLC's probes: its estimator without its agents
     steps = PhaseSteps(progress, "knapsack: proxy probes", len(configs))
     probes, prune_probes = measure_probes(ctx, bg, configs, steps.step)
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg), probes, ctx.fp32_val_score, prune_probes)
+    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg, ctx.range_fits), probes, ctx.fp32_val_score, prune_probes)
     scored: list[ProxyObservation] = []
     rng = np.random.default_rng([seed, 17])
 

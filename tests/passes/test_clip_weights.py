@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from passes.clip_weights import RANGE_FRACTIONS, clip_weights, mse_clipped
+from passes.clip_weights import RANGE_FRACTIONS, best_fractions, clamped_to, clip_weights, mse_clipped
 from passes.quantize import WeightQuantSpec, fake_quantize
 
 SPECS = [WeightQuantSpec(4, True, "per-channel"), WeightQuantSpec(4, False, "per-channel"),
@@ -86,3 +86,32 @@ def test_chunks_of_groups_give_the_whole_weight_s_answer(monkeypatch):
     whole = mse_clipped(w, spec)
     monkeypatch.setattr(clip, "CHUNK_VALUES", 24)  # three 8-value groups per chunk
     assert np.array_equal(mse_clipped(w, spec), whole)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.granularity}-{s.bits}-{'sym' if s.symmetric else 'asym'}")
+def test_the_in_place_search_matches_uniform_groups_trial_by_trial(spec):
+    """Two ways: the buffered search against each fraction quantized by `uniform_groups` itself, on
+    the same rows (heavy tails, an all-zero group and an all-positive one included)."""
+    from passes.clip_weights import _range, _rows
+    from passes.quantize import uniform_groups
+
+    w = _heavy_tailed(6, (16, 40))
+    w[3] = 0
+    w[5] = np.abs(w[5])
+    rows = _rows(w, spec)
+    lo, hi = _range(rows, spec)
+    errors = []
+    for a in RANGE_FRACTIONS:
+        clamped = np.clip(rows, a * lo, a * hi)
+        q, scale, zp = uniform_groups(clamped, spec)
+        deq = ((q - (0 if zp is None else zp[:, None])) * scale[:, None]).astype(np.float32)
+        errors.append(np.sum(np.square(deq - rows), axis=1))
+    expected = np.argmin(np.stack(errors), axis=0)  # the first of equal errors, as the search keeps
+    assert np.array_equal(best_fractions(w, spec), expected)
+    assert np.array_equal(clamped_to(w, spec, expected.astype(np.uint8)), mse_clipped(w, spec))
+
+
+def test_clamped_to_refuses_fractions_for_another_weight():
+    spec = WeightQuantSpec(4, True, "per-channel")
+    with pytest.raises(ValueError, match="range fractions for 12 groups"):
+        clamped_to(_heavy_tailed(7), spec, np.zeros(5, np.uint8))

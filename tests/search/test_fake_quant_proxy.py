@@ -77,3 +77,36 @@ def test_small_models_keep_the_exact_rewrite_under_ort_cpu(resnet, monkeypatch):
     assert ctx._fake_quant is not None
     exact = ctx.proxy_of(apply_config(bg, config))
     assert fast.agreement == exact.agreement and fast.logit_mse == pytest.approx(exact.logit_mse, rel=1e-5)
+
+
+def test_the_estimator_and_the_proxy_share_one_range_search_per_weight_and_spec(resnet):
+    from hirelc_onnx.search.features import WeightPerturbation
+    from hirelc_onnx.search.range_fits import RangeFits
+
+    bg, ctx = resnet
+    config = _configs(bg, "storage")[1]  # unpruned: every quantized weight's fit can be kept
+    fits = RangeFits()
+    table = WeightPerturbation(bg, fits)
+    errors = {name: table.quant(name, kc) for name, kc in config.kernels.items()}
+    asked = fits.misses
+    assert asked == sum(kc.quantized and kc.granularity != "log2" for kc in config.kernels.values()) > 0
+    shared = FakeQuantModels(bg, fits=fits).model(config)
+    assert (fits.misses, fits.hits) == (asked, asked)  # the proxy searched nothing anew
+    alone = FakeQuantModels(bg).model(config)
+    assert shared.SerializeToString() == alone.SerializeToString()
+    assert errors == {name: WeightPerturbation(bg).quant(name, kc) for name, kc in config.kernels.items()}
+
+
+def test_range_fits_searches_again_when_a_weight_s_values_change():
+    from passes.clip_weights import mse_clipped
+    from passes.quantize import WeightQuantSpec
+    from hirelc_onnx.search.range_fits import RangeFits
+
+    spec = WeightQuantSpec(3, True, "per-channel")
+    w = np.random.default_rng(0).standard_t(3, size=(8, 30)).astype(np.float32)
+    fits = RangeFits()
+    assert np.array_equal(fits.clipped("W", w, spec), mse_clipped(w, spec))
+    v = w * np.float32(2) + np.float32(1)
+    assert np.array_equal(fits.clipped("W", v, spec), mse_clipped(v, spec))
+    assert np.array_equal(fits.clipped("W", v, spec), mse_clipped(v, spec))
+    assert (fits.misses, fits.hits) == (2, 1)
