@@ -27,6 +27,7 @@ denominator, the report's weight bytes, the sizes the searches compare).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import onnx
@@ -47,6 +48,13 @@ def _packed(count: int, bits: int) -> int:
 
 def encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target: str = "storage") -> int:
     """Bytes of the initializers holding one weight of `shape`; fp32 bytes when `spec` is None."""
+    return _encoded_nbytes(tuple(int(d) for d in shape), spec, target)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target: str) -> int:
+    """Cached: a pure function of its arguments, asked about a million times by one knapsack search
+    (`hirelc_onnx.search.budget` prices every kernel's every move at every step of its fill)."""
     n = math.prod(shape)
     if spec is None:
         return 4 * n
