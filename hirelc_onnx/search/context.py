@@ -128,6 +128,7 @@ class SearchContext:
         self.fp32_val_score = self.score(self.val_ref, splits.val)
         self.evaluations = 0
         self._fake_quant: FakeQuantModels | None = None  # built on the first fast proxy; never pickled
+        self._range_fits: RangeFits | None = None  # built on first use (`range_fits`); never pickled
         self.bridge_error: str | None = None
         self.executor: Executor = InProcess()
         """Where measure_batch runs its evaluations (compress sets it from --workers / --ray)."""

@@ -70,7 +70,7 @@ class FakeQuantModels:
         """`init` fake-quantized by `spec`, its range clipped first when `clip` (as the weight pass does);
         cached when the weight is unpruned (its values are then fixed)."""
         if tuple(init.dims) != self._shapes.get(init.name):  # pruned: values depend on the kept channels
-            return numpy_helper.from_array(_fake_quantized(numpy_helper.to_array(init), spec, clip), init.name)
+            return numpy_helper.from_array(self._values(init, spec, clip, fixed=False), init.name)
         key = (init.name, spec, clip)
         hit = self._cache.get(key)
         if hit is not None:
@@ -78,9 +78,7 @@ class FakeQuantModels:
             self.hits += 1
             return hit
         self.misses += 1
-        w = numpy_helper.to_array(init)
-        ranged = self.fits.clipped(init.name, w, spec) if clip else w
-        tensor = numpy_helper.from_array(np.ascontiguousarray(fake_quantize(ranged, spec)), init.name)
+        tensor = numpy_helper.from_array(self._values(init, spec, clip, fixed=True), init.name)
         size = len(tensor.raw_data)
         if size <= self.cache_bytes:
             while self._cache and self._cached_bytes + size > self.cache_bytes:
@@ -89,6 +87,10 @@ class FakeQuantModels:
             self._cached_bytes += size
         return tensor
 
-
-def _fake_quantized(w: np.ndarray, spec: WeightQuantSpec, clip: bool) -> np.ndarray:
-    return fake_quantize(mse_clipped(w, spec) if clip else w, spec)
+    def _values(self, init: onnx.TensorProto, spec: WeightQuantSpec, clip: bool, fixed: bool) -> np.ndarray:
+        """The fake-quantized values; a `fixed` (unpruned) weight's range search is shared (`self.fits`),
+        a pruned one's is searched for these channels alone."""
+        w = numpy_helper.to_array(init)
+        if clip:
+            w = self.fits.clipped(init.name, w, spec) if fixed else mse_clipped(w, spec)
+        return np.ascontiguousarray(fake_quantize(w, spec))
