@@ -120,9 +120,9 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
                 kernels[p] = replace(kernels[p], keep_ratio=keep)
     like = {"target": config.target, "channel_multiple": config.channel_multiple}  # what every step's config keeps
     cost = model_cost(bg, CompressionConfig(kernels, **like))
+    table = _MoveTable(bg, config.target, down=True, damage=damage)
     while cost.ratio < budget:
-        moves = [m for name in kernels
-                 for m in _moves(bg, kernels, name, config.target, cost, down=True, variants=damage is not None)]
+        moves = [m for name in kernels for m in table.moves(kernels, name, cost)]
         if not moves:
             raise BudgetError(f"budget {budget:g}x cannot be met: reached {cost.ratio:.2f}x with every kernel at "
                               f"its floor")
@@ -132,7 +132,7 @@ def repair(bg: BlockGraph, config: CompressionConfig, budget: float,
                                                                 -cost.kernels[n].weight_bytes, n))
             move = next(m for m in moves if m.name == name)
         else:
-            move = min(moves, key=lambda m: (_damage_delta(bg, damage, kernels, m) / max(m.bytes, 1), m.name))
+            move = min(moves, key=lambda m: (table.delta(kernels, m) / max(m.bytes, 1), m.name))
         _apply(bg, kernels, move)
         cost = model_cost(bg, CompressionConfig(dict(kernels), **like))
     if fill:
@@ -213,6 +213,45 @@ def _damage_delta(bg: BlockGraph, damage: Damage, kernels: dict[str, KernelConfi
                for n in bg.groups[bg.kernels[move.name].group].producers)
 
 
+class _MoveTable:
+    """One repair's moves and damage changes, recomputed only for the kernels a step changed.
+
+    Each step of `repair` changes one kernel (or one channel group) and used to re-price every
+    kernel's every move (EfficientNet-Lite0: a search's fills asked `_moves` 400,000 times). A
+    kernel's moves depend only on its choice, its cost and, for a keep rung, its group's producers'
+    bytes; a move's damage change only on the choices of the kernels it changes. Both are kept
+    while those are equal, so the steps choose exactly what they chose before. Lives for one call:
+    `damage` (the estimator) changes between calls.
+    """
+
+    def __init__(self, bg: BlockGraph, target: str, *, down: bool, damage: Damage | None):
+        self.bg, self.target, self.down, self.damage = bg, target, down, damage
+        self._moves: dict[str, tuple[tuple, list[_Move]]] = {}
+        self._deltas: dict[tuple, float] = {}
+
+    def moves(self, kernels: dict[str, KernelConfig], name: str, cost: ModelCost) -> list[_Move]:
+        """`_moves` of `name` (the list is shared: do not change it)."""
+        producers = self._producers(name) if self.bg.prunable_kernel(name) else ()
+        sig = (kernels[name], cost.kernels[name], tuple(cost.kernels[p].weight_bytes for p in producers))
+        hit = self._moves.get(name)
+        if hit is None or hit[0] != sig:
+            hit = sig, _moves(self.bg, kernels, name, self.target, cost, self.down, self.damage is not None)
+            self._moves[name] = hit
+        return hit[1]
+
+    def delta(self, kernels: dict[str, KernelConfig], move: _Move) -> float:
+        """`_damage_delta` of `move` from the kernels' current choices."""
+        changed = self._producers(move.name) if move.group else (move.name,)
+        key = move, tuple(kernels[n] for n in changed)
+        value = self._deltas.get(key)
+        if value is None:
+            value = self._deltas[key] = _damage_delta(self.bg, self.damage, kernels, move)
+        return value
+
+    def _producers(self, name: str) -> tuple[str, ...]:
+        return tuple(self.bg.groups[self.bg.kernels[name].group].producers)
+
+
 def _key(move: _Move, damage: Damage | None) -> tuple:
     """What a rung that missed the budget blocks: the kernel's rung, or (damage-guided) that one choice."""
     return (move.name, move.group) if damage is None else (move.name, move.group, move.choice)
@@ -222,20 +261,20 @@ def _fill(bg: BlockGraph, kernels: dict[str, KernelConfig], target: str, budget:
           sensitivity: dict[str, float], damage: Damage | None) -> ModelCost:
     """Raise rungs while the budget holds (see `repair`); `kernels` is updated in place."""
     blocked: set[tuple] = set()
+    table = _MoveTable(bg, target, down=False, damage=damage)
     while True:
         slack = cost.original_bytes / budget - cost.total_bytes
-        moves = [m for name in kernels for m in _moves(bg, kernels, name, target, cost, down=False,
-                                                       variants=damage is not None)
+        moves = [m for name in kernels for m in table.moves(kernels, name, cost)
                  if _key(m, damage) not in blocked and m.bytes <= slack]
         if damage is not None:  # a grid variant can cost more and still be worse: never spend bytes on damage
             moves = [m for m in moves if m.choice.bits != kernels[m.name].bits or m.group
-                     or _damage_delta(bg, damage, kernels, m) < 0]
+                     or table.delta(kernels, m) < 0]
         if not moves:
             return cost
         if damage is None:
             moves.sort(key=lambda m: (-sensitivity.get(m.name, 0.0), cost.kernels[m.name].weight_bytes, m.name))
         else:
-            moves.sort(key=lambda m: (_damage_delta(bg, damage, kernels, m) / max(m.bytes, 1), m.name))
+            moves.sort(key=lambda m: (table.delta(kernels, m) / max(m.bytes, 1), m.name))
         move = moves[0]
         before = {n: kernels[n] for n in bg.kernels}
         _apply(bg, kernels, move)

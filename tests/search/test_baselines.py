@@ -10,6 +10,7 @@ from hirelc_onnx.evaluate.data import load_digits, split_dataset
 from hirelc_onnx.graph import build_block_graph, load_model, model_cost
 from hirelc_onnx.search.baselines import (random_config, run_ort_int8, run_uniform, run_uniform_l1,
                                           uniform_keep_for_budget)
+from hirelc_onnx.search import budget as budget_module
 from hirelc_onnx.search.budget import MIN_KEEP, BudgetError, check_reachable, max_ratio, parse_budget, repair
 from hirelc_onnx.search.context import SearchContext
 
@@ -106,6 +107,43 @@ def test_damage_guides_both_directions(resnet):
         assert model_cost(bg, fitted).ratio >= 6.0
         before, after = config.get(precious), fitted.get(precious)
         assert after.bits >= before.bits and after.keep_ratio >= before.keep_ratio
+
+
+class _RepricingTable(budget_module._MoveTable):
+    """The move table without its memory: every step prices every kernel's every move anew."""
+
+    def moves(self, kernels, name, cost):
+        return budget_module._moves(self.bg, kernels, name, self.target, cost, self.down, self.damage is not None)
+
+    def delta(self, kernels, move):
+        return budget_module._damage_delta(self.bg, self.damage, kernels, move)
+
+
+@pytest.mark.parametrize("target", ["storage", "ort-cpu"])
+def test_repair_reprices_only_what_a_step_changed_and_chooses_the_same(resnet, target, monkeypatch):
+    bg, _ = resnet
+    names = sorted(bg.kernels)
+    calls = {"damage": 0}
+
+    def damage(name: str, kc) -> float:  # uneven across kernels and grids, so ties are rare
+        calls["damage"] += 1
+        weight = 1 + names.index(name) % 5 + (kc.granularity == "per-group") * 0.3 + (kc.qtype == "asymmetric") * 0.2
+        return weight * 2.0 ** (-kc.bits / 2) * (1 + 4 * (1 - kc.keep_ratio) ** 2)
+
+    rng = np.random.default_rng(3)
+    starts = [CompressionConfig({}, target=target)] + [random_config(bg, target, rng) for _ in range(4)]
+    cached, cached_calls = [], 0
+    for start in starts:
+        for guided in (damage, None):
+            cached.append(repair(bg, start, 8.0, {n: i % 3 for i, n in enumerate(names)}, damage=guided,
+                                 fill=True).to_dict())
+    cached_calls, calls["damage"] = calls["damage"], 0
+    monkeypatch.setattr(budget_module, "_MoveTable", _RepricingTable)
+    repriced = [repair(bg, start, 8.0, {n: i % 3 for i, n in enumerate(names)}, damage=guided, fill=True).to_dict()
+                for start in starts for guided in (damage, None)]
+    assert cached == repriced
+    assert len({str(c) for c in cached}) > 2  # the starts lead to different fits
+    assert cached_calls < calls["damage"] / 3, (cached_calls, calls["damage"])
 
 
 def test_uniform_keep_for_budget_is_the_largest_that_fits(resnet):
