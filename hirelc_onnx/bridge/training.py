@@ -56,6 +56,7 @@ from hirelc_onnx.evaluate.objective import class_labels
 from hirelc_onnx.evaluate.output_kinds import KIND_NAMES, classify
 from hirelc_onnx.evaluate.runner import Inputs, ModelLike, predict_outputs
 from hirelc_onnx.kill_points import kill_point
+from hirelc_onnx.memory import heap_kept_for_reuse
 
 __all__ = ["OUTPUT_KINDS", "OPTIMIZERS", "kd_loss", "logits", "teacher_logits", "Validation", "validate",
            "Distillation", "TrainSettings", "TrainResult", "optimizer_factory", "distil"]
@@ -328,7 +329,16 @@ def distil(module: nn.Module, make_optimizer: OptimizerFactory, data: Distillati
         and a divergence restart each build a new one; `optimizer_factory` is the common case).
     started: time.perf_counter() at the start of the caller's work, where the time budget begins.
     extra_loss(): added to every training step's loss; after_step(step): runs after each of them.
+    Runs with the C heap kept for reuse (`memory.heap_kept_for_reuse`): each step's big tensors are
+    served from freed ones, not mapped and faulted in anew.
     """
+    with heap_kept_for_reuse():
+        return _distil(module, make_optimizer, data, s, started, extra_loss, after_step)
+
+
+def _distil(module: nn.Module, make_optimizer: OptimizerFactory, data: Distillation, s: TrainSettings,
+            started: float, extra_loss: Callable[[], torch.Tensor] | None,
+            after_step: Callable[[int], None] | None) -> TrainResult:
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     eval_batch = s.eval_batch_size or s.batch_size
