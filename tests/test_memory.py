@@ -3,6 +3,7 @@ their own, in and out of a fine-tune's kept heap."""
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 import pytest
@@ -46,11 +47,16 @@ def test_a_kept_heap_serves_big_blocks_from_the_heap_and_the_bound_returns_on_le
     assert _mapped_while_holding(libc, size) >= size
 
 
-def test_a_kept_heap_leaves_no_freed_memory_held_after_it():
-    libc = _libc()
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_kept_heap_gives_its_freed_memory_back_on_leaving():
+    _libc()
     memory.bound_heap()
     with memory.heap_kept_for_reuse():
         blocks = [np.ones(8 << 20, dtype=np.uint8) for _ in range(4)]
         del blocks
-        assert libc.mallinfo2().fordblks >= 32 << 20  # freed, kept for the next request
-    assert libc.mallinfo2().fordblks < 32 << 20  # trimmed on leaving
+        held = _resident_bytes()  # freed, kept for the next request
+    assert held - _resident_bytes() >= 24 << 20
