@@ -12,8 +12,8 @@ over and over, and with every big block its own mapping each one is mapped, faul
 and unmapped again at every step. `heap_kept_for_reuse` lifts the bound while a fine-tune runs: no
 mappings, nothing trimmed, freed blocks served again; on leaving, the bound is back and the free heap
 is returned. EfficientNet-Lite0 in torch on 2 cores (256 photo-sized inputs in batches of 64, a VM
-where a page fault is dear): inference 12.3 -> 6.0 s (kernel time 15.1 -> 0.6 s), three training
-steps 26.8 -> 18.3 s (kernel time 26.4 -> 1.7 s); the same arithmetic, only where blocks live.
+where a page fault is dear): inference 13.0 -> 4.5 s (kernel time 15.5 -> 0.5 s), three training
+steps 29.0 -> 12.9 s (kernel time 26.5 -> 1.5 s); the same outputs, only where blocks live.
 """
 from __future__ import annotations
 
