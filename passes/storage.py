@@ -53,8 +53,8 @@ def encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _encoded_nbytes(shape: tuple[int, ...], spec: WeightQuantSpec | None, target: str) -> int:
-    """Cached: a pure function of its arguments, asked about a million times by one knapsack search
-    (`hirelc_onnx.search.budget` prices every kernel's every move at every step of its fill)."""
+    """Cached: a pure function of its arguments, asked for every kernel of every config a search prices
+    (the cost model and the budget fit's moves; one knapsack search asked it about a million times)."""
     n = math.prod(shape)
     if spec is None:
         return 4 * n

@@ -132,16 +132,16 @@ def test_repair_reprices_only_what_a_step_changed_and_chooses_the_same(resnet, t
 
     rng = np.random.default_rng(3)
     starts = [CompressionConfig({}, target=target)] + [random_config(bg, target, rng) for _ in range(4)]
-    cached, cached_calls = [], 0
-    for start in starts:
-        for guided in (damage, None):
-            cached.append(repair(bg, start, 8.0, {n: i % 3 for i, n in enumerate(names)}, damage=guided,
-                                 fill=True).to_dict())
+    sensitivity = {n: i % 3 for i, n in enumerate(names)}
+
+    def fits() -> list[dict]:
+        return [repair(bg, start, 8.0, sensitivity, damage=guided, fill=True).to_dict()
+                for start in starts for guided in (damage, None)]
+
+    cached = fits()
     cached_calls, calls["damage"] = calls["damage"], 0
     monkeypatch.setattr(budget_module, "_MoveTable", _RepricingTable)
-    repriced = [repair(bg, start, 8.0, {n: i % 3 for i, n in enumerate(names)}, damage=guided, fill=True).to_dict()
-                for start in starts for guided in (damage, None)]
-    assert cached == repriced
+    assert cached == fits()
     assert len({str(c) for c in cached}) > 2  # the starts lead to different fits
     assert cached_calls < calls["damage"] / 3, (cached_calls, calls["damage"])
 
