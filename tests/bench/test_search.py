@@ -124,3 +124,29 @@ def test_a_run_at_another_budget_joins_as_its_own_cells(tmp_path):
     assert table[("m at 10x", "knapsack")]["mean"] == pytest.approx(0.5)
     text = (tmp_path / "all" / "SEARCH.md").read_text()
     assert "Budget 6.0 / 10.0x" in text and "- m at 10x: hirelc 0.5100" in text
+
+
+def test_held_out_score_runs_once_per_distinct_model():
+    """The winner is one of the measured candidates and a seed's prior is every method's round 0: the
+    bench scores each distinct file once, and a changed file anew."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bench.search import _once_per_model
+
+    def model(value: float) -> onnx.ModelProto:
+        w = helper.make_tensor("w", TensorProto.FLOAT, [1], [value])
+        graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w])
+        return helper.make_model(graph)
+
+    calls = []
+
+    def score(m, result):
+        calls.append(m)
+        return float(onnx.numpy_helper.to_array(m.graph.initializer[0])[0])
+
+    scored = _once_per_model(score)
+    assert [scored(model(v), None) for v in (1.0, 1.0, 2.0, 1.0)] == [1.0, 1.0, 2.0, 1.0]
+    assert len(calls) == 2
