@@ -21,8 +21,9 @@ from tests.oracles import random_feeds, randomize_weights, run_ort
 def test_round_to_unit_stays_within_the_group_and_keeps_one_unit():
     assert [round_to_unit(k, 64, 8) for k in (1, 4, 5, 11, 12, 13, 60, 63, 64)] == [8, 8, 8, 8, 16, 16, 64, 64, 64]
     assert round_to_unit(13, 64, 1) == 13
-    assert round_to_unit(5, 36, 8) == 5  # 36 is no multiple of 8: any count (as graph-rl's action space)
-    assert channel_unit(36, 8) == 1 and channel_unit(48, 8) == 8 and channel_unit(48, 1) == 1
+    assert round_to_unit(5, 36, 8) == 4  # 36 is no multiple of 8: steps of 4 (as graph-rl's action space)
+    assert channel_unit(36, 8) == 4 and channel_unit(48, 8) == 8 and channel_unit(48, 1) == 1
+    assert channel_unit(24, 16) == 8 and channel_unit(48, 16) == 16 and channel_unit(35, 8) == 1
     assert round_to_unit(1, 8, 8) == 8  # a group of one unit is never pruned
 
 
@@ -81,3 +82,27 @@ def test_compress_records_the_multiple_and_refuses_it_where_nothing_is_pruned(tm
     assert counts and all(c % 8 == 0 for c in counts.values())
     with pytest.raises(UserError, match="does not take channel_multiple="):
         compress(path, method="ort-int8", data="digits", channel_multiple=4)
+
+
+def test_runs_judged_by_latency_round_to_orts_16_channel_blocks():
+    """ORT's fp32 convolutions work in 16-channel blocks on AVX-512 and pad a cut inside one, so a run
+    about speed rounds to 16 unless told otherwise; a run about bytes keeps 8."""
+    from hirelc_onnx.compress import default_channel_multiple
+
+    assert default_channel_multiple("ort-cpu", None) == 16
+    assert default_channel_multiple("storage", 1.5) == 16
+    assert default_channel_multiple("storage", None) == default_channel_multiple("qdq", None) == 8
+
+
+def test_ort_cpu_records_16_and_an_explicit_multiple_wins(reference_models):
+    path = reference_models("resnet20")
+    bg = build_block_graph(onnx.load(path))
+    for given, expected in ((None, 16), (8, 8)):
+        extra = {} if given is None else {"channel_multiple": given}
+        result = compress(path, method="l1-int8", target="ort-cpu", keep=0.6, finetune_epochs=0, data="digits",
+                          latency_runs=1, **extra)
+        assert result.config.channel_multiple == expected
+        counts = group_keep_counts(replace(bg, channel_multiple=expected), result.config)
+        assert counts and all(c % expected == 0 for c in counts.values())
+        if expected == 16:  # 0.6 of 32 and 64 is 19 and 38: 16 and 32 in blocks of 16, 24 and 40 in 8s
+            assert sorted(set(counts.values())) == [16, 32]
