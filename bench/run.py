@@ -119,15 +119,17 @@ def _model_and_data(name: str, quick: bool):
 
 def l1_keep(path) -> float:
     """The largest uniform L1 keep ratio whose model, its channel counts rounded to the multiple
-    compress() rounds them to (`DEFAULT_CHANNEL_MULTIPLE`), has at most the MACs graph-rl is held to
-    (fitted on unrounded counts, the VGG reference kept 0.534 of the MACs, above the 0.5 limit)."""
+    compress() rounds them to under the row's target (`default_channel_multiple`), has at most the MACs
+    graph-rl is held to (fitted on unrounded counts, the VGG reference kept 0.534 of the MACs, above the
+    0.5 limit)."""
     from dataclasses import replace
 
-    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
+    from hirelc_onnx.compress import default_channel_multiple
     from hirelc_onnx.graph import build_block_graph, load_model
     from hirelc_onnx.search.baselines import keep_for_flops
 
-    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
+    multiple = default_channel_multiple(METHOD_SPECS["l1-flops50"][1], None)
+    bg = replace(build_block_graph(load_model(path)), channel_multiple=multiple)
     return keep_for_flops(bg, METHOD_SPECS["graph-rl-flops50"][3]["flops"])
 
 

@@ -65,12 +65,12 @@ def test_uniform_l1_meets_the_macs_limit_with_the_counts_compress_rounds(referen
     from dataclasses import replace
 
     from bench.run import l1_keep
-    from hirelc_onnx.compress import DEFAULT_CHANNEL_MULTIPLE
+    from hirelc_onnx.compress import default_channel_multiple
     from hirelc_onnx.graph import build_block_graph, load_model, model_cost
     from hirelc_onnx.search.baselines import _uniform_config
 
     path = reference_models("vgg")
-    bg = replace(build_block_graph(load_model(path)), channel_multiple=DEFAULT_CHANNEL_MULTIPLE)
+    bg = replace(build_block_graph(load_model(path)), channel_multiple=default_channel_multiple("ort-cpu", None))
     keep = l1_keep(path)
     macs = model_cost(bg, _uniform_config(bg, "ort-cpu", 7, keep)).macs_fraction
     assert macs <= 0.5
