@@ -58,6 +58,7 @@ def default_channel_multiple(target: str, speedup: float | None) -> int:
     run judged by its latency, DEFAULT_CHANNEL_MULTIPLE for one judged by its bytes."""
     return SPEED_CHANNEL_MULTIPLE if target == "ort-cpu" or speedup is not None else DEFAULT_CHANNEL_MULTIPLE
 
+
 _PYTHON_DATA = ", arrays, a dict of them, or batches"
 DATA_OPTIONS = frozenset(f.name for f in fields(ImageOptions))
 """How image files become input (evaluate's --scale ... --layout): options of the data, not of a method."""

@@ -179,8 +179,8 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
                    "with --data).")
 @click.option("--channel-multiple", type=click.IntRange(1), default=None,
               show_default="16 with --target ort-cpu or --speedup, else 8",
-              help="Pruned channel counts are rounded to a multiple of this (groups whose width is not a "
-                   f"multiple of it: any count); 1 rounds nothing ({takers('channel_multiple')}). ORT's "
+              help="Pruned channel counts are rounded to a multiple of this (a group whose width it does not "
+                   f"divide: its largest half that does); 1 rounds nothing ({takers('channel_multiple')}). ORT's "
                    "fp32 convolutions work in blocks of 16 channels on AVX-512 and pad a cut inside one.")
 @click.option("--weight-range", type=click.Choice(WEIGHT_RANGES), default=DEFAULT_WEIGHT_RANGE, show_default=True,
               help="How each quantized weight's grid range is set: mse clamps each channel or group to the part "
