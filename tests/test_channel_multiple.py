@@ -104,5 +104,5 @@ def test_ort_cpu_records_16_and_an_explicit_multiple_wins(reference_models):
         assert result.config.channel_multiple == expected
         counts = group_keep_counts(replace(bg, channel_multiple=expected), result.config)
         assert counts and all(c % expected == 0 for c in counts.values())
-        if expected == 16:  # 0.6 of 32 and 64 is 19 and 38: 16 and 32 in blocks of 16, 24 and 40 in 8s
+        if expected == 16:  # 0.6 of 32 and 64 is 19 and 38: 16 and 32 in blocks of 16 (16 and 40 in 8s)
             assert sorted(set(counts.values())) == [16, 32]
