@@ -119,7 +119,7 @@ def _uniform_keep_for_speed(bg: BlockGraph, ctx: SearchContext, goal: SpeedGoal,
         speed = goal.timed(apply_config(bg, config, calib_batches=calib))
         timed += 1
         progress_log.info("uniform under %s: keep %.4f measured %.2fx whole", goal.describe(), k, speed)
-        if speed >= goal.factor or timed >= SPEED_ROUNDS:
+        if goal.accepts(speed) or timed >= SPEED_ROUNDS:
             break
         goal.observe(bg, config, speed)
     return config
@@ -255,7 +255,7 @@ def run_random(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             continue
         speed = goal.measure(m.model) if goal is not None else None
         history.append(candidate_record(m, method="random", step=i, **({} if speed is None else {"speedup": speed})))
-        if speed is not None and speed < goal.factor:  # rejected: kept only in case none meets the goal
+        if speed is not None and not goal.accepts(speed):  # rejected: kept only in case none meets the goal
             if fastest is None or speed > fastest[0]:
                 fastest = (speed, m)
         elif best is None or m.score > best.score:

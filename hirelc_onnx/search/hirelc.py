@@ -351,7 +351,7 @@ def run_hirelc(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget
             speed = goal.timed(m.model) if goal is not None else None
             if speed is not None:
                 speeds[point.key] = speed
-            if speed is not None and speed < goal.factor:  # measured whole: slower than the goal, never returned
+            if speed is not None and not goal.accepts(speed):  # measured whole: not clearly faster than the goal, never returned
                 too_slow.add(point.key)
                 goal.observe(bg, m.config, speed)  # the estimate recalibrated: later picks prune more
             else:

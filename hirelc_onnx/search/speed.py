@@ -36,7 +36,7 @@ from hirelc_onnx.search.budget import KEEP_STEP, MIN_KEEP, BudgetError, bits_lad
 from hirelc_onnx.specs import channel_multiple, channel_unit, keep_count, round_to_unit, weight_spec, weight_target
 
 __all__ = ["SpeedGoal", "parse_speedup", "speed_repair", "fit_measured", "calibrate", "speed_budget", "SPEED_BUDGET_ROOM",
-           "SCALE_STEP", "MARGIN", "ROUNDS"]
+           "SCALE_STEP", "MARGIN", "ROUNDS", "ACCEPT_MARGIN"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ busy machine (bench/SPEED.md, A/A check)."""
 
 ROUNDS = 4
 """Whole-model timings `fit_measured` spends at most before it gives up on a candidate."""
+
+ACCEPT_MARGIN = 1.03
+"""A method accepts a candidate whose whole timing reads at least this much above the goal
+(`SpeedGoal.accepts`): a timing of one model scatters by up to 3% on a quiet machine (bench/timer_aa.md,
+A/A ratios 0.97-1.03), so one accepted at the goal's edge can read under it in the run's final timing
+(VGG under --speedup 1.5x: accepted in the search, 1.496x at the end, bench/speed/RESULTS.md). The
+report's `met` is still the final timing against the goal itself."""
 
 
 def parse_speedup(text: str | float | None) -> float | None:
@@ -135,12 +142,17 @@ class SpeedGoal:
         self.measured[id(model)] = speed
         return speed
 
+    def accepts(self, speed: float) -> bool:
+        """Whether a candidate timed whole at `speed` is fast enough for a method to return it: the goal
+        with `ACCEPT_MARGIN` of room, so the run's final timing of it meets the goal too."""
+        return speed >= self.factor * ACCEPT_MARGIN
+
     def timed(self, model: onnx.ModelProto) -> float:
-        """`measure`, and a miss timed once more, the faster of the two kept: on a busy machine one
-        timing of a model scatters by 0.6-2.6x (bench/SPEED.md), and a miss recalibrates the
-        estimate for every later candidate."""
+        """`measure`, and one not accepted timed once more, the faster of the two kept: on a busy
+        machine one timing of a model scatters by 0.6-2.6x (bench/SPEED.md), and a miss recalibrates
+        the estimate for every later candidate."""
         speed = self.measure(model)
-        if speed < self.factor:
+        if not self.accepts(speed):
             speed = max(speed, self.measure(model))
             self.measured[id(model)] = speed
         return speed
@@ -152,7 +164,7 @@ class SpeedGoal:
         it); one miss lowers it by at most SCALE_STEP (a warning says when the miss was larger).
         Returns whether the scale changed."""
         raw = self.table_estimate(bg, model_cost(bg, config), self.int8(bg, config))
-        if measured >= self.factor or raw <= 0 or measured / raw >= self.scale:
+        if self.accepts(measured) or raw <= 0 or measured / raw >= self.scale:
             return False
         scale = max(measured / raw, self.scale * SCALE_STEP)
         if scale > measured / raw:
@@ -168,10 +180,7 @@ class SpeedGoal:
 
     def record(self) -> dict:
         """What the report says about the calibration."""
-        return {"scale": self.scale, "calibrations": list(self.calibrations)}
-
-    def met(self, model: onnx.ModelProto) -> bool:
-        return self.measure(model) >= self.factor
+        return {"scale": self.scale, "calibrations": list(self.calibrations), "accept_margin": ACCEPT_MARGIN}
 
     def describe(self) -> str:
         return f"speedup >= {self.factor:g}x at batch {self.batch}"
@@ -268,7 +277,7 @@ def fit_measured(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal,
             break  # pruned as far as the repair goes: the last one timed stands
         config = pruned
         speed = goal.timed(build(config))
-        if speed >= goal.factor or not goal.observe(bg, config, speed):
+        if goal.accepts(speed) or not goal.observe(bg, config, speed):
             break
     return config, speed
 
