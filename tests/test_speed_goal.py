@@ -101,7 +101,7 @@ def test_graph_rl_latency_constraint_uses_the_estimate(resnet):
     bg, goal = resnet
     (c,) = resource_constraints(goal=goal, int8=frozenset(bg.kernels))
     cost = model_cost(bg, CompressionConfig.uniform(bg.kernels, target="ort-cpu", bits=7))
-    assert c.kind == "latency" and c.limit == pytest.approx(1 / 1.5)
+    assert c.kind == "latency" and c.limit == pytest.approx(1 / (1.5 * ACCEPT_MARGIN))  # room to be accepted when timed
     assert c.usage(bg, cost) == pytest.approx(1 / goal.estimate(bg, CompressionConfig.uniform(
         bg.kernels, target="ort-cpu", bits=7)))
 
@@ -322,7 +322,7 @@ def test_graph_rl_space_under_a_calibrated_latency_goal_prunes_as_far_as_it_goes
     near = SpeedGoal(1.2, 32, goal.table, bg.model, scale=0.5)
     space = PruningSpace(bg, obs, resource_constraints(goal=near, int8=int8), "ort-cpu", 7, 0.25)
     space.check_reachable()
-    assert space.limits == pytest.approx([1 / 1.2])
+    assert space.limits == pytest.approx([1 / (1.2 * ACCEPT_MARGIN)])
     with pytest.raises(BudgetError, match="unreachable"):
         PruningSpace(bg, obs, resource_constraints(budget=500.0, goal=calibrated, int8=int8), "ort-cpu", 7,
                      0.25).check_reachable()
