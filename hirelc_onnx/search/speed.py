@@ -267,7 +267,7 @@ def fit_measured(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal,
                  build: Callable[[CompressionConfig], onnx.ModelProto], rounds: int = ROUNDS,
                  margin: float = MARGIN) -> tuple[CompressionConfig, float]:
     """`config` repaired to the goal, its model built (`build`, no fine-tuning: latency does not
-    depend on the weights' values) and timed whole; while it misses, the estimate is recalibrated
+    depend on the weights' values) and timed whole; while it is not accepted (`SpeedGoal.accepts`), the estimate is recalibrated
     (`SpeedGoal.observe`) and the repair goes on from there, at most `rounds` timings. Returns the
     last config and its measured speedup (below the goal when every round missed or pruning ran out)."""
     speed = 0.0
