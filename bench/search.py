@@ -62,6 +62,10 @@ DEFAULTS = {"seeds": "0,1,2", "budget": 6.0, "evaluations": 4, "finetune_epochs"
 each search picks its winner among its real evaluations on 400 validation samples. compress's default
 split (0.1,0.5,0.15,0.25) of 400 samples left 60, where one sample is 1.7 points: a knapsack restart two
 crops better than its prior there was 10 points worse on the 1000 held-out crops (EfficientNet-Lite0)."""
+LATENCY_RUNS = 0
+"""compress's latency_runs: the table reads sizes and scores, never the report's latency rows or per-kernel
+profile, which cost an EfficientNet-Lite0 compress about 31 s of its 310 (cProfile, knapsack seed 0); each
+cell's seconds are the search and the report without them."""
 QUICK = {"models": "text-recognizer", "methods": "hirelc,knapsack,ort-int8", "seeds": "0", "evaluations": 2,
          "finetune_epochs": 0, "held_out": 64, "search_samples": 64}
 
@@ -213,7 +217,7 @@ def run_cell(name: str, task: Task, method: str, seed: int, args, work: Path) ->
         model, ratio = _minilm_dynamic(task)
         row.update(method="ort-int8 (dynamic)", ratio=ratio, score=task.score(model, None), evaluations=0)
     else:
-        kw: dict[str, Any] = dict(method=method, data=task.data, seed=seed, latency_runs=2,
+        kw: dict[str, Any] = dict(method=method, data=task.data, seed=seed, latency_runs=LATENCY_RUNS,
                                   split_fractions=args.split_fractions,
                                   out_dir=str(work / f"{name}-{method}-{seed}"), **task.extra)
         if method == "ort-int8":
@@ -356,7 +360,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
              "(calibration, fine-tune, validation, compress's test); scores on "
              f"{a['held_out']} held-out samples "
              "(never seen by the search; digits models: compress's own test split).",
-             "spread: sample standard deviation over seeds.", "",
+             "spread: sample standard deviation over seeds. seconds: the compress call, search and report "
+             f"(compress latency_runs={a.get('latency_runs', 2)}; 0 skips the report's latency rows).", "",
              "| model | method | seeds | ratio | mean score | spread | min..max | n | mean seconds | HiReLC winner per seed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, method), c in table.items():
@@ -388,15 +393,19 @@ def _commit() -> str | None:
     return (head + ("+" if dirty else "")) or None
 
 
+_UNRECORDED = {"latency_runs": 2}
+"""Settings runs before a given commit did not record, with the value they ran at."""
+
+
 def join(paths: list[Path], out: Path) -> None:
     """One table from several runs' search.json (a bench split over invocations): rows in the runs' order,
     each run's date, code, models, methods, seeds and seconds kept in meta.runs (a joined file brings its own)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     rows = [r for run in runs for r in run["rows"]]
     metas = [run["meta"] for run in runs]
-    settings = dict(metas[0]["settings"])
-    for key in settings:
-        values = list(dict.fromkeys(str(m["settings"].get(key)) for m in metas))
+    settings = {k: v for m in reversed(metas) for k, v in m["settings"].items()}
+    for key in settings:  # a setting a run did not record had its value of before (_UNRECORDED)
+        values = list(dict.fromkeys(str(m["settings"].get(key, _UNRECORDED.get(key))) for m in metas))
         if len(values) > 1:  # the same value stays as it was (a number the table formats as one)
             settings[key] = " / ".join(values)
     meta = {"date": max(m["date"] for m in metas), "versions": metas[0]["versions"], "settings": settings,
@@ -456,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                         row = {"model": name, "method": method, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
                     print(json.dumps(row, default=float), flush=True)
                     rows.append(row)
-    settings = {k: getattr(args, k) for k in ("seeds", "budget", "evaluations", "finetune_epochs", "held_out",
-                                              "search_samples", "split_fractions")}
+    settings = {**{k: getattr(args, k) for k in ("seeds", "budget", "evaluations", "finetune_epochs", "held_out",
+                                                 "search_samples", "split_fractions")}, "latency_runs": LATENCY_RUNS}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": _versions(), "commit": _commit(),
             "settings": settings, "quick": args.quick, "seconds": time.perf_counter() - start,
             "models": models, "methods": methods}

@@ -106,6 +106,10 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     data-free: inputs are synthesised from the graph (evaluate/synthetic.py), the score is fidelity
     to the fp32 model, nothing is fine-tuned, and the report says task accuracy was not measured
     (methods marked needs_data refuse to run).
+    latency_runs: timed runs per batch size for the report's latency rows and per-kernel profile (the
+    fp32 and compressed models side by side); 0 skips both (report["latency"] is empty and
+    report["per_node"] says so), for a pipeline that times the model itself or a bench that reads
+    only sizes and scores.
     progress: `progress(phase, done, total)` (hirelc_onnx/progress.py), called by every method.
     split_fractions: the shares of the data (or of the synthesised inputs) that go to calibration,
     fine-tuning, validation (what the search picks its winner on) and the test split (what the report
@@ -158,6 +162,9 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise InvalidOptionError(f"{option('method', method)} needs {option('data')} (a .npz, an image folder, "
                                  f"'digits', a plugin{_PYTHON_DATA if current_interface() == 'python' else ''}); "
                                  f"without data these run: {free}")
+    if not isinstance(latency_runs, int) or isinstance(latency_runs, bool) or latency_runs < 0:
+        raise InvalidOptionError(f"{option('latency_runs')} must be an integer >= 0 (0: no latency rows), "
+                                 f"got {latency_runs!r}")
     if metric_mode not in METRIC_MODES:
         raise InvalidOptionError(f"{option('metric_mode')} must be one of {', '.join(METRIC_MODES)}, "
                                  f"got {metric_mode!r}")

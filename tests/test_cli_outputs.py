@@ -131,3 +131,19 @@ def test_run_files_are_ours_only(tmp_path):
     assert [p.name for p in run_files(tmp_path)] == ["model.onnx", "model.onnx.data", "report.html",
                                                     "search_state.json", "search_state.best.r2.onnx"]
     assert run_files(tmp_path / "missing") == []
+
+
+def test_latency_runs_zero_skips_the_latency_rows_and_says_so(resnet, tmp_path):
+    out = tmp_path / "o"
+    res = _compress(resnet, *UNIFORM, "--out", out, "--latency-runs", "0")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["latency"] == {} and report["per_node"]["skipped"]
+    assert report["latency_note"] == "Latency was not measured (--latency-runs 0)."
+    assert "latency: not measured (--latency-runs 0)" in res.stdout
+    assert "latency batch" not in res.stdout
+    timed = compress(resnet, method="uniform", bits=8, latency_runs=2)  # the default path still times both batches
+    assert set(timed.report["latency"]) == {"batch1", "batch32"} and timed.report["per_node"]["rows"]
+    assert "--latency-runs" in _error_line(_compress(resnet, *UNIFORM, "--latency-runs", "-1"))
+    with pytest.raises(UserError, match="latency_runs= must be an integer >= 0"):
+        compress(resnet, method="uniform", bits=8, latency_runs=-1)

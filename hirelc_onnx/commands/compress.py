@@ -90,6 +90,8 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
             t.add_row(f"latency {key} (median ms)", f"{v['fp32_ms']:.3f}", f"{v['compressed_ms']:.3f}",
                       fmt_speed(v["speedup"]))
     console.print(t)
+    if (report.get("per_node") or {}).get("skipped"):
+        console.print(f"latency: {report['per_node']['error']}", highlight=False)
     speed = report.get("ort_cpu_speed") or {}
     kept = len(speed.get("kept_fp32", {})) + sum(not f["kernel"].startswith("(")  # "(activation ...)": no kernel
                                                  for f in speed.get("whole_model_fallbacks", []))
@@ -208,10 +210,14 @@ _EPILOG = ("\b\nMethods:\n" + "\n".join(f"  {m.name:<11} {m.summary}" for m in M
               help="Run each batch of real evaluations on this many local processes (1: in this process).")
 @click.option("--ray", metavar="auto|HOST:PORT",
               help="Run real evaluations as tasks on an existing Ray cluster (needs: pip install hirelc-onnx[ray]).")
+@click.option("--latency-runs", type=click.IntRange(0), default=20, show_default=True,
+              help="Timed runs per batch size for the report's latency rows and per-kernel profile (fp32 and "
+                   "compressed side by side); 0 skips both, for a pipeline that times the model itself.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.pass_context
 def compress(ctx: click.Context, model, data, method, target, seed, split_fractions, out_dir, output_model, overwrite,
-             as_json, input_shape, output_kind, metric, metric_mode, workers, ray, **method_options) -> None:
+             as_json, input_shape, output_kind, metric, metric_mode, workers, ray, latency_runs,
+             **method_options) -> None:
     """Compress MODEL and write the smaller model with its report."""
     image = {k: v for k, v in image_option_values(method_options).items() if v is not None}
     shapes = parse_input_shapes(input_shape, _input_names(model) if input_shape else None)
@@ -237,7 +243,7 @@ def compress(ctx: click.Context, model, data, method, target, seed, split_fracti
                                   started=lambda: _started(said),
                                   progress=progress, input_shape=shapes or None, output_kind=output_kind,
                                   metric=metric, metric_mode=metric_mode, workers=workers, ray=ray,
-                                  split_fractions=split_fractions, **image, **options)
+                                  split_fractions=split_fractions, latency_runs=latency_runs, **image, **options)
         except KeyboardInterrupt:
             click.echo(f"interrupted{resume_hint(method, out_dir)}", err=True)
             raise SystemExit(130) from None

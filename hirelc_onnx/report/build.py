@@ -15,7 +15,7 @@ import onnxruntime
 
 from hirelc_onnx.apply import apply_config
 from hirelc_onnx.config import CompressionConfig
-from hirelc_onnx.errors import UserError
+from hirelc_onnx.errors import UserError, option
 from hirelc_onnx.evaluate.per_node import per_node_rows
 from hirelc_onnx.evaluate.runner import (benchmark_side_by_side, evict_big_sessions, fit_together, get_runner,
                                          model_file_size, predict_outputs)
@@ -103,8 +103,12 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         if max_drop is not None:
             report["goal"]["max_drop_met"] = report["accuracy"]["drop_points"] <= max_drop + 1e-9
         report["baselines"] = reference_points(bg, ctx, target)
-    report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
-    report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
+    if latency_runs > 0:
+        report["latency"] = _latency(bg.model, emitted, latency_runs, input_shapes)
+        report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
+    else:  # --latency-runs 0: a pipeline that times the model itself skips both profiles
+        report["latency"] = {}
+        report["per_node"] = {"error": f"not measured ({option('latency_runs', 0)})", "skipped": True}
     report["latency_note"] = latency_note(report["latency"], report["per_node"])
     report["goal"]["sentence"] = goal_sentence(report)
     report["footprints"] = footprints(report, result, shown if ctx is not None else (lambda v: v))
@@ -153,6 +157,8 @@ def latency_note(latency: dict, per_node: dict) -> str | None:
               if v["speedup"] < 1]
     head = (f"Slower than fp32 at {', '.join(slower)}." if slower
             else "As fast as fp32 or faster." if timed else "Latency was not measured.")
+    if not timed and per_node.get("skipped"):
+        return f"Latency was {per_node['error']}."
     rows = per_node.get("rows") or []
     if not rows:
         why = per_node.get("error") or "no compressed kernel"

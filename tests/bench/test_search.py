@@ -81,25 +81,27 @@ def test_hirelc_minmax_is_hirelc_with_full_range_grids(monkeypatch, tmp_path):
 def test_join_tables_several_runs(tmp_path):
     from bench.search import join, write_results
 
-    def run(name, method, scores, date):
+    def run(name, method, scores, date, **recorded):
         rows = [{"model": "m", "method": method, "seed": s, "ratio": 6.0, "score": x, "seconds": 2.0, "n": 10}
                 for s, x in enumerate(scores)]
         meta = {"date": date, "versions": {"cpu": "x", "cores": 2, "onnxruntime": "1"}, "commit": name,
                 "settings": {"seeds": ",".join(str(i) for i in range(len(scores))), "budget": 6.0, "evaluations": 4,
                              "finetune_epochs": 1, "held_out": 10, "search_samples": 800,
-                             "split_fractions": "0.05,0.25,0.5,0.2"},
+                             "split_fractions": "0.05,0.25,0.5,0.2", **recorded},
                 "quick": False, "seconds": 5.0, "models": ["m"], "methods": [method]}
         write_results(tmp_path / name, rows, meta)
         return tmp_path / name / "search.json"
 
-    join([run("a", "hirelc", (0.9, 0.92), "2026-01-01 10:00 UTC"), run("b", "knapsack", (0.8,), "2026-01-01 11:00 UTC")],
-         tmp_path / "all")
+    join([run("a", "hirelc", (0.9, 0.92), "2026-01-01 10:00 UTC"),
+          run("b", "knapsack", (0.8,), "2026-01-01 11:00 UTC", latency_runs=0)], tmp_path / "all")
     joined = json.loads((tmp_path / "all" / "search.json").read_text())
     assert [r["method"] for r in joined["rows"]] == ["hirelc", "hirelc", "knapsack"]
     meta = joined["meta"]
     assert meta["seconds"] == 10.0 and meta["date"] == "2026-01-01 11:00 UTC" and meta["settings"]["seeds"] == "0,1 / 0"
     assert [r["commit"] for r in meta["runs"]] == ["a", "b"]
+    assert meta["settings"]["latency_runs"] == "2 / 0"  # run a recorded none: it timed them, as runs did then
     assert "in 2 invocations" in (tmp_path / "all" / "SEARCH.md").read_text()
+    assert "compress latency_runs=2 / 0" in (tmp_path / "all" / "SEARCH.md").read_text()
     join([tmp_path / "all" / "search.json", run("c", "random", (0.1,), "2026-01-01 12:00 UTC")], tmp_path / "again")
     again = json.loads((tmp_path / "again" / "search.json").read_text())["meta"]
     assert [r["commit"] for r in again["runs"]] == ["a", "b", "c"]  # a joined file brings its own runs
