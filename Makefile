@@ -74,8 +74,8 @@ bench-ablation-two-stage: $(STAMP)
 	$(PY) -m bench.ablation_two_stage --out bench
 
 # do the search methods separate? hirelc, knapsack, random, uniform-l1 (3 seeds) and ORT int8 on
-# EfficientNet-Lite0, MiniLM and the recognizer at 6x: writes bench/SEARCH.md, bench/search.json (97 minutes on a
-# 2-core AVX-512 Xeon, 2026-11-30 16:38: bench/SEARCH.md's status section)
+# EfficientNet-Lite0, MiniLM and the recognizer at 6x: writes bench/SEARCH.md, bench/search.json (75 minutes on a
+# 2-core AVX-512 Xeon, 2026-11-30 21:56: bench/SEARCH.md's status section)
 bench-search: $(STAMP)
 	$(PY) -m bench.search
 
