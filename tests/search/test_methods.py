@@ -13,7 +13,8 @@ from hirelc_onnx.search.methods import METHODS, SPENT_OPTIONS, OPTIONS, check_op
 GENERAL = {"model", "data", "method", "target", "seed", "split_fractions", "out_dir", "output_model", "overwrite", "as_json",  # compress's own
            "input_shape", *IMAGE_OPTION_NAMES,  # data options: how inputs are read or synthesised
            "output_kind", "metric", "metric_mode",  # scoring options: how outputs are scored
-           "workers", "ray"}  # where real evaluations run (search/executors.py)
+           "workers", "ray",  # where real evaluations run (search/executors.py)
+           "latency_runs"}  # how the report times the emitted model
 
 
 @pytest.mark.parametrize("name", list(METHODS))
