@@ -139,8 +139,9 @@ def test_latency_runs_zero_skips_the_latency_rows_and_says_so(resnet, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["latency"] == {} and report["per_node"]["skipped"]
-    assert report["latency_note"] == "Latency was not measured (--latency-runs 0)."
-    assert "latency: not measured (--latency-runs 0)" in res.stdout
+    assert report["latency_note"] == "Latency was not measured (skipped by --latency-runs 0)."
+    assert "latency: not measured (skipped by --latency-runs 0)" in res.stdout
+    assert "not measured: skipped by --latency-runs 0" in (out / "report.html").read_text()
     assert "latency batch" not in res.stdout
     timed = compress(resnet, method="uniform", bits=8, latency_runs=2)  # the default path still times both batches
     assert set(timed.report["latency"]) == {"batch1", "batch32"} and timed.report["per_node"]["rows"]

@@ -91,7 +91,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
                       fmt_speed(v["speedup"]))
     console.print(t)
     if (report.get("per_node") or {}).get("skipped"):
-        console.print(f"latency: {report['per_node']['error']}", highlight=False)
+        console.print(f"latency: not measured ({report['per_node']['error']})", highlight=False)
     speed = report.get("ort_cpu_speed") or {}
     kept = len(speed.get("kept_fp32", {})) + sum(not f["kernel"].startswith("(")  # "(activation ...)": no kernel
                                                  for f in speed.get("whole_model_fallbacks", []))

@@ -108,7 +108,7 @@ def build_report(bg: BlockGraph, model_path: str | os.PathLike, result: MethodRe
         report["per_node"] = _per_node(bg.model, emitted, ctx, latency_runs)
     else:  # --latency-runs 0: a pipeline that times the model itself skips both profiles
         report["latency"] = {}
-        report["per_node"] = {"error": f"not measured ({option('latency_runs', 0)})", "skipped": True}
+        report["per_node"] = {"error": f"skipped by {option('latency_runs', 0)}", "skipped": True}
     report["latency_note"] = latency_note(report["latency"], report["per_node"])
     report["goal"]["sentence"] = goal_sentence(report)
     report["footprints"] = footprints(report, result, shown if ctx is not None else (lambda v: v))
@@ -158,7 +158,7 @@ def latency_note(latency: dict, per_node: dict) -> str | None:
     head = (f"Slower than fp32 at {', '.join(slower)}." if slower
             else "As fast as fp32 or faster." if timed else "Latency was not measured.")
     if not timed and per_node.get("skipped"):
-        return f"Latency was {per_node['error']}."
+        return f"Latency was not measured ({per_node['error']})."
     rows = per_node.get("rows") or []
     if not rows:
         why = per_node.get("error") or "no compressed kernel"
