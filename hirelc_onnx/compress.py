@@ -162,7 +162,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
         raise InvalidOptionError(f"{option('method', method)} needs {option('data')} (a .npz, an image folder, "
                                  f"'digits', a plugin{_PYTHON_DATA if current_interface() == 'python' else ''}); "
                                  f"without data these run: {free}")
-    if not isinstance(latency_runs, int) or isinstance(latency_runs, bool) or latency_runs < 0:
+    if not _integer_at_least(latency_runs, 0):
         raise InvalidOptionError(f"{option('latency_runs')} must be an integer >= 0 (0: no latency rows), "
                                  f"got {latency_runs!r}")
     if metric_mode not in METRIC_MODES:
@@ -189,7 +189,7 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
     if ranges not in WEIGHT_RANGES:
         raise InvalidOptionError(f"{option('weight_range')} must be one of {', '.join(WEIGHT_RANGES)}, got {ranges!r}")
     multiple = given.pop("channel_multiple", None)
-    if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
+    if multiple is not None and not _integer_at_least(multiple, 1):
         raise InvalidOptionError(f"{option('channel_multiple')} must be an integer >= 1, got {multiple!r}")
     speedup = parse_speedup(given.pop("speedup", None))
     multiple = default_channel_multiple(target, speedup) if multiple is None else multiple
@@ -290,6 +290,11 @@ def compress(model_path: str | os.PathLike, *, method: str = "hirelc", data: Any
             write_model(Path(output_model), result.model)
             report["outputs"] = {"output_model": str(output_model)}
     return CompressResult(result.model, result.config, report, Path(out_dir) if out_dir is not None else None)
+
+
+def _integer_at_least(value: Any, low: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least `low`: a count option's check."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _split_record(n: int, fractions: Sequence[float]) -> dict:

@@ -157,7 +157,7 @@ def latency_note(latency: dict, per_node: dict) -> str | None:
               if v["speedup"] < 1]
     head = (f"Slower than fp32 at {', '.join(slower)}." if slower
             else "As fast as fp32 or faster." if timed else "Latency was not measured.")
-    if not timed and per_node.get("skipped"):
+    if per_node.get("skipped"):  # --latency-runs 0: nothing was timed
         return f"Latency was not measured ({per_node['error']})."
     rows = per_node.get("rows") or []
     if not rows:

@@ -391,9 +391,7 @@ def test_graph_rl_recalibrates_and_prunes_when_its_only_cut_is_timed_too_slow(re
     n = len(bg.kernels)  # a made-up table: all-int8 unpruned is estimated at 1.85x, so nothing needs cutting
     table = {name: KernelLatency({32: 1.0}, {32: 0.5}, {32: n + 2.0}) for name in bg.kernels}
     goal = SpeedGoal(1.5, 32, table, bg.model)
-    timings = []
-
-    sizes = []
+    timings, sizes = [], []
 
     def measure(model):  # the first model timed (the unpruned cut) runs 1.49x, one with fewer weights 1.8x
         sizes.append(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
