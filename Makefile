@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast test-zoo bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-ablation-graph-rl bench-speed fuzz clean
+.PHONY: venv demo test test-fast test-zoo bench bench-latency bench-timer bench-memory bench-real bench-scale bench-ablation-two-stage bench-search bench-neighbourhood bench-ablation-graph-rl bench-speed fuzz clean
 
 venv: $(STAMP)
 
@@ -78,6 +78,11 @@ bench-ablation-two-stage: $(STAMP)
 # 2-core AVX-512 Xeon, 2026-11-30 21:56: bench/SEARCH.md's status section)
 bench-search: $(STAMP)
 	$(PY) -m bench.search
+
+# what a search refining the 6x prior could find: a proxy hill-climb from it, each step measured for real and
+# on the held-out samples; writes bench/NEIGHBOURHOOD.md, bench/neighbourhood.json (about 25 minutes)
+bench-neighbourhood: $(STAMP)
+	$(PY) -m bench.neighbourhood
 
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory --out bench
