@@ -55,6 +55,7 @@ def neighbours(bg, config, target: str, budget: float, damage):
     """(kernel, choice, fitted config) for every one-kernel change of `config`, the others re-fitted to
     `budget` by the damage-per-byte repair with that kernel held (a fit that moves it is dropped)."""
     from hirelc_onnx.config import CompressionConfig
+    from hirelc_onnx.graph.cost import model_cost
     from hirelc_onnx.search.budget import GRID_VARIANTS, KEEP_STEP, MIN_KEEP, bits_ladder, repair
     from hirelc_onnx.specs import weight_target
 
@@ -73,6 +74,12 @@ def neighbours(bg, config, target: str, budget: float, damage):
 
             fitted = repair(bg, CompressionConfig({**config.kernels, name: choice}, target=target), budget,
                             damage=held, fill=True)
+            if fitted.get(name) != choice and fitted.get(name).keep_ratio == choice.keep_ratio:
+                # the fill spent the last slack raising the held kernel again (a rung up always fits a
+                # small kernel): put it back; the config then stores less and still meets the budget
+                fitted = CompressionConfig({**fitted.kernels, name: choice}, target=target)
+                if model_cost(bg, fitted).ratio < budget:
+                    continue
             if fitted.get(name) == choice:
                 yield name, choice, fitted
 
