@@ -137,12 +137,12 @@ def registered(steps: int):
     """The climb as a method compress can run, for the duration of the block."""
     import importlib
 
-    from hirelc_onnx.search.methods import FINETUNE_OPTIONS, METHODS, Method
+    from hirelc_onnx.search.methods import METHODS, Method
 
     climb = importlib.import_module(__spec__.name)._climb  # the module the registry imports (not __main__'s copy)
-    METHODS[METHOD] = Method(METHOD, "bench.neighbourhood:run_neighbourhood", True,
-                             frozenset({"budget", *FINETUNE_OPTIONS}), "bench: a proxy hill-climb from the prior",
-                             frozenset({"seed"}))
+    # knapsack's options: compress sets up the run (channel multiple, weight ranges) as for knapsack's
+    METHODS[METHOD] = Method(METHOD, "bench.neighbourhood:run_neighbourhood", True, METHODS["knapsack"].options,
+                             "bench: a proxy hill-climb from the prior", frozenset({"seed"}))
     climb.clear()
     climb["steps"] = steps
     try:

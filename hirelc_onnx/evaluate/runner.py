@@ -145,18 +145,19 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
 class OrtRunner:
     """One ORT session plus what callers need to feed it: input name, shape, dtype, classes."""
 
-    def __init__(self, model: ModelLike, config: SessionConfig | None = None, cost: int | None = None):
+    def __init__(self, model: ModelLike, config: SessionConfig | None = None, cost: int | None = None,
+                 serialized: bytes | None = None):
+        """serialized: `in_memory_bytes(model)` when the caller has it already (get_runner hashes it)."""
         self.config = config or SessionConfig()
         so = self.config.session_options()
         providers = list(self.config.providers)
         scratch = None
         if isinstance(model, onnx.ModelProto):
             self.label = model.graph.name or "<in-memory model>"
-            if decoded_nbytes(model) > FILE_SESSION_BYTES or serialized_nbytes(model) > FILE_SESSION_BYTES:
+            source: Any = serialized if serialized is not None else in_memory_bytes(model)
+            if source is None:
                 scratch = tempfile.TemporaryDirectory(prefix="hirelc-session-")
-                source: Any = str(write_folded(model, scratch.name))
-            else:
-                source = model.SerializeToString()
+                source = str(write_folded(model, scratch.name))
         else:
             self.label = str(model)
             path = Path(model)
@@ -316,6 +317,14 @@ class OrtRunner:
 _MAX_FEED_ELEMENTS = 1 << 30
 
 
+def in_memory_bytes(model: onnx.ModelProto) -> bytes | None:
+    """The serialized model when a session reads it from memory; None for a big one, which a session
+    reads from a scratch file its weight decodes are folded into (`folding.write_folded`)."""
+    if decoded_nbytes(model) > FILE_SESSION_BYTES or serialized_nbytes(model) > FILE_SESSION_BYTES:
+        return None
+    return model.SerializeToString()
+
+
 def _digest(model: onnx.ModelProto) -> str:
     """sha256 of the model's structure and of each initializer in turn (no whole-model bytes object,
     which a model over 2 GiB cannot even have)."""
@@ -340,9 +349,9 @@ def fit_together(models: Sequence[ModelLike]) -> bool:
     return sum(_session_cost(m) for m in models) <= _CACHE_BYTES
 
 
-def _cache_key(model: ModelLike, config: SessionConfig) -> tuple:
-    if isinstance(model, onnx.ModelProto):
-        return ("bytes", _digest(model), config)
+def _cache_key(model: ModelLike, config: SessionConfig, serialized: bytes | None = None) -> tuple:
+    if isinstance(model, onnx.ModelProto):  # the bytes a session will read, hashed once (a MiniLM search: 120 models)
+        return ("bytes", hashlib.sha256(serialized).hexdigest() if serialized is not None else _digest(model), config)
     p = Path(model).resolve()
     try:
         st = p.stat()
@@ -366,7 +375,8 @@ def default_session_config() -> SessionConfig:
 def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunner:
     """A cached runner per (model file state or model bytes, settings): sessions are slow to build."""
     config = config or default_session_config()
-    key = _cache_key(model, config)
+    serialized = in_memory_bytes(model) if isinstance(model, onnx.ModelProto) else None
+    key = _cache_key(model, config, serialized)
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
@@ -379,7 +389,8 @@ def get_runner(model: ModelLike, config: SessionConfig | None = None) -> OrtRunn
     if evicted or cost > FILE_SESSION_BYTES:  # and a big rewrite's garbage is gone before a big session
         # the full collection only around big models: a search evicts a small session per candidate
         release_freed_memory(collect=max(freed, cost) > FILE_SESSION_BYTES)
-    runner = OrtRunner(model, config, cost)
+    runner = OrtRunner(model, config, cost, serialized)
+    del serialized  # ORT holds its own copy
     _cache[key] = runner
     if cost > FILE_SESSION_BYTES:
         release_freed_memory()  # ORT's load-time copies (constant folding, prepacking) are freed by now

@@ -172,6 +172,12 @@ def test_session_cache_follows_file_and_settings(model_path, perturbed_path):
     assert get_runner(model_path) is not r1
     proto = onnx.load(model_path)
     assert get_runner(proto) is get_runner(onnx.load(model_path))
+    changed = onnx.ModelProto()  # one weight a step apart: the key is the bytes the session reads
+    changed.CopyFrom(proto)
+    w = next(t for t in changed.graph.initializer if t.raw_data)
+    w.raw_data = bytes([w.raw_data[0] ^ 1]) + w.raw_data[1:]
+    assert get_runner(changed) is not get_runner(proto)
+    assert get_runner(changed) is get_runner(changed)
 
 
 def test_session_uses_requested_settings(model_path):
