@@ -34,7 +34,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from hirelc_onnx.config import CompressionConfig, KernelConfig
+    from hirelc_onnx.graph.blockgraph import BlockGraph
+    from hirelc_onnx.search.budget import Damage
+    from hirelc_onnx.search.baselines import MethodResult
+    from hirelc_onnx.search.context import SearchContext
 
 log = logging.getLogger("bench.neighbourhood")
 
@@ -51,9 +58,11 @@ _climb: dict[str, Any] = {}
 """The last climb's record, filled by `run_neighbourhood` (the registry calls it by name)."""
 
 
-def neighbours(bg, config, target: str, budget: float, damage):
+def neighbours(bg: BlockGraph, config: CompressionConfig, target: str, budget: float,
+               damage: Damage) -> Iterator[tuple[str, KernelConfig, CompressionConfig]]:
     """(kernel, choice, fitted config) for every one-kernel change of `config`, the others re-fitted to
-    `budget` by the damage-per-byte repair with that kernel held (a fit that moves it is dropped)."""
+    `budget` by the damage-per-byte repair with that kernel held (a fit that moves it is put back when the
+    budget still holds, else dropped)."""
     from hirelc_onnx.config import CompressionConfig
     from hirelc_onnx.graph.cost import model_cost
     from hirelc_onnx.search.budget import GRID_VARIANTS, KEEP_STEP, MIN_KEEP, bits_ladder, repair
@@ -84,8 +93,7 @@ def neighbours(bg, config, target: str, budget: float, damage):
                 yield name, choice, fitted
 
 
-def run_neighbourhood(bg, ctx, target: str, *, budget: float | None = None, seed: int = 0,
-                      **_: Any):
+def run_neighbourhood(bg: BlockGraph, ctx: SearchContext, target: str, *, budget: float, **_: Any) -> MethodResult:
     """The climb (see the module), as a method's run function: returns the path config best on validation."""
     from hirelc_onnx.config import CompressionConfig
     from hirelc_onnx.search.baselines import MethodResult
@@ -142,7 +150,7 @@ def registered(steps: int):
     climb = importlib.import_module(__spec__.name)._climb  # the module the registry imports (not __main__'s copy)
     # knapsack's options: compress sets up the run (channel multiple, weight ranges) as for knapsack's
     METHODS[METHOD] = Method(METHOD, "bench.neighbourhood:run_neighbourhood", True, METHODS["knapsack"].options,
-                             "bench: a proxy hill-climb from the prior", frozenset({"seed"}))
+                             "bench: a proxy hill-climb from the prior")
     climb.clear()
     climb["steps"] = steps
     try:
@@ -194,7 +202,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
                           for p in r["path"])
         gain = max(p["held_out"] for p in r["path"][1:]) - r["path"][0]["held_out"] if len(r["path"]) > 1 else None
         lines.append(f"| {r['model']} | {r['seed']} | {r['neighbours']} | {r['better_by_proxy']} | {cells} | "
-                     f"{'-' if gain is None else format(100 * gain, '+.2f') + ' pts'} | {r['climb_seconds']:.0f} |")
+                     f"{'-' if gain is None else format(100 * gain, '+.3f') + ' pts'} | {r['climb_seconds']:.0f} |")
     lines += ["", "Each step's change:", ""]
     lines += [f"- {r['model']} seed {r['seed']} step {p['step']}: {p['change']}"
               for r in rows if "path" in r for p in r["path"][1:]]
