@@ -49,8 +49,9 @@ METHOD = "prior-neighbourhood"
 DEFAULTS = {"models": "text-recognizer,minilm-l6,efficientnet-lite0", "seeds": "0,1,2", "steps": 6, "budget": 6.0}
 STEPS = {"minilm-l6": 1, "efficientnet-lite0": 2}
 SEEDS = {"minilm-l6": 1, "efficientnet-lite0": 1}
-"""Steps and seeds per model at most, so the run takes about 25 minutes: a MiniLM step scores about 330
-neighbours at 1.3 s each, an EfficientNet-Lite0 one about 460 at 0.65 s; the recognizer's, 0.05 s."""
+"""Steps and seeds per model at most, so the run takes about 17 minutes (994 s, bench/NEIGHBOURHOOD.md): a
+MiniLM step scores about 330 neighbours at 1.1 s each, an EfficientNet-Lite0 one about 460 at 0.6 s; the
+recognizer's 0.05 s."""
 QUICK = {"models": "text-recognizer", "seeds": "0", "steps": 1, "held_out": 64, "search_samples": 64,
          "finetune_epochs": 0}
 
