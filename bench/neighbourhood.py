@@ -99,14 +99,11 @@ def run_neighbourhood(bg: BlockGraph, ctx: SearchContext, target: str, *, budget
     from hirelc_onnx.config import CompressionConfig
     from hirelc_onnx.search.baselines import MethodResult
     from hirelc_onnx.search.budget import repair
-    from hirelc_onnx.search.features import WeightPerturbation, model_key
-    from hirelc_onnx.search.hirelc_state import measure_probes, probe_configs
-    from hirelc_onnx.search.surrogate import ProxyEstimator
+    from hirelc_onnx.search.features import model_key
+    from hirelc_onnx.search.knapsack import probed_estimator
 
     start = time.perf_counter()
-    probes, prune_probes = measure_probes(ctx, bg, probe_configs(bg, target))
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg, ctx.range_fits), probes, ctx.fp32_val_score,
-                                           prune_probes)
+    estimator = probed_estimator(bg, ctx, target)  # knapsack's, so the climb starts from its prior
     current = repair(bg, CompressionConfig({}, target=target), budget, damage=estimator.kernel_mse, fill=True)
     proxy = ctx.proxy(current).logit_mse
     path = [{"step": 0, "change": "prior", "logit_mse": proxy, "config": current}]

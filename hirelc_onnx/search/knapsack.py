@@ -32,7 +32,7 @@ from hirelc_onnx.search.features import WeightPerturbation, model_key
 from hirelc_onnx.search.hirelc_state import measure_probes, observe, probe_configs
 from hirelc_onnx.search.surrogate import ProxyEstimator, ProxyObservation
 
-__all__ = ["run_knapsack"]
+__all__ = ["probed_estimator", "run_knapsack"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,16 @@ def fresh_restarts(bg: BlockGraph, target: str, fit: Callable[[CompressionConfig
     return starts, [c for c in starts if model_key(bg, c) not in measured]
 
 
+def probed_estimator(bg: BlockGraph, ctx: SearchContext, target: str,
+                     progress: ProgressFn | None = None) -> ProxyEstimator:
+    """HiReLC's probes scored by the real proxy and the estimator they calibrate: knapsack's accuracy
+    signal, whose damage-per-byte fit from fp32 is the prior (HiReLC's without its agents)."""
+    configs = probe_configs(bg, target)
+    steps = PhaseSteps(progress, "knapsack: proxy probes", len(configs))
+    probes, prune_probes = measure_probes(ctx, bg, configs, steps.step)
+    return ProxyEstimator.from_probes(WeightPerturbation(bg, ctx.range_fits), probes, ctx.fp32_val_score, prune_probes)
+
+
 def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budget: float | None = None,
                  evaluations: int = 8, seed: int = 0, progress: ProgressFn | None = None) -> MethodResult:
     """The estimator's damage-per-byte greedy fit, measured for real `evaluations` times (see the module)."""
@@ -60,10 +70,7 @@ def run_knapsack(bg: BlockGraph, ctx: SearchContext | None, target: str, *, budg
         raise UserError(f"{option('method', 'knapsack')} needs at least one real evaluation, got "
                         f"{option('evaluations')} {evaluations}")
     check_reachable(bg, budget, target)
-    configs = probe_configs(bg, target)  # HiReLC's probes: its estimator without its agents
-    steps = PhaseSteps(progress, "knapsack: proxy probes", len(configs))
-    probes, prune_probes = measure_probes(ctx, bg, configs, steps.step)
-    estimator = ProxyEstimator.from_probes(WeightPerturbation(bg, ctx.range_fits), probes, ctx.fp32_val_score, prune_probes)
+    estimator = probed_estimator(bg, ctx, target, progress)
     scored: list[ProxyObservation] = []
     rng = np.random.default_rng([seed, 17])
 
