@@ -46,7 +46,8 @@ bench: $(STAMP)
 	$(PY) -m bench.run --skip-pruning --finetune-epochs $(BENCH_EPOCHS)
 
 # the --speedup 1.5x rows (ResNet-20, VGG, EfficientNet-Lite0) and EfficientNet-Lite0's hirelc ort-cpu row:
-# left out of `make bench`, whose 60 minutes they would exceed; writes bench/speed/RESULTS.md
+# left out of `make bench`, whose 60 minutes they would exceed; the ResNet-20 and VGG rows run again at
+# seeds 1 and 2 for a table over seeds (one test digit is 0.22 points); writes bench/speed/RESULTS.md
 bench-speed: $(STAMP)
 	$(PY) -m bench.run --plan speed --skip-pruning --finetune-epochs $(BENCH_EPOCHS) --out bench/speed
 

@@ -11,7 +11,7 @@ from bench.run import main
 @pytest.mark.slow
 def test_quick_bench_writes_table(tmp_path, reference_models):
     reference_models("resnet20")
-    rc = main(["--quick", "--finetune-epochs", "2", "--out", str(tmp_path)])
+    rc = main(["--quick", "--finetune-epochs", "2", "--extra-seeds", "1", "--out", str(tmp_path)])
     assert rc == 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "2 epochs fine-tuning each" in text
@@ -28,6 +28,13 @@ def test_quick_bench_writes_table(tmp_path, reference_models):
             q1, q3 = r[f"{name}_speedup_iqr"]
             assert 0 < q1 <= r[f"{name}_speedup"] <= q3
         assert f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['pruned50_ms']:.3f} |" in text
+    # the table over seeds: seed 0 is the main row, seed 1 a compress run of its own on another split
+    seeds = {r["method"]: r for r in data["seed_rows"]}
+    assert set(seeds) == {"uniform4", "ort-int8"} and {r["seed"] for r in seeds.values()} == {1}
+    assert seeds["uniform4"]["ratio"] > 7.0 and 0.9 < seeds["uniform4"]["score"] <= 1.0
+    mean = (rows["uniform4"]["score"] + seeds["uniform4"]["score"]) / 2
+    assert f"| resnet20 | uniform4 | {rows['uniform4']['score']:.4f} | {seeds['uniform4']['score']:.4f} |" in text
+    assert f"{mean:.4f}" in text
     # the graph-rl vs L1 table: both at the MACs limit, scored and timed on the emitted models
     (pruning,) = data["pruning"]
     assert pruning["model"] == "resnet20" and pruning["epochs"] == 1
@@ -78,6 +85,23 @@ def test_a_partial_table_says_it_is_partial_and_holds_its_rows(tmp_path):
     assert "20 epochs fine-tuning each; efficientnet-lite0: 3 evaluations, 4 epochs each, 400 crops" in text
     assert "| resnet20 | uniform4 | storage | 7.66x | 7.07x | 0.9777 |" in text
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == [row]
+
+
+def test_the_table_over_seeds_takes_seed_0_from_the_main_row_and_bolds_the_best_mean():
+    """The speed rows over seeds: a method measured at every seed gets a mean, the model's best in bold,
+    a method missing a seed gets none; the goal's verdicts per seed."""
+    from bench.run import seeds_table
+
+    rows = [{"model": "vgg", "method": "a", "score": 0.98, "speed_goal": {"met": True}, "macs_fraction": 1.0},
+            {"model": "vgg", "method": "b", "score": 0.99, "speed_goal": {"met": False}, "macs_fraction": 0.8},
+            {"model": "vgg", "method": "c", "score": 0.97},
+            {"model": "vgg", "method": "not-in-seeds", "score": 0.5}]
+    seed_rows = [{"model": "vgg", "method": "a", "seed": 1, "score": 0.99, "goal_met": True, "macs_fraction": 1.0},
+                 {"model": "vgg", "method": "b", "seed": 1, "score": 0.97, "goal_met": True, "macs_fraction": 0.7}]
+    text = "\n".join(seeds_table(rows, seed_rows))
+    assert "| vgg | a | 0.9800 | 0.9900 | **0.9850** | yes yes | 1.00 1.00 |" in text
+    assert "| vgg | b | 0.9900 | 0.9700 | 0.9800 | no yes | 0.80 0.70 |" in text
+    assert "not-in-seeds" not in text and "| vgg | c |" not in text
 
 
 def test_ort_reference_agreement_compares_the_deployed_session_with_the_unoptimised_one(monkeypatch):
