@@ -243,12 +243,18 @@ def run_speed_seeds(plan: dict[str, list[str]], seeds, evaluations: int, finetun
             for method in methods:
                 kind, target, budget, options = _compress_args(method, path)
                 t0 = time.perf_counter()
-                rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed,
-                               latency_runs=0,
-                               **_taken(kind, evaluations=evaluations, finetune_seconds=finetune_seconds,
-                                        finetune_epochs=finetune_epochs), **options).report
-                rows.append(_seed_row(model_name, method, seed, rep, time.perf_counter() - t0))
-                print(f"{model_name} {method} seed {seed}: {rows[-1]['score']:.4f}", file=sys.stderr, flush=True)
+                try:
+                    rep = compress(path, data="digits", method=kind, target=target, budget=budget, seed=seed,
+                                   latency_runs=0,
+                                   **_taken(kind, evaluations=evaluations, finetune_seconds=finetune_seconds,
+                                            finetune_epochs=finetune_epochs), **options).report
+                except Exception as exc:  # as in run_methods: a failing run is a row (its cell gets no mean)
+                    log.exception("%s on %s, seed %d, failed", method, model_name, seed)
+                    rows.append({"model": model_name, "method": method, "seed": seed,
+                                 "error": f"{type(exc).__name__}: {exc}"})
+                else:
+                    rows.append(_seed_row(model_name, method, seed, rep, time.perf_counter() - t0))
+                    print(f"{model_name} {method} seed {seed}: {rows[-1]['score']:.4f}", file=sys.stderr, flush=True)
                 if on_row:
                     on_row(rows)
     return rows
@@ -265,13 +271,16 @@ def seeds_table(rows: list[dict], seed_rows: list[dict]) -> list[str]:
             by_cell.setdefault((r["model"], r["method"]), {})[0] = {
                 "score": r["score"], "goal_met": goal.get("met"), "macs_fraction": r.get("macs_fraction")}
     for s in seed_rows:
-        by_cell.setdefault((s["model"], s["method"]), {})[s["seed"]] = s
-    seeds = sorted({seed for cell in by_cell.values() for seed in cell})
-    lines = ["## The speed rows over seeds (digits models)", "",
+        by_cell.setdefault((s["model"], s["method"]), {})
+        if "error" not in s:
+            by_cell[(s["model"], s["method"])][s["seed"]] = s
+    seeds = sorted({seed for cell in by_cell.values() for seed in cell} | {s["seed"] for s in seed_rows})
+    lines = ["## The digits rows over seeds", "",
              "The same compress call as the main table's row at each seed; each seed re-splits the digits data "
              "(calibration, fine-tune, validation, test), seed 0 is the main table's row. Score: test accuracy "
-             f"(one image of 449 is 0.22 points). Goal: the speed goal met (yes) or not (no) per seed. Bold: the "
-             "best mean of the model's methods.", "",
+             "(one image of 449 is 0.22 points); a run that failed is left blank, and its method gets no mean. "
+             "Goal: a speed goal met (yes) or not (no) per seed, - without one. Bold: the best mean of the "
+             "model's methods.", "",
              "| model | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | goal met | MACs kept |",
              "|---|---|" + "---|" * (len(seeds) + 3)]
     means = {key: (sum(c[s]["score"] for s in seeds) / len(seeds) if all(s in c for s in seeds) else None)
@@ -488,6 +497,13 @@ def write_results(out_dir: Path, rows: list[dict], latency: list[dict], meta: di
                                                      default=float) + "\n")
 
 
+def _seed_list(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--extra-seeds takes comma-separated integers, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="A small version (used by the test suite).")
@@ -513,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                              "seeds; default: 1,2 on ResNet-20 and VGG with --plan speed, none otherwise; '' none.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    extra_seeds = (SPEED_SEEDS["seeds"] if args.plan == "speed" and not args.quick else ()) \
+        if args.extra_seeds is None else _seed_list(parser, args.extra_seeds)
 
     plan = dict(QUICK_PLAN if args.quick else PLANS[args.plan])
     if args.models:
@@ -539,8 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs,
                                        on_row=lambda so_far: write_results(Path(args.out), so_far, [],
                                                                            meta_now(partial=True)))
-    extra_seeds = (SPEED_SEEDS["seeds"] if args.plan == "speed" and not args.quick else ()) \
-        if args.extra_seeds is None else tuple(int(s) for s in args.extra_seeds.split(",") if s.strip())
     seed_plan = {m: methods for m, methods in plan.items()
                  if m in (SPEED_SEEDS["models"] if args.extra_seeds is None else DIGIT_MODELS)}
     seed_rows = [] if only or not extra_seeds else run_speed_seeds(

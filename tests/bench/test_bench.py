@@ -102,6 +102,18 @@ def test_the_table_over_seeds_takes_seed_0_from_the_main_row_and_bolds_the_best_
     assert "| vgg | a | 0.9800 | 0.9900 | **0.9850** | yes yes | 1.00 1.00 |" in text
     assert "| vgg | b | 0.9900 | 0.9700 | 0.9800 | no yes | 0.80 0.70 |" in text
     assert "not-in-seeds" not in text and "| vgg | c |" not in text
+    # a failed run: its seed blank, no mean for its method, the others' means unchanged
+    failed = [*seed_rows, {"model": "vgg", "method": "b", "seed": 2, "error": "RuntimeError: boom"},
+              {"model": "vgg", "method": "a", "seed": 2, "score": 0.98, "goal_met": True, "macs_fraction": 1.0}]
+    text = "\n".join(seeds_table(rows, failed))
+    assert "| vgg | b | 0.9900 | 0.9700 |  |  | no yes - |" in text
+    assert "| vgg | a | 0.9800 | 0.9900 | 0.9800 | **0.9833** |" in text
+
+
+def test_extra_seeds_must_be_integers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--extra-seeds", "one"])  # refused before anything runs
+    assert exc.value.code == 2 and "--extra-seeds takes comma-separated integers" in capsys.readouterr().err
 
 
 def test_ort_reference_agreement_compares_the_deployed_session_with_the_unoptimised_one(monkeypatch):
