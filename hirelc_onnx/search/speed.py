@@ -103,7 +103,7 @@ class SpeedGoal:
     """Measured / table-estimated speedup (the calibration, `observe`): the estimate is the table's
     times this."""
     calibrations: list[dict] = field(default_factory=list)  # every change of `scale`, for the report
-    said_floor: bool = False  # `speed_repair` has warned that pruning to MIN_KEEP misses the goal (said once a run)
+    said_floor: bool = False  # `speed_repair` has said (INFO) that pruning to MIN_KEEP misses the goal (once a run)
 
     def int8(self, bg: BlockGraph, config: CompressionConfig) -> set[str]:
         """The kernels that run as int8 kernels under `config`."""
@@ -252,7 +252,9 @@ def speed_repair(bg: BlockGraph, config: CompressionConfig, goal: SpeedGoal, mar
             if current >= goal.factor:
                 break
             if goal.scale < 1.0:  # the table alone reaches it, whole timings said less: as fast as pruning goes
-                log.log(logging.DEBUG if goal.said_floor else logging.WARNING,
+                # INFO, not a warning: this is one candidate's estimate (ResNet-20 runs logged 1.01x here and
+                # then met 1.5x at 1.58-1.74x measured); the summary's speed-goal line gives the outcome
+                log.log(logging.DEBUG if goal.said_floor else logging.INFO,
                         "%s: pruning every channel group to %.0f%% is estimated at %.2fx after calibration "
                         "against whole-model timings", goal.describe(), 100 * MIN_KEEP, current)
                 goal.said_floor = True
