@@ -285,11 +285,13 @@ def seeds_table(rows: list[dict], seed_rows: list[dict]) -> list[str]:
              "|---|---|" + "---|" * (len(seeds) + 3)]
     means = {key: (sum(c[s]["score"] for s in seeds) / len(seeds) if all(s in c for s in seeds) else None)
              for key, c in by_cell.items()}
+    best: dict[str, float] = {}
+    for (model, _), mean in means.items():
+        if mean is not None:
+            best[model] = max(mean, best.get(model, mean))
     for (model, method), cell in by_cell.items():
-        best = max((m for (mo, _), m in means.items() if mo == model and m is not None), default=None)
         mean = means[(model, method)]
-        shown = "" if mean is None else (f"**{mean:.4f}**" if best is not None and mean >= best - 1e-12
-                                         else f"{mean:.4f}")
+        shown = "" if mean is None else f"**{mean:.4f}**" if mean >= best[model] - 1e-12 else f"{mean:.4f}"
         lines.append(f"| {model} | {method} | " + " | ".join(_fmt(cell.get(s, {}).get("score"), ".4f") for s in seeds)
                      + f" | {shown} | "
                      + " ".join({True: "yes", False: "no"}.get(cell.get(s, {}).get("goal_met"), "-") for s in seeds)
@@ -557,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if only else run_methods(plan, evaluations, finetune, args.quick, args.finetune_epochs,
                                        on_row=lambda so_far: write_results(Path(args.out), so_far, [],
                                                                            meta_now(partial=True)))
-    seed_plan = {m: methods for m, methods in plan.items()
-                 if m in (SPEED_SEEDS["models"] if args.extra_seeds is None else DIGIT_MODELS)}
+    # run_speed_seeds takes the digits models of the plan; by default only SPEED_SEEDS' among them
+    seed_plan = {m: methods for m, methods in plan.items() if args.extra_seeds is not None or m in SPEED_SEEDS["models"]}
     seed_rows = [] if only or not extra_seeds else run_speed_seeds(
         seed_plan, extra_seeds, evaluations, args.finetune_epochs, finetune,
         on_row=lambda so_far: write_results(Path(args.out), rows, [], meta_now(partial=True), seed_rows=so_far))
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = meta_now(pruning_spec=spec)
     write_results(Path(args.out), rows, latency, meta, pruning, seed_rows)
     print(f"wrote {Path(args.out) / 'RESULTS.md'} in {meta['seconds']:.0f} s")
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r for r in [*rows, *seed_rows]) else 0
 
 
 if __name__ == "__main__":
